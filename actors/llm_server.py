@@ -1,0 +1,82 @@
+"""LLMServer: the Serve deployment that owns one engine and streams generations.
+
+Thin by design: it builds an `r1.engine` engine (whole model in-process, or split over
+`pipeline_stages` ModelShard actors) and turns its deltas into plain dicts for the ingress. The
+first item of every stream is either `{"type": "start", ...}` or `{"type": "error", ...}`, so the
+ingress can answer with the right HTTP status before sending any body.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from r1.config import SamplingConfig, ServeConfig
+from r1.engine import EngineOverloaded, TransformersEngine
+from r1.model import load_model, load_tokenizer
+
+logger = logging.getLogger("ray.serve")
+
+
+def _build_engine(config: ServeConfig) -> TransformersEngine:
+    if config.pipeline_stages == 1:
+        model, tokenizer = load_model(config.model)
+        return TransformersEngine(model, tokenizer, config.engine)
+    from actors.model_shard import build_sharded_engine
+
+    return build_sharded_engine(config, load_tokenizer(config.model))
+
+
+@serve.deployment(name="LLMServer")
+class LLMServer:
+    def __init__(self, config: dict[str, Any]):
+        self.config = ServeConfig.model_validate(config)
+        self.engine = _build_engine(self.config)
+        self.engine.start()
+        self.think_prefilled = self.engine.think_prefilled
+
+    def _error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+        return {"type": "error", "status": status, "message": message, "param": param, "code": code}
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """body: {"request_id", "prompt" (str | token ids | chat messages), "sampling" (dict)}."""
+        try:
+            sampling = SamplingConfig.model_validate(body["sampling"])
+            request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
+        except ValueError as error:
+            param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if isinstance(body.get("prompt"), list) else "prompt")
+            yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param, code="context_length_exceeded")
+            return
+        try:
+            deltas = self.engine.stream(request)
+            first = await anext(deltas)
+        except EngineOverloaded as error:
+            yield self._error(503, str(error), code="overloaded")
+            return
+        yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
+        delta = first
+        while True:
+            item = {"type": "delta", "text": delta.text, "num_tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
+            if delta.usage is not None:
+                item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}
+            if delta.error:
+                logger.error("generation %s failed: %s", request.request_id, delta.error)
+                item["error"] = "generation failed inside the engine"
+            yield item
+            if delta.finish_reason is not None:
+                return
+            delta = await anext(deltas)
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine's decode thread is not running")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

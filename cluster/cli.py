@@ -1,0 +1,88 @@
+"""The `r1` command line.
+
+    r1 generate "prompt"        one reply, locally (no Ray)
+    r1 chat                     interactive chat, locally (no Ray)
+    r1 serve                    the OpenAI-compatible Ray Serve application
+    r1 train {sft,reward,grpo}  Ray Train jobs
+    r1 eval                     task accuracy of a model
+    r1 submit ...               submit a command as a Ray job
+    r1 model build-tiny|merge-lora
+
+Each command's `--help` explains its flags. Configuration errors print the bad key and the allowed
+values and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Subcommand groups, each a module with `register(subparsers)`; imported lazily so `r1 generate`
+# does not pay for importing Ray.
+_COMMAND_MODULES = ["cluster.local", "cluster.serve.cli", "cluster.train.cli", "cluster.submit"]
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from r1.model.tiny import build_tiny
+
+    path = build_tiny(args.out, seed=args.seed)
+    print(f"built r1-tiny in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r1",
+        description="r1-cluster: train and serve DeepSeek-R1-style reasoning models on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    model = subparsers.add_parser("model", help="build or convert model checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
+    tiny = model_sub.add_parser(
+        "build-tiny",
+        help="build the r1-tiny model (tokenizer + untrained Qwen2 weights) deterministically",
+        description="Build r1-tiny: a byte-level BPE tokenizer trained offline, a DeepSeek-R1 chat template and a "
+        "small Qwen2 model with seeded random weights. The same seed gives byte-identical files.",
+    )
+    tiny.add_argument("--out", required=True, help="output directory")
+    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    tiny.set_defaults(func=_build_tiny)
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name and name.startswith(error.name):
+                continue  # that command group is not part of this build
+            raise
+        module.register(subparsers)
+        if hasattr(module, "register_model_commands"):
+            module.register_model_commands(model_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except ValueError as error:
+        print(f"r1: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

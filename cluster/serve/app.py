@@ -1,0 +1,34 @@
+"""The Serve application: `build_app(args)` for `serve run` / `serve deploy` and `r1 serve`.
+
+    OpenAIIngress (FastAPI, autoscaling) ──> LLMServer (autoscaling) ──> ModelShard actors (N > 1)
+
+`args` is the `applications[].args` mapping of `ray_configs/serve.yaml`; its keys map 1:1 onto
+`r1.config.ServeConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from actors.llm_server import LLMServer
+from cluster.serve.ingress import OpenAIIngress
+from r1.config import ServeConfig, parse_config
+
+
+def check_pipeline_stages(config: ServeConfig) -> None:
+    if config.pipeline_stages == 1:
+        return
+    from r1.engine.pipeline import split_layers
+    from r1.model import load_model_config
+
+    split_layers(load_model_config(config.model).num_hidden_layers, config.pipeline_stages)
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
+    config = args if isinstance(args, ServeConfig) else parse_config(ServeConfig, args or {}, source="serve application args")
+    check_pipeline_stages(config)
+    config_dict = config.model_dump()
+    llm = LLMServer.options(**config.llm.serve_options()).bind(config_dict)
+    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, config_dict)

@@ -1,0 +1,287 @@
+"""OpenAIIngress: the FastAPI front door of the Serve application.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (SSE streaming and not), GET /v1/models,
+GET /health. For every model route: API key → body size → JSON → validation → LLMServer stream →
+reasoning split → response. Every refusal is a 4xx/5xx with an OpenAI-style error body; nothing
+here answers 500 for a bad request, and every wait on the LLM server has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from r1.config import ServeConfig
+from r1.reasoning import ReasoningParser
+from r1.serving.auth import APIKeyChecker, load_api_keys
+from r1.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_choice,
+    chat_chunk,
+    chat_messages,
+    chat_response,
+    completion_choice,
+    completion_chunk,
+    completion_response,
+    models_list,
+    new_id,
+    parse_request,
+    sampling_for,
+    usage_dict,
+)
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="r1-cluster", description="OpenAI-compatible API for DeepSeek-R1-style reasoning models")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content=error.body())
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode("utf-8")
+
+
+class _Choice:
+    """Collects one choice's stream: text, reasoning split, usage."""
+
+    def __init__(self, split_reasoning: bool, think_prefilled: bool):
+        self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def feed(self, text: str) -> tuple[str, str]:
+        reasoning, content = self.parser.feed(text) if self.parser else ("", text)
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        reasoning, content = self.parser.finish() if self.parser else ("", "")
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, llm: Any, config: dict[str, Any]):
+        self.llm = llm
+        self.config = ServeConfig.model_validate(config)
+        self.auth = APIKeyChecker(load_api_keys(self.config.api_keys_env, self.config.api_keys_file))
+        self.created = int(time.time())
+        if not self.auth.enabled:
+            logger.warning("no API keys configured (%s / api_keys_file): the API is open to anyone who can reach it",
+                           self.config.api_keys_env)
+
+    # -- routes --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self.auth.check(request.headers.get("authorization"))
+        except APIError as error:
+            return error_response(error)
+        return JSONResponse(models_list(self.config.model_name, self.created))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=False)
+
+    # -- the request path ------------------------------------------------------------------------
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        try:
+            self.auth.check(request.headers.get("authorization"))
+            body = await self._read_json(request)
+            parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
+            if parsed.model != self.config.model_name:
+                raise APIError(404, f"model '{parsed.model}' does not exist; this server serves '{self.config.model_name}'",
+                               param="model", code="model_not_found")
+            sampling = sampling_for(parsed, self.config)
+            prompt = chat_messages(parsed, self.config) if chat else parsed.prompt
+            streams = [self._open(prompt, sampling, index) for index in range(parsed.n)]
+            starts = await self._first_items(streams)
+        except APIError as error:
+            return error_response(error)
+        response_id = new_id("chatcmpl" if chat else "cmpl")
+        think_prefilled = bool(starts[0].get("think_prefilled"))
+        choices = [_Choice(split_reasoning=chat, think_prefilled=think_prefilled) for _ in streams]
+        for choice, start in zip(choices, starts):
+            choice.prompt_tokens = start["prompt_tokens"]
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(
+                self._stream_body(streams, choices, response_id, chat, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        try:
+            await self._drain(streams, choices)
+        except APIError as error:
+            return error_response(error)
+        prompt_tokens = choices[0].prompt_tokens
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        usage = usage_dict(prompt_tokens, completion_tokens)
+        if chat:
+            body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
+            return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage))
+        body_choices = [completion_choice(i, "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
+        return JSONResponse(completion_response(response_id, self.config.model_name, body_choices, usage))
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+
+    def _open(self, prompt: Any, sampling: Any, index: int) -> Any:
+        if sampling.seed is not None and index:
+            sampling = sampling.model_copy(update={"seed": sampling.seed + index})
+        body = {"prompt": prompt, "sampling": sampling.model_dump(), "request_id": new_id("gen")}
+        return self.llm.options(stream=True).stream.remote(body)
+
+    async def _first_items(self, streams: list[Any]) -> list[dict[str, Any]]:
+        """Wait (bounded) for each stream's start item; map refusals to HTTP errors."""
+        try:
+            firsts = await asyncio.wait_for(
+                asyncio.gather(*(anext(s) for s in streams)), timeout=self.config.request_timeout_s
+            )
+        except BackPressureError:
+            self._cancel(streams)
+            raise APIError(503, "the server is at capacity; retry later", code="overloaded") from None
+        except asyncio.TimeoutError:
+            self._cancel(streams)
+            raise APIError(503, f"no model replica answered within {self.config.request_timeout_s:.0f}s; retry later",
+                           code="timeout") from None
+        except Exception as error:  # a replica died before answering: the client may retry
+            self._cancel(streams)
+            logger.warning("LLM server call failed before the first token: %s", type(error).__name__)
+            raise APIError(503, "the model server is unavailable; retry later", code="unavailable") from None
+        for item in firsts:
+            if item["type"] == "error":
+                self._cancel(streams)
+                raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
+        return firsts
+
+    @staticmethod
+    def _cancel(streams: list[Any]) -> None:
+        for stream in streams:
+            stream.cancel()
+
+    async def _drain(self, streams: list[Any], choices: list[_Choice]) -> None:
+        async def one(stream: Any, choice: _Choice) -> None:
+            async for item in stream:
+                self._absorb(item, choice)
+            choice.finish()
+
+        try:
+            await asyncio.gather(*(one(s, c) for s, c in zip(streams, choices)))
+        except APIError:
+            self._cancel(streams)
+            raise
+        except Exception:
+            self._cancel(streams)
+            raise APIError(503, "the model server failed while generating; retry the request", code="unavailable") from None
+        finally:
+            self._cancel(streams)
+
+    @staticmethod
+    def _absorb(item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
+        if item.get("error"):
+            raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
+        choice.completion_tokens += item["num_tokens"]
+        if item["finish_reason"] is not None:
+            choice.finish_reason = item["finish_reason"]
+        return choice.feed(item["text"])
+
+    async def _stream_body(
+        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        model = self.config.model_name
+        created = int(time.time())
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: Any) -> None:
+            try:
+                async for item in stream:
+                    await queue.put((index, item))
+            except Exception as error:
+                await queue.put((index, {"error": type(error).__name__}))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            if chat:
+                for index in range(len(streams)):
+                    yield sse(chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}))
+            open_streams = len(streams)
+            while open_streams:
+                index, item = await queue.get()
+                choice = choices[index]
+                if item is None:
+                    open_streams -= 1
+                    reasoning, content = choice.finish()
+                    if reasoning or content:
+                        yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+                    yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
+                    continue
+                try:
+                    reasoning, content = self._absorb(item, choice)
+                except APIError as error:
+                    yield sse(error.body())
+                    return
+                if reasoning or content:
+                    yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+            if include_usage:
+                usage = usage_dict(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))
+                chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
+                    completion_chunk(response_id, model, created, -1, "", usage=usage)
+                yield sse(chunk)
+            yield sse("[DONE]")
+        finally:
+            # Runs on normal end and when the client disconnects: stop generating for it.
+            for task in tasks:
+                task.cancel()
+            self._cancel(streams)
+
+    @staticmethod
+    def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
+               finish_reason: str | None) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+                delta["reasoning"] = reasoning
+            if content:
+                delta["content"] = content
+            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason))
+        return sse(completion_chunk(response_id, model, created, index, content, finish_reason))

@@ -1,0 +1,543 @@
+"""Configuration models for every r1-cluster component.
+
+One config system: these pydantic models back the YAML files in `ray_configs/`, the CLI flags and
+the Serve application arguments. Every model forbids unknown keys, so a typo in a YAML file is an
+error that names the key and lists the allowed ones instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Hard cap on new tokens per request (the guide's fix for truncated answers is a 4096 window).
+DEFAULT_MAX_NEW_TOKENS_CAP = 4096
+
+
+class StrictModel(BaseModel):
+    """Base for all config models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    """Which checkpoint to load and how."""
+
+    # "r1-tiny" is the embedded default model; anything else is a local directory or a hub id.
+    model: str = "r1-tiny"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class SamplingConfig(StrictModel):
+    """Per-request sampling parameters."""
+
+    # temperature 0 means greedy decoding.
+    temperature: float = Field(default=0.6, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # top_k 0 disables top-k filtering.
+    top_k: int = Field(default=0, ge=0)
+    # None: as many as the context allows, at most DEFAULT_MAX_NEW_TOKENS_CAP.
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    # 1.0 disables the penalty; >1 discourages repeating tokens already in prompt or output.
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    # Stop at the tokenizer's end-of-sequence token(s).
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        if len(stop) > 16:
+            raise ValueError(f"at most 16 stop strings are allowed, got {len(stop)}")
+        return stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class EngineConfig(StrictModel):
+    """The continuous-batching engine."""
+
+    # Which engine implementation; GPU engines are imported only when selected.
+    engine: Literal["transformers", "trtllm", "vllm"] = "transformers"
+    # Most sequences decoded together in one step.
+    max_num_seqs: int = Field(default=32, ge=1, le=1024)
+    # Most requests waiting for a slot; beyond this `submit` refuses (the server answers 429/503).
+    max_queued_requests: int = Field(default=256, ge=0)
+    # Most prompt tokens prefilled in one step (long prompts are prefilled alone).
+    max_prefill_tokens: int = Field(default=8192, ge=1)
+    # CUDA only: call torch.cuda.empty_cache() every N decode steps while idle slots exist
+    # (0 = never). A no-op on CPU. See r1/engine/memory.py for the policy.
+    cuda_empty_cache_every_steps: int = Field(default=0, ge=0)
+    # Fraction of reserved-but-unallocated CUDA memory above which the cache is flushed when a
+    # request finishes. A no-op on CPU.
+    cuda_fragmentation_flush_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+    """Turn a pydantic error into lines that name the key, the problem and what is allowed."""
+    lines = [f"invalid config in {source}:"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(model_cls, item["loc"][:-1])
+            allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"  {loc}: unknown key; allowed keys: {allowed}")
+        else:
+            lines.append(f"  {loc}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _model_at(model_cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    current: Any = model_cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+        args = getattr(current, "__args__", None)
+        if args:  # Optional[Model] / list[Model]
+            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def parse_config(model_cls: type[M], data: Any, source: str = "config") -> M:
+    """Validate `data` against `model_cls`; raise ValueError with a readable message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid config in {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, model_cls, source)) from None
+
+
+def load_yaml(path: str | Path, model_cls: type[M]) -> M:
+    """Load a YAML file into `model_cls`, with errors naming the bad key and allowed values."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+    return parse_config(model_cls, data, source=str(path))
+
+
+def apply_overrides(config: M, overrides: list[str]) -> M:
+    """Apply `key.sub=value` overrides (values parsed as YAML scalars) and revalidate."""
+    data = config.model_dump()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. sampling.temperature=0.3)")
+        key, raw = item.split("=", 1)
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section of the config")
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(raw)
+    return parse_config(type(config), data, source="--set overrides")
+
+
+class GenerateConfig(StrictModel):
+    """What `r1 generate` / `r1 chat` read: a model, sampling defaults and the engine."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _gpu_engine_needs_cuda(self) -> GenerateConfig:
+        if self.engine.engine != "transformers" and self.model.device == "cpu":
+            raise ValueError(f"engine={self.engine.engine} needs a GPU; use engine=transformers on device=cpu")
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    """Replicas and resources of one Ray Serve deployment (maps onto Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(default=2, ge=0)
+    max_replicas: int = Field(default=10, ge=1)
+    # Average in-flight requests per replica the autoscaler aims for; explicit so it really scales.
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    # Requests one replica accepts at once; beyond this Serve queues them at the caller.
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    # Requests queued at the caller before Serve answers "overloaded" (-1: unbounded).
+    max_queued_requests: int = Field(default=64, ge=-1)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+    num_cpus: float = Field(default=0.1, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> DeploymentConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "metrics_interval_s": 1.0,
+                "look_back_period_s": 5.0,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+
+
+class ShardConfig(StrictModel):
+    """Resources of one ModelShard actor (a pipeline stage)."""
+
+    num_cpus: float = Field(default=0.1, ge=0)
+    # GPUs per stage; "auto" = 1 when the cluster has GPUs, else 0.
+    num_gpus: float | Literal["auto"] = "auto"
+
+
+class ServeConfig(StrictModel):
+    """The OpenAI-compatible Serve application (`ray_configs/serve.yaml` `args:`, `r1 serve`)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    # Defaults for request fields the client leaves out.
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    # The model name clients send and /v1/models lists (default: the model setting).
+    served_model_name: str | None = None
+    # Split the model's decoder layers into this many ModelShard actors per LLM-server replica.
+    pipeline_stages: int = Field(default=1, ge=1)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    # API keys: from the env var R1_API_KEYS (comma-separated) and/or this file (one key per line).
+    api_keys_file: str | None = None
+    api_keys_env: str = "R1_API_KEYS"
+    # Request limits (violations are 4xx that name the limit).
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    max_tokens_limit: int = Field(default=DEFAULT_MAX_NEW_TOKENS_CAP, ge=1)
+    max_n: int = Field(default=8, ge=1)
+    max_messages: int = Field(default=256, ge=1)
+    # Seconds a request may wait for the first token before the server answers 503.
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
+    llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.model
+
+
+# Component configs added by other parts of r1-cluster go below this line.
+
+
+# --- Training (`r1 train {sft,reward,grpo}`; ray_configs/train_*.yaml) ---------------------------
+
+
+class TrainScalingConfig(StrictModel):
+    """How many Ray Train workers and what each one reserves."""
+
+    num_workers: int = Field(default=2, ge=1)
+    # One GPU per worker and the NCCL backend when true; gloo on CPU otherwise.
+    use_gpu: bool = False
+    # Ray resources per worker, e.g. {"CPU": 0.5}; None keeps Ray Train's default (1 CPU, +1 GPU with use_gpu).
+    resources_per_worker: dict[str, float] | None = None
+
+
+class TrainStrategyConfig(StrictModel):
+    """Data parallelism: torch DDP, or DeepSpeed ZeRO (stage 0-3, optional CPU offload)."""
+
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    # "optimizer" needs zero_stage >= 1; "optimizer_and_params" needs zero_stage 3.
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+
+    @model_validator(mode="after")
+    def _zero_options_need_deepspeed(self) -> TrainStrategyConfig:
+        if self.name == "ddp" and (self.zero_stage != 0 or self.offload != "none"):
+            raise ValueError(
+                f"zero_stage={self.zero_stage} / offload={self.offload} need strategy.name=deepspeed (DDP has neither)"
+            )
+        if self.offload == "optimizer" and self.zero_stage < 1:
+            raise ValueError("offload=optimizer needs zero_stage >= 1; raise zero_stage or set offload=none")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            raise ValueError("offload=optimizer_and_params needs zero_stage=3")
+        return self
+
+
+class TrainLoraConfig(StrictModel):
+    """LoRA adapters via peft; only the adapters train and only they are saved."""
+
+    enabled: bool = False
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0.0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainOptimConfig(StrictModel):
+    """AdamW with linear warmup and an optional decay schedule."""
+
+    lr: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # 0 disables gradient clipping.
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+
+
+class TrainCheckpointConfig(StrictModel):
+    """Where a run lives and how often it saves (through ray.train.report)."""
+
+    # 0: checkpoint only at the end of the run.
+    every_steps: int = Field(default=50, ge=0)
+    # None: "r1-<stage>". Rerunning the same name and storage_path continues from its latest checkpoint.
+    run_name: str | None = None
+    # Use an absolute or ~ path for `ray job submit` (the job's working dir is temporary).
+    storage_path: str = "~/r1-runs"
+    num_to_keep: int = Field(default=2, ge=1)
+    # Where the final model (Hugging Face format; LoRA adapters when lora.enabled) is written.
+    # None: <storage_path>/<run_name>/final.
+    export_dir: str | None = None
+
+
+class TrainFailureConfig(StrictModel):
+    # Restarts from the latest checkpoint after a worker failure; -1 retries forever.
+    max_failures: int = Field(default=0, ge=-1)
+
+
+class TrainCommonConfig(StrictModel):
+    """Sections every training stage shares."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    scaling: TrainScalingConfig = Field(default_factory=TrainScalingConfig)
+    # Autocast dtype; weights stay fp32. fp16 adds a GradScaler.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    strategy: TrainStrategyConfig = Field(default_factory=TrainStrategyConfig)
+    lora: TrainLoraConfig = Field(default_factory=TrainLoraConfig)
+    optim: TrainOptimConfig = Field(default_factory=TrainOptimConfig)
+    checkpoint: TrainCheckpointConfig = Field(default_factory=TrainCheckpointConfig)
+    failure: TrainFailureConfig = Field(default_factory=TrainFailureConfig)
+    seed: int = 0
+    max_steps: int = Field(default=100, ge=1)
+    log_every_steps: int = Field(default=1, ge=1)
+    # JSON lines written by the driver; None: <storage_path>/<run_name>/metrics.jsonl.
+    metrics_path: str | None = None
+    progress_bar: bool = True
+    # Measure the time spent in gradient all-reduce (DDP: a comm hook with CUDA events, cheap;
+    # DeepSpeed: its comms logger, which syncs the device after every collective).
+    measure_comm: bool = True
+
+    @model_validator(mode="after")
+    def _gpu_options_need_gpu(self) -> TrainCommonConfig:
+        if self.strategy.name == "deepspeed" and self.precision != "fp32" and not self.scaling.use_gpu:
+            raise ValueError(f"strategy=deepspeed with precision={self.precision} needs GPUs; use precision=fp32 on CPU")
+        return self
+
+
+class SFTDataConfig(StrictModel):
+    """SFT data: a file (plain text, or chat JSONL) or a generated task."""
+
+    # .txt/.md: plain-text corpus (loss on every token). .jsonl: {"messages": [...]} (loss on assistant
+    # tokens only) or {"text": "..."} lines.
+    path: str | None = None
+    # Generate examples from a built-in task instead of a file.
+    task: Literal["arithmetic"] | None = None
+    num_examples: int = Field(default=2000, ge=1)
+    levels: list[int] = Field(default_factory=lambda: [1])
+    max_seq_len: int = Field(default=256, ge=8)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SFTDataConfig:
+        if (self.path is None) == (self.task is None):
+            raise ValueError("set exactly one of data.path (a .txt or .jsonl file) or data.task (arithmetic)")
+        return self
+
+
+class SFTTrainConfig(TrainCommonConfig):
+    data: SFTDataConfig = Field(default_factory=lambda: SFTDataConfig(task="arithmetic"))
+    batch_size_per_worker: int = Field(default=8, ge=1)
+
+
+class RewardDataConfig(StrictModel):
+    """Preference JSONL: one {"prompt", "chosen", "rejected"} object per line."""
+
+    path: str
+    # Share of pairs held out to report pairwise accuracy.
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_seq_len: int = Field(default=256, ge=8)
+
+
+class RewardTrainConfig(TrainCommonConfig):
+    data: RewardDataConfig
+    batch_size_per_worker: int = Field(default=8, ge=1)
+
+
+class GRPORewardSpec(StrictModel):
+    """One term of the GRPO reward: weight * reward(completion)."""
+
+    # format: <think>…</think> then an answer; accuracy: the task's answer checker;
+    # reward_model: the score of a model trained with `r1 train reward` (model_path).
+    name: Literal["format", "accuracy", "reward_model"]
+    weight: float = 1.0
+    model_path: str | None = None
+
+    @model_validator(mode="after")
+    def _reward_model_needs_path(self) -> GRPORewardSpec:
+        if (self.name == "reward_model") != (self.model_path is not None):
+            raise ValueError("model_path is required for name=reward_model and only allowed there")
+        return self
+
+
+class GRPOPromptsConfig(StrictModel):
+    """Prompts with reference answers: a JSONL file ({"prompt": str, "answer": ...}) or a task."""
+
+    path: str | None = None
+    task: Literal["arithmetic"] | None = None
+    num_prompts: int = Field(default=2000, ge=1)
+    levels: list[int] = Field(default_factory=lambda: [2])
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GRPOPromptsConfig:
+        if (self.path is None) == (self.task is None):
+            raise ValueError("set exactly one of prompts.path (a .jsonl file) or prompts.task (arithmetic)")
+        return self
+
+
+class GRPOConfig(StrictModel):
+    """Group Relative Policy Optimization (DeepSeek-R1's RL algorithm)."""
+
+    # Samples per prompt; advantages are normalised within each group.
+    group_size: int = Field(default=8, ge=2)
+    # Prompts per optimizer step on each worker.
+    prompts_per_step: int = Field(default=4, ge=1)
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    # Weight of the k3 KL estimate to the frozen reference; 0 loads no reference model.
+    kl_beta: float = Field(default=0.001, ge=0.0)
+    # Sampling temperature of the rollouts (the guide's reward_temperature, default 0.7): higher gives
+    # more diverse groups, hence more reward variance for the advantages to learn from.
+    reward_temperature: float = Field(default=0.7, gt=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    # Optimizer steps per batch of rollouts (the ratio is exactly 1 on the first).
+    num_iterations: int = Field(default=1, ge=1)
+    adv_eps: float = Field(default=1e-4, gt=0.0)
+    # token: mean over all completion tokens of the batch; sequence: mean per sequence, then over sequences.
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    rewards: list[GRPORewardSpec] = Field(
+        default_factory=lambda: [GRPORewardSpec(name="format", weight=0.5), GRPORewardSpec(name="accuracy", weight=1.0)]
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_not_empty(cls, rewards: list[GRPORewardSpec]) -> list[GRPORewardSpec]:
+        if not rewards:
+            raise ValueError("grpo.rewards is empty; add at least one of format, accuracy, reward_model")
+        return rewards
+
+
+class GRPOTrainConfig(TrainCommonConfig):
+    prompts: GRPOPromptsConfig = Field(default_factory=lambda: GRPOPromptsConfig(task="arithmetic"))
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    # Held-out prompts scored greedily at the end (0 skips); reported as eval_accuracy / eval_format_rate.
+    eval_num_problems: int = Field(default=0, ge=0)
+
+
+class CodeCheckConfig(StrictModel):
+    """Code validation: the sandbox's limits, the test harness and the repair loop (r1/codecheck)."""
+
+    # "auto": bubblewrap when it works here, else rlimits (+ a uid switch when root); the level
+    # actually obtained is reported on every RunResult. "bwrap"/"rlimits" force one level.
+    isolation: Literal["auto", "bwrap", "rlimits"] = "auto"
+    # Wall-clock budget of one sandbox run (a whole validation: start, import, all tests).
+    timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    # Address-space limit (RLIMIT_AS) of every process in the sandbox.
+    memory_mb: int = Field(default=512, ge=64, le=65536)
+    # stdout and stderr are each cut at this many bytes (the pipe is then closed).
+    max_output_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Largest file the program may write (RLIMIT_FSIZE).
+    max_file_mb: int = Field(default=16, ge=1, le=4096)
+    # Size of each private tmpfs (/sandbox, the working directory, and /tmp) under bubblewrap.
+    tmpfs_mb: int = Field(default=64, ge=1, le=4096)
+    # RLIMIT_NOFILE of the program.
+    max_open_files: int = Field(default=64, ge=16, le=65536)
+    # Processes + threads the program may have at once (RLIMIT_NPROC, per sandbox uid).
+    max_processes: int = Field(default=32, ge=1, le=4096)
+    # Each run gets its own uid from [sandbox_uid_base, sandbox_uid_base + sandbox_uid_count) so
+    # RLIMIT_NPROC budgets are per run and leftovers can be swept by uid. The range must be unused
+    # on the host and mapped in its user namespace; used only when running as root.
+    sandbox_uid_base: int = Field(default=1_990_000_000, ge=1000, le=2_147_000_000)
+    sandbox_uid_count: int = Field(default=256, ge=1, le=65536)
+    # Interpreter that runs untrusted code; None picks the first of this interpreter's base
+    # executable, /usr/bin/python3, /usr/local/bin/python3 that the sandbox uid can execute.
+    python_executable: str | None = None
+    # Repair loop (stage 3): attempts after the first, and the lower temperature they use.
+    max_repairs: int = Field(default=2, ge=0, le=16)
+    repair_temperature: float = Field(default=0.2, ge=0.0, le=10.0)
+    # How many test cases to ask the model for when a request brings no tests.
+    num_generated_tests: int = Field(default=5, ge=1, le=50)
+
+    @model_validator(mode="after")
+    def _uid_range_fits(self) -> CodeCheckConfig:
+        last = self.sandbox_uid_base + self.sandbox_uid_count - 1
+        if last > 2_147_483_646:
+            raise ValueError(
+                f"sandbox uid range ends at {last}, above 2147483646 (bubblewrap rejects larger uids); "
+                "lower sandbox_uid_base or sandbox_uid_count"
+            )
+        return self
+
+
+class CodeValidatorConfig(StrictModel):
+    """The CodeValidator Serve deployment: its sandbox settings and how it scales."""
+
+    codecheck: CodeCheckConfig = Field(default_factory=CodeCheckConfig)
+    # Fractional CPU per replica: replicas mostly wait on sandbox subprocesses.
+    num_cpus: float = Field(default=0.1, gt=0.0, le=64.0)
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    target_ongoing_requests: float = Field(default=2.0, gt=0.0, le=1000.0)
+    # Requests a replica accepts at once; further requests queue at the handle/router.
+    max_ongoing_requests: int = Field(default=4, ge=1, le=1000)
+    # Sandbox runs a replica executes at once (each is one subprocess tree).
+    max_concurrent_runs: int = Field(default=2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> CodeValidatorConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.max_concurrent_runs > self.codecheck.sandbox_uid_count:
+            raise ValueError(
+                f"max_concurrent_runs={self.max_concurrent_runs} exceeds codecheck.sandbox_uid_count="
+                f"{self.codecheck.sandbox_uid_count}; raise sandbox_uid_count"
+            )
+        return self

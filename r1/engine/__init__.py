@@ -1,0 +1,64 @@
+"""The r1 engine: continuous-batching generation behind one small interface.
+
+`Engine` is the protocol the Serve deployment, the CLI and training rollouts program against.
+`TransformersEngine` (default, CPU and GPU) implements it here; GPU engines (TensorRT-LLM, vLLM)
+are imported only when selected, through `create_engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine.engine import Prompt, TransformersEngine, resolve_max_new_tokens
+from r1.engine.scheduler import EngineOverloaded
+from r1.engine.types import Completion, Delta, FinishReason, Request, Usage
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    tokenizer: Any
+    context_tokens: int
+
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request: ...
+
+    def stream(
+        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None
+    ) -> AsyncIterator[Delta]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def generate_batch(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None = None
+    ) -> list[Completion]: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def shutdown(self) -> None: ...
+
+
+def create_engine(model_config: ModelConfig, engine_config: EngineConfig | None = None) -> Engine:
+    """Build the configured engine; GPU engines are imported only here, only when selected."""
+    engine_config = engine_config or EngineConfig()
+    if engine_config.engine == "transformers":
+        return TransformersEngine.from_config(model_config, engine_config)
+    from r1.engine.gpu import create_gpu_engine
+
+    return create_gpu_engine(model_config, engine_config)
+
+
+__all__ = [
+    "Completion",
+    "Delta",
+    "Engine",
+    "EngineOverloaded",
+    "FinishReason",
+    "Prompt",
+    "Request",
+    "TransformersEngine",
+    "Usage",
+    "create_engine",
+    "resolve_max_new_tokens",
+]

@@ -1,0 +1,75 @@
+"""Incremental detokenization with stop strings.
+
+Decoding token by token breaks multi-byte characters (a Chinese character can span several
+byte-level tokens) and would emit the start of a stop string before knowing whether it completes.
+`IncrementalDetokenizer` decodes a sliding window of tokens and returns only text that is final:
+no trailing replacement character, and no suffix that could still grow into a stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = list(stop or [])
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # all decoded text so far (truncated at a stop string once one matched)
+        self._emitted = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Add one token; return the newly final text (possibly empty)."""
+        if self.stopped:
+            return ""
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return self._release(final=False)
+        self.text += full[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.token_ids)
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            search_from = max(self._emitted - max(len(s) for s in self.stop), 0)
+            hits = [(self.text.find(s, search_from), s) for s in self.stop]
+            hits = [(pos, s) for pos, s in hits if pos >= 0]
+            if hits:
+                pos = min(pos for pos, _ in hits)
+                self.text = self.text[:pos]
+                self.stopped = True
+                final = True
+        end = len(self.text)
+        if not final and self.stop:
+            end -= self._held_back_for_stop()
+        out = self.text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+    def _held_back_for_stop(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for length in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+    def finish(self) -> str:
+        """Flush held-back text at the end of generation (an incomplete character included)."""
+        if not self.stopped and self._read_offset < len(self.token_ids):
+            prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self.token_ids[self._prefix_offset :])
+            self.text += full[len(prefix) :]
+            self._prefix_offset = self._read_offset = len(self.token_ids)
+        return self._release(final=True)

@@ -1,0 +1,278 @@
+"""The transformers engine: continuous batching over a Hugging Face causal LM.
+
+`TransformersEngine` turns prompts (text, token ids or chat messages) into validated requests,
+feeds them to the `Scheduler`, and exposes two ways to get results:
+
+- `stream(...)`: an async iterator of `Delta`s, served by a background decode thread shared by all
+  requests (the Serve deployment and `r1 chat` use this); closing the iterator aborts the request
+  and frees its slot;
+- `generate_batch(...)`: a blocking call that runs the decode loop in the calling thread when no
+  background thread is running (training rollouts, evaluation, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Union
+
+import torch
+
+from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
+from r1.engine.runner import LocalModelRunner, ModelRunner
+from r1.engine.scheduler import EngineOverloaded, Scheduler
+from r1.engine.types import Completion, Delta, Request
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int], list[dict[str, str]]]
+
+
+def resolve_max_new_tokens(prompt_tokens: int, requested: int | None, context_tokens: int) -> int:
+    """How many tokens a request may generate; a prompt or request beyond the context is an error."""
+    room = context_tokens - prompt_tokens
+    if room <= 0:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens but the model's context is {context_tokens} tokens; shorten the prompt"
+        )
+    if requested is None:
+        return min(room, DEFAULT_MAX_NEW_TOKENS_CAP)
+    if requested > room:
+        raise ValueError(
+            f"max_new_tokens={requested} plus the prompt's {prompt_tokens} tokens exceeds the model's context of "
+            f"{context_tokens} tokens; use max_new_tokens <= {room}"
+        )
+    return requested
+
+
+def stop_token_ids(model: Any, tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    generation_config = generation_config or getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)
+
+
+class TransformersEngine:
+    """The default engine (CPU and GPU). Satisfies the `r1.engine.Engine` protocol."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        runner: ModelRunner | None = None,
+        context_tokens: int | None = None,
+        stop_ids: frozenset[int] | None = None,
+    ):
+        """`model` may be None when a `runner` (e.g. the sharded one) runs the model elsewhere; then
+        `context_tokens` must be given."""
+        from r1.model import context_length
+
+        if model is None and (runner is None or context_tokens is None):
+            raise ValueError("TransformersEngine without a model needs a runner and context_tokens")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0)
+        self.context_tokens = context_tokens or context_length(model, tokenizer)
+        self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
+        self.scheduler = Scheduler(self.runner, tokenizer, self.config, self.device)
+        self._ids = itertools.count()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._inline_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig | None = None) -> TransformersEngine:
+        from r1.model import load_model
+
+        model, tokenizer = load_model(model_config)
+        return cls(model, tokenizer, engine_config)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids for a text prompt, token ids, or chat messages (rendered with the chat template)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            if any(t < 0 or t >= self.runner.vocab_size for t in prompt):
+                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            return list(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(
+                    "this model's tokenizer has no chat template; send a raw text prompt instead "
+                    "(`r1 generate --raw`, or /v1/completions)"
+                )
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
+        prompt_ids = self.encode_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        return Request(
+            request_id=request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}",
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            max_new_tokens=resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, self.context_tokens),
+            stop_token_ids=self.stop_token_ids,
+        )
+
+    # -- streaming API (background decode thread) ------------------------------------------
+    def start(self) -> None:
+        with self._wakeup:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="r1-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._wakeup.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            try:
+                self.scheduler.step()
+            except Exception:  # the scheduler already ended the affected streams with an error
+                logger.exception("engine step failed; in-flight requests were aborted")
+
+    def submit(self, request: Request, emit: Any) -> None:
+        """Queue a request; `emit(delta)` is called from the decode thread. Raises EngineOverloaded."""
+        self.scheduler.submit(request, emit)
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    async def stream(
+        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas for one request; leaving the loop early aborts the request."""
+        request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
+        self.start()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.submit(request, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+        finished = False
+        try:
+            while True:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    finished = True
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    # -- blocking API ------------------------------------------------------------------------
+    def generate_batch(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None = None
+    ) -> list[Completion]:
+        """Generate for many prompts at once with continuous batching; blocks until all finish."""
+        if sampling is None or isinstance(sampling, SamplingConfig):
+            samplings = [sampling or SamplingConfig()] * len(prompts)
+        else:
+            samplings = list(sampling)
+            if len(samplings) != len(prompts):
+                raise ValueError(f"got {len(samplings)} sampling configs for {len(prompts)} prompts")
+        requests = [self.make_request(p, s) for p, s in zip(prompts, samplings)]
+        results: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
+        done = threading.Semaphore(0)
+
+        def collect(delta: Delta) -> None:
+            results[delta.request_id].append(delta)
+            if delta.finish_reason is not None:
+                done.release()
+
+        background = self._thread is not None and self._thread.is_alive()
+        with self._inline_lock:
+            for request in requests:
+                self._submit_waiting_for_room(request, collect, background)
+            if not background:
+                while self.scheduler.has_work():
+                    self.scheduler.step()
+        for _ in requests:
+            done.acquire()
+        completions = [self._to_completion(r, results[r.request_id]) for r in requests]
+        failed = [c for c in completions if c.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(completions)} generations failed: {failed[0].error}")
+        return completions
+
+    def _submit_waiting_for_room(self, request: Request, emit: Any, background: bool) -> None:
+        while True:
+            try:
+                self.submit(request, emit)
+                return
+            except EngineOverloaded:
+                if background:
+                    threading.Event().wait(0.01)
+                else:
+                    self.scheduler.step()
+
+    @staticmethod
+    def _to_completion(request: Request, deltas: list[Delta]) -> Completion:
+        last = deltas[-1]
+        return Completion(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=[t for d in deltas for t in d.token_ids],
+            text="".join(d.text for d in deltas),
+            finish_reason=last.finish_reason or "abort",
+            error=last.error,
+        )
+
+    @property
+    def think_prefilled(self) -> bool:
+        """Whether the chat template opens the reasoning block itself (DeepSeek-R1 style)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return False
+        probe = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+        return probe.rstrip().endswith("<think>")
+
+    @property
+    def alive(self) -> bool:
+        """False once the background decode thread died unexpectedly."""
+        return self._thread is None or self._thread.is_alive() or self._stopping
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting()}
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Run one short request so the first real one does not pay one-time costs."""
+        self.generate_batch([[0]], SamplingConfig(temperature=0, max_new_tokens=2))

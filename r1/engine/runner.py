@@ -1,0 +1,165 @@
+"""Model runners: the part of the engine that runs the model, with no knowledge of sampling.
+
+The scheduler drives a runner through three calls:
+
+- `add(seq_ids, prompts)` prefills new sequences and returns their next-token logits;
+- `step(seq_ids, token_ids)` feeds one token per running sequence and returns next-token logits;
+- `remove(seq_ids)` frees finished or aborted sequences.
+
+`LocalModelRunner` keeps one batched KV cache for all running sequences, left-padded to a common
+length with an attention mask, and position ids counted per sequence, so a sequence decodes to the
+same logits whether it runs alone or beside others. New sequences are prefilled as their own
+left-padded batch and then merged into the running batch; rows leave by index selection, and
+columns that became padding for every row are trimmed.
+
+The sharded runner (model split into pipeline stages held by Ray actors) implements the same
+protocol in `actors/`, using `BatchedKVCache` and `forward_with_cache` from this module per stage.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+class ModelRunner(Protocol):
+    vocab_size: int
+
+    def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor: ...
+
+    def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor: ...
+
+    def remove(self, seq_ids: list[str]) -> None: ...
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache`; accept either."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask)."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+class BatchedKVCache:
+    """A DynamicCache over many sequences plus the padding mask and per-row positions.
+
+    Rows are identified by sequence id; `order` is the row order of every tensor.
+    """
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached_len], 1 = real token
+        self.positions: torch.Tensor | None = None  # [rows], position id of the next token
+        self.order: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @staticmethod
+    def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+        missing = length - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        pad = [0, 0] * (tensor.dim() - dim - 1 if dim >= 0 else -dim - 1) + [missing, 0]
+        return F.pad(tensor, pad)
+
+    def merge(self, seq_ids: list[str], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append freshly prefilled rows (their own cache and mask) to the batch."""
+        positions = mask.sum(-1)
+        if self.cache is None or not self.order:
+            self.cache, self.mask, self.positions, self.order = cache, mask, positions, list(seq_ids)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([self._pad_left(mine.keys, length, -2), self._pad_left(theirs.keys, length, -2)])
+            mine.values = torch.cat([self._pad_left(mine.values, length, -2), self._pad_left(theirs.values, length, -2)])
+        self.mask = torch.cat([self._pad_left(self.mask, length, -1), self._pad_left(mask, length, -1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.order.extend(seq_ids)
+
+    def remove(self, seq_ids: list[str]) -> None:
+        gone = set(seq_ids)
+        keep = [i for i, seq_id in enumerate(self.order) if seq_id not in gone]
+        if len(keep) == len(self.order):
+            return
+        self.order = [self.order[i] for i in keep]
+        if not keep:
+            self.cache, self.mask, self.positions = None, None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        # Columns that are padding for every remaining row can go.
+        mask = self.mask.index_select(0, index)
+        first = int(mask.any(0).long().argmax())
+        self.mask = mask[:, first:]
+        self.positions = self.positions.index_select(0, index)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+    def rows_for(self, seq_ids: list[str]) -> list[int]:
+        """Row index of each sequence id (the scheduler's order may differ from the cache's)."""
+        where = {seq_id: i for i, seq_id in enumerate(self.order)}
+        return [where[s] for s in seq_ids]
+
+    def extend_for_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask and position ids for feeding one more token per row; advances positions."""
+        assert self.mask is not None and self.positions is not None
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        position_ids = self.positions.unsqueeze(1).clone()
+        self.positions = self.positions + 1
+        return self.mask, position_ids
+
+
+class LocalModelRunner:
+    """Runs a whole Hugging Face causal LM in this process."""
+
+    def __init__(self, model: Any, pad_token_id: int = 0):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.pad_token_id = pad_token_id
+        self.vocab_size = model.config.vocab_size
+        self.kv = BatchedKVCache()
+        self._cache_kwarg = _cache_kwarg(model)
+
+    def _forward(self, **kwargs: Any) -> torch.Tensor:
+        cache = kwargs.pop("cache")
+        out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor:
+        input_ids, mask = left_pad(prompts, self.pad_token_id, self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
+        self.kv.merge(seq_ids, cache, mask)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor:
+        """One decode step for every running sequence; `seq_ids` must be exactly the running set."""
+        assert len(seq_ids) == len(self.kv), "step() takes one token for every running sequence"
+        rows = self.kv.rows_for(seq_ids)
+        tokens = torch.empty(len(rows), dtype=torch.long)
+        tokens[rows] = torch.tensor(token_ids, dtype=torch.long)
+        mask, position_ids = self.kv.extend_for_step()
+        logits = self._forward(
+            input_ids=tokens.to(self.device).unsqueeze(1), attention_mask=mask, position_ids=position_ids, cache=self.kv.cache
+        )
+        return logits[rows]
+
+    def remove(self, seq_ids: list[str]) -> None:
+        self.kv.remove(seq_ids)

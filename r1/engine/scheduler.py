@@ -1,0 +1,188 @@
+"""Iteration-level (continuous) batching.
+
+One `step()` is one iteration of the decode loop:
+
+1. aborted requests leave (their KV rows are freed);
+2. waiting requests are admitted while slots (`max_num_seqs`) and the prefill token budget allow,
+   prefilled together, and sample their first token;
+3. every running request (the new ones too) feeds its last token through one batched decode step
+   and samples the next;
+4. finished requests leave at once, without stalling the rest.
+
+A request that arrives while others decode therefore joins at the next step. The scheduler knows
+nothing about how the model runs: it drives a `ModelRunner` (in-process or sharded over actors).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from r1.config import EngineConfig
+from r1.engine.detok import IncrementalDetokenizer
+from r1.engine.memory import CudaCachePolicy
+from r1.engine.runner import ModelRunner
+from r1.engine.sampling import RowState, sample_rows
+from r1.engine.types import Delta, FinishReason, Request, Usage
+
+Emit = Callable[[Delta], None]
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should answer 429/503 and retry later."""
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    emit: Emit
+    row: RowState
+    detok: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.request_id
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, tokenizer: Any, config: EngineConfig, device: torch.device):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        self.memory = CudaCachePolicy(device, config.cuda_empty_cache_every_steps, config.cuda_fragmentation_flush_ratio)
+        self._lock = threading.Lock()
+        self._waiting: deque[_Sequence] = deque()
+        self._aborted: set[str] = set()
+        self.running: dict[str, _Sequence] = {}
+        self.num_steps = 0
+
+    # -- called from any thread ------------------------------------------------------------
+    def submit(self, request: Request, emit: Emit) -> None:
+        seq = _Sequence(
+            request=request,
+            emit=emit,
+            row=RowState.create(request.sampling, request.prompt_token_ids, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+        )
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queued_requests + self._free_slots():
+                raise EngineOverloaded(
+                    f"the engine queue is full ({len(self._waiting)} waiting, {len(self.running)} running); retry later"
+                )
+            self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self.running or self._aborted)
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def _free_slots(self) -> int:
+        return max(self.config.max_num_seqs - len(self.running), 0)
+
+    # -- called from the engine loop only --------------------------------------------------
+    def step(self) -> None:
+        self._drop_aborted()
+        admitted = self._admit()
+        try:
+            if admitted:
+                logits = self.runner.add([s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted])
+                for seq in admitted:
+                    self.running[seq.seq_id] = seq
+                self._advance(admitted, logits)
+            decoding = [s for s in self.running.values() if s.finish_reason is None]
+            if decoding:
+                logits = self.runner.step([s.seq_id for s in decoding], [s.output_ids[-1] for s in decoding])
+                self._advance(decoding, logits)
+        except Exception as error:  # a model failure must end every affected stream, never hang it
+            self._fail_all(f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            self._release_finished()
+        self.num_steps += 1
+        self.memory.after_step(self.num_steps)
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if not aborted:
+                return
+            kept = deque()
+            for seq in self._waiting:
+                if seq.seq_id in aborted:
+                    self._finish(seq, "abort")
+                else:
+                    kept.append(seq)
+            self._waiting = kept
+        for seq_id in aborted:
+            seq = self.running.get(seq_id)
+            if seq is not None and seq.finish_reason is None:
+                self._finish(seq, "abort")
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.config.max_prefill_tokens
+        with self._lock:
+            while self._waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
+                prompt_len = len(self._waiting[0].request.prompt_token_ids)
+                # A prompt longer than the budget is prefilled alone rather than starved.
+                if admitted and prompt_len > budget:
+                    break
+                admitted.append(self._waiting.popleft())
+                budget -= prompt_len
+        return admitted
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        tokens = sample_rows(logits, [s.row for s in seqs])
+        for seq, token in zip(seqs, tokens):
+            self._append(seq, token)
+
+    def _append(self, seq: _Sequence, token: int) -> None:
+        request = seq.request
+        seq.output_ids.append(token)
+        is_eos = token in request.stop_token_ids and not request.sampling.ignore_eos
+        text = "" if is_eos else seq.detok.add(token)
+        reason: FinishReason | None = None
+        if is_eos or seq.detok.stopped:
+            reason = "stop"
+        elif len(seq.output_ids) >= request.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            seq.emit(Delta(request.request_id, [token], text))
+        else:
+            self._finish(seq, reason, token_ids=[token], text=text)
+
+    def _finish(
+        self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "", error: str | None = None
+    ) -> None:
+        seq.finish_reason = reason
+        if error is None:
+            text += seq.detok.finish()
+        usage = Usage(len(seq.request.prompt_token_ids), len(seq.output_ids))
+        seq.emit(Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error))
+
+    def _fail_all(self, message: str) -> None:
+        for seq in self.running.values():
+            if seq.finish_reason is None:
+                self._finish(seq, "abort", error=message)
+
+    def _release_finished(self) -> None:
+        finished = [seq_id for seq_id, s in self.running.items() if s.finish_reason is not None]
+        if finished:
+            self.runner.remove(finished)
+            for seq_id in finished:
+                del self.running[seq_id]
+            self.memory.after_finish()

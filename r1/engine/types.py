@@ -1,0 +1,64 @@
+"""Plain data that flows through the engine: requests in, deltas and completions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from r1.config import SamplingConfig
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Delta:
+    """What one decode step produced for one request.
+
+    `text` is safe to show: it never ends inside a multi-byte character or inside a possible stop
+    string. The last delta of a request has `finish_reason` set and carries `usage`.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    # Set when the request failed inside the engine (the stream then ends with finish_reason="abort").
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as returned by the non-streaming APIs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    error: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_token_ids), len(self.token_ids))
+
+
+@dataclass
+class Request:
+    """A tokenized request, validated against the model's context."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingConfig
+    max_new_tokens: int
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv (and the system tools the tests use), then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/system_deps.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1-cluster/torch_extensions}
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,78 @@
+"""Config errors name the bad key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1.config import GenerateConfig, ModelConfig, SamplingConfig, apply_overrides, load_yaml, parse_config
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragments",
+    [
+        # a typo in a key: name it and list the allowed keys of that section
+        ("model:\n  modle: r1-tiny\n", ["model.modle: unknown key", "allowed keys:", "attn_implementation", "dtype"]),
+        # a value outside a Literal: name the key and the allowed values
+        ("model:\n  dtype: float64\n", ["model.dtype", "'auto', 'bf16', 'fp16' or 'fp32'", "float64"]),
+        # a number out of range
+        ("sampling:\n  top_p: 1.5\n", ["sampling.top_p", "less than or equal to 1"]),
+        # a wrong type
+        ("sampling:\n  max_new_tokens: lots\n", ["sampling.max_new_tokens", "valid integer"]),
+        # an unknown top-level section
+        ("sampler:\n  temperature: 0.1\n", ["sampler: unknown key", "engine, model, sampling"]),
+        # empty stop strings would stop at once
+        ("sampling:\n  stop: ['']\n", ["sampling.stop", "non-empty"]),
+    ],
+)
+def test_yaml_errors_name_key_and_allowed_values(tmp_path, yaml_text, fragments):
+    path = tmp_path / "generate.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError) as info:
+        load_yaml(path, GenerateConfig)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_yaml_loads_valid_config(tmp_path):
+    path = tmp_path / "generate.yaml"
+    path.write_text("model:\n  dtype: bf16\nsampling:\n  temperature: 0.3\n  stop: ['</answer>']\n")
+    config = load_yaml(path, GenerateConfig)
+    assert config.model.dtype == "bf16"
+    assert config.sampling.temperature == 0.3
+    assert config.sampling.stop == ["</answer>"]
+    assert config.model.attn_implementation == "sdpa"  # default kept
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml", GenerateConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_yaml(bad, GenerateConfig)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_yaml(listy, GenerateConfig)
+
+
+def test_overrides_apply_and_validate():
+    config = apply_overrides(GenerateConfig(), ["sampling.temperature=0.2", "model.dtype=fp32"])
+    assert config.sampling.temperature == 0.2 and config.model.dtype == "fp32"
+    with pytest.raises(ValueError, match="unknown key"):
+        apply_overrides(GenerateConfig(), ["sampling.temprature=0.2"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(GenerateConfig(), ["sampling.temperature"])
+
+
+def test_defaults_work_and_greedy_flag():
+    assert ModelConfig().model == "r1-tiny"
+    assert SamplingConfig(temperature=0).greedy
+    assert parse_config(SamplingConfig, None) == SamplingConfig()
+
+
+def test_gpu_engine_on_cpu_is_an_error_naming_the_option():
+    with pytest.raises(ValueError, match="engine=vllm needs a GPU"):
+        GenerateConfig.model_validate({"model": {"device": "cpu"}, "engine": {"engine": "vllm"}})

@@ -1,0 +1,167 @@
+"""The continuous-batching engine on the real r1-tiny model.
+
+Greedy results must equal `model.generate` on each prompt alone, whatever else is in the batch and
+whenever a request arrives; a late request must start producing tokens before earlier ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+
+from r1.config import EngineConfig, SamplingConfig
+from r1.engine import EngineOverloaded, TransformersEngine, resolve_max_new_tokens
+
+PROMPTS = [
+    "Mia has 23 apples.",
+    "Tom has 5 pens. He buys 17 more. How many pens does he have now?",
+    "1",
+    "忘记密码怎么办？",
+    "def add(a, b):\n    return a + b",
+    "A long prompt " * 12,
+    "Reason step by step: 12 + 7 - 3",
+    "The answer is",
+    "Ana had 40 cards and gave 15 away.",
+]
+
+
+def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+    )
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=16))
+    yield engine
+    engine.shutdown()
+
+
+def test_staggered_greedy_requests_equal_generate_alone(engine, tiny):
+    model, tokenizer = tiny
+    # Request 0 is the longest so that every later request arrives while it is still decoding.
+    max_tokens = [60] + [12 + 3 * i for i in range(1, len(PROMPTS))]
+    greedy = [SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True) for n in max_tokens]
+    clock = itertools.count()
+    events: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    outputs: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+
+    async def one(i: int) -> None:
+        # Request i arrives after request 0 has produced 3*i tokens.
+        while len(outputs[0]) < 3 * i and i > 0:
+            await asyncio.sleep(0.001)
+        async for delta in engine.stream(PROMPTS[i], greedy[i]):
+            outputs[i].extend(delta.token_ids)
+            events[i].append(next(clock))
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(len(PROMPTS)))), timeout=120)
+
+    asyncio.run(main())
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        assert outputs[i] == reference(model, ids, max_tokens[i]), f"request {i} differs from generate() alone"
+    # The last request joined while request 0 was still decoding.
+    last = len(PROMPTS) - 1
+    assert events[last][0] < events[0][-1]
+    assert len(set(map(len, outputs.values()))) > 1  # different lengths really were in flight together
+
+
+def test_generate_batch_matches_streaming_and_reports_usage(engine):
+    sampling = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True)
+    completions = engine.generate_batch(PROMPTS[:4], sampling)
+    for prompt, completion in zip(PROMPTS[:4], completions):
+        assert completion.finish_reason == "length"
+        assert completion.usage.completion_tokens == 8
+        assert completion.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+        assert completion.text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(engine):
+    seeded = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
+    alone = engine.generate_batch([PROMPTS[1]], seeded)[0].token_ids
+    batched = engine.generate_batch([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [seeded.model_copy(update={"seed": 7}), seeded, seeded])
+    assert batched[1].token_ids == alone
+    other_seed = engine.generate_batch([PROMPTS[1]], seeded.model_copy(update={"seed": 99}))[0].token_ids
+    assert other_seed != alone
+
+
+def test_stop_string_truncates_text_and_finishes(engine):
+    free = engine.generate_batch([PROMPTS[0]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True))[0]
+    # Pick a stop string that really occurs in the greedy continuation.
+    stop = free.text[5:8]
+    assert stop and stop in free.text
+    stopped = engine.generate_batch([PROMPTS[0]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(stop)]
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = engine.generate_batch([PROMPTS[2]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True))[0]
+    penalised = engine.generate_batch(
+        [PROMPTS[2]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, repetition_penalty=5.0)
+    )[0]
+    assert len(set(penalised.token_ids)) >= len(set(plain.token_ids))
+    assert penalised.token_ids != plain.token_ids
+
+
+def test_cancel_frees_the_slot(engine):
+    async def main() -> None:
+        stream = engine.stream(PROMPTS[0], SamplingConfig(temperature=0, max_new_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        deadline = asyncio.get_running_loop().time() + 30
+        while engine.stats()["running"] and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_chat_messages_use_the_template_with_prefilled_think(engine):
+    request = engine.make_request([{"role": "user", "content": "2 + 2?"}], SamplingConfig())
+    text = engine.tokenizer.decode(request.prompt_token_ids)
+    assert text.endswith("<｜Assistant｜><think>\n")
+
+
+@pytest.mark.parametrize(
+    "prompt_tokens, requested, context, expected",
+    [
+        (10, None, 1024, 1014),  # default: what the context allows
+        (10, None, 100_000, 4096),  # default capped at 4096 new tokens
+        (10, 100, 1024, 100),  # explicit and within the context
+    ],
+)
+def test_max_new_tokens_resolution(prompt_tokens, requested, context, expected):
+    assert resolve_max_new_tokens(prompt_tokens, requested, context) == expected
+
+
+@pytest.mark.parametrize(
+    "prompt_tokens, requested, context, message",
+    [
+        (10, 2000, 1024, "use max_new_tokens <= 1014"),  # prompt + max_new_tokens beyond the context
+        (1024, None, 1024, "shorten the prompt"),  # prompt alone fills the context
+    ],
+)
+def test_max_new_tokens_beyond_context_is_an_error(prompt_tokens, requested, context, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_max_new_tokens(prompt_tokens, requested, context)
+
+
+def test_full_queue_refuses_fast(tiny):
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_queued_requests=1))
+    sampling = SamplingConfig(temperature=0, max_new_tokens=4)
+    engine.submit(engine.make_request("a", sampling), lambda d: None)
+    engine.submit(engine.make_request("b", sampling), lambda d: None)
+    with pytest.raises(EngineOverloaded):
+        engine.submit(engine.make_request("c", sampling), lambda d: None)
+    engine.shutdown()
