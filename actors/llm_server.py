@@ -41,12 +41,12 @@ class LLMServer:
         return {"type": "error", "status": status, "message": message, "param": param, "code": code}
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """body: {"request_id", "prompt" (str | token ids | chat messages), "sampling" (dict)}."""
+        """body: {"request_id", "prompt" (str | token ids | chat messages), "chat" (bool), "sampling" (dict)}."""
         try:
             sampling = SamplingConfig.model_validate(body["sampling"])
             request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
         except ValueError as error:
-            param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if isinstance(body.get("prompt"), list) else "prompt")
+            param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if body.get("chat") else "prompt")
             yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param, code="context_length_exceeded")
             return
         try:

@@ -206,7 +206,6 @@ class DeploymentConfig(StrictModel):
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
-                "metrics_interval_s": 1.0,
                 "look_back_period_s": 5.0,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -541,3 +540,139 @@ class CodeValidatorConfig(StrictModel):
                 f"{self.codecheck.sandbox_uid_count}; raise sandbox_uid_count"
             )
         return self
+
+
+# --- Safety filter (r1/safety, actors/safety.py) -------------------------------------------------
+
+# What a rule does when it fires, per direction: block the whole text, redact the span, flag it
+# (reported in findings and metrics, text unchanged), or off (the rule is not evaluated).
+SafetyRuleAction = Literal["block", "redact", "flag", "off"]
+
+
+class SafetyRuleConfig(StrictModel):
+    """One detection rule of the safety filter (see r1/safety/rules.py for the kinds)."""
+
+    # Names the rule in findings and metrics; never contains matched content.
+    id: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")
+    kind: Literal["keyword", "regex", "card_number", "secret"]
+    # keyword: words to find anywhere (CJK-aware, no word boundaries; ASCII words not inside
+    # longer ASCII words; ASCII case ignored). secret: words whose following value is redacted.
+    keywords: list[str] = Field(default_factory=list)
+    # secret: words that follow a short digit code ("384920是您的验证码").
+    code_keywords: list[str] = Field(default_factory=list)
+    # regex: a Python regex matched against the folded copy (NFKC, zero-width removed).
+    pattern: str | None = None
+    # regex: longest span a match (with any lookahead) can cover; streams hold back this much.
+    # Needed when the pattern is unbounded (`+`, `*`) or uses lookahead.
+    max_match_chars: int | None = Field(default=None, ge=1, le=4096)
+    # card_number: digit count of a number, separators (space, dash) and zero-width chars allowed.
+    min_digits: int = Field(default=16, ge=4, le=64)
+    # None: no upper bound (any run of min_digits or more digits).
+    max_digits: int | None = Field(default=19, ge=4, le=64)
+    # card_number: "valid" = Luhn checksum passes, "invalid" = fails, "any" = not checked.
+    luhn: Literal["valid", "invalid", "any"] = "valid"
+    input: SafetyRuleAction = "redact"
+    output: SafetyRuleAction = "redact"
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self) -> SafetyRuleConfig:
+        kind = self.kind
+        if kind in ("keyword", "secret") and not (self.keywords or self.code_keywords):
+            raise ValueError(f"rule {self.id!r} of kind {kind} needs a non-empty `keywords` list")
+        if kind == "keyword" and self.code_keywords:
+            raise ValueError(f"rule {self.id!r}: `code_keywords` is only for kind secret")
+        if kind not in ("keyword", "secret") and (self.keywords or self.code_keywords):
+            raise ValueError(f"rule {self.id!r}: `keywords` is only for kinds keyword and secret")
+        if any(not word.strip() for word in self.keywords + self.code_keywords):
+            raise ValueError(f"rule {self.id!r}: keywords must be non-empty strings")
+        if (kind == "regex") != (self.pattern is not None):
+            raise ValueError(f"rule {self.id!r}: `pattern` is required for kind regex and only allowed there")
+        if self.max_match_chars is not None and kind != "regex":
+            raise ValueError(f"rule {self.id!r}: `max_match_chars` is only for kind regex")
+        if self.pattern is not None:
+            import re
+
+            try:
+                re.compile(self.pattern)
+            except re.error as error:
+                raise ValueError(f"rule {self.id!r}: pattern {self.pattern!r} is not a valid regex: {error}") from None
+        if self.max_digits is not None and self.max_digits < self.min_digits:
+            raise ValueError(f"rule {self.id!r}: max_digits={self.max_digits} < min_digits={self.min_digits}")
+        return self
+
+
+class SafetyRuleActions(StrictModel):
+    """Per-direction action override for a rule of the chosen profile (None keeps the profile's)."""
+
+    input: SafetyRuleAction | None = None
+    output: SafetyRuleAction | None = None
+
+
+class SafetyConfig(StrictModel):
+    """The safety filter: a profile, extra rules, action overrides and the actor call's limits."""
+
+    # strict: the guide's filter (信用卡/密码/验证码 or 16+ digits → whole text blocked).
+    # default: redact card numbers and secrets, let harmless mentions through.
+    profile: Literal["default", "strict"] = "default"
+    # Extra rules evaluated after the profile's; ids must not repeat profile rule ids.
+    rules: list[SafetyRuleConfig] = Field(default_factory=list)
+    # Per-direction overrides of the profile's rule actions, by rule id.
+    rule_actions: dict[str, SafetyRuleActions] = Field(default_factory=dict)
+    # The whole text becomes this when a block rule fires (the guide's message).
+    block_message: str = "内容包含敏感信息"
+    # Each redacted span becomes this.
+    redaction_text: str = "[已隐藏]"
+    # Longest a caller waits for the SafetyFilter deployment; past it the request fails (503).
+    timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_ids(cls, rules: list[SafetyRuleConfig]) -> list[SafetyRuleConfig]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.id in seen:
+                raise ValueError(f"rule id {rule.id!r} appears twice; rule ids must be unique")
+            seen.add(rule.id)
+        return rules
+
+
+# --- Dialog sessions (r1/sessions, actors/session_store.py) -------------------------------------
+
+
+class SessionConfig(StrictModel):
+    """Dialog sessions: history stored per session by SessionStore actors, windowed into the prompt."""
+
+    enabled: bool = True
+    # SessionStore actors; a session lives on partition sha256(id) % num_partitions. Keep it fixed
+    # for a deployment's lifetime (the storage is shared, but each session must have one actor).
+    num_partitions: int = Field(default=4, ge=1, le=1024)
+    # sqlite:///~/path or sqlite:////abs/path (one node; the actors run on the head node), or
+    # redis://host:6379/0 (multi-node; run Redis with appendonly yes, appendfsync always).
+    backend_url: str = "sqlite:///~/.cache/r1-cluster/sessions.db"
+    # Stored messages (user and assistant) the prompt carries, newest last; older ones stay stored.
+    window_messages: int = Field(default=10, ge=0, le=10_000)
+    # Extra cap on prompt tokens (window + new messages); None: only the model's context minus the reply's room.
+    window_tokens: int | None = Field(default=None, ge=1)
+    # Room kept for the reply when a request sets no max_tokens (at most half the context).
+    reply_reserve_tokens: int = Field(default=1024, ge=1)
+    # A session not written to for this long is gone (reads as missing, then removed).
+    idle_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # Oldest messages beyond this are removed from storage.
+    max_stored_messages: int = Field(default=10_000, ge=2)
+    # SQLite only. full: a commit survives power loss; normal: survives process crashes only.
+    sqlite_synchronous: Literal["full", "normal"] = "full"
+    # SQLite only: how often an actor deletes expired sessions.
+    sweep_interval_s: float = Field(default=300.0, gt=0)
+    num_cpus: float = Field(default=0.05, ge=0)
+    # Deadline of one call to a SessionStore actor (including a restart of that actor).
+    call_timeout_s: float = Field(default=15.0, gt=0)
+    # Ray namespace of the named (detached) SessionStore actors.
+    namespace: str = Field(default="r1-cluster", min_length=1)
+
+    @field_validator("backend_url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        from r1.sessions.store import parse_backend_url
+
+        parse_backend_url(url)
+        return url

@@ -30,5 +30,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     config = args if isinstance(args, ServeConfig) else parse_config(ServeConfig, args or {}, source="serve application args")
     check_pipeline_stages(config)
     config_dict = config.model_dump()
-    llm = LLMServer.options(**config.llm.serve_options()).bind(config_dict)
+    llm_options = config.llm.serve_options()
+    if config.pipeline_stages > 1:
+        from actors.model_shard import placement_bundles, shard_gpus
+
+        # One placement group per replica: bundle i holds stage i (bundle 0 the replica too).
+        llm_options["placement_group_bundles"] = placement_bundles(config, shard_gpus(config))
+        llm_options["placement_group_strategy"] = "PACK"
+    llm = LLMServer.options(**llm_options).bind(config_dict)
     return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, config_dict)

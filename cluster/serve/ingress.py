@@ -6,7 +6,6 @@ reasoning split → response. Every refusal is a 4xx/5xx with an OpenAI-style er
 here answers 500 for a bad request, and every wait on the LLM server has a deadline.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -121,7 +120,7 @@ class OpenAIIngress:
                                param="model", code="model_not_found")
             sampling = sampling_for(parsed, self.config)
             prompt = chat_messages(parsed, self.config) if chat else parsed.prompt
-            streams = [self._open(prompt, sampling, index) for index in range(parsed.n)]
+            streams = [self._open(prompt, chat, sampling, index) for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
             return error_response(error)
@@ -163,10 +162,10 @@ class OpenAIIngress:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
 
-    def _open(self, prompt: Any, sampling: Any, index: int) -> Any:
+    def _open(self, prompt: Any, chat: bool, sampling: Any, index: int) -> Any:
         if sampling.seed is not None and index:
             sampling = sampling.model_copy(update={"seed": sampling.seed + index})
-        body = {"prompt": prompt, "sampling": sampling.model_dump(), "request_id": new_id("gen")}
+        body = {"prompt": prompt, "chat": chat, "sampling": sampling.model_dump(), "request_id": new_id("gen")}
         return self.llm.options(stream=True).stream.remote(body)
 
     async def _first_items(self, streams: list[Any]) -> list[dict[str, Any]]:

@@ -130,9 +130,9 @@ def load_model(config: ModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def context_length(model: Any, tokenizer: Any | None = None) -> int:
-    """The number of tokens (prompt + generated) the model can attend to."""
-    config = model.config
+def context_length(model_or_config: Any, tokenizer: Any | None = None) -> int:
+    """The number of tokens (prompt + generated) the model can attend to (from a model or its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
     length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if length is None:
         raise ValueError("cannot tell the model's context length: its config has no max_position_embeddings")
@@ -154,3 +154,14 @@ def load_model_config(config: ModelConfig) -> Any:
         if is_local:
             raise
         raise ValueError(_offline_hint(config.model)) from None
+
+
+def load_generation_config(config: ModelConfig) -> Any:
+    """The checkpoint's generation config (EOS ids etc.), or None when it has none."""
+    from transformers import GenerationConfig
+
+    source, is_local = resolve_source(config.model)
+    try:
+        return GenerationConfig.from_pretrained(source, revision=config.revision, local_files_only=is_local)
+    except OSError:
+        return None

@@ -1,0 +1,110 @@
+"""ModelShard actors: one pipeline stage of a model each, and the runner that chains them.
+
+An LLMServer replica with `pipeline_stages: N` is deployed with a placement group of N bundles
+(one per stage, a GPU each when the cluster has GPUs); the replica starts one ModelShard actor in
+each bundle. Stage outputs travel as object refs straight from one shard to the next, so a decode
+step costs one `ray.get` in the replica, not N. The shards are owned by the replica and die with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from r1.config import ServeConfig
+from r1.engine import TransformersEngine
+from r1.engine.engine import stop_token_ids
+from r1.engine.pipeline import ModelStage, PipelineRunner, split_layers
+from r1.model import context_length, load_generation_config, load_model, load_model_config
+
+SHARD_CALL_TIMEOUT_S = 120.0
+
+
+@ray.remote
+class ModelShard:
+    def __init__(self, model_config: dict[str, Any], stage_index: int, num_stages: int, pad_token_id: int):
+        from r1.config import ModelConfig
+
+        model, _ = load_model(ModelConfig.model_validate(model_config))
+        self.stage = ModelStage.from_full_model(model, stage_index, num_stages, pad_token_id, copy_model=False)
+
+    def add(self, seq_ids: list[str], payload: Any) -> Any:
+        return self.stage.add(seq_ids, payload)
+
+    def step(self, seq_ids: list[str], payload: Any) -> Any:
+        return self.stage.step(seq_ids, payload)
+
+    def remove(self, seq_ids: list[str]) -> None:
+        self.stage.remove(seq_ids)
+
+    def layers(self) -> tuple[int, int]:
+        return self.stage.layers.start, self.stage.layers.stop
+
+
+class RemoteStage:
+    """Proxy with ModelStage's methods that returns object refs instead of waiting."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def add(self, seq_ids: list[str], payload: Any) -> Any:
+        return self.actor.add.remote(seq_ids, payload)
+
+    def step(self, seq_ids: list[str], payload: Any) -> Any:
+        return self.actor.step.remote(seq_ids, payload)
+
+    def remove(self, seq_ids: list[str]) -> Any:
+        return self.actor.remove.remote(seq_ids)
+
+
+def resolve(ref: Any) -> Any:
+    return ray.get(ref, timeout=SHARD_CALL_TIMEOUT_S)
+
+
+def shard_gpus(config: ServeConfig) -> float:
+    if config.shards.num_gpus == "auto":
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return float(config.shards.num_gpus)
+
+
+def placement_bundles(config: ServeConfig, gpus_per_stage: float) -> list[dict[str, float]]:
+    """One bundle per stage; bundle 0 also holds the LLMServer replica itself."""
+    bundles = []
+    for stage in range(config.pipeline_stages):
+        bundle = {"CPU": config.shards.num_cpus + (config.llm.num_cpus if stage == 0 else 0.0)}
+        if gpus_per_stage:
+            bundle["GPU"] = gpus_per_stage
+        bundles.append(bundle)
+    return bundles
+
+
+def start_shards(config: ServeConfig, pad_token_id: int) -> list[Any]:
+    num_stages = config.pipeline_stages
+    split_layers(load_model_config(config.model).num_hidden_layers, num_stages)  # config error before starting actors
+    group = get_current_placement_group()
+    gpus = shard_gpus(config)
+    actors = []
+    for stage in range(num_stages):
+        options: dict[str, Any] = {"num_cpus": config.shards.num_cpus, "num_gpus": gpus}
+        if group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=stage)
+        actors.append(ModelShard.options(**options).remote(config.model.model_dump(), stage, num_stages, pad_token_id))
+    # Wait (bounded) until every shard has loaded its layers.
+    ray.get([a.layers.remote() for a in actors], timeout=600)
+    return actors
+
+
+def build_sharded_engine(config: ServeConfig, tokenizer: Any, actors: list[Any] | None = None) -> TransformersEngine:
+    model_config = load_model_config(config.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    actors = actors or start_shards(config, pad_id)
+    runner = PipelineRunner([RemoteStage(a) for a in actors], model_config.vocab_size, resolve=resolve)
+    engine = TransformersEngine(
+        None, tokenizer, config.engine, runner=runner, context_tokens=context_length(model_config, tokenizer),
+        stop_ids=stop_token_ids(None, tokenizer, load_generation_config(config.model)),
+    )
+    engine.shards = actors
+    return engine

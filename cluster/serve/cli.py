@@ -1,0 +1,135 @@
+"""`r1 serve`: start (or join) a Ray cluster and serve the OpenAI-compatible application.
+
+With no arguments it serves the embedded r1-tiny model on http://127.0.0.1:8000/v1 and prints a
+line when it is ready. `--config` takes either a Serve config file (`ray_configs/serve.yaml`: the
+first application's `args` and the `http_options`) or a plain mapping of ServeConfig keys.
+
+Ray 2.60 turns on token authentication for local clusters: `ray.init()` here generates a token for
+the cluster it starts; joining an existing cluster (`--address`) uses the token in RAY_AUTH_TOKEN /
+RAY_AUTH_TOKEN_PATH / the default token file, exactly as `ray` itself does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import yaml
+
+from r1.config import ServeConfig, apply_overrides, parse_config
+
+logger = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+
+
+def read_serve_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(application args, http_options) from a Serve config file or a plain ServeConfig mapping."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    if "applications" in data:
+        apps = data["applications"] or []
+        if not apps:
+            raise ValueError(f"{path} lists no applications")
+        return apps[0].get("args") or {}, data.get("http_options") or {}
+    return data, {}
+
+
+def choose_host(requested: str | None, http_options: dict[str, Any], keys_configured: bool) -> str:
+    host = requested or http_options.get("host") or LOOPBACK
+    if not keys_configured and host not in (LOOPBACK, "localhost", "::1"):
+        logger.warning("no API keys configured: refusing to listen on %s, listening on %s only "
+                       "(set R1_API_KEYS or --api-keys-file to serve other hosts)", host, LOOPBACK)
+        print(f"warning: no API keys configured; listening on {LOOPBACK} only, not {host}", file=sys.stderr)
+        return LOOPBACK
+    return host
+
+
+def wait_ready(host: str, port: int, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    url = f"http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}/health"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server did not become healthy within {timeout_s:.0f}s ({url})")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    app_args, http_options = read_serve_file(args.config) if args.config else ({}, {})
+    config = parse_config(ServeConfig, app_args, source=args.config or "defaults")
+    overrides = list(args.set)
+    if args.model:
+        overrides.append(f"model.model={args.model}")
+    if args.api_keys_file:
+        overrides.append(f"api_keys_file={args.api_keys_file}")
+    if args.pipeline_stages:
+        overrides.append(f"pipeline_stages={args.pipeline_stages}")
+    config = apply_overrides(config, overrides)
+
+    from r1.serving.auth import load_api_keys
+
+    keys = load_api_keys(config.api_keys_env, config.api_keys_file)
+    host = choose_host(args.host, http_options, bool(keys))
+    port = args.port or int(http_options.get("port", 8000))
+
+    import ray
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in (config.api_keys_env, "HF_HUB_OFFLINE")}})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name="r1", route_prefix="/", blocking=False)
+    wait_ready(host, port, args.ready_timeout_s)
+    print(f"r1-cluster is ready: http://{host}:{port}/v1 serving model '{config.model_name}' "
+          f"({'API keys required' if keys else 'no API keys: loopback only'}). Ctrl-C stops it.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down ...", file=sys.stderr)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the OpenAI-compatible API on Ray Serve",
+        description="Start (or join, with --address) a Ray cluster and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models and /health. Default: the embedded r1-tiny model on http://127.0.0.1:8000.",
+    )
+    parser.add_argument("--config", help="Serve config file (ray_configs/serve.yaml) or a YAML mapping of ServeConfig keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set llm.max_replicas=4 (repeatable)")
+    parser.add_argument("--model", help="model to serve: r1-tiny, a local directory or a hub id")
+    parser.add_argument("--host", help=f"address to listen on (default {LOOPBACK}; other hosts need API keys)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--api-keys-file", help="file with one API key per line (also read: env R1_API_KEYS, comma-separated)")
+    parser.add_argument("--pipeline-stages", type=int, help="split the model into N ModelShard actors per replica")
+    parser.add_argument("--address", help="join this Ray cluster instead of starting a local one (or set RAY_ADDRESS)")
+    parser.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long to wait for the app to be healthy")
+    parser.add_argument("--verbose-ray", action="store_true", help="show Ray worker logs in this terminal")
+    parser.set_defaults(func=run_serve)

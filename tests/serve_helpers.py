@@ -1,0 +1,56 @@
+"""Starting real Ray + Serve applications for tests, with deadlines and clean shutdown."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def small_deployment(**overrides: Any) -> dict[str, Any]:
+    """Fractional CPUs so several replicas fit on a 2-core test machine."""
+    base = {"min_replicas": 2, "max_replicas": 10, "num_cpus": 0.05, "target_ongoing_requests": 4,
+            "health_check_period_s": 2.0, "health_check_timeout_s": 30.0}
+    base.update(overrides)
+    return base
+
+
+def wait_http_ok(url: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=5)
+            if response.status_code == 200:
+                return
+            last = response.status_code
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s}s (last: {last})")
+
+
+@contextmanager
+def ray_serve(port: int, num_cpus: int = 2) -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible API over real Ray Serve and real HTTP, with the stock `openai` client.
+
+One module-scoped Ray + Serve instance hosts two applications of the real r1-tiny model: the
+default one (whole model per replica) and a sharded one (pipeline_stages=2, ModelShard actors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from cluster.serve.app import build_app
+from r1.config import ModelConfig
+from r1.model import load_tokenizer
+from r1.reasoning import split_reasoning
+from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
+
+KEY = "test-key-1"
+OTHER_KEY = "test-key-2"
+MODEL = "r1-tiny"
+MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. How many apples does she have now?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
+    common = {
+        "api_keys_file": str(keys),
+        "max_request_bytes": 4096,
+        "max_n": 3,
+        "request_timeout_s": 60,
+        "ingress": small_deployment(num_cpus=0.05),
+        "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
+    }
+    with ray_serve(port):
+        serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")
+        serve.run(
+            build_app({**common, "pipeline_stages": 2, "shards": {"num_cpus": 0.1},
+                       "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1)}),
+            name="sharded", route_prefix="/sharded",
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_http_ok(f"{base}/health")
+        wait_http_ok(f"{base}/sharded/health")
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig())
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(f"{server}/health", timeout=10)  # open without a key
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_chat_completion_usage_and_reasoning_split(server, client, tokenizer):
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
+    choice = reply.choices[0]
+    prompt_text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert choice.finish_reason in {"stop", "length"}
+    # The same greedy generation as raw text, split by the library, gives the chat fields.
+    raw = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=24, temperature=0)
+    reasoning, content = split_reasoning(raw.choices[0].text)
+    message = choice.message.model_dump()
+    assert (message["reasoning_content"] or "") == reasoning
+    assert message["reasoning"] == message["reasoning_content"]
+    assert (choice.message.content or "") == content
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    reasoning, content, finish, usage, roles = "", "", None, None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            roles.append(delta.get("role"))
+            reasoning += delta.get("reasoning_content") or ""
+            content += delta.get("content") or ""
+            finish = choice.finish_reason or finish
+    assert roles[0] == "assistant"
+    assert reasoning == (full.choices[0].message.model_dump()["reasoning_content"] or "")
+    assert content == (full.choices[0].message.content or "")
+    assert finish == full.choices[0].finish_reason
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_stream_and_not(client):
+    full = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=10, temperature=0)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="12 + 7 =", max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert text == full.choices[0].text
+    assert full.usage.completion_tokens == 10 or full.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_seed_differ_and_count_usage(client):
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=5)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == sum(8 if c.finish_reason == "length" else 0 for c in reply.choices) or \
+        reply.usage.completion_tokens <= 24
+
+
+def test_sharded_greedy_equals_unsharded(server):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+    sharded = httpx.post(f"{server}/sharded/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+    assert sharded["choices"][0]["message"] == whole["choices"][0]["message"]
+    assert sharded["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # no key at all
+        {"Authorization": "Bearer wrong-key"},  # a key that is not configured
+        {"Authorization": KEY},  # the key without the Bearer scheme
+    ],
+)
+def test_auth_required_on_every_model_route(server, headers):
+    for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
+                               ("POST", "/v1/completions", {"model": MODEL, "prompt": "1"})]:
+        response = httpx.request(method, f"{server}{path}", json=body, headers=headers, timeout=30)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["type"] == "authentication_error"
+
+
+BAD_REQUESTS = [
+    # body over max_request_bytes (4096 in this app)
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}, 413, None),
+    # max_tokens beyond the server limit
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
+    # n beyond max_n
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 9}, 400, "n"),
+    # prompt + max_tokens beyond the model's 1024-token context
+    ("/v1/completions", {"model": MODEL, "prompt": "1", "max_tokens": 1100}, 400, "max_tokens"),
+    # a prompt (token ids) longer than the context
+    ("/v1/completions", {"model": MODEL, "prompt": [5] * 1030}, 400, "prompt"),
+    # wrong types
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    # out-of-range sampling values
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
+    # unknown model
+    ("/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
+def test_bad_input_gets_4xx_naming_the_field(server, client, path, body, status, param):
+    response = httpx.post(f"{server}{path}", content=json.dumps(body), timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    # the server keeps serving afterwards
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", "\udcff".encode("utf-8", "surrogatepass")])
+def test_malformed_json_is_400(server, raw):
+    response = httpx.post(f"{server}/v1/chat/completions", content=raw, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_overload_is_a_fast_503_not_a_hang(server):
+    # 2 replicas x (4 running + 2 queued) engine slots; 24 long requests at once overflow them.
+    async def main():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            body = {"model": MODEL, "prompt": "1", "max_tokens": 200, "temperature": 0}
+            return await asyncio.gather(*(http.post(f"{server}/v1/completions", json=body) for _ in range(24)))
+
+    responses = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes.count(200) >= 2
+    assert any(c in (429, 503) for c in codes), codes
+    refused = [r for r in responses if r.status_code != 200]
+    assert all(r.json()["error"]["code"] for r in refused)
+
+
+def _running_total() -> int:
+    handle = serve.get_deployment_handle("LLMServer", app_name="main")
+    return max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(8))
+
+
+def test_client_disconnect_cancels_generation(server):
+    body = {"model": MODEL, "prompt": "1", "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        with http.stream("POST", f"{server}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+            assert _running_total() >= 1
+    deadline = time.monotonic() + 60
+    while _running_total() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _running_total() == 0
