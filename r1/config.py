@@ -494,7 +494,7 @@ class CodeCheckConfig(StrictModel):
     # Each run gets its own uid from [sandbox_uid_base, sandbox_uid_base + sandbox_uid_count) so
     # RLIMIT_NPROC budgets are per run and leftovers can be swept by uid. The range must be unused
     # on the host and mapped in its user namespace; used only when running as root.
-    sandbox_uid_base: int = Field(default=1_990_000_000, ge=1000, le=2_147_000_000)
+    sandbox_uid_base: int = Field(default=1_990_000_000, ge=1000, le=2_147_483_646)
     sandbox_uid_count: int = Field(default=256, ge=1, le=65536)
     # Interpreter that runs untrusted code; None picks the first of this interpreter's base
     # executable, /usr/bin/python3, /usr/local/bin/python3 that the sandbox uid can execute.

@@ -1,0 +1,84 @@
+"""The two ways users start serving: `r1 serve` (the Quickstart main job) and `serve run`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.serve_helpers import free_port, wait_http_ok
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("R1_API_KEYS", None)
+    return env
+
+
+def _stop(process: subprocess.Popen, timeout_s: float = 90) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=_env())
+
+
+def _chat(base: str) -> dict:
+    body = {"model": "r1-tiny", "messages": [{"role": "user", "content": "1 + 1?"}], "max_tokens": 5}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_r1_serve_prints_ready_and_serves_the_default_model(tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(BIN / "r1"), "serve", "--port", str(port), "--host", "0.0.0.0"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while "is ready" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        text = log.read_text()
+        assert f"r1-cluster is ready: http://127.0.0.1:{port}/v1" in text, text[-3000:]
+        # No API keys: it refused 0.0.0.0 and said so.
+        assert "no API keys configured" in text
+        reply = _chat(f"http://127.0.0.1:{port}")
+        assert reply["model"] == "r1-tiny" and reply["usage"]["completion_tokens"] >= 1
+    finally:
+        _stop(process)
+    assert process.returncode == 0
+
+
+def test_serve_run_with_the_shipped_serve_yaml(tmp_path):
+    port = free_port()
+    config = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())
+    config["http_options"]["port"] = port  # the only change: a free port
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "serve_run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(BIN / "serve"), "run", str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                   env=_env(), cwd=ROOT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=300)
+        reply = _chat(f"http://127.0.0.1:{port}")
+        assert reply["choices"][0]["finish_reason"] in {"stop", "length"}
+    finally:
+        _stop(process)
