@@ -248,6 +248,8 @@ class ServeConfig(StrictModel):
     request_timeout_s: float = Field(default=300.0, gt=0)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
+    # Dialog sessions (SessionStore actors); classes defined further down in this module.
+    sessions: SessionConfig = Field(default_factory=lambda: SessionConfig())
 
     @property
     def model_name(self) -> str:

@@ -39,6 +39,7 @@ def server(tmp_path_factory):
         "request_timeout_s": 60,
         "ingress": small_deployment(num_cpus=0.05),
         "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
+        "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db"},
     }
     with ray_serve(port):
         serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")

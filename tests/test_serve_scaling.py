@@ -34,6 +34,7 @@ def server():
             "llm": small_deployment(num_cpus=0.1, target_ongoing_requests=1, upscale_delay_s=1.0, downscale_delay_s=4.0),
             "engine": {"max_num_seqs": 16, "max_queued_requests": 64},
             "request_timeout_s": 120,
+            "sessions": {"enabled": False},  # this module tests /v1/completions only
         }
         serve.run(build_app(config), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{port}"

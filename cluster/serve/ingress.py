@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from actors.session_store import SESSION_HEADER, SessionClient, token_counting
 from r1.config import ServeConfig
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_api_keys
@@ -84,6 +85,10 @@ class OpenAIIngress:
         self.config = ServeConfig.model_validate(config)
         self.auth = APIKeyChecker(load_api_keys(self.config.api_keys_env, self.config.api_keys_file))
         self.created = int(time.time())
+        self.sessions = None
+        if self.config.sessions.enabled:
+            count_tokens, context_tokens = token_counting(self.config.model)  # tokenizer only, no weights
+            self.sessions = SessionClient(self.config.sessions, count_tokens=count_tokens, context_tokens=context_tokens)
         if not self.auth.enabled:
             logger.warning("no API keys configured (%s / api_keys_file): the API is open to anyone who can reach it",
                            self.config.api_keys_env)
@@ -109,10 +114,32 @@ class OpenAIIngress:
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, chat=False)
 
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(self, session_id: str, request: Request) -> Response:
+        try:
+            owner = self.auth.check(request.headers.get("authorization"))
+            return JSONResponse(await self._session_client().history(session_id, owner))
+        except APIError as error:
+            return error_response(error)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(self, session_id: str, request: Request) -> Response:
+        try:
+            owner = self.auth.check(request.headers.get("authorization"))
+            return JSONResponse(await self._session_client().delete(session_id, owner))
+        except APIError as error:
+            return error_response(error)
+
+    def _session_client(self) -> SessionClient:
+        if self.sessions is None:
+            raise APIError(404, "sessions are disabled on this server (sessions.enabled=false)", code="sessions_disabled")
+        return self.sessions
+
     # -- the request path ------------------------------------------------------------------------
     async def _handle(self, request: Request, chat: bool) -> Response:
+        turn = None
         try:
-            self.auth.check(request.headers.get("authorization"))
+            owner = self.auth.check(request.headers.get("authorization"))
             body = await self._read_json(request)
             parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             if parsed.model != self.config.model_name:
@@ -120,6 +147,13 @@ class OpenAIIngress:
                                param="model", code="model_not_found")
             sampling = sampling_for(parsed, self.config)
             prompt = chat_messages(parsed, self.config) if chat else parsed.prompt
+            if chat and self.sessions is not None:
+                turn = await self.sessions.begin_turn(parsed.session_id, request.headers.get(SESSION_HEADER), owner,
+                                                      prompt, sampling.max_new_tokens)
+                prompt = turn.prompt
+            elif parsed.session_id is not None:
+                raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
+                               param="session_id")
             streams = [self._open(prompt, chat, sampling, index) for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
@@ -129,15 +163,18 @@ class OpenAIIngress:
         choices = [_Choice(split_reasoning=chat, think_prefilled=think_prefilled) for _ in streams]
         for choice, start in zip(choices, starts):
             choice.prompt_tokens = start["prompt_tokens"]
+        headers = {SESSION_HEADER: turn.session_id} if turn else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_body(streams, choices, response_id, chat, include_usage),
+                self._stream_body(streams, choices, response_id, chat, include_usage, turn),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache", **headers},
             )
         try:
             await self._drain(streams, choices)
+            if turn is not None:
+                await self.sessions.finish_turn(turn, "".join(choices[0].content))
         except APIError as error:
             return error_response(error)
         prompt_tokens = choices[0].prompt_tokens
@@ -145,7 +182,9 @@ class OpenAIIngress:
         usage = usage_dict(prompt_tokens, completion_tokens)
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
-            return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage))
+            extra = {"session_id": turn.session_id} if turn else {}
+            return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage, **extra),
+                                headers=headers)
         body_choices = [completion_choice(i, "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
         return JSONResponse(completion_response(response_id, self.config.model_name, body_choices, usage))
 
@@ -223,7 +262,7 @@ class OpenAIIngress:
         return choice.feed(item["text"])
 
     async def _stream_body(
-        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool
+        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any = None
     ) -> AsyncIterator[bytes]:
         model = self.config.model_name
         created = int(time.time())
@@ -260,6 +299,13 @@ class OpenAIIngress:
                     return
                 if reasoning or content:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+            if turn is not None:
+                # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
+                try:
+                    await self.sessions.finish_turn(turn, "".join(choices[0].content))
+                except APIError as error:
+                    yield sse(error.body())
+                    return
             if include_usage:
                 usage = usage_dict(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \

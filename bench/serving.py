@@ -1,0 +1,195 @@
+"""Serving load test: the full stack over HTTP vs the engine in-process vs naive `generate` loops.
+
+For each concurrency level, the same requests (chat prompts, greedy, EOS ignored so every request
+generates exactly `--new-tokens`) go to:
+
+- stack:   real Ray Serve over HTTP (ingress → LLMServer → engine), streamed with SSE;
+- engine:  the same engine in this process, `engine.stream` (no Ray, no HTTP);
+- loop:    one `model.generate` call after another;
+- static:  one left-padded `model.generate` batch of all requests (at the top concurrency).
+
+It prints TTFT, time per output token (TPOT), end-to-end p50/p99, tokens/s and error rate, the
+stack's ratios to the static batch and to the loop, and the pipeline overhead per request (p50 e2e
+of the stack minus the engine's at concurrency 1).
+
+    python -m bench.serving [--concurrency 1,4,16] [--new-tokens 64] [--requests-per-level 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+
+import httpx
+import torch
+
+from bench.engine import bench_static, make_prompts
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import TransformersEngine
+from r1.model import load_model
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(name: str, concurrency: int, records: list[dict], elapsed: float) -> dict:
+    ok = [r for r in records if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    e2e = [r["e2e"] for r in ok] or [float("nan")]
+    ttft = [r["ttft"] for r in ok] or [float("nan")]
+    tpot = [(r["e2e"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in ok] or [float("nan")]
+    return {
+        "method": name, "concurrency": concurrency, "requests": len(records), "tok_s": tokens / elapsed,
+        "ttft_p50_ms": 1000 * percentile(ttft, 0.5), "tpot_p50_ms": 1000 * percentile(tpot, 0.5),
+        "e2e_p50_ms": 1000 * percentile(e2e, 0.5), "e2e_p99_ms": 1000 * percentile(e2e, 0.99),
+        "error_rate": 1 - len(ok) / len(records),
+    }
+
+
+async def run_level(one, prompts: list, concurrency: int) -> tuple[list[dict], float]:
+    queue = list(prompts)
+    records: list[dict] = []
+
+    async def worker():
+        while queue:
+            records.append(await one(queue.pop()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records, time.perf_counter() - start
+
+
+def stack_request(http: httpx.AsyncClient, url: str, new_tokens: int):
+    async def one(messages) -> dict:
+        body = {"model": "r1-tiny", "messages": messages, "max_tokens": new_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        try:
+            async with http.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    return {"ok": False}
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"]:
+                        ttft = time.perf_counter() - start
+        except httpx.HTTPError:
+            return {"ok": False}
+        return {"ok": tokens > 0, "ttft": ttft or 0.0, "e2e": time.perf_counter() - start, "tokens": tokens}
+
+    return one
+
+
+def engine_request(engine: TransformersEngine, sampling: SamplingConfig):
+    async def one(messages) -> dict:
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        async for delta in engine.stream(messages, sampling):
+            tokens += len(delta.token_ids)
+            if ttft is None:
+                ttft = time.perf_counter() - start
+        return {"ok": True, "ttft": ttft, "e2e": time.perf_counter() - start, "tokens": tokens}
+
+    return one
+
+
+@torch.inference_mode()
+def loop_level(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    records = []
+    start_all = time.perf_counter()
+    for ids in prompt_ids:
+        start = time.perf_counter()
+        tensor = torch.tensor([ids])
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        e2e = time.perf_counter() - start
+        records.append({"ok": True, "ttft": e2e / new_tokens, "e2e": e2e, "tokens": out.shape[1] - len(ids)})
+    return records, time.perf_counter() - start_all
+
+
+def start_stack(port: int) -> None:
+    import ray
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
+    serve.run(build_app({"ingress": one_replica, "llm": one_replica, "engine": {"max_num_seqs": 64}}), name="bench")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-level", type=int, default=32)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--json", help="also write the results as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    model, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in make_prompts(tokenizer, args.requests_per_level)]
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    chat_ids = [tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                                 add_special_tokens=False) for c in chats]
+    sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+
+    start_stack(args.port)
+    url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
+    rows = []
+
+    async def levels_async():
+        async with httpx.AsyncClient(timeout=600) as http:
+            await run_level(stack_request(http, url, 4), chats[:2], 1)  # warm-up
+            await run_level(engine_request(engine, SamplingConfig(temperature=0, max_new_tokens=4)), chats[:2], 1)
+            for c in levels:
+                records, elapsed = await run_level(stack_request(http, url, args.new_tokens), chats, c)
+                rows.append(summarize("stack", c, records, elapsed))
+                records, elapsed = await run_level(engine_request(engine, sampling), chats, c)
+                rows.append(summarize("engine", c, records, elapsed))
+
+    asyncio.run(levels_async())
+    loop_records, loop_elapsed = loop_level(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
+    rows.append(summarize("loop", 1, loop_records, loop_elapsed))
+    static_tok_s = bench_static(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
+    engine.shutdown()
+
+    print(f"{'method':7s} {'conc':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TPOT p50':>9s} {'e2e p50':>9s} {'e2e p99':>9s} {'errors':>6s}")
+    for r in rows:
+        print(f"{r['method']:7s} {r['concurrency']:4d} {r['tok_s']:8.0f} {r['ttft_p50_ms']:7.1f}ms {r['tpot_p50_ms']:7.1f}ms "
+              f"{r['e2e_p50_ms']:7.0f}ms {r['e2e_p99_ms']:7.0f}ms {100 * r['error_rate']:5.1f}%")
+    top = max(levels)
+    stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
+    loop_row = next(r for r in rows if r["method"] == "loop")
+    print(f"static padded batch of {top}: {static_tok_s:.0f} tok/s")
+    print(f"stack at {top} streams: {stack_top['tok_s'] / static_tok_s:.2f}x the static batch, "
+          f"{stack_top['tok_s'] / loop_row['tok_s']:.2f}x the loop")
+    if 1 in levels:
+        stack_1 = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == 1)
+        engine_1 = next(r for r in rows if r["method"] == "engine" and r["concurrency"] == 1)
+        print(f"pipeline overhead per request (p50 e2e stack - engine, concurrency 1): "
+              f"{stack_1['e2e_p50_ms'] - engine_1['e2e_p50_ms']:.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "static_tok_s": static_tok_s}, f, indent=2)
+    from ray import serve
+
+    serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

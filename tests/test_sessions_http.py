@@ -1,0 +1,182 @@
+"""Dialog sessions over real HTTP: the 10-message window, history, ownership, failures, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from actors.session_store import SessionClient, stop_session_actors
+from cluster.serve.app import build_app
+from r1.config import ModelConfig, SessionConfig
+from r1.model import load_tokenizer
+from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
+
+KEY, OTHER_KEY = "session-key-a", "session-key-b"
+MODEL = "r1-tiny"
+
+
+def app_config(keys_file, backend_url: str) -> dict:
+    return {
+        "api_keys_file": str(keys_file),
+        "ingress": small_deployment(min_replicas=1, max_replicas=1),
+        "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1),
+        "sessions": {"backend_url": backend_url, "num_partitions": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sessions")
+    keys = tmp / "keys.txt"
+    keys.write_text(f"{KEY}\n{OTHER_KEY}\n")
+    port = free_port()
+    with ray_serve(port):
+        yield {"tmp": tmp, "keys": keys, "base": f"http://127.0.0.1:{port}"}
+
+
+def deploy(env, backend_url: str) -> str:
+    serve.run(build_app(app_config(env["keys"], backend_url)), name="sessions", route_prefix="/")
+    wait_http_ok(f"{env['base']}/health")
+    return env["base"]
+
+
+def restart(env, backend_url: str) -> str:
+    """Take the whole app down (Serve app and the detached SessionStore actors) and deploy again."""
+    serve.delete("sessions")
+    assert stop_session_actors(SessionConfig().namespace) >= 1
+    return deploy(env, backend_url)
+
+
+def client(base: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def turn(api: openai.OpenAI, text: str, session_id: str | None):
+    extra = {"session_id": session_id} if session_id else {}
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=6, temperature=0, extra_body=extra
+    )
+    return raw.headers.get("x-session-id"), raw.parse()
+
+
+def history(base: str, session_id: str, key: str = KEY) -> httpx.Response:
+    return httpx.get(f"{base}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_window_of_ten_history_and_ownership(env):
+    base = deploy(env, f"sqlite:///{env['tmp']}/window.db")
+    api = client(base)
+    tokenizer = load_tokenizer(ModelConfig())
+    session_id, reply = turn(api, "user message 1", None)
+    assert session_id and reply.model_dump()["session_id"] == session_id
+    for i in range(2, 12):
+        header_id, _ = turn(api, f"user message {i}", session_id)
+        assert header_id == session_id
+    stored = history(base, session_id).json()["messages"]
+    assert len(stored) == 22
+    # The 12th user message's prompt: exactly the 10 stored messages before it (exchanges 7-11) + itself.
+    expected = [{"role": m["role"], "content": m["content"]} for m in stored[-10:]]
+    assert expected[0] == {"role": "user", "content": "user message 7"}
+    expected.append({"role": "user", "content": "user message 12"})
+    prompt = tokenizer.apply_chat_template(expected, add_generation_prompt=True, tokenize=False)
+    _, reply = turn(api, "user message 12", session_id)
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert len(history(base, session_id).json()["messages"]) == 24
+    # Another key sees nothing of it, not even that it exists.
+    assert history(base, session_id, key=OTHER_KEY).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        turn(client(base, OTHER_KEY), "hello", session_id)
+    # The owner deletes it; then it is gone.
+    deleted = httpx.delete(f"{base}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert history(base, session_id).status_code == 404
+
+
+@pytest.mark.parametrize("bad_id", ["../etc/passwd", "x" * 300, "has space"])
+def test_bad_session_ids_are_400(env, bad_id):
+    base = deploy(env, f"sqlite:///{env['tmp']}/window.db")
+    response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "session_id": bad_id})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "session_id"
+
+
+def test_concurrent_turns_on_one_session_are_all_stored(env):
+    base = deploy(env, f"sqlite:///{env['tmp']}/concurrent.db")
+    session_id, _ = turn(client(base), "first", None)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            bodies = [{"model": MODEL, "messages": [{"role": "user", "content": f"parallel {i}"}], "max_tokens": 4,
+                       "session_id": session_id} for i in range(4)]
+            return await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    assert [r.status_code for r in responses] == [200] * 4
+    messages = history(base, session_id).json()["messages"]
+    assert len(messages) == 2 + 4 * 2
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert sorted(users[1:]) == [f"parallel {i}" for i in range(4)]
+    # Each exchange is stored together: a user message is always followed by its reply.
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 5
+
+
+def test_killed_session_actor_loses_nothing(env):
+    backend = f"sqlite:///{env['tmp']}/kill.db"
+    base = deploy(env, backend)
+    api = client(base)
+    session_id, _ = turn(api, "before the kill 1", None)
+    turn(api, "before the kill 2", session_id)
+    store = SessionClient(SessionConfig(backend_url=backend, num_partitions=2))
+    ray.kill(store.actor_for(session_id), no_restart=False)
+    turn(api, "after the kill", session_id)
+    users = [m["content"] for m in history(base, session_id).json()["messages"] if m["role"] == "user"]
+    assert users == ["before the kill 1", "before the kill 2", "after the kill"]
+
+
+def test_sessions_survive_an_app_restart_sqlite(env):
+    backend = f"sqlite:///{env['tmp']}/restart.db"
+    base = deploy(env, backend)
+    session_id, _ = turn(client(base), "remember me", None)
+    base = restart(env, backend)
+    messages = history(base, session_id).json()["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["remember me"]
+    turn(client(base), "still here", session_id)
+    assert len(history(base, session_id).json()["messages"]) == 4
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (scripts/system_deps.sh installs it)"
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    import redis
+
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.2)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_sessions_survive_an_app_restart_redis(env, redis_url):
+    base = deploy(env, redis_url)
+    session_id, _ = turn(client(base), "stored in redis", None)
+    base = restart(env, redis_url)
+    messages = history(base, session_id).json()["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["stored in redis"]
