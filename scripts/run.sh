@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 if [ $# -eq 0 ]; then
-  set -- generate "Mia has 23 apples. She buys 45 more. How many apples does she have now?"
+  set -- serve   # the main job: the OpenAI-compatible server on http://127.0.0.1:8000/v1
 fi
 exec .venv/bin/r1 "$@"
