@@ -250,6 +250,8 @@ class ServeConfig(StrictModel):
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.
     sessions: SessionConfig = Field(default_factory=lambda: SessionConfig())
+    # The CodeValidator deployment behind `code_validation: true` requests; null disables it.
+    code_validator: CodeValidatorConfig | None = Field(default_factory=lambda: CodeValidatorConfig())
 
     @property
     def model_name(self) -> str:
@@ -678,3 +680,31 @@ class SessionConfig(StrictModel):
 
         parse_backend_url(url)
         return url
+
+
+# --- Telemetry (r1/telemetry.py, r1/metrics.py, actors/metrics.py) -------------------------------
+
+
+class TelemetryConfig(StrictModel):
+    """Tracing (OpenTelemetry) for every process of a deployment or training run.
+
+    Every Ray worker sets tracing up from environment variables on first use, so a driver passes
+    `r1.telemetry.telemetry_env_vars(config)` in its runtime_env; unset fields fall back to them.
+    """
+
+    # auto: JSON lines when a trace file is set, OTLP when an OTLP endpoint is set (both when both
+    # are), otherwise off. otlp / jsonl: exactly that exporter (its target must be set). off: no tracing.
+    exporter: Literal["auto", "otlp", "jsonl", "off"] = "auto"
+    # JSON-lines trace file shared by all processes of the node (one span per line); None: $R1_TRACE_FILE.
+    trace_file: str | None = None
+    # OTLP collector, e.g. http://otel-collector:4318 (http/protobuf) or http://otel-collector:4317
+    # (grpc); None: $OTEL_EXPORTER_OTLP_ENDPOINT.
+    otlp_endpoint: str | None = None
+    # None: $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf (the OpenTelemetry default).
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    # service.name of the spans; each component appends its role (r1-cluster-ingress, ...).
+    service_name: str = Field(default="r1-cluster", min_length=1)
+    # Opt-in: put prompt and completion text into span attributes. Off: sizes and ids only.
+    record_content: bool = False
+    # How often each actor samples its memory and compute utilization into the metrics.
+    resource_sample_interval_s: float = Field(default=5.0, gt=0.0, le=3600.0)

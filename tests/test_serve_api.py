@@ -230,3 +230,35 @@ def test_client_disconnect_cancels_generation(server):
     while _running_total() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _running_total() == 0
+
+
+def test_code_validation_runs_the_repair_loop_in_the_sandbox(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a function add(a, b) that returns a + b."}],
+            "max_tokens": 24, "temperature": 0.7, "seed": 3, "code_validation": True,
+            "tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"], "max_repairs": 1}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+    report = response.json()["code_validation"]
+    assert report["status"] in {"passed", "failed", "syntax_error", "error", "timeout"}
+    # r1-tiny does not write working code: the first attempt fails, so the one allowed repair runs.
+    assert report["status"] != "passed"
+    assert report["attempts"] == 2 and len(report["errors"]) == 2
+    assert report["tests_origin"] == "request"
+    assert report["errors"][1]["temperature"] <= report["errors"][0]["temperature"]
+    usage = response.json()["usage"]
+    assert usage["completion_tokens"] >= 2  # both generations counted
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"stream": True}, "stream"),  # the answer is only known after validation
+        ({"n": 2}, "n"),  # one solution per request
+        ({"max_repairs": 99}, "max_repairs"),  # beyond the allowed repairs
+    ],
+)
+def test_code_validation_request_errors(server, extra, param):
+    body = {"model": MODEL, "messages": MESSAGES, "code_validation": True, **extra}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param

@@ -1,6 +1,8 @@
 """The Serve application: `build_app(args)` for `serve run` / `serve deploy` and `r1 serve`.
 
     OpenAIIngress (FastAPI, autoscaling) ──> LLMServer (autoscaling) ──> ModelShard actors (N > 1)
+                                         ├─> CodeValidator (sandbox workers; `code_validation: true`)
+                                         └─> SessionStore actors (partitioned, durable)
 
 `args` is the `applications[].args` mapping of `ray_configs/serve.yaml`; its keys map 1:1 onto
 `r1.config.ServeConfig`.
@@ -12,6 +14,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from actors.code_validator import build_code_validator
 from actors.llm_server import LLMServer
 from cluster.serve.ingress import OpenAIIngress
 from r1.config import ServeConfig, parse_config
@@ -38,4 +41,5 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         llm_options["placement_group_bundles"] = placement_bundles(config, shard_gpus(config))
         llm_options["placement_group_strategy"] = "PACK"
     llm = LLMServer.options(**llm_options).bind(config_dict)
-    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, config_dict)
+    validator = build_code_validator(config.code_validator) if config.code_validator is not None else None
+    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, validator, config_dict)

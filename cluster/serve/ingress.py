@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from actors.session_store import SESSION_HEADER, SessionClient, token_counting
+from cluster.serve.codegen import run_code_loop
 from r1.config import ServeConfig
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_api_keys
@@ -80,8 +81,9 @@ class _Choice:
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, llm: Any, config: dict[str, Any]):
+    def __init__(self, llm: Any, code_validator: Any, config: dict[str, Any]):
         self.llm = llm
+        self.code_validator = code_validator  # None when the server runs without code validation
         self.config = ServeConfig.model_validate(config)
         self.auth = APIKeyChecker(load_api_keys(self.config.api_keys_env, self.config.api_keys_file))
         self.created = int(time.time())
@@ -154,6 +156,8 @@ class OpenAIIngress:
             elif parsed.session_id is not None:
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
                                param="session_id")
+            if chat and parsed.code_validation:
+                return await self._code_validation(parsed, prompt, sampling, turn)
             streams = [self._open(prompt, chat, sampling, index) for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
@@ -187,6 +191,36 @@ class OpenAIIngress:
                                 headers=headers)
         body_choices = [completion_choice(i, "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
         return JSONResponse(completion_response(response_id, self.config.model_name, body_choices, usage))
+
+    async def _code_validation(self, parsed: ChatCompletionRequest, prompt: list[dict[str, str]], sampling: Any,
+                               turn: Any) -> Response:
+        """Generate code for the last user message, validate it in the sandbox, repair on failure."""
+        if self.code_validator is None or self.config.code_validator is None:
+            raise APIError(400, "code validation is disabled on this server (code_validator: null)",
+                           param="code_validation")
+        if parsed.stream:
+            raise APIError(400, "code_validation does not support stream=true; the answer is known only after "
+                           "validation", param="stream")
+        if parsed.n != 1:
+            raise APIError(400, "code_validation supports n=1 only", param="n")
+        task = prompt[-1]["content"]
+        outcome, generations = await asyncio.to_thread(
+            run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
+            self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
+        )
+        last = generations.generations[-1]
+        if turn is not None:
+            await self.sessions.finish_turn(turn, last.content)
+        usage = usage_dict(sum(g.prompt_tokens for g in generations.generations),
+                           sum(g.completion_tokens for g in generations.generations))
+        choices = [chat_choice(0, last.reasoning, last.content, last.finish_reason)]
+        extra: dict[str, Any] = {"code_validation": {**outcome.to_dict(), "code": outcome.code}}
+        headers = {}
+        if turn is not None:
+            extra["session_id"] = turn.session_id
+            headers[SESSION_HEADER] = turn.session_id
+        return JSONResponse(chat_response(new_id("chatcmpl"), self.config.model_name, choices, usage, **extra),
+                            headers=headers)
 
     async def _read_json(self, request: Request) -> Any:
         limit = self.config.max_request_bytes

@@ -1,0 +1,91 @@
+"""CodeValidator: the Serve deployment that validates generated code in sandbox workers.
+
+Thin by design: each replica builds one `r1.codecheck.Sandbox` (probing the isolation level at
+startup, so a host that cannot sandbox fails the deployment instead of the first request) and runs
+`validate_request` in worker threads, at most `max_concurrent_runs` at once. Untrusted code never
+runs in the replica's process: every run is a separate process tree under its own uid (see
+r1/codecheck/isolation.py), so a hostile program ends as a result, not as a dead replica.
+
+`HandleValidator` adapts a deployment handle to the `validator(code, tests)` callable that
+`r1.codecheck.solve_with_repair` and `r1.codecheck.CodeTestReward` accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from r1.codecheck import Sandbox, Validation, validate_request
+from r1.config import CodeValidatorConfig, parse_config
+
+HEALTH_PROBE_EVERY_S = 60.0
+
+_DEFAULTS = CodeValidatorConfig()
+
+
+@serve.deployment(
+    name="CodeValidator",
+    ray_actor_options={"num_cpus": _DEFAULTS.num_cpus},
+    autoscaling_config={"min_replicas": _DEFAULTS.min_replicas, "max_replicas": _DEFAULTS.max_replicas,
+                        "target_ongoing_requests": _DEFAULTS.target_ongoing_requests},
+    max_ongoing_requests=_DEFAULTS.max_ongoing_requests,
+)
+class CodeValidatorDeployment:
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = parse_config(CodeValidatorConfig, config, source="CodeValidator config")
+        self.sandbox = Sandbox(self.config.codecheck)
+        self.plan = self.sandbox.plan()
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_runs)
+        self._counts: Counter[str] = Counter()
+        self._last_probe = time.monotonic()
+
+    async def validate(self, code: str, tests: str | list[str] | None = None,
+                       timeout_s: float | None = None) -> dict[str, Any]:
+        """Validation.to_dict() of `code` against `tests` (+ doctests); never raises for bad input."""
+        async with self._slots:
+            validation = await asyncio.to_thread(validate_request, code, tests, timeout_s=timeout_s,
+                                                 sandbox=self.sandbox)
+        self._counts[validation.status] += 1
+        return validation.to_dict()
+
+    def stats(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "isolation": self.plan.level, "interpreter": self.plan.interpreter,
+                "notes": list(self.plan.notes), "validations": dict(self._counts)}
+
+    async def check_health(self) -> None:
+        # A real sandbox run now and then: catches a host that lost bubblewrap or its uid range.
+        if time.monotonic() - self._last_probe < HEALTH_PROBE_EVERY_S:
+            return
+        self._last_probe = time.monotonic()
+        result = await asyncio.to_thread(self.sandbox.run_python, "print('ok')", timeout_s=30.0)
+        if result.status != "ok":
+            raise RuntimeError(f"sandbox cannot run a trivial program: {result.reason}")
+
+
+def build_code_validator(config: CodeValidatorConfig | dict[str, Any] | None = None) -> serve.Application:
+    """The deployment bound to `config`, with its resources and autoscaling taken from it."""
+    config = config if isinstance(config, CodeValidatorConfig) else parse_config(CodeValidatorConfig, config)
+    return CodeValidatorDeployment.options(
+        ray_actor_options={"num_cpus": config.num_cpus},
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests},
+        max_ongoing_requests=config.max_ongoing_requests,
+    ).bind(config.model_dump())
+
+
+class HandleValidator:
+    """`validator(code, tests) -> Validation` backed by a CodeValidator handle (picklable)."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float = 60.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def __call__(self, code: str, tests: str | list[str] | None) -> Validation:
+        reply = self.handle.validate.remote(code, tests).result(timeout_s=self.timeout_s)
+        return Validation.from_dict(reply)

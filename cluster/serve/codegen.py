@@ -1,0 +1,66 @@
+"""The code-validation loop of a chat request (`code_validation: true`), wired to Serve handles.
+
+`r1.codecheck.solve_with_repair` owns the loop (generate → extract → syntax → tests in the
+sandbox → repair with the errors fed back and a lower temperature). This module only adapts the
+LLMServer and CodeValidator handles to the blocking callables the loop takes; the ingress runs it
+in a worker thread so its event loop stays free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.code_validator import HandleValidator
+from r1.codecheck import RepairOutcome, solve_with_repair
+from r1.config import CodeCheckConfig, SamplingConfig
+from r1.reasoning import split_reasoning
+from r1.serving.protocol import APIError, new_id
+
+
+@dataclass
+class Generation:
+    reasoning: str
+    content: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class HandleGenerator:
+    """`generate(prompt, *, temperature) -> str` over the LLMServer handle, keeping every generation."""
+
+    llm: Any
+    sampling: SamplingConfig
+    timeout_s: float
+    generations: list[Generation] = field(default_factory=list)
+
+    def __call__(self, prompt: str, *, temperature: float) -> str:
+        body = {"prompt": [{"role": "user", "content": prompt}], "chat": True, "request_id": new_id("code"),
+                "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump()}
+        stream = self.llm.options(stream=True).stream.remote(body)
+        text, prompt_tokens, completion_tokens, finish, think_prefilled = [], 0, 0, None, True
+        for item in stream:
+            if item["type"] == "error":
+                raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
+            if item["type"] == "start":
+                prompt_tokens, think_prefilled = item["prompt_tokens"], item["think_prefilled"]
+                continue
+            if item.get("error"):
+                raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
+            text.append(item["text"])
+            completion_tokens += item["num_tokens"]
+            finish = item["finish_reason"] or finish
+        reasoning, content = split_reasoning("".join(text), think_prefilled=think_prefilled)
+        self.generations.append(Generation(reasoning, content, finish, prompt_tokens, completion_tokens))
+        # The loop extracts code from the answer; a model that never closed its reasoning gets all of it.
+        return content or reasoning
+
+
+def run_code_loop(llm: Any, validator: Any, task: str, tests: list[str] | str | None, sampling: SamplingConfig,
+                  config: CodeCheckConfig, max_repairs: int | None, timeout_s: float) -> tuple[RepairOutcome, HandleGenerator]:
+    generate = HandleGenerator(llm, sampling, timeout_s)
+    outcome = solve_with_repair(task, generate, tests=tests, config=config, validator=HandleValidator(validator, timeout_s),
+                                temperature=sampling.temperature, max_repairs=max_repairs)
+    return outcome, generate

@@ -1,0 +1,87 @@
+"""The `r1` command line, run as users run it (a subprocess, offline)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+R1 = str(Path(sys.executable).parent / "r1")
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([R1, *args], input=stdin, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("generate", "chat", "serve", "model"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "model"])
+def test_every_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0
+    assert "usage: r1 " + command in result.stdout
+
+
+def test_generate_prints_what_the_engine_generates(tiny):
+    from r1.config import SamplingConfig
+    from r1.engine import TransformersEngine
+    from r1.reasoning import split_reasoning
+
+    question = "Mia has 23 apples. She buys 45 more. How many apples does she have now?"
+    result = run("generate", question, "--temperature", "0", "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer)
+    text = engine.generate_batch([[{"role": "user", "content": question}]], SamplingConfig(temperature=0, max_new_tokens=24))[0].text
+    reasoning, content = split_reasoning(text)
+    if reasoning:
+        assert "[thinking]\n" + reasoning in result.stdout
+    if content:
+        assert "[answer]\n" + content in result.stdout
+
+
+def test_generate_hide_reasoning_and_raw():
+    result = run("generate", "12 + 7 =", "--raw", "--temperature", "0", "--max-new-tokens", "4", "--hide-reasoning")
+    assert result.returncode == 0, result.stderr
+    assert "[thinking]" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "sampling.temperature"),  # out of range, named
+        (["--max-new-tokens", "5000"], "use max_new_tokens <= "),  # beyond r1-tiny's 1024-token context
+        (["--model", "./missing-model-dir"], "does not exist"),  # a path that is not there
+        (["--set", "sampling.tempreature=0.1"], "unknown key"),  # a typo in an override
+    ],
+)
+def test_generate_errors_exit_2_with_a_message(args, message):
+    result = run("generate", "hi", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_chat_keeps_the_dialog_and_reads_stdin():
+    result = run("chat", "--temperature", "0", "--max-new-tokens", "4", stdin="hello\n/reset\nagain\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    # Two replies (each stopped at 4 tokens), the reset acknowledged between them.
+    assert result.stdout.count("[stopped at max_new_tokens") == 2
+    assert "(dialog cleared)" in result.stdout
+
+
+def test_build_tiny_writes_the_shipped_tokenizer(tmp_path):
+    result = run("model", "build-tiny", "--out", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    shipped = Path(__file__).resolve().parent.parent / "r1" / "assets" / "r1-tiny"
+    # The tokenizer is the shipped one byte for byte (training changes only the weights).
+    assert (tmp_path / "tiny" / "tokenizer.json").read_bytes() == (shipped / "tokenizer.json").read_bytes()
+    assert (tmp_path / "tiny" / "model.safetensors").stat().st_size > 1_000_000
