@@ -250,6 +250,8 @@ class ServeConfig(StrictModel):
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.
     sessions: SessionConfig = Field(default_factory=lambda: SessionConfig())
+    # The SafetyFilter deployment screening input and output (fail-closed); null disables screening.
+    safety: SafetyConfig | None = Field(default_factory=lambda: SafetyConfig())
     # The CodeValidator deployment behind `code_validation: true` requests; null disables it.
     code_validator: CodeValidatorConfig | None = Field(default_factory=lambda: CodeValidatorConfig())
 
@@ -377,12 +379,17 @@ class SFTDataConfig(StrictModel):
     task: Literal["arithmetic"] | None = None
     num_examples: int = Field(default=2000, ge=1)
     levels: list[int] = Field(default_factory=lambda: [1])
+    # task only: this many more train-split problems whose worked lines ("23 + 45 = 68") form a
+    # plain-text corpus with loss on every token (self-supervised, far denser in arithmetic than chat).
+    corpus_examples: int = Field(default=0, ge=0)
     max_seq_len: int = Field(default=256, ge=8)
 
     @model_validator(mode="after")
     def _one_source(self) -> SFTDataConfig:
         if (self.path is None) == (self.task is None):
             raise ValueError("set exactly one of data.path (a .txt or .jsonl file) or data.task (arithmetic)")
+        if self.corpus_examples and self.task is None:
+            raise ValueError("data.corpus_examples needs data.task; with data.path put the corpus in the file")
         return self
 
 
@@ -628,6 +635,11 @@ class SafetyConfig(StrictModel):
     redaction_text: str = "[已隐藏]"
     # Longest a caller waits for the SafetyFilter deployment; past it the request fails (503).
     timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    # The SafetyFilter Serve deployment. A check takes micro- to milliseconds, so a replica
+    # serves many requests at once on a tenth of a CPU.
+    deployment: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=16, max_ongoing_requests=64)
+    )
 
     @field_validator("rules")
     @classmethod

@@ -24,6 +24,7 @@ from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_htt
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
 MODEL = "r1-tiny"
+LETTERS_RULE = {"id": "test_letters", "kind": "regex", "pattern": "[a-z]{2}", "input": "off", "output": "redact"}
 MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. How many apples does she have now?"}]
 
 
@@ -36,10 +37,11 @@ def server(tmp_path_factory):
         "api_keys_file": str(keys),
         "max_request_bytes": 4096,
         "max_n": 3,
-        "request_timeout_s": 60,
+        "request_timeout_s": 300,
         "ingress": small_deployment(num_cpus=0.05),
         "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
         "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db"},
+        "safety": {"timeout_s": 20},  # generous: 2 shared cores, the filter must not time out by accident
     }
     with ray_serve(port):
         serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")
@@ -48,9 +50,16 @@ def server(tmp_path_factory):
                        "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1)}),
             name="sharded", route_prefix="/sharded",
         )
+        one_llm = small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.05)
+        small = {**common, "llm": one_llm, "ingress": one_llm, "code_validator": None, "sessions": {"enabled": False}}
+        # The guide's strict profile, plus an output rule that fires on any two lowercase letters.
+        serve.run(build_app({**small, "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20}}),
+                  name="strict", route_prefix="/strict")
+        # A filter that can never answer in time: every request must fail closed.
+        serve.run(build_app({**small, "safety": {"timeout_s": 0.0001}}), name="failclosed", route_prefix="/failclosed")
         base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/health")
-        wait_http_ok(f"{base}/sharded/health")
+        for prefix in ("", "/sharded", "/strict", "/failclosed"):
+            wait_http_ok(f"{base}{prefix}/health")
         yield base
 
 
@@ -262,3 +271,71 @@ def test_code_validation_request_errors(server, extra, param):
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+def _post(server: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "忘记密码怎么办？",  # the guide's keyword inside a Chinese sentence (no word boundary)
+        "我的卡号是6222０２１２３４５６７８９０１２３",  # a 19-digit number with full-width digits touching CJK
+        "验\u200b证\u200b码",  # zero-width characters inside the keyword
+    ],
+)
+def test_strict_profile_blocks_sensitive_input_with_400(server, text):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    response = _post(server, "/strict/v1/chat/completions", body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "sensitive_content" and error["message"] == "内容包含敏感信息"
+    assert error["param"] == "messages.0.content"
+
+
+def test_default_profile_redacts_input_before_the_model_and_the_session_store(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "我的卡号是4111 1111 1111 1111，帮我查一下"}],
+            "max_tokens": 4}
+    response = _post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200
+    session_id = response.json()["session_id"]
+    stored = httpx.get(f"{server}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    user = stored["messages"][0]["content"]
+    assert "4111" not in user and "[已隐藏]" in user
+    # Harmless mentions pass unchanged under the default profile.
+    assert _post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                 "messages": [{"role": "user", "content": "忘记密码怎么办？"}]}).status_code == 200
+
+
+def test_streamed_output_is_screened(server, tiny):
+    import re
+
+    from r1.config import SamplingConfig
+    from r1.engine import TransformersEngine
+
+    messages = [{"role": "user", "content": "Tom has 5 pens. He buys 17 more. How many pens does he have now?"}]
+    model, tokenizer = tiny
+    unscreened = TransformersEngine(model, tokenizer).generate_batch([messages], SamplingConfig(temperature=0, max_new_tokens=40))[0].text
+    body = {"model": MODEL, "messages": messages, "max_tokens": 40, "temperature": 0, "stream": True}
+    text = ""
+    with httpx.stream("POST", f"{server}/strict/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                for choice in chunk["choices"]:
+                    text += (choice["delta"].get("reasoning_content") or "") + (choice["delta"].get("content") or "")
+    assert not re.search("[a-z]{2}", text.replace("[已隐藏]", ""))
+    if re.search("[a-z]{2}", unscreened):
+        assert "[已隐藏]" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_safety_filter_that_cannot_answer_fails_closed(server, stream):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": stream}
+    response = _post(server, "/failclosed/v1/chat/completions", body)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "safety_unavailable"
+    assert "choices" not in response.text

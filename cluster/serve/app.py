@@ -1,6 +1,7 @@
 """The Serve application: `build_app(args)` for `serve run` / `serve deploy` and `r1 serve`.
 
     OpenAIIngress (FastAPI, autoscaling) ──> LLMServer (autoscaling) ──> ModelShard actors (N > 1)
+                                         ├─> SafetyFilter (input before the model, output while streaming)
                                          ├─> CodeValidator (sandbox workers; `code_validation: true`)
                                          └─> SessionStore actors (partitioned, durable)
 
@@ -16,6 +17,7 @@ from ray.serve import Application
 
 from actors.code_validator import build_code_validator
 from actors.llm_server import LLMServer
+from actors.safety import build_safety_filter
 from cluster.serve.ingress import OpenAIIngress
 from r1.config import ServeConfig, parse_config
 
@@ -42,4 +44,5 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         llm_options["placement_group_strategy"] = "PACK"
     llm = LLMServer.options(**llm_options).bind(config_dict)
     validator = build_code_validator(config.code_validator) if config.code_validator is not None else None
-    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, validator, config_dict)
+    safety = build_safety_filter(config.safety) if config.safety is not None else None
+    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, validator, safety, config_dict)

@@ -20,7 +20,9 @@ from ray.serve.exceptions import BackPressureError
 
 from actors.session_store import SESSION_HEADER, SessionClient, token_counting
 from cluster.serve.codegen import run_code_loop
+from cluster.serve.screening import OutputScreen, Screening
 from r1.config import ServeConfig
+from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_api_keys
 from r1.serving.protocol import (
@@ -55,36 +57,44 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 class _Choice:
-    """Collects one choice's stream: text, reasoning split, usage."""
+    """Collects one choice's stream: output screening, reasoning split, usage."""
 
-    def __init__(self, split_reasoning: bool, think_prefilled: bool):
+    def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen):
         self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
+        self.screen = screen
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def feed(self, text: str) -> tuple[str, str]:
+    def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
         self.reasoning.append(reasoning)
         self.content.append(content)
         return reasoning, content
 
-    def finish(self) -> tuple[str, str]:
+    async def feed(self, text: str) -> tuple[str, str]:
+        """Screen generated text, then split it; only screened text is kept or returned."""
+        return self._split(await self.screen.feed(text))
+
+    async def finish(self) -> tuple[str, str]:
+        held_reasoning, held_content = self._split(await self.screen.flush())
         reasoning, content = self.parser.finish() if self.parser else ("", "")
         self.reasoning.append(reasoning)
         self.content.append(content)
-        return reasoning, content
+        return held_reasoning + reasoning, held_content + content
 
 
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, llm: Any, code_validator: Any, config: dict[str, Any]):
+    def __init__(self, llm: Any, code_validator: Any, safety: Any, config: dict[str, Any]):
         self.llm = llm
         self.code_validator = code_validator  # None when the server runs without code validation
         self.config = ServeConfig.model_validate(config)
+        self.screen = Screening(safety, self.config.safety)
+        self.tokenizer = load_tokenizer(self.config.model) if safety is not None else None  # to screen token-id prompts
         self.auth = APIKeyChecker(load_api_keys(self.config.api_keys_env, self.config.api_keys_file))
         self.created = int(time.time())
         self.sessions = None
@@ -148,7 +158,12 @@ class OpenAIIngress:
                 raise APIError(404, f"model '{parsed.model}' does not exist; this server serves '{self.config.model_name}'",
                                param="model", code="model_not_found")
             sampling = sampling_for(parsed, self.config)
-            prompt = chat_messages(parsed, self.config) if chat else parsed.prompt
+            if chat:
+                prompt = await self.screen.input_messages(chat_messages(parsed, self.config))
+            elif isinstance(parsed.prompt, str):
+                prompt = await self.screen.input_text(parsed.prompt, "prompt")
+            else:
+                prompt = await self.screen.input_token_ids(parsed.prompt, self.tokenizer)
             if chat and self.sessions is not None:
                 turn = await self.sessions.begin_turn(parsed.session_id, request.headers.get(SESSION_HEADER), owner,
                                                       prompt, sampling.max_new_tokens)
@@ -164,7 +179,7 @@ class OpenAIIngress:
             return error_response(error)
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
-        choices = [_Choice(split_reasoning=chat, think_prefilled=think_prefilled) for _ in streams]
+        choices = [_Choice(chat, think_prefilled, self.screen.output_stream()) for _ in streams]
         for choice, start in zip(choices, starts):
             choice.prompt_tokens = start["prompt_tokens"]
         headers = {SESSION_HEADER: turn.session_id} if turn else {}
@@ -209,12 +224,17 @@ class OpenAIIngress:
             self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
         )
         last = generations.generations[-1]
+        reasoning, content = await self.screen.output_text(last.reasoning), await self.screen.output_text(last.content)
+        report = outcome.to_dict()
+        report["code"] = await self.screen.output_text(outcome.code)
+        for attempt in report["errors"]:
+            attempt["errors"] = [await self.screen.output_text(e) for e in attempt["errors"]]
         if turn is not None:
-            await self.sessions.finish_turn(turn, last.content)
+            await self.sessions.finish_turn(turn, content)
         usage = usage_dict(sum(g.prompt_tokens for g in generations.generations),
                            sum(g.completion_tokens for g in generations.generations))
-        choices = [chat_choice(0, last.reasoning, last.content, last.finish_reason)]
-        extra: dict[str, Any] = {"code_validation": {**outcome.to_dict(), "code": outcome.code}}
+        choices = [chat_choice(0, reasoning, content, last.finish_reason)]
+        extra: dict[str, Any] = {"code_validation": report}
         headers = {}
         if turn is not None:
             extra["session_id"] = turn.session_id
@@ -272,8 +292,8 @@ class OpenAIIngress:
     async def _drain(self, streams: list[Any], choices: list[_Choice]) -> None:
         async def one(stream: Any, choice: _Choice) -> None:
             async for item in stream:
-                self._absorb(item, choice)
-            choice.finish()
+                await self._absorb(item, choice)
+            await choice.finish()
 
         try:
             await asyncio.gather(*(one(s, c) for s, c in zip(streams, choices)))
@@ -287,13 +307,13 @@ class OpenAIIngress:
             self._cancel(streams)
 
     @staticmethod
-    def _absorb(item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
+    async def _absorb(item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
         if item.get("error"):
             raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
         choice.completion_tokens += item["num_tokens"]
         if item["finish_reason"] is not None:
             choice.finish_reason = item["finish_reason"]
-        return choice.feed(item["text"])
+        return await choice.feed(item["text"])
 
     async def _stream_body(
         self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any = None
@@ -321,13 +341,17 @@ class OpenAIIngress:
                 choice = choices[index]
                 if item is None:
                     open_streams -= 1
-                    reasoning, content = choice.finish()
+                    try:
+                        reasoning, content = await choice.finish()
+                    except APIError as error:
+                        yield sse(error.body())
+                        return
                     if reasoning or content:
                         yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
                     yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
                     continue
                 try:
-                    reasoning, content = self._absorb(item, choice)
+                    reasoning, content = await self._absorb(item, choice)
                 except APIError as error:
                     yield sse(error.body())
                     return

@@ -1,0 +1,149 @@
+"""SafetyFilter: the Serve deployment that screens request input and streamed output.
+
+Thin by design: each replica builds one `r1.safety.SafetyFilter` from a `SafetyConfig` and
+answers `check` (a whole text) and `stream_feed` / `stream_flush` (one step of an output stream).
+
+Why streams are stateless here. The hold-back buffer of a stream lives for one request, but an
+autoscaling deployment gives no replica affinity: consecutive calls of one request may reach
+different replicas, and a replica may be replaced mid-stream. So no stream lives in a replica.
+Each step takes the stream's state as plain data (`SafetyStream.to_state()`) and returns the new
+state with the text that is safe to emit; the caller keeps the state for the request's lifetime,
+in memory only. Any replica can serve any step, and fail-closed stays simple: if a step fails or
+times out, the caller has emitted only what earlier steps returned — screened text — and fails
+the request. The state holds unscreened text (the held-back tail): never log or store it.
+
+`SafetyClient` is the caller's side (the ingress): every call has a deadline (`timeout_s`), and
+any error or timeout becomes `SafetyUnavailable`, which the ingress turns into a 503. Its messages
+name the failure, never the text.
+
+Metrics: each replica counts findings by rule id and direction (`r1_safety_findings_total`);
+matched text never reaches logs, traces or metric labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.metrics import record_safety_findings
+from r1.config import SafetyConfig, parse_config
+from r1.safety import SafetyFilter
+
+_DEFAULTS = SafetyConfig().deployment.serve_options()
+# A canary the health check screens: a Luhn-valid test card number must not pass unscreened.
+_CANARY = "卡号 4111 1111 1111 1111"
+
+
+@serve.deployment(name="SafetyFilter", **_DEFAULTS)
+class SafetyFilterDeployment:
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = parse_config(SafetyConfig, config, source="SafetyFilter config")
+        self.filter = SafetyFilter(self.config)
+        self._counts: Counter[str] = Counter()
+
+    async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
+        """Verdict.to_dict() of `text`: action (allow|redact|block), text, findings."""
+        verdict = self.filter.check(text, direction)  # type: ignore[arg-type]
+        self._record(direction, [f.rule_id for f in verdict.findings])
+        return verdict.to_dict()
+
+    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output") -> dict[str, Any]:
+        """One step of a stream: {"text": safe to emit now, "state": pass to the next step,
+        "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one."""
+        stream = self.filter.stream(direction) if state is None else self.filter.resume_stream(state)  # type: ignore[arg-type]
+        seen = len(stream.findings)
+        text = stream.feed(chunk)
+        self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
+        return {"text": text, "state": stream.to_state(), "action": stream.action, "rule_ids": list(stream.rule_ids)}
+
+    async def stream_flush(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The last step: everything still held, screened; the reply carries no state."""
+        stream = self.filter.resume_stream(state)
+        seen = len(stream.findings)
+        text = stream.flush()
+        self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
+        return {"text": text, "action": stream.action, "rule_ids": list(stream.rule_ids)}
+
+    def _record(self, direction: str, rule_ids: list[str]) -> None:
+        self._counts[f"{direction}:calls"] += 1
+        for rule_id in rule_ids:
+            self._counts[f"{direction}:{rule_id}"] += 1
+        if rule_ids:
+            record_safety_findings(rule_ids, direction)
+
+    def stats(self) -> dict[str, Any]:
+        """Call and finding counts of this replica (rule ids only)."""
+        return {"pid": os.getpid(), "profile": self.config.profile, "counts": dict(self._counts)}
+
+    async def check_health(self) -> None:
+        # The filter must still catch a known card number (redacted, or blocked under strict);
+        # otherwise Serve replaces the replica.
+        if self.filter.check(_CANARY, "output").action == "allow":
+            raise RuntimeError("safety filter canary passed unscreened")
+
+
+def build_safety_filter(config: SafetyConfig | dict[str, Any] | None = None) -> serve.Application:
+    """The deployment bound to `config`, with replicas and resources taken from `config.deployment`."""
+    config = config if isinstance(config, SafetyConfig) else parse_config(SafetyConfig, config, source="safety config")
+    return SafetyFilterDeployment.options(**config.deployment.serve_options()).bind(config.model_dump())
+
+
+class SafetyUnavailable(RuntimeError):
+    """The safety filter gave no answer (error or timeout). Fail the request (HTTP 503) and emit,
+    store and log nothing that was not screened."""
+
+
+class SafetyClient:
+    """The ingress's side of the SafetyFilter deployment: deadlines and fail-closed errors."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float = 2.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
+        """Verdict dict of `text`; raises SafetyUnavailable when the filter does not answer."""
+        return await self._call("check", text, direction)
+
+    def stream(self, direction: str = "output") -> ScreenedStream:
+        return ScreenedStream(self, direction)
+
+    async def _call(self, method: str, *args: Any) -> dict[str, Any]:
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            return await asyncio.wait_for(response, timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise SafetyUnavailable(f"safety filter did not answer {method} within {self.timeout_s}s") from None
+        except Exception as error:  # any failure of the call fails the request, never opens it
+            raise SafetyUnavailable(f"safety filter failed on {method}: {type(error).__name__}") from None
+
+
+class ScreenedStream:
+    """One request's output stream screened through the deployment; keeps the state in memory."""
+
+    def __init__(self, client: SafetyClient, direction: str) -> None:
+        self._client = client
+        self._direction = direction
+        self._state: dict[str, Any] | None = None
+        self.action = "allow"
+        self.rule_ids: list[str] = []
+
+    async def feed(self, chunk: str) -> str:
+        """Text safe to emit now; raises SafetyUnavailable (emit nothing more, fail the request)."""
+        reply = await self._client._call("stream_feed", self._state, chunk, self._direction)
+        self._state = reply["state"]
+        self.action, self.rule_ids = reply["action"], reply["rule_ids"]
+        return reply["text"]
+
+    async def flush(self) -> str:
+        if self._state is None:
+            return ""
+        reply = await self._client._call("stream_flush", self._state)
+        self._state = None
+        self.action, self.rule_ids = reply["action"], reply["rule_ids"]
+        return reply["text"]

@@ -1,0 +1,244 @@
+"""`r1 submit`: run an r1 command as a Ray job on a running cluster and follow it.
+
+    r1 submit --address http://127.0.0.1:8265 train grpo --config ray_configs/train_grpo.yaml
+
+Wraps Ray's `JobSubmissionClient`: the working directory is uploaded as the job's runtime env
+(`ray_configs/runtime_env.yaml`: what to exclude, env vars), the entrypoint is `r1 <the command>`,
+the job's logs stream to stdout, and the exit status is the job's: 0 when it SUCCEEDED, 1 when it
+FAILED or was STOPPED, 130 after Ctrl-C (which stops the job). `--no-follow` returns right after
+submitting. Status lines go to stderr, prefixed `r1 submit:`.
+
+Token authentication (Ray >= 2.52; `ray start` turns it on by itself when ~/.ray/auth_token exists):
+the token is sent when RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set, when RAY_AUTH_MODE=token, or,
+for a cluster on this machine (loopback address), when the default token file ~/.ray/auth_token
+exists. The local default token is never sent to another host unasked.
+
+It does not start clusters or install r1-cluster there: `r1` must already be on the PATH of the
+cluster's head (its venv, or the image on Kubernetes); the uploaded directory only shadows the
+installed Python packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+DEFAULT_RUNTIME_ENV = "ray_configs/runtime_env.yaml"
+# A head that has just started answers "No available agent to submit job" until its dashboard
+# agent is up; submissions are retried for this long.
+AGENT_WAIT_S = 60.0
+# After the log stream ends (or after a stop), how long to wait for the job to reach a final state.
+FINAL_STATUS_WAIT_S = 60.0
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _say(message: str) -> None:
+    print(f"r1 submit: {message}", file=sys.stderr, flush=True)
+
+
+def build_entrypoint(command: list[str], working_dir: Path) -> str:
+    """`r1 <command>` after checking it parses as an r1 command and its --config is uploaded."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ValueError("no command to submit; e.g. r1 submit train sft --config ray_configs/train_sft.yaml")
+    if command[0] == "submit":
+        raise ValueError("r1 submit cannot submit itself; give the command to run, e.g. r1 submit train sft ...")
+    from cluster.cli import build_parser
+
+    # Parse here so a typo fails now, with r1's usage message, not minutes later in the job.
+    parsed = build_parser().parse_args(command)
+    config = getattr(parsed, "config", None)
+    if config and not Path(config).is_absolute() and not (working_dir / config).is_file():
+        raise ValueError(
+            f"--config {config} is not a file in the working dir {working_dir}, and the job runs in the uploaded "
+            "copy of that directory; give a path inside it, or an absolute path that exists on the cluster"
+        )
+    return "r1 " + shlex.join(command)
+
+
+def load_runtime_env(path: Path, working_dir: Path) -> dict[str, Any]:
+    """The runtime env file with `working_dir` set to the directory to upload."""
+    if not path.is_file():
+        raise ValueError(f"runtime env file {path} not found; pass --runtime-env with the project's "
+                         f"{DEFAULT_RUNTIME_ENV} (or your own)")
+    try:
+        runtime_env = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"runtime env file {path} is not valid YAML: {error}") from None
+    if not isinstance(runtime_env, dict):
+        raise ValueError(f"runtime env file {path} must hold a mapping (working_dir, excludes, env_vars, ...)")
+    if not working_dir.is_dir():
+        raise ValueError(f"--working-dir {working_dir} is not a directory")
+    runtime_env["working_dir"] = str(working_dir)
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**runtime_env)  # Ray's own validation, before anything is uploaded
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"runtime env file {path} is not a valid Ray runtime env: {error}") from None
+    return runtime_env
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.expanduser().read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"cannot read the Ray auth token file {path}: {error}") from None
+    if not token:
+        raise ValueError(f"the Ray auth token file {path} is empty")
+    return token
+
+
+def auth_headers(dashboard_url: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header for a token-authenticated cluster, or {} (see the module docstring).
+
+    Precedence is Ray's: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        return {}
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN'].strip()}"}
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        return {"Authorization": f"Bearer {_read_token(Path(env['RAY_AUTH_TOKEN_PATH']))}"}
+    default = Path(env.get("HOME", "~")).expanduser() / ".ray" / "auth_token"
+    if mode == "token":
+        if not default.is_file():
+            raise ValueError("RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, "
+                             "or put the cluster's token in ~/.ray/auth_token")
+        return {"Authorization": f"Bearer {_read_token(default)}"}
+    if urlparse(dashboard_url).hostname in LOOPBACK_HOSTS and default.is_file():
+        return {"Authorization": f"Bearer {_read_token(default)}"}
+    return {}
+
+
+def dashboard_address(address: str | None) -> str:
+    """`--address`, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS, else the local default dashboard."""
+    chosen = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    if "://" not in chosen:
+        # A GCS address such as 127.0.0.1:6379 (what `ray start` prints): Ray finds the dashboard.
+        from ray.dashboard.utils import ray_address_to_api_server_url
+
+        chosen = ray_address_to_api_server_url(chosen)
+    return chosen
+
+
+def connect(address: str) -> Any:
+    """A JobSubmissionClient for `address`; a wrong address or token is a ValueError saying so."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(address))
+    except AuthenticationError as error:
+        raise ValueError(f"the Ray cluster at {address} refused the auth token: {error}") from None
+    except ConnectionError as error:
+        raise ValueError(f"cannot reach a Ray dashboard at {address} ({error}); start a cluster with "
+                         "`ray start --head` or pass --address / set RAY_ADDRESS") from None
+
+
+def _submit(client: Any, **kwargs: Any) -> str:
+    deadline = time.monotonic() + AGENT_WAIT_S
+    waited = False
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            if not waited:
+                _say(f"the cluster's job agent is still starting; retrying for up to {AGENT_WAIT_S:.0f} s")
+                waited = True
+            time.sleep(1.0)
+
+
+async def _stream_logs(client: Any, job_id: str) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def wait_final_status(client: Any, job_id: str, timeout_s: float) -> Any:
+    """The job's status once it is final (SUCCEEDED, FAILED, STOPPED), or the last one seen."""
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(job_id)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    return status
+
+
+def _outcome(client: Any, job_id: str, status: Any) -> int:
+    info = client.get_job_info(job_id)
+    # The message of a failed job repeats the last logs, already streamed above: keep its first line.
+    first_line = (info.message or "").strip().splitlines()[:1]
+    detail = f": {first_line[0]}" if status.value != "SUCCEEDED" and first_line else ""
+    _say(f"job {job_id} {status.value}{detail}")
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def follow(client: Any, job_id: str) -> int:
+    """Stream the job's logs until it ends; the exit status is the job's. Ctrl-C stops the job."""
+    try:
+        try:
+            asyncio.run(_stream_logs(client, job_id))
+        except RuntimeError as error:  # the log stream broke; the job itself may still be fine
+            _say(f"log stream ended early ({error}); waiting for the job to finish")
+        status = wait_final_status(client, job_id, timeout_s=float("inf"))
+    except KeyboardInterrupt:
+        _say(f"Ctrl-C: stopping job {job_id}")
+        client.stop_job(job_id)
+        status = wait_final_status(client, job_id, timeout_s=FINAL_STATUS_WAIT_S)
+        _say(f"job {job_id} {status.value}")
+        return 130
+    return _outcome(client, job_id, status)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    working_dir = Path(args.working_dir).expanduser().resolve()
+    entrypoint = build_entrypoint(list(args.command), working_dir)
+    runtime_env_path = Path(args.runtime_env) if args.runtime_env else working_dir / DEFAULT_RUNTIME_ENV
+    runtime_env = load_runtime_env(runtime_env_path, working_dir)
+    address = dashboard_address(args.address)
+
+    # Ray lets RAY_ADDRESS override an explicit address; the one resolved above is the one used.
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    os.environ["RAY_ADDRESS"] = address
+    client = connect(address)
+    job_id = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id,
+                     metadata={"submitted_by": "r1 submit"})
+    _say(f"submitted {job_id} to {address}: {entrypoint}")
+    if args.no_follow:
+        _say(f"follow it with: ray job logs --follow --address {address} {job_id}")
+        return 0
+    return follow(client, job_id)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="run an r1 command as a Ray job on a running cluster",
+        description="Submit `r1 <command>` as a Ray job: upload the working dir (runtime env from "
+        f"{DEFAULT_RUNTIME_ENV}), follow the logs, exit 0 if the job SUCCEEDED and 1 otherwise. Ctrl-C stops "
+        "the job. Example: r1 submit --address http://127.0.0.1:8265 train grpo --config ray_configs/train_grpo.yaml",
+    )
+    parser.add_argument("--address", help=f"Ray dashboard URL (default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
+    parser.add_argument("--working-dir", default=".", help="directory to upload as the job's working dir (default .)")
+    parser.add_argument("--runtime-env", help=f"runtime env YAML (default: <working-dir>/{DEFAULT_RUNTIME_ENV})")
+    parser.add_argument("--submission-id", help="job id to use (default: generated by Ray)")
+    parser.add_argument("--no-follow", action="store_true", help="return after submitting instead of following logs")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                        help="the r1 command to run, e.g. train sft --config ray_configs/train_sft.yaml")
+    parser.set_defaults(func=run_submit)

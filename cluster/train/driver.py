@@ -1,0 +1,191 @@
+"""The training driver: a Ray Train `TorchTrainer` per stage, a progress bar and a metrics file.
+
+`run_training(stage, config)` runs `cluster.train.worker.train_loop_per_worker` on
+`scaling.num_workers` workers (gloo on CPU, NCCL with `use_gpu`), under
+`RunConfig(name=run_name, storage_path, failure_config=FailureConfig(max_failures))`, so a failed
+worker restarts the group from the latest checkpoint and starting the same run name again continues
+where it stopped. Rank 0 pushes each step's metrics to a `MetricsSink` actor; the driver drains it,
+appends JSON lines to the metrics file and updates the progress bar (step, loss, reward, tokens/s).
+
+Works the same as a Ray job (`ray job submit --working-dir . -- r1 train grpo --config …`): the
+job's entrypoint is this driver and `ray.init()` attaches to the job's cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.train.worker import config_class, export_dir, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+SINK_POLL_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class MetricsSink:
+    """Buffers metric records from rank 0 until the driver drains them."""
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+
+    def push(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+
+    def drain(self) -> list[dict[str, Any]]:
+        records, self._records = self._records, []
+        return records
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    run_dir: Path
+    metrics_path: Path
+    export_dir: Path
+    checkpoint_path: str | None
+    last_metrics: dict[str, Any]
+    final_step: int
+
+
+def load_train_config(stage: str, path: str | None, overrides: list[str]) -> Any:
+    from r1.config import apply_overrides, load_yaml, parse_config
+
+    cls = config_class(stage)
+    config = load_yaml(path, cls) if path else parse_config(cls, {}, source="defaults")
+    return apply_overrides(config, overrides) if overrides else config
+
+
+class _Progress:
+    """Writes records to the metrics file and drives the progress bar."""
+
+    def __init__(self, stage: str, metrics_path: Path, max_steps: int, show_bar: bool):
+        self.stage = stage
+        self.metrics_path = metrics_path
+        self.max_steps = max_steps
+        self.show_bar = show_bar
+        self.bar: Any = None
+        self.last_metrics: dict[str, Any] = {}
+        self.final_step = 0
+        self.export_path: str | None = None
+
+    def handle(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps({"time": time.time(), "stage": self.stage, **record}) + "\n")
+        for record in records:
+            self._show(record)
+
+    def _show(self, record: dict[str, Any]) -> None:
+        event = record.get("event")
+        if event == "start":
+            self._open_bar(record["start_step"])
+            if record.get("resumed"):
+                self._write(f"resumed from the checkpoint at step {record['start_step']}")
+        elif event == "eval":
+            self._write("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("event", "step")))
+        elif event == "exported":
+            self.export_path = record["path"]
+        elif "step" in record:
+            self.last_metrics = record
+            self.final_step = int(record["step"])
+            if self.bar is not None:
+                self.bar.n = self.final_step
+                postfix = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record.get('tokens_per_s', 0):.0f}"}
+                if "reward" in record:
+                    postfix["reward"] = f"{record['reward']:.3f}"
+                postfix["comm"] = f"{100 * record.get('comm_share', 0):.1f}%"
+                self.bar.set_postfix(postfix, refresh=False)
+                self.bar.refresh()
+
+    def _open_bar(self, start_step: int) -> None:
+        if not self.show_bar:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.max_steps, initial=start_step, desc=f"r1 train {self.stage}", unit="step")
+        else:  # a restart after a worker failure
+            self.bar.n = start_step
+            self.bar.refresh()
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _pump(sink: Any, progress: _Progress, stop: threading.Event) -> None:
+    while not stop.wait(SINK_POLL_S):
+        try:
+            progress.handle(ray.get(sink.drain.remote(), timeout=30))
+        except Exception as error:  # the bar must never take the run down
+            logger.warning("could not fetch training metrics: %s", error)
+
+
+def run_training(stage: str, config: Any, *, address: str | None = None) -> TrainingOutcome:
+    """Run one training stage to completion on Ray Train; raises if the run fails."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    run_name = config.checkpoint.run_name or f"r1-{stage}"
+    storage_path = Path(config.checkpoint.storage_path).expanduser().resolve()
+    run_dir = storage_path / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = Path(config.metrics_path).expanduser() if config.metrics_path else run_dir / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+
+    scaling = config.scaling
+    sink = MetricsSink.remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": stage, "config": config.model_dump(), "sink": sink, "run_dir": str(run_dir)},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=scaling.resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=config.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+        ),
+    )
+    progress = _Progress(stage, metrics_path, config.max_steps, config.progress_bar)
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(sink, progress, stop), name="r1-train-metrics", daemon=True)
+    pump.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        pump.join(timeout=60)
+        progress.handle(ray.get(sink.drain.remote(), timeout=30))
+        progress.close()
+        ray.kill(sink)
+    return TrainingOutcome(
+        run_name=run_name,
+        run_dir=run_dir,
+        metrics_path=metrics_path,
+        export_dir=Path(progress.export_path) if progress.export_path else export_dir(config, run_dir),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        last_metrics={**(result.metrics or {}), **progress.last_metrics},
+        final_step=max(progress.final_step, int((result.metrics or {}).get("step", 0))),
+    )

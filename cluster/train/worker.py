@@ -1,0 +1,95 @@
+"""The Ray Train worker loop: build the stage, resume, step, report checkpoints, export.
+
+Everything that trains lives in `r1.train`; this loop only connects a stage to Ray Train:
+rank/world size/device from the train context, the latest checkpoint from `ray.train.get_checkpoint()`
+(set after a worker failure, or when a run with the same name and storage path is started again),
+`ray.train.report(metrics, checkpoint)` every `checkpoint.every_steps` steps and at the end, and
+per-step metrics pushed (fire-and-forget) by rank 0 to the driver's `MetricsSink` actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# stage name -> (config class in r1.config, "module:StageClass" in r1.train)
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": ("SFTTrainConfig", "r1.train.sft:SFTStage"),
+    "reward": ("RewardTrainConfig", "r1.train.reward_stage:RewardStage"),
+    "grpo": ("GRPOTrainConfig", "r1.train.grpo_stage:GRPOStage"),
+}
+
+TORCH_EXTENSIONS_DIR = "~/.cache/r1-cluster/torch_extensions"
+
+
+def config_class(stage: str) -> type:
+    import r1.config
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; use one of {', '.join(STAGES)}")
+    return getattr(r1.config, STAGES[stage][0])
+
+
+def stage_class(stage: str) -> type:
+    module_name, class_name = STAGES[stage][1].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def export_dir(config: Any, run_dir: Path) -> Path:
+    return Path(config.checkpoint.export_dir).expanduser() if config.checkpoint.export_dir else run_dir / "final"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from r1.config import parse_config
+    from r1.train.stage import WorkerInfo
+
+    # DeepSpeed compiles its ops on first use; a shared cache makes later runs start in seconds.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(TORCH_EXTENSIONS_DIR).expanduser()))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stage_name = loop_config["stage"]
+    config = parse_config(config_class(stage_name), loop_config["config"], source=f"{stage_name} training config")
+    sink = loop_config.get("sink")
+    context = ray.train.get_context()
+    worker = WorkerInfo(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device()
+    )
+    is_reporter = worker.rank == 0 and sink is not None
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
+        stage = stage_class(stage_name)(config, worker, resume_dir)
+    if sink is not None:  # which process is which rank: for debugging and for fault-injection tests
+        sink.push.remote({"event": "worker", "rank": worker.rank, "pid": os.getpid(), "device": str(worker.device)})
+    if is_reporter:
+        sink.push.remote({"event": "start", "start_step": stage.start_step, "resumed": checkpoint is not None,
+                          "world_size": worker.world_size})
+
+    every = config.checkpoint.every_steps
+    metrics: dict[str, Any] = {}
+    for step in range(stage.start_step, config.max_steps):
+        metrics = stage.run_step(step)
+        done = step + 1
+        last = done == config.max_steps
+        if is_reporter and (done % config.log_every_steps == 0 or last):
+            sink.push.remote(metrics)
+        if last or (every and done % every == 0):
+            if last:
+                evaluation = stage.evaluate()
+                metrics.update(evaluation)
+                if is_reporter and evaluation:
+                    sink.push.remote({"event": "eval", "step": done, **evaluation})
+            with tempfile.TemporaryDirectory(prefix="r1-ckpt-") as tmp:
+                wrote = stage.save_checkpoint(tmp, done)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
+
+    out = export_dir(config, Path(loop_config["run_dir"]))
+    stage.export(out)
+    if is_reporter:
+        sink.push.remote({"event": "exported", "path": str(out), "step": config.max_steps})

@@ -1,0 +1,129 @@
+"""GRPO rollouts: prompts with reference answers, group sampling with the r1 engine, policy batches.
+
+`generate_groups` samples `group_size` completions per prompt with the continuous-batching engine
+(all groups of a step in one `generate_batch` call); `policy_batch` lays each row out as a
+left-padded prompt then a right-padded completion, with a mask over completion tokens (the
+generated end-of-sequence token included, so the policy learns to stop); `completion_log_probs`
+scores those tokens, running the LM head only where it predicts a completion token.
+
+This module does not compute rewards or losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1.config import SamplingConfig
+from r1.train.grpo import token_log_probs
+from r1.train.sft_data import level_counts, read_jsonl
+
+
+@dataclass
+class PromptItem:
+    prompt: str  # the user message
+    answer: Any  # what the accuracy reward compares against
+    prompt_ids: list[int]  # the rendered generation prompt
+
+
+@dataclass
+class Rollouts:
+    """group_size consecutive rows per prompt."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The chat template's generation prompt for one user message, as token ids."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt, add_special_tokens=True))
+
+
+def load_prompt_items(
+    tokenizer: Any, *, path: str | None, task: str | None, num_prompts: int, levels: list[int], seed: int
+) -> list[PromptItem]:
+    """Prompts from a JSONL file ({"prompt": str, "answer": ...}) or the arithmetic task's train split."""
+    if task == "arithmetic":
+        from r1.tasks.arithmetic import generate_problems
+
+        pairs: list[tuple[str, Any]] = []
+        for level, count in level_counts(num_prompts, levels).items():
+            pairs.extend((p.question, p.answer) for p in generate_problems(count, level=level, seed=seed, split="train"))
+    else:
+        if path is None or not Path(path).expanduser().exists():
+            raise ValueError(f"prompt file {path} does not exist; set prompts.path to a JSONL file")
+        records = read_jsonl(Path(path).expanduser())
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}: record {number} needs a string 'prompt' (and an 'answer' for accuracy)")
+        pairs = [(r["prompt"], r.get("answer")) for r in records]
+    return [PromptItem(prompt=p, answer=a, prompt_ids=encode_prompt(tokenizer, p)) for p, a in pairs]
+
+
+def generate_groups(engine: Any, items: list[PromptItem], group_size: int, sampling: SamplingConfig) -> Rollouts:
+    """`group_size` sampled completions per prompt, rows grouped by prompt."""
+    requests = [item.prompt_ids for item in items for _ in range(group_size)]
+    completions = engine.generate_batch(requests, sampling)
+    failed = [c for c in completions if c.finish_reason == "abort"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} rollouts were aborted by the engine: {failed[0].error}")
+    return Rollouts(
+        prompt_ids=[list(c.prompt_token_ids) for c in completions],
+        completion_ids=[list(c.token_ids) for c in completions],
+        texts=[c.text for c in completions],
+        finish_reasons=[c.finish_reason for c in completions],
+    )
+
+
+def policy_batch(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Rows of [left-padded prompt | right-padded completion], so completions share columns.
+
+    Returns input_ids, attention_mask, position_ids (counting real tokens only, as the engine does
+    for left-padded prompts) and completion_mask ([rows, completion width], 1 on real tokens).
+    """
+    prompt_width = max(len(p) for p in prompt_ids)
+    completion_width = max(len(c) for c in completion_ids)
+    rows = len(prompt_ids)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, prompt_width + completion_width), dtype=torch.long)
+    completion_mask = torch.zeros((rows, completion_width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        start = prompt_width - len(prompt)
+        input_ids[row, start:prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion)
+        attention_mask[row, start : prompt_width + len(completion)] = 1
+        completion_mask[row, : len(completion)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+    }
+
+
+def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each completion token, completion mask), both [rows, completion width].
+
+    Only the positions that predict completion tokens go through the LM head (`logits_to_keep`).
+    """
+    completion_width = batch["completion_mask"].shape[1]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=completion_width + 1,
+    ).logits
+    logp = token_log_probs(logits[:, :-1, :], batch["input_ids"][:, -completion_width:])
+    return logp, batch["completion_mask"]

@@ -1,0 +1,213 @@
+"""r1.safety streams: hold-back never emits a sensitive span, holds no more than needed, and the
+pieces add up to what `check` returns for the whole text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from r1.config import SafetyConfig, SafetyRuleConfig
+from r1.safety import SafetyFilter
+
+VISA = "4111111111111111"
+UNIONPAY_19 = "6212345678901234569"
+ZW = "\u200b"
+
+
+@pytest.fixture(scope="module")
+def default() -> SafetyFilter:
+    return SafetyFilter.from_profile("default")
+
+
+@pytest.fixture(scope="module")
+def strict() -> SafetyFilter:
+    return SafetyFilter.from_profile("strict")
+
+
+@pytest.fixture(scope="module")
+def custom() -> SafetyFilter:
+    return SafetyFilter(
+        SafetyConfig(
+            rules=[
+                SafetyRuleConfig(id="codename", kind="keyword", keywords=["天穹计划", "skyline"]),
+                SafetyRuleConfig(id="employee_id", kind="regex", pattern=r"EMP-\d{6}"),
+            ]
+        )
+    )
+
+
+def run(safety: SafetyFilter, chunks: list[str], direction: str = "output") -> tuple[list[str], object]:
+    stream = safety.stream(direction)  # type: ignore[arg-type]
+    pieces = [stream.feed(chunk) for chunk in chunks]
+    pieces.append(stream.flush())
+    return pieces, stream
+
+
+SPLIT_CASES = [
+    # a 19-digit UnionPay-style number touching Chinese text
+    f"我的卡号是{UNIONPAY_19}谢谢",
+    # a grouped card number
+    "卡号 4111 1111 1111 1111 好的",
+    # zero-width characters between the groups
+    f"卡号4111{ZW}1111{ZW}1111{ZW}1111号",
+    # full-width digits and a full-width dash
+    "卡号４１１１－１１１１－１１１１－１１１１。",
+    # a password value after the keyword
+    "我的密码是abc123，请帮我看看",
+    # a code before its keyword
+    "384920是您的验证码，请勿泄露",
+    # a spaced-out code
+    "验证码：3 8 4 9 2 0。",
+    # an ASCII keyword whose boundary depends on the next character
+    "OTP 123456 then OTPs",
+    # a long secret value (longer than the stream's context window)
+    "token password=" + "x1" * 300 + " end",
+    # harmless text mentioning keywords
+    "忘记密码怎么办？验证码一直收不到。",
+]
+
+
+@pytest.mark.parametrize("text", SPLIT_CASES)
+def test_every_two_chunk_split_equals_check(default, text):
+    # Wherever the text is cut, the pieces add up to the whole-text verdict.
+    expected = default.check(text, "output").text
+    step = max(1, len(text) // 60)
+    for cut in range(0, len(text) + 1, step):
+        pieces, _ = run(default, [text[:cut], text[cut:]])
+        assert "".join(pieces) == expected, cut
+
+
+@pytest.mark.parametrize("text", SPLIT_CASES)
+def test_char_by_char_equals_check_and_never_leaks(default, text):
+    # One character per chunk: the hardest case for hold-back.
+    pieces, _ = run(default, list(text))
+    assert "".join(pieces) == default.check(text, "output").text
+    emitted = "".join(pieces)
+    for secret in (UNIONPAY_19, "abc123", "384920", "3 8 4 9 2 0", "123456", "x1x1x1"):
+        if secret in text:
+            assert secret not in emitted
+
+
+def test_split_card_number_is_held_then_redacted(default):
+    # The first chunk ends inside a card number: only the text before it goes out.
+    stream = default.stream("output")
+    assert stream.feed("卡号6222 0212") == "卡号"
+    assert stream.feed(" 3456 7894，谢谢") == "[已隐藏]，谢谢"
+    assert stream.flush() == ""
+    assert stream.rule_ids == ("card_number",)
+    assert stream.action == "redact"
+
+
+def test_harmless_text_is_not_held(default):
+    # Text that cannot start a finding streams through at once.
+    stream = default.stream("output")
+    for chunk in ["您好，", "请问有什么", "可以帮您？", "Thanks for ", "reaching out."]:
+        assert stream.feed(chunk) == chunk
+        assert stream.held_chars == 0
+
+
+HOLD_CASES = [
+    # the first character of 密码 may become a keyword
+    ("我的密", 1),
+    # a keyword whose value may follow: nothing of it needs holding
+    ("我的密码是", 0),
+    # a value that may still grow is emitted redacted, only its possible trailing punctuation held
+    ("我的密码是abc123.", 1),
+    # a number: its last 19 digits (with separators) may still become a card number
+    ("订单 1234 5678", 9),
+    # a long digit run: only the last 19 digits are held
+    ("编号" + "1" * 30, 19),
+    # a short number may still be followed by 是您的验证码
+    ("共有384920", 6),
+]
+
+
+@pytest.mark.parametrize("text,held", HOLD_CASES)
+def test_hold_back_is_no_more_than_a_match_needs(default, text, held):
+    stream = default.stream("output")
+    stream.feed(text)
+    assert stream.held_chars == held
+
+
+def test_strict_stream_blocks_once_and_emits_nothing_after(strict):
+    # Strict semantics in a stream: clean text goes out; once a keyword is seen, the block
+    # message replaces everything after it.
+    stream = strict.stream("output")
+    assert stream.feed("您好，我来帮您查询。") == "您好，我来帮您查询。"
+    assert stream.feed("您的信用") == "您的"  # "信用" may start 信用卡: held
+    assert stream.feed("卡已经") == "内容包含敏感信息"
+    assert stream.feed("更多文字") == ""
+    assert stream.flush() == ""
+    assert stream.action == "block"
+    assert stream.rule_ids == ("sensitive_keyword",)
+
+
+def test_strict_stream_blocks_a_digit_run_split_across_chunks(strict):
+    stream = strict.stream("output")
+    out = stream.feed("号码12345678") + stream.feed("90123456") + stream.flush()
+    assert out == "号码内容包含敏感信息"
+
+
+def test_custom_regex_and_keyword_rules_in_streams(custom):
+    text = "员工EMP-123456负责skyline项目，即天穹计划。"
+    for size in (1, 2, 3, 7):
+        pieces, _ = run(custom, [text[i : i + size] for i in range(0, len(text), size)])
+        assert "".join(pieces) == custom.check(text, "output").text == "员工[已隐藏]负责[已隐藏]项目，即[已隐藏]。"
+
+
+def test_state_round_trip_continues_the_stream(default):
+    # A stateless server resumes each step from plain data.
+    text = f"卡号{VISA}，密码是abc123。"
+    state = None
+    out = []
+    for chunk in [text[i : i + 3] for i in range(0, len(text), 3)]:
+        stream = default.stream("output") if state is None else default.resume_stream(state)
+        out.append(stream.feed(chunk))
+        state = stream.to_state()
+    out.append(default.resume_stream(state).flush())
+    assert "".join(out) == default.check(text, "output").text
+
+
+def test_state_from_other_rules_is_refused(default, strict):
+    state = default.stream("output").to_state()
+    with pytest.raises(ValueError, match="different safety rules"):
+        strict.resume_stream(state)
+
+
+def test_feed_after_flush_is_a_value_error(default):
+    stream = default.stream("output")
+    stream.flush()
+    with pytest.raises(ValueError, match="flushed"):
+        stream.feed("more")
+
+
+FRAGMENTS = [
+    "密码", "密", "码", "是", "为", "：", ":", " ", "验证码", "您的", "abc", "123", "4111", "1111", "6222", "0212",
+    "-", "－", ZW, "１", "，", "。", "password", "is", "OTP", "pin", "skyline", "天穹计划", "EMP-", "123456", "x",
+    "信用卡", "8-20", "位", "\u3000", "'", "㍱", "ﬁ", "❤\ufe0f", "é", "\n",
+]
+
+
+@pytest.mark.parametrize("name", ["default", "strict", "custom"])
+def test_random_texts_and_chunkings_match_check(name, request):
+    # Seeded property test: random texts built from tricky fragments, random chunk sizes.
+    safety = request.getfixturevalue(name)
+    rng = random.Random(20240501)
+    for _ in range(300):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 25)))
+        chunks, i = [], 0
+        while i < len(text):
+            size = rng.randint(1, 6)
+            chunks.append(text[i : i + size])
+            i += size
+        pieces, stream = run(safety, chunks)
+        verdict = safety.check(text, "output")
+        emitted = "".join(pieces)
+        if verdict.action == "block":
+            # Everything before the block message was screened clean.
+            assert emitted.endswith(safety.block_message) and stream.action == "block"
+            prefix = emitted[: -len(safety.block_message)]
+            assert text.startswith(prefix) and safety.check(prefix, "output").action != "block"
+        else:
+            assert emitted == verdict.text, text

@@ -1,0 +1,77 @@
+"""The `r1 train`, `r1 eval` and `r1 model merge-lora` command lines (no Ray started here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main as r1_main
+from cluster.train.driver import load_train_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_eval_prints_accuracy_and_format_rate_as_json(capsys):
+    assert r1_main(["eval", "--model", "r1-tiny", "--num-problems", "4", "--level", "1", "2",
+                    "--max-new-tokens", "24", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["level"] for r in results] == [1, 2]
+    for result in results:
+        assert result["num_problems"] == 4
+        assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["format_rate"] <= 1.0
+
+
+def test_eval_prints_a_readable_line(capsys):
+    assert r1_main(["eval", "--num-problems", "2", "--max-new-tokens", "8"]) == 0
+    assert "arithmetic level 1: exact match" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a typo in a --set key names the allowed keys, before any Ray worker starts
+        (["train", "sft", "--set", "optim.learning_rate=1"], "allowed keys"),
+        # --set needs key=value
+        (["train", "grpo", "--set", "grpo.group_size"], "must look like key=value"),
+        # a config path that does not exist
+        (["train", "reward", "--config", "nope.yaml"], "does not exist"),
+        # the reward stage has no default preference data
+        (["train", "reward"], "data: Field required"),
+    ],
+)
+def test_train_config_mistakes_exit_2_with_the_fix(argv, message, capsys):
+    assert r1_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "stage, path",
+    [
+        ("sft", "train_sft.yaml"),
+        ("reward", "train_reward.yaml"),
+        ("grpo", "train_grpo.yaml"),
+        ("sft", "train_tiny_sft.yaml"),
+        ("grpo", "train_tiny_grpo.yaml"),
+    ],
+)
+def test_committed_configs_parse(stage, path):
+    # Every YAML in ray_configs/ maps onto its config model (a renamed field would break it here).
+    config = load_train_config(stage, str(REPO / "ray_configs" / path), ["max_steps=3"])
+    assert config.max_steps == 3
+
+
+def test_set_overrides_nested_sections():
+    config = load_train_config("grpo", str(REPO / "ray_configs" / "train_grpo.yaml"), [
+        "grpo.reward_temperature=0.9", "scaling={num_workers: 4, use_gpu: true}", "lora.enabled=true",
+    ])
+    assert config.grpo.reward_temperature == 0.9
+    assert (config.scaling.num_workers, config.scaling.use_gpu, config.lora.enabled) == (4, True, True)
+
+
+def test_train_help_lists_the_stages(capsys):
+    with pytest.raises(SystemExit):
+        r1_main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in ("sft", "reward", "grpo"))

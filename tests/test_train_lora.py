@@ -1,0 +1,92 @@
+"""LoRA: adapters attach to the named modules, merge into the base exactly, and the merged model serves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.cli import main as r1_main
+from r1.config import EngineConfig, ModelConfig, SamplingConfig, TrainLoraConfig
+from r1.model import resolve_source
+from r1.train.lora import adapter_base_model, apply_lora, is_adapter_dir, merge_lora
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A LoRA adapter on r1-tiny with non-zero weights (fresh LoRA is an exact no-op), saved to disk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = resolve_source("r1-tiny")[0]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = apply_lora(model, TrainLoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_only_adapters_train_on_the_target_modules():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_source("r1-tiny")[0])
+    peft_model = apply_lora(model, TrainLoraConfig(target_modules=["q_proj", "o_proj"]))
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable} == {"q_proj", "o_proj"}
+
+
+def test_unknown_target_module_is_an_error():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_source("r1-tiny")[0])
+    with pytest.raises(ValueError, match=r"\['query'\] match no module"):
+        apply_lora(model, TrainLoraConfig(target_modules=["q_proj", "query"]))
+
+
+def test_merged_logits_equal_adapter_logits(adapter_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert is_adapter_dir(adapter_dir)
+    base_dir = adapter_base_model(adapter_dir)
+    input_ids = torch.tensor([[0, 2, 100, 200, 300, 400, 3]])
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(base_dir), input_ids)
+    adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir))
+    adapter_logits = _logits(adapter_model, input_ids)
+    merged_dir = merge_lora(adapter_dir, tmp_path / "merged")
+    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(merged_dir), input_ids)
+    # The adapter changes the model (so the comparison is not vacuous) ...
+    assert (adapter_logits - base_logits).abs().max() > 1e-2
+    # ... and merging reproduces it.
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert not is_adapter_dir(merged_dir)
+
+
+def test_merge_lora_cli_output_is_served_by_the_engine(adapter_dir, tmp_path, capsys):
+    from r1.engine.engine import TransformersEngine
+    from r1.model import load_model
+
+    out = tmp_path / "merged-cli"
+    assert r1_main(["model", "merge-lora", "--adapter", str(adapter_dir), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    model, tokenizer = load_model(ModelConfig(model=str(out), device="cpu"))
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=2))
+    (completion,) = engine.generate_batch(
+        [[{"role": "user", "content": "Mia has 3 pens."}]], SamplingConfig(temperature=0, max_new_tokens=4)
+    )
+    assert len(completion.token_ids) >= 1 and completion.finish_reason in ("stop", "length")
+
+
+def test_merge_lora_refuses_a_plain_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a LoRA adapter directory"):
+        merge_lora(resolve_source("r1-tiny")[0], tmp_path / "out")
