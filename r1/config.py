@@ -634,7 +634,7 @@ class SafetyConfig(StrictModel):
     # Each redacted span becomes this.
     redaction_text: str = "[已隐藏]"
     # Longest a caller waits for the SafetyFilter deployment; past it the request fails (503).
-    timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
     # The SafetyFilter Serve deployment. A check takes micro- to milliseconds, so a replica
     # serves many requests at once on a tenth of a CPU.
     deployment: DeploymentConfig = Field(
