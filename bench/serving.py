@@ -123,7 +123,7 @@ def start_stack(port: int) -> None:
 
     from cluster.serve.app import build_app
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}

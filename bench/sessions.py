@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(backends) - {"sqlite-full", "sqlite-normal", "redis"}
     if unknown:
         raise SystemExit(f"unknown backends {sorted(unknown)}; use sqlite-full, sqlite-normal, redis")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory(prefix="r1-bench-sessions-") as tmp:
         workdir = Path(tmp)

@@ -44,7 +44,7 @@ def ray_serve(port: int, num_cpus: int = 2) -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -24,7 +24,7 @@ GOOD = "def add(a, b):\n    return a + b\n"
 
 @pytest.fixture(scope="module")
 def handle():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = CodeValidatorConfig(
         codecheck=CodeCheckConfig(timeout_s=20.0, memory_mb=256, max_processes=16),
         num_cpus=0.1, min_replicas=1, max_replicas=1, target_ongoing_requests=2, max_ongoing_requests=4,

@@ -20,7 +20,7 @@ CARD = "4111 1111 1111 1111"
 
 @pytest.fixture(scope="module")
 def handle():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = SafetyConfig(
         deployment=DeploymentConfig(num_cpus=0.1, min_replicas=1, max_replicas=1, target_ongoing_requests=4, max_ongoing_requests=8)
     )

@@ -75,7 +75,7 @@ def redis_url():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -269,7 +269,7 @@ def test_sessions_survive_restarting_everything(configs):
     kinds = ("sqlite", "redis")
     session_ids = {kind: run(dialog(SessionClient(configs[kind]), None, KEY_A, 1, 3))[0] for kind in kinds}
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
         fresh = SessionClient(configs[kind])
         assert run(fresh.history(session_ids[kind], KEY_A))["messages"] == exchanges(1, 3), kind

@@ -93,7 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from cluster.serve.app import build_app
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    # No address: start a fresh local cluster (never attach to an unrelated one by accident).
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in (config.api_keys_env, "HF_HUB_OFFLINE")}})
     serve.start(http_options={"host": host, "port": port})
