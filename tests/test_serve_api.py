@@ -24,6 +24,7 @@ from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_htt
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
 MODEL = "r1-tiny"
+SMALL_SAFETY = small_deployment(min_replicas=1, max_replicas=2, num_cpus=0.02)
 LETTERS_RULE = {"id": "test_letters", "kind": "regex", "pattern": "[a-z]{2}", "input": "off", "output": "redact"}
 MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. How many apples does she have now?"}]
 
@@ -40,8 +41,12 @@ def server(tmp_path_factory):
         "request_timeout_s": 300,
         "ingress": small_deployment(num_cpus=0.05),
         "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
-        "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db"},
-        "safety": {"timeout_s": 20},  # generous: 2 shared cores, the filter must not time out by accident
+        # Generous deadlines: on 2 shared cores a new SessionStore actor process can take a while to start.
+        "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db", "call_timeout_s": 120},
+        # Generous deadline: 2 shared cores, the filter must not time out by accident.
+        "safety": {"timeout_s": 20, "deployment": SMALL_SAFETY},
+        # Four apps share ray.init(num_cpus=2): keep every replica's CPU share small so all fit.
+        "code_validator": {"num_cpus": 0.05},
     }
     with ray_serve(port):
         serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")
@@ -53,10 +58,12 @@ def server(tmp_path_factory):
         one_llm = small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.05)
         small = {**common, "llm": one_llm, "ingress": one_llm, "code_validator": None, "sessions": {"enabled": False}}
         # The guide's strict profile, plus an output rule that fires on any two lowercase letters.
-        serve.run(build_app({**small, "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20}}),
+        serve.run(build_app({**small, "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20,
+                                                  "deployment": SMALL_SAFETY}}),
                   name="strict", route_prefix="/strict")
         # A filter that can never answer in time: every request must fail closed.
-        serve.run(build_app({**small, "safety": {"timeout_s": 0.0001}}), name="failclosed", route_prefix="/failclosed")
+        serve.run(build_app({**small, "safety": {"timeout_s": 0.0001, "deployment": SMALL_SAFETY}}),
+                  name="failclosed", route_prefix="/failclosed")
         base = f"http://127.0.0.1:{port}"
         for prefix in ("", "/sharded", "/strict", "/failclosed"):
             wait_http_ok(f"{base}{prefix}/health")

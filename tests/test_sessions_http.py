@@ -28,7 +28,7 @@ def app_config(keys_file, backend_url: str) -> dict:
         "api_keys_file": str(keys_file),
         "ingress": small_deployment(min_replicas=1, max_replicas=1),
         "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1),
-        "sessions": {"backend_url": backend_url, "num_partitions": 2},
+        "sessions": {"backend_url": backend_url, "num_partitions": 2, "call_timeout_s": 120},
     }
 
 
