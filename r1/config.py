@@ -283,12 +283,16 @@ class TrainStrategyConfig(StrictModel):
     zero_stage: int = Field(default=0, ge=0, le=3)
     # "optimizer" needs zero_stage >= 1; "optimizer_and_params" needs zero_stage 3.
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    # DeepSpeed's shared-memory all-reduce for CPU workers on one node. It is a C++ op compiled on
+    # first use (about a minute, once per TORCH_EXTENSIONS_DIR); off, CPU workers all-reduce over gloo.
+    cpu_shm_comm: bool = False
 
     @model_validator(mode="after")
     def _zero_options_need_deepspeed(self) -> TrainStrategyConfig:
-        if self.name == "ddp" and (self.zero_stage != 0 or self.offload != "none"):
+        if self.name == "ddp" and (self.zero_stage != 0 or self.offload != "none" or self.cpu_shm_comm):
             raise ValueError(
-                f"zero_stage={self.zero_stage} / offload={self.offload} need strategy.name=deepspeed (DDP has neither)"
+                f"zero_stage={self.zero_stage} / offload={self.offload} / cpu_shm_comm={self.cpu_shm_comm} "
+                "need strategy.name=deepspeed (DDP has none of them)"
             )
         if self.offload == "optimizer" and self.zero_stage < 1:
             raise ValueError("offload=optimizer needs zero_stage >= 1; raise zero_stage or set offload=none")

@@ -154,6 +154,7 @@ def test_preference_split_holds_out_a_fraction():
         (SFTTrainConfig, {"data": {"task": "arithmetic", "path": "x.jsonl"}}, "exactly one of data.path"),
         # ZeRO belongs to DeepSpeed
         (SFTTrainConfig, {"strategy": {"name": "ddp", "zero_stage": 2}}, "need strategy.name=deepspeed"),
+        (SFTTrainConfig, {"strategy": {"name": "ddp", "cpu_shm_comm": True}}, "need strategy.name=deepspeed"),
         # parameter offload only exists in ZeRO-3
         (SFTTrainConfig, {"strategy": {"name": "deepspeed", "zero_stage": 2, "offload": "optimizer_and_params"}},
          "zero_stage=3"),

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def ray_cluster():
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1-cluster/torch_extensions").expanduser()))
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

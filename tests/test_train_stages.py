@@ -100,7 +100,9 @@ def test_lora_reference_is_the_base_model(untrained_tiny):
         "max_steps": 5,
     })
     stage = GRPOStage(config, WorkerInfo())
-    stage.reward = WeightedReward([RewardTerm("digits", _digit_share, 1.0)])
+    # A reward that differs within every group (a digit share is often 0 for a whole group, which
+    # gives zero advantages and no update at all).
+    stage.reward = WeightedReward([RewardTerm("distinct", _distinct_share, 1.0)])
     assert stage.reference is None  # no second copy of the model: adapters off = reference
     first = stage.run_step(0)
     assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # fresh LoRA (B = 0) is exactly the base model
@@ -110,6 +112,10 @@ def test_lora_reference_is_the_base_model(untrained_tiny):
 
 def _digit_share(completions, **_):
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def _distinct_share(completions, **_):
+    return [len(set(text)) / max(1, len(text)) for text in completions]
 
 
 def _broken(completions, **_):
@@ -133,19 +139,20 @@ def _space_share(completions, **_):
 
 def test_grpo_raises_a_learnable_reward(untrained_tiny):
     # A fresh model samples near-uniform tokens, so the share of whitespace varies within groups
-    # (about 9 % on average); GRPO must push it up. Fixed seeds make the run reproducible.
+    # (about 9 % on average); GRPO must push it up. Sampling varies run to run, so the margin is wide.
     torch.manual_seed(0)
     config = parse_config(GRPOTrainConfig, {
         "model": {"model": untrained_tiny},
         "prompts": {"task": "arithmetic", "num_prompts": 8, "levels": [1]},
         "grpo": {"group_size": 8, "prompts_per_step": 2, "max_new_tokens": 12, "kl_beta": 0.0, "reward_temperature": 1.0},
-        "optim": {"lr": 1e-2},
-        "max_steps": 8,
+        "optim": {"lr": 2e-2},
+        "max_steps": 10,
     })
     stage = GRPOStage(config, WorkerInfo())
     stage.reward = WeightedReward([RewardTerm("spaces", _space_share, 1.0)])
-    rewards = [stage.run_step(step)["reward"] for step in range(8)]
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.08, rewards
+    rewards = [stage.run_step(step)["reward"] for step in range(10)]
+    # Measured: from about 0.1 to 0.5-1.0 within 10 steps; a broken advantage or sign stays near 0.1.
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
 
 
 def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):

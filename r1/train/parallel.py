@@ -134,6 +134,19 @@ def deepspeed_config(config: Any, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory CPU all-reduce op; collectives use gloo.
+
+    The op is built with ninja the first time a process group starts on CPU: about a minute per
+    fresh environment, and every worker of a job waits on one file lock meanwhile. It only matters
+    for CPU training (GPU workers use NCCL), so it is opt-in (`strategy.cpu_shm_comm`).
+    """
+    import importlib
+
+    # Not `from deepspeed.comm import torch`: the package re-exports the real torch under that name.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 class DeepSpeedStrategy:
     """DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload."""
 
@@ -167,6 +180,8 @@ class DeepSpeedStrategy:
                 step, warmup_steps=optim_config.warmup_steps, max_steps=max_steps, schedule=optim_config.schedule
             ),
         )
+        if not config.strategy.cpu_shm_comm:
+            _skip_deepspeed_shm_op()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
         )
