@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -17,3 +18,42 @@ def tiny():
     from r1.model import load_model
 
     return load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
+
+
+# Seconds per test module (setup + call + teardown): a line as each module ends, and a ranked line
+# at the end of the run, so that even a cut-off CI log shows where the time went.
+_module_seconds: dict[str, float] = {}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def pytest_runtest_logreport(report):
+    module = _module(report.nodeid)
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+_ending_module: str | None = None  # set while the last test of a module runs
+
+
+def pytest_runtest_protocol(item, nextitem):
+    global _ending_module
+    if nextitem is None or _module(nextitem.nodeid) != _module(item.nodeid):
+        _ending_module = _module(item.nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    global _ending_module
+    if _ending_module == _module(nodeid):
+        sys.stderr.write(f"\n[{_ending_module}: {_module_seconds[_ending_module]:.0f} s]\n")
+        _ending_module = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if _module_seconds:
+        ranked = sorted(_module_seconds.items(), key=lambda item: -item[1])
+        terminalreporter.write_line(
+            "seconds per module: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in ranked)
+        )

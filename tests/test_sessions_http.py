@@ -43,7 +43,10 @@ def env(tmp_path_factory):
 
 
 def deploy(env, backend_url: str) -> str:
-    serve.run(build_app(app_config(env["keys"], backend_url)), name="sessions", route_prefix="/")
+    """The app on `backend_url`; tests on the same backend share one deployment (each takes seconds)."""
+    if env.get("backend") != backend_url:
+        serve.run(build_app(app_config(env["keys"], backend_url)), name="sessions", route_prefix="/")
+        env["backend"] = backend_url
     wait_http_ok(f"{env['base']}/health")
     return env["base"]
 
@@ -52,7 +55,13 @@ def restart(env, backend_url: str) -> str:
     """Take the whole app down (Serve app and the detached SessionStore actors) and deploy again."""
     serve.delete("sessions")
     assert stop_session_actors(SessionConfig().namespace) >= 1
+    env.pop("backend", None)
     return deploy(env, backend_url)
+
+
+def shared_backend(env) -> str:
+    """One SQLite store for the tests that need no fresh app; each uses its own sessions."""
+    return f"sqlite:///{env['tmp']}/shared.db"
 
 
 def client(base: str, key: str = KEY) -> openai.OpenAI:
@@ -72,7 +81,7 @@ def history(base: str, session_id: str, key: str = KEY) -> httpx.Response:
 
 
 def test_window_of_ten_history_and_ownership(env):
-    base = deploy(env, f"sqlite:///{env['tmp']}/window.db")
+    base = deploy(env, shared_backend(env))
     api = client(base)
     tokenizer = load_tokenizer(ModelConfig())
     session_id, reply = turn(api, "user message 1", None)
@@ -100,16 +109,17 @@ def test_window_of_ten_history_and_ownership(env):
     assert history(base, session_id).status_code == 404
 
 
-@pytest.mark.parametrize("bad_id", ["../etc/passwd", "x" * 300, "has space"])
-def test_bad_session_ids_are_400(env, bad_id):
-    base = deploy(env, f"sqlite:///{env['tmp']}/window.db")
-    response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "session_id": bad_id})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "session_id"
+def test_bad_session_ids_are_400(env):
+    base = deploy(env, shared_backend(env))
+    for bad_id in ["../etc/passwd", "x" * 300, "has space", ""]:
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "session_id": bad_id})
+        assert response.status_code == 400, (bad_id, response.text)
+        assert response.json()["error"]["param"] == "session_id", bad_id
 
 
 def test_concurrent_turns_on_one_session_are_all_stored(env):
-    base = deploy(env, f"sqlite:///{env['tmp']}/concurrent.db")
+    base = deploy(env, shared_backend(env))
     session_id, _ = turn(client(base), "first", None)
 
     async def main():
@@ -129,7 +139,7 @@ def test_concurrent_turns_on_one_session_are_all_stored(env):
 
 
 def test_killed_session_actor_loses_nothing(env):
-    backend = f"sqlite:///{env['tmp']}/kill.db"
+    backend = shared_backend(env)
     base = deploy(env, backend)
     api = client(base)
     session_id, _ = turn(api, "before the kill 1", None)
@@ -142,7 +152,7 @@ def test_killed_session_actor_loses_nothing(env):
 
 
 def test_sessions_survive_an_app_restart_sqlite(env):
-    backend = f"sqlite:///{env['tmp']}/restart.db"
+    backend = shared_backend(env)
     base = deploy(env, backend)
     session_id, _ = turn(client(base), "remember me", None)
     base = restart(env, backend)
