@@ -21,8 +21,11 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors import metrics
+from actors.tracing import setup_actor_tracing
 from r1.codecheck import Sandbox, Validation, validate_request
 from r1.config import CodeValidatorConfig, parse_config
+from r1.telemetry import inject_context, span
 
 HEALTH_PROBE_EVERY_S = 60.0
 
@@ -38,6 +41,8 @@ _DEFAULTS = CodeValidatorConfig()
 )
 class CodeValidatorDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
+        setup_actor_tracing("code-validator")
+        metrics.start_resource_reporter("code_validator")
         self.config = parse_config(CodeValidatorConfig, config, source="CodeValidator config")
         self.sandbox = Sandbox(self.config.codecheck)
         self.plan = self.sandbox.plan()
@@ -46,12 +51,18 @@ class CodeValidatorDeployment:
         self._last_probe = time.monotonic()
 
     async def validate(self, code: str, tests: str | list[str] | None = None,
-                       timeout_s: float | None = None) -> dict[str, Any]:
+                       timeout_s: float | None = None, trace: dict[str, str] | None = None) -> dict[str, Any]:
         """Validation.to_dict() of `code` against `tests` (+ doctests); never raises for bad input."""
-        async with self._slots:
-            validation = await asyncio.to_thread(validate_request, code, tests, timeout_s=timeout_s,
-                                                 sandbox=self.sandbox)
+        num_tests = len(tests) if isinstance(tests, list) else int(bool(tests))
+        with span("code.validate", trace, code_chars=len(code), num_tests=num_tests,
+                  isolation=self.plan.level) as current:
+            async with self._slots:
+                # to_thread copies the context: the sandbox's "sandbox.run" spans are children of this one.
+                validation = await asyncio.to_thread(validate_request, code, tests, timeout_s=timeout_s,
+                                                     sandbox=self.sandbox)
+            current.set_attribute("status", validation.status)
         self._counts[validation.status] += 1
+        metrics.record_sandbox_run(validation.status)
         return validation.to_dict()
 
     def stats(self) -> dict[str, Any]:
@@ -87,5 +98,5 @@ class HandleValidator:
         self.timeout_s = timeout_s
 
     def __call__(self, code: str, tests: str | list[str] | None) -> Validation:
-        reply = self.handle.validate.remote(code, tests).result(timeout_s=self.timeout_s)
+        reply = self.handle.validate.remote(code, tests, trace=inject_context()).result(timeout_s=self.timeout_s)
         return Validation.from_dict(reply)

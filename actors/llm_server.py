@@ -13,61 +13,86 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from actors import metrics
+from actors.tracing import setup_actor_tracing
 from r1.config import SamplingConfig, ServeConfig
 from r1.engine import EngineOverloaded, TransformersEngine
 from r1.model import load_model, load_tokenizer
+from r1.sequence_spans import RequestCarriers
+from r1.telemetry import inject_context, span
 
 logger = logging.getLogger("ray.serve")
 
 
-def _build_engine(config: ServeConfig) -> TransformersEngine:
+def _build_engine(config: ServeConfig, carriers: RequestCarriers) -> TransformersEngine:
     if config.pipeline_stages == 1:
         model, tokenizer = load_model(config.model)
         return TransformersEngine(model, tokenizer, config.engine)
     from actors.model_shard import build_sharded_engine
 
-    return build_sharded_engine(config, load_tokenizer(config.model))
+    return build_sharded_engine(config, load_tokenizer(config.model), carriers=carriers)
 
 
 @serve.deployment(name="LLMServer")
 class LLMServer:
     def __init__(self, config: dict[str, Any]):
+        setup_actor_tracing("llm")
         self.config = ServeConfig.model_validate(config)
-        self.engine = _build_engine(self.config)
+        # request id -> trace carrier; the sharded runner sends it along so each shard's span joins the request's trace
+        self.carriers = RequestCarriers()
+        self.engine = _build_engine(self.config, self.carriers)
         self.engine.start()
         self.think_prefilled = self.engine.think_prefilled
+        metrics.start_resource_reporter("llm_server", poll=lambda: metrics.record_engine_load(self.engine.stats()))
 
     def _error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
         return {"type": "error", "status": status, "message": message, "param": param, "code": code}
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """body: {"request_id", "prompt" (str | token ids | chat messages), "chat" (bool), "sampling" (dict)}."""
-        try:
-            sampling = SamplingConfig.model_validate(body["sampling"])
-            request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
-        except ValueError as error:
-            param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if body.get("chat") else "prompt")
-            yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param, code="context_length_exceeded")
-            return
-        try:
-            deltas = self.engine.stream(request)
-            first = await anext(deltas)
-        except EngineOverloaded as error:
-            yield self._error(503, str(error), code="overloaded")
-            return
-        yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
-        delta = first
-        while True:
-            item = {"type": "delta", "text": delta.text, "num_tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
-            if delta.usage is not None:
-                item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}
-            if delta.error:
-                logger.error("generation %s failed: %s", request.request_id, delta.error)
-                item["error"] = "generation failed inside the engine"
-            yield item
-            if delta.finish_reason is not None:
+        """body: {"request_id", "prompt" (str | token ids | chat messages), "chat" (bool), "sampling" (dict),
+        "trace" (W3C carrier, optional)}."""
+        # attach=False: an async generator must not make its span the caller's current span. The span
+        # ends when the stream ends, fails, or is cancelled by the ingress (GeneratorExit / CancelledError).
+        with span("llm.generate", body.get("trace"), attach=False, chat=bool(body.get("chat"))) as generate:
+            try:
+                sampling = SamplingConfig.model_validate(body["sampling"])
+                request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
+            except ValueError as error:
+                param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if body.get("chat") else "prompt")
+                generate.set_attribute("http.status_code", 400)
+                yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param, code="context_length_exceeded")
                 return
-            delta = await anext(deltas)
+            generate.set_attributes({"request_id": request.request_id, "prompt_tokens": len(request.prompt_token_ids),
+                                     "max_new_tokens": request.max_new_tokens})
+            self.carriers.register(request.request_id, inject_context(generate))
+            try:
+                try:
+                    deltas = self.engine.stream(request)
+                    first = await anext(deltas)
+                except EngineOverloaded as error:
+                    generate.set_attribute("http.status_code", 503)
+                    yield self._error(503, str(error), code="overloaded")
+                    return
+                yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
+                delta = first
+                completion_tokens = 0
+                while True:
+                    completion_tokens += len(delta.token_ids)
+                    item = {"type": "delta", "text": delta.text, "num_tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
+                    if delta.usage is not None:
+                        item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}
+                    if delta.error:
+                        logger.error("generation %s failed: %s", request.request_id, delta.error)
+                        item["error"] = "generation failed inside the engine"
+                        generate.set_attribute("error.type", "engine")
+                    if delta.finish_reason is not None:
+                        generate.set_attributes({"completion_tokens": completion_tokens, "finish_reason": delta.finish_reason})
+                    yield item
+                    if delta.finish_reason is not None:
+                        return
+                    delta = await anext(deltas)
+            finally:
+                self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

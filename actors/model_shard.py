@@ -14,11 +14,14 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors import metrics
+from actors.tracing import setup_actor_tracing
 from r1.config import ServeConfig
 from r1.engine import TransformersEngine
 from r1.engine.engine import stop_token_ids
 from r1.engine.pipeline import ModelStage, PipelineRunner, split_layers
 from r1.model import context_length, load_generation_config, load_model, load_model_config
+from r1.sequence_spans import RequestCarriers, SequenceSpans
 
 SHARD_CALL_TIMEOUT_S = 120.0
 
@@ -28,17 +31,25 @@ class ModelShard:
     def __init__(self, model_config: dict[str, Any], stage_index: int, num_stages: int, pad_token_id: int):
         from r1.config import ModelConfig
 
+        setup_actor_tracing("model-shard")
         model, _ = load_model(ModelConfig.model_validate(model_config))
         self.stage = ModelStage.from_full_model(model, stage_index, num_stages, pad_token_id, copy_model=False)
+        # One span per traced request in this stage: opened at prefill, ended when the sequence is removed.
+        self.spans = SequenceSpans("model_shard.generate", stage_index=stage_index, num_stages=num_stages,
+                                   first_layer=self.stage.layers.start, end_layer=self.stage.layers.stop)
+        metrics.start_resource_reporter("model_shard")
 
-    def add(self, seq_ids: list[str], payload: Any) -> Any:
+    def add(self, seq_ids: list[str], payload: Any, carriers: dict[str, dict[str, str]] | None = None) -> Any:
+        self.spans.open(seq_ids, carriers, batch_size=len(seq_ids))
         return self.stage.add(seq_ids, payload)
 
     def step(self, seq_ids: list[str], payload: Any) -> Any:
+        self.spans.count_step(seq_ids)
         return self.stage.step(seq_ids, payload)
 
     def remove(self, seq_ids: list[str]) -> None:
         self.stage.remove(seq_ids)
+        self.spans.close(seq_ids)
 
     def layers(self) -> tuple[int, int]:
         return self.stage.layers.start, self.stage.layers.stop
@@ -47,11 +58,13 @@ class ModelShard:
 class RemoteStage:
     """Proxy with ModelStage's methods that returns object refs instead of waiting."""
 
-    def __init__(self, actor: Any):
+    def __init__(self, actor: Any, carriers: RequestCarriers | None = None):
         self.actor = actor
+        self.carriers = carriers
 
     def add(self, seq_ids: list[str], payload: Any) -> Any:
-        return self.actor.add.remote(seq_ids, payload)
+        carriers = self.carriers.for_sequences(seq_ids) if self.carriers is not None else {}
+        return self.actor.add.remote(seq_ids, payload, carriers or None)
 
     def step(self, seq_ids: list[str], payload: Any) -> Any:
         return self.actor.step.remote(seq_ids, payload)
@@ -97,11 +110,12 @@ def start_shards(config: ServeConfig, pad_token_id: int) -> list[Any]:
     return actors
 
 
-def build_sharded_engine(config: ServeConfig, tokenizer: Any, actors: list[Any] | None = None) -> TransformersEngine:
+def build_sharded_engine(config: ServeConfig, tokenizer: Any, actors: list[Any] | None = None,
+                         carriers: RequestCarriers | None = None) -> TransformersEngine:
     model_config = load_model_config(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     actors = actors or start_shards(config, pad_id)
-    runner = PipelineRunner([RemoteStage(a) for a in actors], model_config.vocab_size, resolve=resolve)
+    runner = PipelineRunner([RemoteStage(a, carriers) for a in actors], model_config.vocab_size, resolve=resolve)
     engine = TransformersEngine(
         None, tokenizer, config.engine, runner=runner, context_tokens=context_length(model_config, tokenizer),
         stop_ids=stop_token_ids(None, tokenizer, load_generation_config(config.model)),

@@ -30,9 +30,11 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.metrics import record_safety_findings
+from actors.metrics import record_safety_findings, start_resource_reporter
+from actors.tracing import setup_actor_tracing
 from r1.config import SafetyConfig, parse_config
 from r1.safety import SafetyFilter
+from r1.telemetry import inject_context, span
 
 _DEFAULTS = SafetyConfig().deployment.serve_options()
 # A canary the health check screens: a Luhn-valid test card number must not pass unscreened.
@@ -42,17 +44,23 @@ _CANARY = "卡号 4111 1111 1111 1111"
 @serve.deployment(name="SafetyFilter", **_DEFAULTS)
 class SafetyFilterDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
+        setup_actor_tracing("safety")
+        start_resource_reporter("safety")
         self.config = parse_config(SafetyConfig, config, source="SafetyFilter config")
         self.filter = SafetyFilter(self.config)
         self._counts: Counter[str] = Counter()
 
-    async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
+    async def check(self, text: str, direction: str = "input", trace: dict[str, str] | None = None) -> dict[str, Any]:
         """Verdict.to_dict() of `text`: action (allow|redact|block), text, findings."""
-        verdict = self.filter.check(text, direction)  # type: ignore[arg-type]
-        self._record(direction, [f.rule_id for f in verdict.findings])
+        with span("safety.check", trace, direction=direction, chars=len(text)) as current:
+            verdict = self.filter.check(text, direction)  # type: ignore[arg-type]
+            rule_ids = [f.rule_id for f in verdict.findings]
+            current.set_attributes({"action": verdict.action, "rule_ids": rule_ids})
+        self._record(direction, rule_ids)
         return verdict.to_dict()
 
-    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output") -> dict[str, Any]:
+    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output",
+                          trace: dict[str, str] | None = None) -> dict[str, Any]:
         """One step of a stream: {"text": safe to emit now, "state": pass to the next step,
         "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one."""
         stream = self.filter.stream(direction) if state is None else self.filter.resume_stream(state)  # type: ignore[arg-type]
@@ -61,11 +69,16 @@ class SafetyFilterDeployment:
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
         return {"text": text, "state": stream.to_state(), "action": stream.action, "rule_ids": list(stream.rule_ids)}
 
-    async def stream_flush(self, state: dict[str, Any]) -> dict[str, Any]:
+    async def stream_flush(self, state: dict[str, Any], trace: dict[str, str] | None = None) -> dict[str, Any]:
         """The last step: everything still held, screened; the reply carries no state."""
-        stream = self.filter.resume_stream(state)
-        seen = len(stream.findings)
-        text = stream.flush()
+        # One span per screened stream (at its end), not one per chunk (`stream_feed` ignores `trace`):
+        # a 4096-token reply would otherwise add thousands of spans.
+        with span("safety.stream", trace) as current:
+            stream = self.filter.resume_stream(state)
+            seen = len(stream.findings)
+            text = stream.flush()
+            current.set_attributes({"direction": stream.direction, "action": stream.action,
+                                    "rule_ids": list(stream.rule_ids)})
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
         return {"text": text, "action": stream.action, "rule_ids": list(stream.rule_ids)}
 
@@ -113,7 +126,8 @@ class SafetyClient:
         return ScreenedStream(self, direction)
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
-        response = getattr(self.handle, method).remote(*args)
+        # The caller's current span (the ingress's request span) continues in the deployment.
+        response = getattr(self.handle, method).remote(*args, trace=inject_context())
         try:
             return await asyncio.wait_for(response, timeout=self.timeout_s)
         except asyncio.TimeoutError:

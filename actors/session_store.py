@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors import metrics
+from actors.tracing import setup_actor_tracing
 from r1.config import ModelConfig, SessionConfig
 from r1.serving.protocol import APIError
 from r1.sessions import (
@@ -46,6 +48,7 @@ from r1.sessions import (
 )
 from r1.sessions.turn import turn_messages
 from r1.sessions.window import Message, TokenCounter, chat_token_counter
+from r1.telemetry import inject_context, span
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,7 +58,7 @@ SESSION_HEADER = "X-Session-Id"
 # and deletes are idempotent, `open` is get-or-create, appends carry a turn id.
 MAX_TASK_RETRIES = 3
 # Bumped when the actor's methods change, so a deploy never talks to detached actors of an older version.
-ACTOR_PROTOCOL_VERSION = 1
+ACTOR_PROTOCOL_VERSION = 2  # 2: every method takes a `trace` carrier
 # Config fields that change what an actor does; the ingress-side ones (window, timeouts) do not.
 _ACTOR_FIELDS = ("num_partitions", "backend_url", "idle_ttl_s", "max_stored_messages", "sqlite_synchronous",
                  "sweep_interval_s", "num_cpus")
@@ -65,6 +68,8 @@ class SessionStoreActor:
     """One partition of the session store: a thin shell around an `r1.sessions` backend."""
 
     def __init__(self, config: dict[str, Any]):
+        setup_actor_tracing("session-store")
+        metrics.start_resource_reporter("session_store")
         config = SessionConfig.model_validate(config)
         self.backend = open_backend(
             config.backend_url,
@@ -75,17 +80,26 @@ class SessionStoreActor:
             timeout_s=config.call_timeout_s,
         )
 
-    def open(self, session_id: str, owner: str, last: int | None = None) -> Session | None:
-        return self.backend.open(session_id, owner, last=last)
+    def open(self, session_id: str, owner: str, last: int | None = None, trace: dict | None = None) -> Session | None:
+        with span("session_store.open", trace) as current:
+            session = self.backend.open(session_id, owner, last=last)
+            current.set_attribute("found", session is not None)
+            return session
 
-    def get(self, session_id: str, owner: str, last: int | None = None) -> Session | None:
-        return self.backend.get(session_id, owner, last=last)
+    def get(self, session_id: str, owner: str, last: int | None = None, trace: dict | None = None) -> Session | None:
+        with span("session_store.get", trace):
+            return self.backend.get(session_id, owner, last=last)
 
-    def append(self, session_id: str, owner: str, messages: list[Message], turn_id: str | None = None) -> bool:
-        return self.backend.append(session_id, owner, messages, turn_id=turn_id)
+    def append(self, session_id: str, owner: str, messages: list[Message], turn_id: str | None = None,
+               trace: dict | None = None) -> bool:
+        with span("session_store.append", trace, num_messages=len(messages)) as current:
+            stored = self.backend.append(session_id, owner, messages, turn_id=turn_id)
+            current.set_attribute("stored", stored)
+            return stored
 
-    def delete(self, session_id: str, owner: str) -> bool:
-        return self.backend.delete(session_id, owner)
+    def delete(self, session_id: str, owner: str, trace: dict | None = None) -> bool:
+        with span("session_store.delete", trace):
+            return self.backend.delete(session_id, owner)
 
     def expire_idle(self, now: float | None = None) -> int:
         return self.backend.expire_idle(now)
@@ -175,11 +189,17 @@ class SessionClient:
 
     async def _call(self, session_id: str, method: str, *args: Any) -> Any:
         index = partition_for(session_id, self.config.num_partitions)
+        # A child of the caller's current span (the ingress's request span); the actor continues it.
+        with span(f"session.{method}", partition=index):
+            return await self._call_partition(index, method, args)
+
+    async def _call_partition(self, index: int, method: str, args: tuple) -> Any:
         timeout_s = self.config.call_timeout_s
         for attempt in range(2):
             actor = self.actor(index, refresh=attempt > 0)
             try:
-                return await asyncio.wait_for(getattr(actor, method).remote(*args), timeout=timeout_s)
+                return await asyncio.wait_for(getattr(actor, method).remote(*args, trace=inject_context()),
+                                              timeout=timeout_s)
             except (asyncio.TimeoutError, GetTimeoutError):
                 raise APIError(503, f"the session store did not answer within {timeout_s:.0f}s; retry later",
                                code="session_store_unavailable") from None
@@ -229,8 +249,13 @@ class SessionClient:
 
     async def finish_turn(self, turn: Turn, reply: str) -> bool:
         """Store the turn's messages and the (screened) reply; False if the session was deleted meanwhile."""
-        stored = await self._call(turn.session_id, "append", turn.session_id, turn.owner, turn.exchange(reply),
-                                  turn.turn_id)
+        try:
+            stored = await self._call(turn.session_id, "append", turn.session_id, turn.owner, turn.exchange(reply),
+                                      turn.turn_id)
+        except APIError:
+            metrics.record_session_turn("failed")
+            raise
+        metrics.record_session_turn("stored" if stored else "not_stored")
         if not stored:
             logger.info("session %s… was deleted or expired during a turn; the exchange was not stored", turn.session_id[:6])
         return stored

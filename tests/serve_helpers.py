@@ -40,12 +40,19 @@ def wait_http_ok(url: str, timeout_s: float = 180.0) -> None:
 
 
 @contextmanager
-def ray_serve(port: int, num_cpus: int = 2) -> Iterator[None]:
+def ray_serve(port: int, num_cpus: int = 2, env_vars: dict[str, str] | None = None,
+              metrics_port: int | None = None) -> Iterator[None]:
+    """A fresh local Ray (never an unrelated running cluster) with Serve on `port`.
+
+    `env_vars` reach every worker; `metrics_port` is where Ray's Prometheus export listens.
+    """
     import ray
     from ray import serve
 
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}},
+             **extra)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API over real Ray Serve and real HTTP, with the stock `openai` client.
 
-One module-scoped Ray + Serve instance hosts two applications of the real r1-tiny model: the
-default one (whole model per replica) and a sharded one (pipeline_stages=2, ModelShard actors).
+One module-scoped Ray + Serve instance hosts four applications of the real r1-tiny model: the
+default one (whole model per replica), a sharded one (pipeline_stages=2, ModelShard actors), one
+with the strict safety profile and one whose safety filter can never answer. Every Ray worker
+traces into one JSON-lines file (R1_TRACE_FILE), so the tests can follow a request across processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cluster.serve.app import build_app
 from r1.config import ModelConfig
 from r1.model import load_tokenizer
 from r1.reasoning import split_reasoning
+from r1.trace_file import read_spans
 from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
 
 KEY = "test-key-1"
@@ -30,7 +33,17 @@ MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. Ho
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def trace_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "spans.jsonl"
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, trace_file, metrics_port):
     port = free_port()
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
@@ -48,7 +61,7 @@ def server(tmp_path_factory):
         # Four apps share ray.init(num_cpus=2): keep every replica's CPU share small so all fit.
         "code_validator": {"num_cpus": 0.05},
     }
-    with ray_serve(port):
+    with ray_serve(port, env_vars={"R1_TRACE_FILE": str(trace_file)}, metrics_port=metrics_port):
         serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")
         serve.run(
             build_app({**common, "pipeline_stages": 2, "shards": {"num_cpus": 0.1},
@@ -346,3 +359,104 @@ def test_safety_filter_that_cannot_answer_fails_closed(server, stream):
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "safety_unavailable"
     assert "choices" not in response.text
+
+
+TRACEPARENT_TRACE_ID, TRACEPARENT_SPAN_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+def spans_of(trace_file, trace_id: str, expected: set[str], timeout_s: float = 60.0) -> list[dict]:
+    """The trace's spans once all `expected` names are in the file (spans are written as they end)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        spans = [s for s in read_spans(trace_file) if s["trace_id"] == trace_id] if trace_file.exists() else []
+        missing = expected - {s["name"] for s in spans}
+        if not missing:
+            return spans
+        assert time.monotonic() < deadline, f"spans never written: {sorted(missing)}; have {sorted({s['name'] for s in spans})}"
+        time.sleep(0.5)
+
+
+def test_one_chat_request_is_one_trace_across_processes(server, trace_file):
+    # The sharded app: ingress, input/output safety, session store, LLM server and two model shards.
+    traceparent = f"00-{TRACEPARENT_TRACE_ID}-{TRACEPARENT_SPAN_ID}-01"
+    response = httpx.post(f"{server}/sharded/v1/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}", "traceparent": traceparent},
+                          json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-trace-id"] == TRACEPARENT_TRACE_ID  # the caller's trace is continued
+    expected = {"request", "safety.check", "session.open", "session_store.open", "llm.generate",
+                "model_shard.generate", "session.append", "session_store.append"}
+    spans = spans_of(trace_file, TRACEPARENT_TRACE_ID, expected)
+    by_id = {s["span_id"]: s for s in spans}
+    named = lambda name: [s for s in spans if s["name"] == name]  # noqa: E731
+    (request,) = named("request")
+    assert request["parent_id"] == TRACEPARENT_SPAN_ID
+    # Every other span hangs off a span of this trace: one tree, no orphans.
+    assert all(s["parent_id"] in by_id for s in spans if s is not request), [
+        (s["name"], s["parent_id"]) for s in spans if s is not request and s["parent_id"] not in by_id]
+    (generate,) = named("llm.generate")
+    assert generate["parent_id"] == request["span_id"]
+    shards = named("model_shard.generate")
+    assert sorted(s["attributes"]["stage_index"] for s in shards) == [0, 1]
+    assert all(s["parent_id"] == generate["span_id"] for s in shards)
+    assert by_id[named("session_store.append")[0]["parent_id"]]["name"] == "session.append"
+    assert {s["attributes"]["direction"] for s in named("safety.check")} >= {"input"}
+    # At least ingress, safety filter, session store, LLM server and both shards: six processes.
+    pids = {s["pid"] for s in spans}
+    assert len(pids) >= 6, sorted((s["name"], s["pid"]) for s in spans)
+    assert len({generate["pid"], *(s["pid"] for s in shards), request["pid"]}) == 4
+    # No prompt or completion text in the spans by default.
+    assert "apples" not in trace_file.read_text()
+
+
+def test_a_request_without_traceparent_starts_its_own_trace(server, client, trace_file):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
+    trace_id = raw.headers["x-trace-id"]
+    assert len(trace_id) == 32 and trace_id != TRACEPARENT_TRACE_ID
+    (request,) = [s for s in spans_of(trace_file, trace_id, {"request", "llm.generate"}) if s["name"] == "request"]
+    assert request["parent_id"] is None and request["attributes"]["route"] == "chat"
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def total(series: dict, name: str, **labels: str) -> float:
+    return sum(v for found, v in series.get(name, []) if all(found.get(k) == w for k, w in labels.items()))
+
+
+def test_real_requests_show_up_in_the_prometheus_export(server, client, metrics_port):
+    # The tests above sent chat, completion, streaming, session, safety and code-validation requests.
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
+    checks = {
+        "chat requests": lambda s: total(s, "ray_r1_requests_total", route="chat", status="200") >= 1,
+        "4xx counted by status": lambda s: total(s, "ray_r1_requests_total", status="400") >= 1,
+        "e2e latency": lambda s: total(s, "ray_r1_e2e_seconds_count", route="chat") >= 1,
+        "ttft": lambda s: total(s, "ray_r1_ttft_seconds_count", route="chat") >= 1,
+        "tpot": lambda s: total(s, "ray_r1_tpot_seconds_count") >= 1,
+        "tokens out": lambda s: total(s, "ray_r1_tokens_total", direction="out") > 0,
+        "tokens in": lambda s: total(s, "ray_r1_tokens_total", direction="in") > 0,
+        "queue gauge": lambda s: "ray_r1_queue_depth" in s and "ray_r1_running_requests" in s,
+        "safety findings by rule id": lambda s: total(s, "ray_r1_safety_findings_total", rule_id="test_letters") >= 1,
+        "sandbox runs": lambda s: total(s, "ray_r1_sandbox_runs_total") >= 1,
+        "stored session turns": lambda s: total(s, "ray_r1_sessions_turns_total", outcome="stored") >= 1,
+        "llm memory ratio": lambda s: 0 < total(s, "ray_r1_memory_utilization_ratio", component="llm_server") < 10,
+    }
+    deadline = time.monotonic() + 120  # workers push their metrics to the node's exporter every few seconds
+    while True:
+        series = scrape(metrics_port)
+        failing = [name for name, check in checks.items() if not check(series)]
+        if not failing:
+            break
+        assert time.monotonic() < deadline, f"not in the export after 120 s: {failing}"
+        time.sleep(2)
+    # Sane values: latencies are positive and no larger than the test's own timeouts.
+    e2e_sum = total(series, "ray_r1_e2e_seconds_sum", route="chat")
+    assert 0 < e2e_sum / total(series, "ray_r1_e2e_seconds_count", route="chat") < 300

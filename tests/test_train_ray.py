@@ -20,6 +20,7 @@ import ray
 from cluster.cli import main as r1_main
 from cluster.train.driver import load_train_config, run_training
 from r1.config import GRPOTrainConfig, RewardTrainConfig, SFTTrainConfig, parse_config
+from r1.trace_file import read_spans
 from r1.train.stage import MODEL_DIR, read_checkpoint_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,9 +28,16 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def trace_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "train-spans.jsonl"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(trace_file):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1-cluster/torch_extensions").expanduser()))
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    # Every worker traces into one file (the driver only in the test that sets R1_TRACE_FILE for itself).
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"R1_TRACE_FILE": str(trace_file)}})
     yield
     ray.shutdown()
 
@@ -179,14 +187,21 @@ def test_reward_model_with_lora_two_workers(ray_cluster, untrained_tiny, tmp_pat
     assert not (outcome.export_dir / "model.safetensors").exists()
 
 
-def test_grpo_two_workers_logs_rewards_and_checkpoints(ray_cluster, tmp_path):
+def test_grpo_two_workers_logs_rewards_and_checkpoints(ray_cluster, tmp_path, trace_file, monkeypatch, capsys):
+    from r1.telemetry import shutdown_tracing
+
+    monkeypatch.setenv("R1_TRACE_FILE", str(trace_file))
+    shutdown_tracing()  # set up afresh from the environment above when the driver starts the run
     config = parse_config(GRPOTrainConfig, _common(
         tmp_path, "grpo", "r1-tiny",
         prompts={"task": "arithmetic", "num_prompts": 8, "levels": [1]},
         grpo={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 24, "kl_beta": 0.001},
         max_steps=2, optim={"lr": 1e-4},
     ))
-    outcome = run_training("grpo", config)
+    try:
+        outcome = run_training("grpo", config)
+    finally:
+        shutdown_tracing()
     steps = _steps(_records(outcome.metrics_path))
     assert [s["step"] for s in steps] == [1, 2]
     last = steps[-1]
@@ -195,6 +210,22 @@ def test_grpo_two_workers_logs_rewards_and_checkpoints(ray_cluster, tmp_path):
     assert last["num_reward_failures_format"] == 0 and last["num_reward_failures_accuracy"] == 0
     assert last["num_rollout_tokens"] > 0 and last["kl"] >= 0
     assert read_checkpoint_step(outcome.checkpoint_path) == 2
+
+
+    # The run is one trace: the driver's train.run span, a train.step per step and rank with a span
+    # per phase under it, and the checkpoints.
+    trace_id = capsys.readouterr().out.split("trace id: ")[1].split()[0]
+    spans = [s for s in read_spans(trace_file) if s["trace_id"] == trace_id]
+    by_id = {s["span_id"]: s for s in spans}
+    (run,) = [s for s in spans if s["name"] == "train.run"]
+    assert run["parent_id"] is None and run["attributes"]["stage"] == "grpo"
+    train_steps = [s for s in spans if s["name"] == "train.step"]
+    assert sorted((s["attributes"]["rank"], s["attributes"]["step"]) for s in train_steps) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(s["parent_id"] == run["span_id"] for s in train_steps)
+    assert len({s["pid"] for s in train_steps} | {run["pid"]}) == 3  # two workers and the driver
+    phases = {s["name"] for s in spans if s["parent_id"] in by_id and by_id[s["parent_id"]]["name"] == "train.step"}
+    assert phases >= {"train.rollout", "train.reward", "train.forward_backward", "train.optimizer", "train.all_reduce"}
+    assert {s["attributes"]["step"] for s in spans if s["name"] == "train.checkpoint"} == {2}
 
 
 def test_deepspeed_zero2_two_workers_via_cli(ray_cluster, untrained_tiny, tmp_path, capsys):

@@ -146,13 +146,14 @@ def test_grpo_raises_a_learnable_reward(untrained_tiny):
         "prompts": {"task": "arithmetic", "num_prompts": 8, "levels": [1]},
         "grpo": {"group_size": 8, "prompts_per_step": 2, "max_new_tokens": 12, "kl_beta": 0.0, "reward_temperature": 1.0},
         "optim": {"lr": 2e-2},
-        "max_steps": 10,
+        "max_steps": 16,
     })
     stage = GRPOStage(config, WorkerInfo())
     stage.reward = WeightedReward([RewardTerm("spaces", _space_share, 1.0)])
-    rewards = [stage.run_step(step)["reward"] for step in range(10)]
-    # Measured: from about 0.1 to 0.5-1.0 within 10 steps; a broken advantage or sign stays near 0.1.
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+    rewards = [stage.run_step(step)["reward"] for step in range(16)]
+    # Measured over 18 runs: from about 0.1 to 0.5-1.0 by step 16 (10 steps were not always enough);
+    # a broken advantage or sign stays near 0.1.
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, rewards
 
 
 def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):

@@ -91,12 +91,18 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from actors.tracing import with_telemetry_env
     from cluster.serve.app import build_app
+    from r1.telemetry import config_from_env, setup_tracing
+
+    setup_tracing(config_from_env())  # a bad tracing setting fails here, before anything starts
 
     # No address: start a fresh local cluster (never attach to an unrelated one by accident).
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    # Tracing settings (R1_TRACE_FILE, OTEL_*) travel to every replica and actor in the runtime env.
     ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in (config.api_keys_env, "HF_HUB_OFFLINE")}})
+             runtime_env=with_telemetry_env(
+                 {"env_vars": {k: v for k, v in os.environ.items() if k in (config.api_keys_env, "HF_HUB_OFFLINE")}}))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name="r1", route_prefix="/", blocking=False)
     wait_ready(host, port, args.ready_timeout_s)

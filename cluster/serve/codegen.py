@@ -16,6 +16,7 @@ from r1.codecheck import RepairOutcome, solve_with_repair
 from r1.config import CodeCheckConfig, SamplingConfig
 from r1.reasoning import split_reasoning
 from r1.serving.protocol import APIError, new_id
+from r1.telemetry import inject_context
 
 
 @dataclass
@@ -38,7 +39,8 @@ class HandleGenerator:
 
     def __call__(self, prompt: str, *, temperature: float) -> str:
         body = {"prompt": [{"role": "user", "content": prompt}], "chat": True, "request_id": new_id("code"),
-                "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump()}
+                "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump(),
+                "trace": inject_context()}
         stream = self.llm.options(stream=True).stream.remote(body)
         text, prompt_tokens, completion_tokens, finish, think_prefilled = [], 0, 0, None, True
         for item in stream:

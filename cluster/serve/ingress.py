@@ -18,10 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from actors import metrics
 from actors.session_store import SESSION_HEADER, SessionClient, token_counting
+from actors.tracing import setup_actor_tracing
 from cluster.serve.codegen import run_code_loop
 from cluster.serve.screening import OutputScreen, Screening
 from r1.config import ServeConfig
+from r1.metrics import GenerationTimer
 from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_api_keys
@@ -41,6 +44,17 @@ from r1.serving.protocol import (
     parse_request,
     sampling_for,
     usage_dict,
+)
+from r1.telemetry import (
+    TRACE_ID_HEADER,
+    TRACEPARENT_HEADER,
+    end_span,
+    inject_context,
+    span,
+    start_span,
+    trace_id_from_traceparent,
+    trace_id_of,
+    use_span,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -67,6 +81,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
@@ -90,6 +105,8 @@ class _Choice:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, llm: Any, code_validator: Any, safety: Any, config: dict[str, Any]):
+        setup_actor_tracing("ingress")
+        metrics.start_resource_reporter("ingress")
         self.llm = llm
         self.code_validator = code_validator  # None when the server runs without code validation
         self.config = ServeConfig.model_validate(config)
@@ -149,6 +166,28 @@ class OpenAIIngress:
 
     # -- the request path ------------------------------------------------------------------------
     async def _handle(self, request: Request, chat: bool) -> Response:
+        """One model request = one trace. The "request" span continues an incoming traceparent, is
+        current while the request is handled (every call below passes `inject_context()`), and ends
+        with the response, or with the last byte of a streamed body."""
+        route = "chat" if chat else "completions"
+        timer = GenerationTimer()
+        root = start_span("request", request.headers, route=route)
+        trace_id = trace_id_of(root) or trace_id_from_traceparent(request.headers.get(TRACEPARENT_HEADER))
+        try:
+            with use_span(root):
+                response = await self._respond(request, chat, route, root, timer)
+        except BaseException as error:
+            end_span(root, error)
+            metrics.record_request(route, 500, timer.elapsed_s())
+            raise
+        if trace_id:
+            response.headers[TRACE_ID_HEADER] = trace_id
+        if not isinstance(response, StreamingResponse):  # a streamed body ends the span itself
+            end_span(root, **{"http.status_code": response.status_code})
+            metrics.record_request(route, response.status_code, timer.elapsed_s())
+        return response
+
+    async def _respond(self, request: Request, chat: bool, route: str, root: Any, timer: GenerationTimer) -> Response:
         turn = None
         try:
             owner = self.auth.check(request.headers.get("authorization"))
@@ -158,6 +197,7 @@ class OpenAIIngress:
                 raise APIError(404, f"model '{parsed.model}' does not exist; this server serves '{self.config.model_name}'",
                                param="model", code="model_not_found")
             sampling = sampling_for(parsed, self.config)
+            root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             if chat:
                 prompt = await self.screen.input_messages(chat_messages(parsed, self.config))
             elif isinstance(parsed.prompt, str):
@@ -180,13 +220,14 @@ class OpenAIIngress:
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream()) for _ in streams]
+        choices[0].timer = timer
         for choice, start in zip(choices, starts):
             choice.prompt_tokens = start["prompt_tokens"]
         headers = {SESSION_HEADER: turn.session_id} if turn else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_body(streams, choices, response_id, chat, include_usage, turn),
+                self._stream_body(streams, choices, response_id, chat, include_usage, turn, root, route),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **headers},
             )
@@ -198,6 +239,7 @@ class OpenAIIngress:
             return error_response(error)
         prompt_tokens = choices[0].prompt_tokens
         completion_tokens = sum(c.completion_tokens for c in choices)
+        self._record_generation(route, root, choices)
         usage = usage_dict(prompt_tokens, completion_tokens)
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
@@ -219,10 +261,13 @@ class OpenAIIngress:
         if parsed.n != 1:
             raise APIError(400, "code_validation supports n=1 only", param="n")
         task = prompt[-1]["content"]
-        outcome, generations = await asyncio.to_thread(
-            run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
-            self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
-        )
+        with span("code.loop", max_repairs=parsed.max_repairs) as loop_span:
+            # to_thread copies the context: generations and validations are children of code.loop.
+            outcome, generations = await asyncio.to_thread(
+                run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
+                self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
+            )
+            loop_span.set_attributes({"attempts": len(outcome.attempts), "status": outcome.status})
         last = generations.generations[-1]
         reasoning, content = await self.screen.output_text(last.reasoning), await self.screen.output_text(last.content)
         report = outcome.to_dict()
@@ -233,6 +278,7 @@ class OpenAIIngress:
             await self.sessions.finish_turn(turn, content)
         usage = usage_dict(sum(g.prompt_tokens for g in generations.generations),
                            sum(g.completion_tokens for g in generations.generations))
+        metrics.record_generation("chat", None, usage["prompt_tokens"], usage["completion_tokens"])
         choices = [chat_choice(0, reasoning, content, last.finish_reason)]
         extra: dict[str, Any] = {"code_validation": report}
         headers = {}
@@ -258,7 +304,8 @@ class OpenAIIngress:
     def _open(self, prompt: Any, chat: bool, sampling: Any, index: int) -> Any:
         if sampling.seed is not None and index:
             sampling = sampling.model_copy(update={"seed": sampling.seed + index})
-        body = {"prompt": prompt, "chat": chat, "sampling": sampling.model_dump(), "request_id": new_id("gen")}
+        body = {"prompt": prompt, "chat": chat, "sampling": sampling.model_dump(), "request_id": new_id("gen"),
+                "trace": inject_context()}
         return self.llm.options(stream=True).stream.remote(body)
 
     async def _first_items(self, streams: list[Any]) -> list[dict[str, Any]]:
@@ -311,13 +358,17 @@ class OpenAIIngress:
         if item.get("error"):
             raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
         choice.completion_tokens += item["num_tokens"]
+        if choice.timer is not None:
+            choice.timer.tokens_arrived(item["num_tokens"])
         if item["finish_reason"] is not None:
             choice.finish_reason = item["finish_reason"]
         return await choice.feed(item["text"])
 
     async def _stream_body(
-        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any = None
+        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
+        root: Any, route: str,
     ) -> AsyncIterator[bytes]:
+        status = 200  # HTTP already said 200; an error inside the stream is recorded with its own status
         model = self.config.model_name
         created = int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
@@ -342,8 +393,10 @@ class OpenAIIngress:
                 if item is None:
                     open_streams -= 1
                     try:
-                        reasoning, content = await choice.finish()
+                        with use_span(root):  # no yield inside: the context is this task's own
+                            reasoning, content = await choice.finish()
                     except APIError as error:
+                        status = error.status
                         yield sse(error.body())
                         return
                     if reasoning or content:
@@ -353,6 +406,7 @@ class OpenAIIngress:
                 try:
                     reasoning, content = await self._absorb(item, choice)
                 except APIError as error:
+                    status = error.status
                     yield sse(error.body())
                     return
                 if reasoning or content:
@@ -360,8 +414,10 @@ class OpenAIIngress:
             if turn is not None:
                 # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
                 try:
-                    await self.sessions.finish_turn(turn, "".join(choices[0].content))
+                    with use_span(root):
+                        await self.sessions.finish_turn(turn, "".join(choices[0].content))
                 except APIError as error:
+                    status = error.status
                     yield sse(error.body())
                     return
             if include_usage:
@@ -375,6 +431,16 @@ class OpenAIIngress:
             for task in tasks:
                 task.cancel()
             self._cancel(streams)
+            # The request's span and metrics end with the last byte (or when the client went away).
+            self._record_generation(route, root, choices)
+            end_span(root, **{"http.status_code": status})
+            metrics.record_request(route, status, choices[0].timer.elapsed_s() if choices[0].timer else None)
+
+    @staticmethod
+    def _record_generation(route: str, root: Any, choices: list[_Choice]) -> None:
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        root.set_attributes({"prompt_tokens": choices[0].prompt_tokens, "completion_tokens": completion_tokens})
+        metrics.record_generation(route, choices[0].timer, choices[0].prompt_tokens, completion_tokens)
 
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,

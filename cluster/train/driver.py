@@ -143,8 +143,14 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from actors.tracing import with_telemetry_env
+    from r1.telemetry import config_from_env, end_span, inject_context, setup_tracing, start_span, trace_id_of
+
+    telemetry = config_from_env()
+    setup_tracing(telemetry, service_name=f"{telemetry.service_name}-train-driver")
     if not ray.is_initialized():
-        ray.init(address=address)
+        # Tracing settings reach the workers through the runtime env (they do not inherit ours).
+        ray.init(address=address, runtime_env=with_telemetry_env(None, telemetry))
     run_name = config.checkpoint.run_name or f"r1-{stage}"
     storage_path = Path(config.checkpoint.storage_path).expanduser().resolve()
     run_dir = storage_path / run_name
@@ -153,10 +159,14 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
 
     scaling = config.scaling
+    # The whole run is one trace: this span, and every worker's step, phase and checkpoint spans under it.
+    root = start_span("train.run", stage=stage, run_name=run_name, max_steps=config.max_steps,
+                      num_workers=scaling.num_workers)
     sink = MetricsSink.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": stage, "config": config.model_dump(), "sink": sink, "run_dir": str(run_dir)},
+        train_loop_config={"stage": stage, "config": config.model_dump(), "sink": sink, "run_dir": str(run_dir),
+                           "trace": inject_context(root)},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=scaling.resources_per_worker
@@ -172,8 +182,16 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(sink, progress, stop), name="r1-train-metrics", daemon=True)
     pump.start()
+    trace_id = trace_id_of(root)
+    if trace_id:
+        progress._write(f"trace id: {trace_id}")
     try:
         result = trainer.fit()
+    except BaseException as error:
+        end_span(root, error)
+        raise
+    else:
+        end_span(root, final_step=max(progress.final_step, int((result.metrics or {}).get("step", 0))))
     finally:
         stop.set()
         pump.join(timeout=60)

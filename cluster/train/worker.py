@@ -47,12 +47,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from actors import metrics as ray_metrics
+    from actors.tracing import setup_actor_tracing
     from r1.config import parse_config
+    from r1.telemetry import span
     from r1.train.stage import WorkerInfo
 
     # DeepSpeed compiles its ops on first use; a shared cache makes later runs start in seconds.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(TORCH_EXTENSIONS_DIR).expanduser()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_actor_tracing("train-worker")
+    ray_metrics.start_resource_reporter("train_worker")  # memory and compute utilization gauges
+    trace = loop_config.get("trace")  # the driver's train.run span
     stage_name = loop_config["stage"]
     config = parse_config(config_class(stage_name), loop_config["config"], source=f"{stage_name} training config")
     sink = loop_config.get("sink")
@@ -74,7 +80,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     every = config.checkpoint.every_steps
     metrics: dict[str, Any] = {}
     for step in range(stage.start_step, config.max_steps):
-        metrics = stage.run_step(step)
+        with span("train.step", trace, step=step + 1, rank=worker.rank) as step_span:
+            metrics = stage.run_step(step)
+            step_span.set_attributes({key: metrics[key] for key in ("num_tokens", "step_time_s", "comm_share")
+                                      if key in metrics})
+        if worker.rank == 0:
+            ray_metrics.record_train_step(stage_name, metrics["step_time_s"], metrics.get("tokens_per_s"),
+                                          metrics.get("comm_share"))
         done = step + 1
         last = done == config.max_steps
         if is_reporter and (done % config.log_every_steps == 0 or last):
@@ -85,7 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(evaluation)
                 if is_reporter and evaluation:
                     sink.push.remote({"event": "eval", "step": done, **evaluation})
-            with tempfile.TemporaryDirectory(prefix="r1-ckpt-") as tmp:
+            with span("train.checkpoint", trace, step=done, rank=worker.rank), \
+                    tempfile.TemporaryDirectory(prefix="r1-ckpt-") as tmp:
                 wrote = stage.save_checkpoint(tmp, done)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
 

@@ -31,6 +31,7 @@ from r1.codecheck import isolation as iso
 from r1.codecheck import launcher
 from r1.codecheck.procio import Pumped, pump
 from r1.config import CodeCheckConfig
+from r1.telemetry import span
 
 logger = logging.getLogger(__name__)
 LAUNCHER_SOURCE = Path(launcher.__file__).read_text(encoding="utf-8")
@@ -120,8 +121,12 @@ class Sandbox:
         memory_mb = self.config.memory_mb if memory_mb is None else memory_mb
         if timeout_s <= 0 or memory_mb < 16:
             raise ValueError(f"timeout_s={timeout_s} and memory_mb={memory_mb} must be > 0 and >= 16")
-        return self._run(self.plan(), files, python_args, timeout_s=timeout_s, memory_mb=memory_mb,
-                         stdin=stdin.encode() if isinstance(stdin, str) else stdin, channel_input=channel_input)
+        plan = self.plan()
+        with span("sandbox.run", isolation=plan.level, timeout_s=timeout_s, memory_mb=memory_mb) as current:
+            result = self._run(plan, files, python_args, timeout_s=timeout_s, memory_mb=memory_mb,
+                               stdin=stdin.encode() if isinstance(stdin, str) else stdin, channel_input=channel_input)
+            current.set_attribute("status", result.status)
+            return result
 
     # -- planning -----------------------------------------------------------------------------
 

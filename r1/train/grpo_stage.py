@@ -85,16 +85,18 @@ class GRPOStage(Stage):
         torch.manual_seed(self.config.seed * 1_000_003 + step * 1009 + self.worker.rank)
         rollout_started = time.perf_counter()
         self.module.eval()
-        with self.strategy.gathered(), self.strategy.autocast(), torch.inference_mode():
+        with self.phase("rollout", prompts=len(items), group_size=group_size), self.strategy.gathered(), \
+                self.strategy.autocast(), torch.inference_mode():
             rollouts = generate_groups(self.engine, items, group_size, self.sampling)
         self.module.train()
         rollout_s = time.perf_counter() - rollout_started
 
-        scores = self.reward(
-            rollouts.texts,
-            prompts=[item.prompt for item in items for _ in range(group_size)],
-            answers=[item.answer for item in items for _ in range(group_size)],
-        )
+        with self.phase("reward", completions=len(rollouts.texts)):
+            scores = self.reward(
+                rollouts.texts,
+                prompts=[item.prompt for item in items for _ in range(group_size)],
+                answers=[item.answer for item in items for _ in range(group_size)],
+            )
         rewards = torch.tensor(scores.total, dtype=torch.float32)
         group_ok = ~torch.isnan(rewards).view(-1, group_size).any(dim=1)
         row_ok = group_ok.repeat_interleave(group_size)
@@ -109,16 +111,18 @@ class GRPOStage(Stage):
 
         old_logp = None
         for _ in range(grpo.num_iterations):
-            with self.strategy.autocast():
-                logp, mask = completion_log_probs(self.strategy.model, batch)
-            if old_logp is None:
-                old_logp = logp.detach()  # the rollout policy: the ratio is exactly 1 on the first iteration
-            loss, stats = grpo_loss(
-                logp, old_logp, ref_logp, advantages, mask,
-                clip_eps=grpo.clip_eps, kl_beta=grpo.kl_beta, aggregation=grpo.loss_aggregation,
-            )
-            self.strategy.backward(loss)
-            grad_norm = self.strategy.step()
+            with self.phase("forward_backward"):
+                with self.strategy.autocast():
+                    logp, mask = completion_log_probs(self.strategy.model, batch)
+                if old_logp is None:
+                    old_logp = logp.detach()  # the rollout policy: the ratio is exactly 1 on the first iteration
+                loss, stats = grpo_loss(
+                    logp, old_logp, ref_logp, advantages, mask,
+                    clip_eps=grpo.clip_eps, kl_beta=grpo.kl_beta, aggregation=grpo.loss_aggregation,
+                )
+                self.strategy.backward(loss)
+            with self.phase("optimizer"):
+                grad_norm = self.strategy.step()
 
         valid = rewards[~torch.isnan(rewards)]
         completion_lengths = [len(ids) for ids in rollouts.completion_ids]

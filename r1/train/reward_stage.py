@@ -43,10 +43,12 @@ class RewardStage(Stage):
     def train_step(self, step: int) -> dict[str, float]:
         indices = batch_indices(len(self.train_pairs), self.config.batch_size_per_worker, step, self.config.seed)
         pairs = [self.train_pairs[i] for i in indices]
-        chosen, rejected = self._scores(self.strategy.model, pairs)
-        loss = bradley_terry_loss(chosen, rejected)
-        self.strategy.backward(loss)
-        grad_norm = self.strategy.step()
+        with self.phase("forward_backward"):
+            chosen, rejected = self._scores(self.strategy.model, pairs)
+            loss = bradley_terry_loss(chosen, rejected)
+            self.strategy.backward(loss)
+        with self.phase("optimizer"):
+            grad_norm = self.strategy.step()
         num_tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         return {
             "loss": float(loss.detach()),

@@ -60,11 +60,13 @@ class SFTStage(Stage):
         indices = batch_indices(len(self.examples), self.config.batch_size_per_worker, step, self.config.seed)
         batch = collate([self.examples[i] for i in indices], self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self.strategy.autocast():
-            logits = self.strategy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
-        self.strategy.backward(loss)
-        grad_norm = self.strategy.step()
+        with self.phase("forward_backward"):
+            with self.strategy.autocast():
+                logits = self.strategy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = causal_lm_loss(logits, batch["labels"])
+            self.strategy.backward(loss)
+        with self.phase("optimizer"):
+            grad_norm = self.strategy.step()
         return {
             "loss": float(loss.detach()),
             "grad_norm": grad_norm,

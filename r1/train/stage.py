@@ -21,6 +21,7 @@ rank, world size and device.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from r1.metrics import StepPhases
+from r1.telemetry import end_span, start_span
 from r1.train.lora import apply_lora, load_adapter
 from r1.train.parallel import build_strategy, distributed
 
@@ -87,6 +90,9 @@ class Stage:
         self.device = worker.device
         self.resume_dir = Path(resume_dir) if resume_dir is not None else None
         self.start_step = read_checkpoint_step(self.resume_dir) if self.resume_dir else 0
+        # Phase timings with a "train.<phase>" span each (children of the worker's train.step span).
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
+        self.phases = StepPhases(sync=sync)
         torch.manual_seed(config.seed)
         from r1.model import load_tokenizer
 
@@ -139,16 +145,28 @@ class Stage:
     def module(self) -> torch.nn.Module:
         return self.strategy.module
 
+    def phase(self, name: str, **attributes: Any) -> Any:
+        """Context manager around one phase of a step (rollout, reward, forward_backward, optimizer)."""
+        return self.phases.phase(name, **attributes)
+
     def run_step(self, step: int) -> dict[str, float]:
         """`train_step` plus timing, throughput, memory and communication share (all-reduced)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.phases.reset()
         started = time.perf_counter()
         stats = self.train_step(step)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - started
         comm = self.strategy.comm_seconds()
+        if not math.isnan(comm) and comm > 0:  # a span holding the step's measured collective time
+            # The all-reduce overlaps backward (DDP buckets, ZeRO hooks); the span is placed at the
+            # end of the step with the summed duration of its collectives.
+            end_ns = time.time_ns()
+            end_span(start_span("train.all_reduce", start_ns=end_ns - int(comm * 1e9), seconds=comm,
+                                placement="summed, overlaps backward"), end_ns=end_ns)
+        stats.update({f"{name}_s": seconds for name, seconds in self.phases.seconds.items()})
         stats.update(
             step_time_s=step_time,
             comm_s=comm,
