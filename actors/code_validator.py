@@ -7,7 +7,9 @@ runs in the replica's process: every run is a separate process tree under its ow
 r1/codecheck/isolation.py), so a hostile program ends as a result, not as a dead replica.
 
 `HandleValidator` adapts a deployment handle to the `validator(code, tests)` callable that
-`r1.codecheck.solve_with_repair` and `r1.codecheck.CodeTestReward` accept.
+`r1.codecheck.solve_with_repair` and `r1.codecheck.CodeTestReward` accept. Training needs no Serve
+app: `start_validator_actors` starts the same class as plain Ray actors and `ActorPoolValidator`
+spreads a GRPO step's sandbox runs over them.
 """
 
 from __future__ import annotations
@@ -99,4 +101,39 @@ class HandleValidator:
 
     def __call__(self, code: str, tests: str | list[str] | None) -> Validation:
         reply = self.handle.validate.remote(code, tests, trace=inject_context()).result(timeout_s=self.timeout_s)
+        return Validation.from_dict(reply)
+
+
+def start_validator_actors(count: int, config: CodeValidatorConfig | dict[str, Any] | None = None) -> list[Any]:
+    """`count` CodeValidator workers as plain Ray actors (restarted if they die), e.g. for a training
+    run's code_tests reward. Each probes its sandbox at start, so a host that cannot sandbox fails here."""
+    import ray
+
+    if count < 1:
+        raise ValueError(f"count={count} must be >= 1")
+    config = config if isinstance(config, CodeValidatorConfig) else parse_config(CodeValidatorConfig, config)
+    actor_class = ray.remote(CodeValidatorDeployment.func_or_class)
+    return [
+        actor_class.options(num_cpus=config.num_cpus, max_restarts=-1, max_task_retries=2,
+                            max_concurrency=config.max_ongoing_requests).remote(config.model_dump())
+        for _ in range(count)
+    ]
+
+
+class ActorPoolValidator:
+    """`validator(code, tests) -> Validation` over CodeValidator actors, round robin (picklable)."""
+
+    def __init__(self, actors: list[Any], timeout_s: float = 120.0) -> None:
+        if not actors:
+            raise ValueError("ActorPoolValidator needs at least one CodeValidator actor")
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self._calls = 0
+
+    def __call__(self, code: str, tests: str | list[str] | None) -> Validation:
+        import ray
+
+        actor = self.actors[self._calls % len(self.actors)]
+        self._calls += 1
+        reply = ray.get(actor.validate.remote(code, tests, trace=inject_context()), timeout=self.timeout_s)
         return Validation.from_dict(reply)

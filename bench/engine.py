@@ -5,7 +5,11 @@ number of tokens), prompts of different lengths, on r1-tiny and on a ~100M-param
 Qwen2-shaped model. All three methods run in the same process, on the same prompts, one after the
 other; the script prints tokens/s and our ratio to each baseline.
 
-    python -m bench.engine [--num-requests 16] [--new-tokens 64] [--models tiny,100m]
+    python -m bench.engine [--num-requests 16] [--new-tokens 64] [--models tiny,100m] [--repeats 5]
+
+Each method runs `--repeats` times, interleaved (static, loop, engine, static, ...), and the median
+tokens/s is reported: a single run of the tiny model takes a fraction of a second, and one run's
+ratio swings by ±40 % with scheduler noise on a small machine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -119,6 +124,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--models", default="tiny,100m", help="comma list of: tiny, 100m")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per method; the median is reported")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,9 +135,14 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         prompts = make_prompts(tokenizer, args.num_requests)
         row = {"model": name, "params_m": round(params, 1), "threads": torch.get_num_threads()}
-        row["static_tok_s"] = bench_static(model, tokenizer, prompts, args.new_tokens)
-        row["loop_tok_s"] = bench_loop(model, tokenizer, prompts, args.new_tokens)
-        row["engine_tok_s"] = bench_engine(model, tokenizer, prompts, args.new_tokens)
+        runs: dict[str, list[float]] = {"static": [], "loop": [], "engine": []}
+        for _ in range(max(1, args.repeats)):
+            runs["static"].append(bench_static(model, tokenizer, prompts, args.new_tokens))
+            runs["loop"].append(bench_loop(model, tokenizer, prompts, args.new_tokens))
+            runs["engine"].append(bench_engine(model, tokenizer, prompts, args.new_tokens))
+        for method, values in runs.items():
+            row[f"{method}_tok_s"] = statistics.median(values)
+            row[f"{method}_runs"] = [round(v, 1) for v in values]
         row["vs_static"] = row["engine_tok_s"] / row["static_tok_s"]
         row["vs_loop"] = row["engine_tok_s"] / row["loop_tok_s"]
         results.append(row)

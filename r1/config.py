@@ -420,30 +420,46 @@ class GRPORewardSpec(StrictModel):
     """One term of the GRPO reward: weight * reward(completion)."""
 
     # format: <think>…</think> then an answer; accuracy: the task's answer checker;
-    # reward_model: the score of a model trained with `r1 train reward` (model_path).
-    name: Literal["format", "accuracy", "reward_model"]
+    # reward_model: the score of a model trained with `r1 train reward` (model_path);
+    # code_tests: the share of the prompt's unit tests (its "answer") the completion's code passes,
+    # run in the sandbox.
+    name: Literal["format", "accuracy", "reward_model", "code_tests"]
     weight: float = 1.0
     model_path: str | None = None
+    # code_tests only: CodeValidator Ray actors that run the tests for every training worker
+    # (0: each training worker runs them in its own sandbox; unset: 2).
+    validators: int | None = Field(default=None, ge=0, le=64)
 
     @model_validator(mode="after")
     def _reward_model_needs_path(self) -> GRPORewardSpec:
         if (self.name == "reward_model") != (self.model_path is not None):
             raise ValueError("model_path is required for name=reward_model and only allowed there")
+        if self.validators is not None and self.name != "code_tests":
+            raise ValueError(f"validators is only used by name=code_tests (got name={self.name})")
         return self
+
+    @property
+    def num_validators(self) -> int:
+        """CodeValidator actors to start for this term (0 for every term but code_tests)."""
+        if self.name != "code_tests":
+            return 0
+        return 2 if self.validators is None else self.validators
 
 
 class GRPOPromptsConfig(StrictModel):
     """Prompts with reference answers: a JSONL file ({"prompt": str, "answer": ...}) or a task."""
 
     path: str | None = None
-    task: Literal["arithmetic"] | None = None
+    # arithmetic: generated word problems (answer: the number); coding: r1.codecheck's coding tasks
+    # (answer: their unit tests, for the code_tests reward).
+    task: Literal["arithmetic", "coding"] | None = None
     num_prompts: int = Field(default=2000, ge=1)
     levels: list[int] = Field(default_factory=lambda: [2])
 
     @model_validator(mode="after")
     def _one_source(self) -> GRPOPromptsConfig:
         if (self.path is None) == (self.task is None):
-            raise ValueError("set exactly one of prompts.path (a .jsonl file) or prompts.task (arithmetic)")
+            raise ValueError("set exactly one of prompts.path (a .jsonl file) or prompts.task (arithmetic|coding)")
         return self
 
 

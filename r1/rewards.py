@@ -174,8 +174,31 @@ def _run_term(
     return values, reasons
 
 
-def build_reward(specs: Sequence[Any], *, device: str = "cpu") -> WeightedReward:
-    """A `WeightedReward` from config specs (`r1.config.GRPORewardSpec`: name, weight, model_path)."""
+class CodeTestsReward:
+    """Share of each prompt's unit tests (its `answer`) the completion's code passes, in the sandbox.
+
+    `validator(code, tests) -> Validation` runs them elsewhere (CodeValidator actors, see
+    `actors/code_validator.py: ActorPoolValidator`); None runs them in this process's own sandbox.
+    A completion whose tests could not be run (a sandbox failure, not the completion's fault) scores
+    None, which the weighted reward counts and logs as a failure instead of scoring it 0.
+    """
+
+    __name__ = "code_tests"
+
+    def __init__(self, validator: Callable[..., Any] | None = None, max_workers: int = 4) -> None:
+        from r1.codecheck.reward import CodeTestReward
+
+        self.reward = CodeTestReward(validator=validator, max_workers=max_workers)
+
+    def __call__(self, completions: list[str], *, answers: Sequence[Any], **_: Any) -> list[float | None]:
+        return self.reward(completions, tests=list(answers))
+
+
+def build_reward(specs: Sequence[Any], *, device: str = "cpu", code_validator: Callable[..., Any] | None = None) -> WeightedReward:
+    """A `WeightedReward` from config specs (`r1.config.GRPORewardSpec`: name, weight, model_path).
+
+    `code_validator` runs the `code_tests` reward's sandbox runs elsewhere (None: in this process).
+    """
     terms = []
     for spec in specs:
         if spec.name == "format":
@@ -184,7 +207,9 @@ def build_reward(specs: Sequence[Any], *, device: str = "cpu") -> WeightedReward
             fn = AccuracyReward()
         elif spec.name == "reward_model":
             fn = RewardModelReward(spec.model_path, device=device)
+        elif spec.name == "code_tests":
+            fn = CodeTestsReward(code_validator)
         else:
-            raise ValueError(f"unknown reward {spec.name!r}; use format, accuracy or reward_model")
+            raise ValueError(f"unknown reward {spec.name!r}; use format, accuracy, reward_model or code_tests")
         terms.append(RewardTerm(name=spec.name, fn=fn, weight=spec.weight))
     return WeightedReward(terms)

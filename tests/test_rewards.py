@@ -121,3 +121,25 @@ def test_reward_spec_validation(spec, message):
 def test_accuracy_reward_rejects_unknown_task():
     with pytest.raises(ValueError, match="arithmetic"):
         AccuracyReward(task="code")
+
+
+def test_code_tests_reward_scores_the_share_of_tests_passed_in_the_sandbox():
+    from r1.codecheck.tasks import CODING_TASKS
+
+    add = next(task for task in CODING_TASKS if task.name == "add")
+    reward = build_reward([GRPORewardSpec(name="code_tests", validators=0)])
+    completions = [
+        "add them\n</think>\n```python\ndef add(a, b):\n    return a + b\n```",
+        "</think>\n```python\ndef add(a, b):\n    return a - b\n```",  # passes only add(0, 0) == 0
+        "no code at all",
+    ]
+    scores = reward(completions, prompts=[add.prompt] * 3, answers=[list(add.tests)] * 3)
+    assert scores.per_term["code_tests"] == [1.0, pytest.approx(1 / 3), 0.0]
+    assert scores.failures == {"code_tests": 0}
+
+
+def test_validators_belong_to_the_code_tests_reward():
+    with pytest.raises(ValueError, match="validators is only used by name=code_tests"):
+        GRPORewardSpec(name="format", validators=3)
+    assert GRPORewardSpec(name="code_tests").num_validators == 2
+    assert GRPORewardSpec(name="format").num_validators == 0

@@ -228,6 +228,21 @@ def test_grpo_two_workers_logs_rewards_and_checkpoints(ray_cluster, tmp_path, tr
     assert {s["attributes"]["step"] for s in spans if s["name"] == "train.checkpoint"} == {2}
 
 
+def test_grpo_code_reward_runs_on_code_validator_actors(ray_cluster, tmp_path):
+    config = parse_config(GRPOTrainConfig, _common(
+        tmp_path, "grpo-code", "r1-tiny",
+        prompts={"task": "coding", "num_prompts": 4},
+        grpo={"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 16,
+              "rewards": [{"name": "format", "weight": 0.5}, {"name": "code_tests", "validators": 2}]},
+        max_steps=1, optim={"lr": 1e-4},
+    ))
+    outcome = run_training("grpo", config)
+    (step,) = _steps(_records(outcome.metrics_path))
+    assert step["num_reward_failures_code_tests"] == 0 and 0 <= step["reward_code_tests"] <= 1
+    # Every completion of both workers (1 prompt x 2 samples each) was validated by the actors.
+    assert sum(outcome.code_validations.values()) == 2 * 1 * 2
+
+
 def test_deepspeed_zero2_two_workers_via_cli(ray_cluster, untrained_tiny, tmp_path, capsys):
     # Through the CLI and the committed SFT config; the only DeepSpeed test (its first start compiles ops).
     code = r1_main([

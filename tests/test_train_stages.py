@@ -176,3 +176,20 @@ def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):
             expected = token_log_probs(logits, torch.tensor([completion]))[0]
             torch.testing.assert_close(logp[row, : len(completion)], expected, atol=1e-4, rtol=1e-4)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_grpo_on_the_coding_tasks_scores_completions_in_the_sandbox(untrained_tiny):
+    config = parse_config(GRPOTrainConfig, {
+        "model": {"model": untrained_tiny},
+        "prompts": {"task": "coding", "num_prompts": 4},
+        "grpo": {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8,
+                 "rewards": [{"name": "format", "weight": 0.5}, {"name": "code_tests", "validators": 0}]},
+        "max_steps": 1,
+    })
+    stage = GRPOStage(config, WorkerInfo())
+    assert all(isinstance(item.answer, list) and item.answer for item in stage.items)  # the tasks' tests
+    metrics = stage.run_step(0)
+    # Every completion went through the sandbox and got a score (an untrained model's code fails).
+    assert metrics["num_reward_failures_code_tests"] == 0
+    assert 0.0 <= metrics["reward_code_tests"] <= 1.0
+    assert sum(stage.reward.terms[1].fn.reward.counts.values()) == 4

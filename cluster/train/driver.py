@@ -17,7 +17,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class TrainingOutcome:
     checkpoint_path: str | None
     last_metrics: dict[str, Any]
     final_step: int
+    # code_tests reward: validation outcomes counted by the CodeValidator actors ({} without them).
+    code_validations: dict[str, int] = field(default_factory=dict)
 
 
 def load_train_config(stage: str, path: str | None, overrides: list[str]) -> Any:
@@ -163,10 +166,11 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     root = start_span("train.run", stage=stage, run_name=run_name, max_steps=config.max_steps,
                       num_workers=scaling.num_workers)
     sink = MetricsSink.remote()
+    validators = _start_code_validators(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": stage, "config": config.model_dump(), "sink": sink, "run_dir": str(run_dir),
-                           "trace": inject_context(root)},
+                           "trace": inject_context(root), "code_validators": validators},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=scaling.resources_per_worker
@@ -196,6 +200,7 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
         stop.set()
         pump.join(timeout=60)
         progress.handle(ray.get(sink.drain.remote(), timeout=30))
+        code_validations = _stop_code_validators(validators, progress)
         progress.close()
         ray.kill(sink)
     return TrainingOutcome(
@@ -206,4 +211,33 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         last_metrics={**(result.metrics or {}), **progress.last_metrics},
         final_step=max(progress.final_step, int((result.metrics or {}).get("step", 0))),
+        code_validations=code_validations,
     )
+
+
+def _start_code_validators(config: Any) -> list[Any]:
+    """CodeValidator actors for a GRPO run's code_tests reward (none when it runs in the workers)."""
+    grpo = getattr(config, "grpo", None)
+    wanted = max((spec.num_validators for spec in (grpo.rewards if grpo else [])), default=0)
+    if not wanted:
+        return []
+    from actors.code_validator import start_validator_actors
+
+    return start_validator_actors(wanted)
+
+
+def _stop_code_validators(validators: list[Any], progress: _Progress) -> dict[str, int]:
+    """Their validation counts (reported on the console), then the actors are gone."""
+    counts: Counter[str] = Counter()
+    try:
+        for stats in ray.get([actor.stats.remote() for actor in validators], timeout=60):
+            counts.update(stats["validations"])
+    except Exception as error:  # counts are for the report only
+        logger.warning("could not read the CodeValidator counts: %s", error)
+    for actor in validators:
+        ray.kill(actor)
+    if validators:
+        summary = ", ".join(f"{status} {count}" for status, count in sorted(counts.items())) or "none"
+        progress._write(f"code_tests reward: {sum(counts.values())} sandbox validations on "
+                        f"{len(validators)} CodeValidator actors ({summary})")
+    return dict(counts)

@@ -63,8 +63,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = parse_config(config_class(stage_name), loop_config["config"], source=f"{stage_name} training config")
     sink = loop_config.get("sink")
     context = ray.train.get_context()
+    code_validator = None
+    if loop_config.get("code_validators"):  # the driver's CodeValidator actors run the code_tests reward
+        from actors.code_validator import ActorPoolValidator
+
+        code_validator = ActorPoolValidator(loop_config["code_validators"])
     worker = WorkerInfo(
-        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device()
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+        code_validator=code_validator,
     )
     is_reporter = worker.rank == 0 and sink is not None
 

@@ -54,7 +54,7 @@ class GRPOStage(Stage):
             seed=cfg.seed,
         )
         self.items = shard(items, self.worker.rank, self.worker.world_size)
-        self.reward = build_reward(grpo.rewards, device=str(self.device))
+        self.reward = build_reward(grpo.rewards, device=str(self.device), code_validator=self.worker.code_validator)
         self.reference = None
         if grpo.kl_beta > 0 and not cfg.lora.enabled:
             self.reference = self.load_base(self.base_source()).to(self.device).eval()

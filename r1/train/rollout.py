@@ -11,6 +11,8 @@ This module does not compute rewards or losses.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,13 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 def load_prompt_items(
     tokenizer: Any, *, path: str | None, task: str | None, num_prompts: int, levels: list[int], seed: int
 ) -> list[PromptItem]:
-    """Prompts from a JSONL file ({"prompt": str, "answer": ...}) or the arithmetic task's train split."""
-    if task == "arithmetic":
+    """Prompts from a JSONL file ({"prompt": str, "answer": ...}), the arithmetic task's train split,
+    or the coding tasks (answer: their unit tests), cycled up to `num_prompts`."""
+    if task == "coding":
+        from r1.codecheck.tasks import CODING_TASKS
+
+        pairs = [(t.prompt, list(t.tests)) for t in itertools.islice(itertools.cycle(CODING_TASKS), num_prompts)]
+    elif task == "arithmetic":
         from r1.tasks.arithmetic import generate_problems
 
         pairs: list[tuple[str, Any]] = []

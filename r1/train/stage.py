@@ -45,6 +45,9 @@ class WorkerInfo:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    # `validator(code, tests) -> Validation` for the code_tests reward, run outside this process
+    # (the worker loop passes CodeValidator actors); None: this process's own sandbox.
+    code_validator: Any = None
 
 
 def read_checkpoint_step(directory: str | Path) -> int:
