@@ -17,6 +17,7 @@ from actors import metrics
 from actors.tracing import setup_actor_tracing
 from r1.config import SamplingConfig, ServeConfig
 from r1.engine import EngineOverloaded, TransformersEngine
+from r1.engine.batching import StreamBatcher
 from r1.model import load_model, load_tokenizer
 from r1.sequence_spans import RequestCarriers
 from r1.telemetry import inject_context, span
@@ -65,15 +66,18 @@ class LLMServer:
             generate.set_attributes({"request_id": request.request_id, "prompt_tokens": len(request.prompt_token_ids),
                                      "max_new_tokens": request.max_new_tokens})
             self.carriers.register(request.request_id, inject_context(generate))
+            batcher = None
             try:
                 try:
-                    deltas = self.engine.stream(request)
+                    # A slow consumer gets the tokens that piled up as one item (one Ray message).
+                    deltas = self.engine.stream(request, coalesce=True)
                     first = await anext(deltas)
                 except EngineOverloaded as error:
                     generate.set_attribute("http.status_code", 503)
                     yield self._error(503, str(error), code="overloaded")
                     return
                 yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
+                batcher = StreamBatcher(deltas, self.config.stream_interval_ms / 1000)
                 delta = first
                 completion_tokens = 0
                 while True:
@@ -90,8 +94,10 @@ class LLMServer:
                     yield item
                     if delta.finish_reason is not None:
                         return
-                    delta = await anext(deltas)
+                    delta = await batcher.next()
             finally:
+                if batcher is not None:
+                    batcher.close()
                 self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:

@@ -117,7 +117,7 @@ def loop_level(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -
     return records, time.perf_counter() - start_all
 
 
-def start_stack(port: int) -> None:
+def start_stack(port: int, overrides: list[str]) -> None:
     import ray
     from ray import serve
 
@@ -127,7 +127,10 @@ def start_stack(port: int) -> None:
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
-    serve.run(build_app({"ingress": one_replica, "llm": one_replica, "engine": {"max_num_seqs": 64}}), name="bench")
+    from r1.config import ServeConfig, apply_overrides, parse_config
+
+    config = parse_config(ServeConfig, {"ingress": one_replica, "llm": one_replica, "engine": {"max_num_seqs": 64}})
+    serve.run(build_app(apply_overrides(config, overrides).model_dump()), name="bench")
 
 
 def main() -> None:
@@ -136,6 +139,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-level", type=int, default=32)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the served config, e.g. --set safety=null --set sessions.enabled=false")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,7 +152,7 @@ def main() -> None:
                                  add_special_tokens=False) for c in chats]
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
 
-    start_stack(args.port)
+    start_stack(args.port, args.set)
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []

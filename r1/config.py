@@ -246,6 +246,10 @@ class ServeConfig(StrictModel):
     max_messages: int = Field(default=256, ge=1)
     # Seconds a request may wait for the first token before the server answers 503.
     request_timeout_s: float = Field(default=300.0, gt=0)
+    # The LLM server sends the first token at once, then gathers the tokens decoded within this many
+    # ms into one message to the ingress (0: one message per token). Every message is a Ray hop plus
+    # a SafetyFilter call; on a busy CPU they cost more than the model step of a small model.
+    stream_interval_ms: float = Field(default=20.0, ge=0, le=1000)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.

@@ -165,3 +165,53 @@ def test_full_queue_refuses_fast(tiny):
     with pytest.raises(EngineOverloaded):
         engine.submit(engine.make_request("c", sampling), lambda d: None)
     engine.shutdown()
+
+
+def test_coalesced_stream_merges_what_piled_up_and_loses_nothing(engine):
+    sampling = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
+    expected = engine.generate_batch(["12 + 7 ="], sampling)[0]
+
+    async def slow_consumer():
+        deltas = []
+        async for delta in engine.stream("12 + 7 =", sampling, coalesce=True):
+            deltas.append(delta)
+            await asyncio.sleep(0.05)  # a busy consumer: several tokens arrive meanwhile
+        return deltas
+
+    deltas = asyncio.run(slow_consumer())
+    assert "".join(d.text for d in deltas) == expected.text
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert len(deltas) < 24 and any(len(d.token_ids) > 1 for d in deltas)
+    assert deltas[-1].finish_reason == "length" and deltas[-1].usage.completion_tokens == 24
+
+
+def test_stream_batcher_merges_deltas_within_the_interval_and_never_aborts_the_stream():
+    from r1.engine.batching import StreamBatcher
+    from r1.engine.types import Delta
+
+    closed = []
+
+    async def deltas():
+        try:
+            for i in range(6):
+                await asyncio.sleep(0.01 if i != 3 else 0.3)  # a pause longer than the window before token 3
+                yield Delta("r", [i], str(i), finish_reason="length" if i == 5 else None)
+        finally:
+            closed.append(True)
+
+    async def main():
+        stream = deltas()
+        batcher = StreamBatcher(stream, interval_s=0.1)
+        batches = []
+        while not batches or batches[-1].finish_reason is None:
+            batches.append(await batcher.next())
+        batcher.close()
+        await stream.aclose()
+        return batches
+
+    batches = asyncio.run(main())
+    # Tokens 0-2 arrive within one window; the window closes during the pause without ending the
+    # stream; 3-5 form the next batch, which ends at the finish reason.
+    assert [d.token_ids for d in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert "".join(d.text for d in batches) == "012345" and batches[-1].finish_reason == "length"
+    assert closed == [True]

@@ -70,6 +70,14 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode("utf-8")
 
 
+def _merged(item: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive delta items of one stream as one."""
+    merged = {**later, "text": item["text"] + later["text"], "num_tokens": item["num_tokens"] + later["num_tokens"]}
+    if "usage" not in later and "usage" in item:
+        merged["usage"] = item["usage"]
+    return merged
+
+
 class _Choice:
     """Collects one choice's stream: output screening, reasoning split, usage."""
 
@@ -338,8 +346,11 @@ class OpenAIIngress:
 
     async def _drain(self, streams: list[Any], choices: list[_Choice]) -> None:
         async def one(stream: Any, choice: _Choice) -> None:
+            # Nobody sees a non-streamed reply before it is complete: screen it in one call at the end.
+            texts = []
             async for item in stream:
-                await self._absorb(item, choice)
+                texts.append(self._count(item, choice))
+            await choice.feed("".join(texts))
             await choice.finish()
 
         try:
@@ -354,7 +365,8 @@ class OpenAIIngress:
             self._cancel(streams)
 
     @staticmethod
-    async def _absorb(item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
+    def _count(item: dict[str, Any], choice: _Choice) -> str:
+        """Book one stream item on its choice (tokens, timing, finish reason); its text, unscreened."""
         if item.get("error"):
             raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
         choice.completion_tokens += item["num_tokens"]
@@ -362,7 +374,11 @@ class OpenAIIngress:
             choice.timer.tokens_arrived(item["num_tokens"])
         if item["finish_reason"] is not None:
             choice.finish_reason = item["finish_reason"]
-        return await choice.feed(item["text"])
+        return item["text"]
+
+    @classmethod
+    async def _absorb(cls, item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
+        return await choice.feed(cls._count(item, choice))
 
     async def _stream_body(
         self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
@@ -387,8 +403,17 @@ class OpenAIIngress:
                 for index in range(len(streams)):
                     yield sse(chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}))
             open_streams = len(streams)
+            held: list[tuple[int, Any]] = []  # taken from the queue while merging, not yet handled
             while open_streams:
-                index, item = await queue.get()
+                index, item = held.pop() if held else await queue.get()
+                # Items that piled up while the last one was screened go to the filter as one
+                # (one SafetyFilter call instead of one per token under load).
+                while item is not None and not item.get("error") and item["finish_reason"] is None and not queue.empty():
+                    other_index, other = queue.get_nowait()
+                    if other_index != index or other is None or other.get("error"):
+                        held.append((other_index, other))
+                        break
+                    item = _merged(item, other)
                 choice = choices[index]
                 if item is None:
                     open_streams -= 1

@@ -36,6 +36,11 @@ class Delta:
     # Set when the request failed inside the engine (the stream then ends with finish_reason="abort").
     error: str | None = None
 
+    def followed_by(self, later: Delta) -> Delta:
+        """One delta holding this one and the `later` one of the same request."""
+        return Delta(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
+                     later.finish_reason, later.usage or self.usage, self.error or later.error)
+
 
 @dataclass
 class Completion:
