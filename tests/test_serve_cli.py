@@ -52,7 +52,7 @@ def test_r1_serve_prints_ready_and_serves_the_default_model(tmp_path):
                                    stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
     try:
         deadline = time.monotonic() + 300
-        while "is ready" not in log.read_text() and time.monotonic() < deadline:
+        while "r1-cluster is ready" not in log.read_text() and time.monotonic() < deadline:
             assert process.poll() is None, log.read_text()[-3000:]
             time.sleep(1)
         text = log.read_text()
