@@ -28,12 +28,18 @@ PROMPTS = [
 ]
 
 
+@torch.inference_mode()
 def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
-    )
-    return out[0, len(ids):].tolist()
+    """Plain greedy decoding of one sequence with the model's own KV cache, EOS included.
+
+    (Not `generate(min_new_tokens=...)`: that masks EOS, while `ignore_eos` keeps decoding past it.)
+    """
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(max_new_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 @pytest.fixture(scope="module")
