@@ -221,3 +221,27 @@ def test_stream_batcher_merges_deltas_within_the_interval_and_never_aborts_the_s
     assert [d.token_ids for d in batches] == [[0, 1, 2], [3, 4, 5]]
     assert "".join(d.text for d in batches) == "012345" and batches[-1].finish_reason == "length"
     assert closed == [True]
+
+
+def test_a_request_that_ends_at_its_first_token_while_others_decode(engine):
+    # It finishes during its prefill step; the decode step that follows must not still count it.
+    long = SamplingConfig(temperature=0, max_new_tokens=30, ignore_eos=True)
+    one_token = SamplingConfig(temperature=0, max_new_tokens=1, ignore_eos=True)
+    finals, long_tokens = {}, []
+
+    async def run(name, prompt, sampling, after=0):
+        while len(long_tokens) < after:  # the short request arrives once the long one is decoding
+            await asyncio.sleep(0.001)
+        async for delta in engine.stream(prompt, sampling):
+            if name == "long":
+                long_tokens.extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                finals[name] = (delta.finish_reason, delta.error, delta.usage.completion_tokens)
+
+    async def main():
+        await asyncio.wait_for(asyncio.gather(
+            run("long", PROMPTS[0], long), run("short", PROMPTS[1], one_token, after=3)), timeout=60)
+
+    asyncio.run(main())
+    assert finals["short"] == ("length", None, 1)
+    assert finals["long"] == ("length", None, 30)

@@ -103,6 +103,9 @@ class Scheduler:
                 for seq in admitted:
                     self.running[seq.seq_id] = seq
                 self._advance(admitted, logits)
+            # Sequences that just finished (at their first token, or aborted) leave the runner's
+            # batch before the decode step, which takes exactly the sequences still running.
+            self._release_finished()
             decoding = [s for s in self.running.values() if s.finish_reason is None]
             if decoding:
                 logits = self.runner.step([s.seq_id for s in decoding], [s.output_ids[-1] for s in decoding])
