@@ -69,14 +69,15 @@ class LLMServer:
             batcher = None
             try:
                 try:
-                    # A slow consumer gets the tokens that piled up as one item (one Ray message).
-                    deltas = self.engine.stream(request, coalesce=True)
+                    deltas = self.engine.stream(request)
                     first = await anext(deltas)
                 except EngineOverloaded as error:
                     generate.set_attribute("http.status_code", 503)
                     yield self._error(503, str(error), code="overloaded")
                     return
                 yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
+                # Tokens decoded within stream_interval_ms (also those that piled up while the
+                # ingress was busy) go out as one item: one Ray message.
                 batcher = StreamBatcher(deltas, self.config.stream_interval_ms / 1000)
                 delta = first
                 completion_tokens = 0

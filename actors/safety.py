@@ -59,8 +59,7 @@ class SafetyFilterDeployment:
         self._record(direction, rule_ids)
         return verdict.to_dict()
 
-    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output",
-                          trace: dict[str, str] | None = None) -> dict[str, Any]:
+    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output") -> dict[str, Any]:
         """One step of a stream: {"text": safe to emit now, "state": pass to the next step,
         "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one."""
         stream = self.filter.stream(direction) if state is None else self.filter.resume_stream(state)  # type: ignore[arg-type]
@@ -71,7 +70,7 @@ class SafetyFilterDeployment:
 
     async def stream_flush(self, state: dict[str, Any], trace: dict[str, str] | None = None) -> dict[str, Any]:
         """The last step: everything still held, screened; the reply carries no state."""
-        # One span per screened stream (at its end), not one per chunk (`stream_feed` ignores `trace`):
+        # One span per screened stream (at its end), not one per chunk (`stream_feed` takes no trace):
         # a 4096-token reply would otherwise add thousands of spans.
         with span("safety.stream", trace) as current:
             stream = self.filter.resume_stream(state)
@@ -126,8 +125,10 @@ class SafetyClient:
         return ScreenedStream(self, direction)
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
-        # The caller's current span (the ingress's request span) continues in the deployment.
-        response = getattr(self.handle, method).remote(*args, trace=inject_context())
+        # The caller's current span (the ingress's request span) continues in the deployment, except
+        # in the per-chunk `stream_feed`, which opens no span (so it gets no carrier on the hot path).
+        kwargs = {} if method == "stream_feed" else {"trace": inject_context()}
+        response = getattr(self.handle, method).remote(*args, **kwargs)
         try:
             return await asyncio.wait_for(response, timeout=self.timeout_s)
         except asyncio.TimeoutError:

@@ -403,15 +403,15 @@ class OpenAIIngress:
                 for index in range(len(streams)):
                     yield sse(chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}))
             open_streams = len(streams)
-            held: list[tuple[int, Any]] = []  # taken from the queue while merging, not yet handled
+            held: tuple[int, Any] | None = None  # taken from the queue while merging, not yet handled
             while open_streams:
-                index, item = held.pop() if held else await queue.get()
+                (index, item), held = held or await queue.get(), None
                 # Items that piled up while the last one was screened go to the filter as one
                 # (one SafetyFilter call instead of one per token under load).
                 while item is not None and not item.get("error") and item["finish_reason"] is None and not queue.empty():
                     other_index, other = queue.get_nowait()
                     if other_index != index or other is None or other.get("error"):
-                        held.append((other_index, other))
+                        held = (other_index, other)
                         break
                     item = _merged(item, other)
                 choice = choices[index]

@@ -94,9 +94,9 @@ class _Progress:
         if event == "start":
             self._open_bar(record["start_step"])
             if record.get("resumed"):
-                self._write(f"resumed from the checkpoint at step {record['start_step']}")
+                self.write(f"resumed from the checkpoint at step {record['start_step']}")
         elif event == "eval":
-            self._write("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("event", "step")))
+            self.write("eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("event", "step")))
         elif event == "exported":
             self.export_path = record["path"]
         elif "step" in record:
@@ -122,7 +122,7 @@ class _Progress:
             self.bar.n = start_step
             self.bar.refresh()
 
-    def _write(self, line: str) -> None:
+    def write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -188,7 +188,7 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     pump.start()
     trace_id = trace_id_of(root)
     if trace_id:
-        progress._write(f"trace id: {trace_id}")
+        progress.write(f"trace id: {trace_id}")
     try:
         result = trainer.fit()
     except BaseException as error:
@@ -238,6 +238,6 @@ def _stop_code_validators(validators: list[Any], progress: _Progress) -> dict[st
         ray.kill(actor)
     if validators:
         summary = ", ".join(f"{status} {count}" for status, count in sorted(counts.items())) or "none"
-        progress._write(f"code_tests reward: {sum(counts.values())} sandbox validations on "
+        progress.write(f"code_tests reward: {sum(counts.values())} sandbox validations on "
                         f"{len(validators)} CodeValidator actors ({summary})")
     return dict(counts)

@@ -18,7 +18,6 @@ would have.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -83,13 +82,12 @@ class GRPOStage(Stage):
         items = [self.items[i] for i in indices]
 
         torch.manual_seed(self.config.seed * 1_000_003 + step * 1009 + self.worker.rank)
-        rollout_started = time.perf_counter()
         self.module.eval()
         with self.phase("rollout", prompts=len(items), group_size=group_size), self.strategy.gathered(), \
                 self.strategy.autocast(), torch.inference_mode():
             rollouts = generate_groups(self.engine, items, group_size, self.sampling)
         self.module.train()
-        rollout_s = time.perf_counter() - rollout_started
+        rollout_s = self.phases.seconds["rollout"]  # reported as rollout_s with the other phases
 
         with self.phase("reward", completions=len(rollouts.texts)):
             scores = self.reward(
@@ -138,7 +136,6 @@ class GRPOStage(Stage):
             "reward_group_std": float(group_std[group_ok].mean()) if bool(group_ok.any()) else math.nan,
             "completion_len_mean": num_generated / len(completion_lengths),
             "truncated_fraction": sum(r == "length" for r in rollouts.finish_reasons) / len(completion_lengths),
-            "rollout_s": rollout_s,
             "rollout_tokens_per_s": num_generated / rollout_s if rollout_s > 0 else 0.0,
             "num_tokens": float(batch["attention_mask"].sum()),
             "num_rollout_tokens": float(num_generated),
