@@ -247,8 +247,9 @@ class ServeConfig(StrictModel):
     # Seconds a request may wait for the first token before the server answers 503.
     request_timeout_s: float = Field(default=300.0, gt=0)
     # The LLM server sends the first token at once, then gathers the tokens decoded within this many
-    # ms into one message to the ingress (0: one message per token). Every message is a Ray hop plus
-    # a SafetyFilter call; on a busy CPU they cost more than the model step of a small model.
+    # ms into one message to the ingress (0: no window; tokens that piled up still go together).
+    # Every message is a Ray hop plus a SafetyFilter call; on a busy CPU they cost more than the
+    # model step of a small model.
     stream_interval_ms: float = Field(default=20.0, ge=0, le=1000)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))

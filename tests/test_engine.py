@@ -173,6 +173,24 @@ def test_full_queue_refuses_fast(tiny):
     engine.shutdown()
 
 
+def test_coalesced_stream_merges_what_piled_up_and_loses_nothing(engine):
+    sampling = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
+    expected = engine.generate_batch(["12 + 7 ="], sampling)[0]
+
+    async def slow_consumer():
+        deltas = []
+        async for delta in engine.stream("12 + 7 =", sampling, coalesce=True):
+            deltas.append(delta)
+            await asyncio.sleep(0.05)  # a busy consumer: several tokens arrive meanwhile
+        return deltas
+
+    deltas = asyncio.run(slow_consumer())
+    assert "".join(d.text for d in deltas) == expected.text
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert len(deltas) < 24 and any(len(d.token_ids) > 1 for d in deltas)
+    assert deltas[-1].finish_reason == "length" and deltas[-1].usage.completion_tokens == 24
+
+
 def test_stream_batcher_merges_deltas_within_the_interval_and_never_aborts_the_stream():
     from r1.engine.batching import StreamBatcher
     from r1.engine.types import Delta

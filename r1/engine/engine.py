@@ -211,9 +211,14 @@ class TransformersEngine:
             self._wakeup.notify_all()
 
     async def stream(
-        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None
+        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None,
+        coalesce: bool = False,
     ) -> AsyncIterator[Delta]:
-        """Stream deltas for one request; leaving the loop early aborts the request."""
+        """Stream deltas for one request; leaving the loop early aborts the request.
+
+        `coalesce`: deltas that piled up while the consumer was busy come as one (fewer, larger
+        messages when each costs a network hop; a fast consumer still gets one per token).
+        """
         request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
         self.start()
         mailbox = self._mailbox(asyncio.get_running_loop())
@@ -223,6 +228,8 @@ class TransformersEngine:
         try:
             while True:
                 delta = await queue.get()
+                while coalesce and delta.finish_reason is None and not queue.empty():
+                    delta = delta.followed_by(queue.get_nowait())
                 if delta.finish_reason is not None:
                     finished = True
                 yield delta
