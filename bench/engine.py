@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
 
 import torch
 
+from bench.contract import command_line, finish, ratio, target_note
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import TransformersEngine
 from r1.model import load_model
@@ -119,14 +119,17 @@ def bench_static(model, tokenizer, prompts, new_tokens) -> float:
     return (out.shape[1] - length) * len(prompts) / elapsed
 
 
-def main() -> None:
+MODEL_LABELS = {"tiny": "r1-tiny", "100m": "random Qwen2"}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--models", default="tiny,100m", help="comma list of: tiny, 100m")
     parser.add_argument("--repeats", type=int, default=5, help="runs per method; the median is reported")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the results (bench/contract.py format) to this file")
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tiny_model, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))
     results = []
@@ -152,9 +155,38 @@ def main() -> None:
             f"loop {row['loop_tok_s']:.0f} tok/s | engine/static {row['vs_static']:.2f}x | engine/loop {row['vs_loop']:.2f}x",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    return finish(contract_result(args, argv, results), args.json)
+
+
+def contract_result(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> dict:
+    """The run as the bench JSON contract: one table of medians and ratios, the targets as notes."""
+    table_rows = [
+        [MODEL_LABELS.get(r["model"], r["model"]), f"{r['params_m']} M", round(r["engine_tok_s"]),
+         round(r["static_tok_s"]), round(r["loop_tok_s"]), ratio(r["vs_static"]), ratio(r["vs_loop"])]
+        for r in results
+    ]
+    notes = []
+    for r in results:
+        label = MODEL_LABELS.get(r["model"], r["model"])
+        notes.append(target_note(f"engine / static batch, {label}", r["vs_static"], 1.0))
+        notes.append(target_note(f"engine / loop, {label}", r["vs_loop"], 5.0))
+    threads = results[0]["threads"] if results else torch.get_num_threads()
+    return {
+        "benchmark": "engine",
+        "title": "Engine",
+        "command": command_line("engine", argv),
+        "baseline": "A loop of single `generate` calls and one left-padded static `generate` batch of the same "
+                    "prompts, interleaved with the engine runs in the same process.",
+        "tables": [{
+            "title": f"tokens/s, median of {max(1, args.repeats)} interleaved runs per method, "
+                     f"{args.num_requests} requests × {args.new_tokens} new tokens, {threads} torch threads",
+            "columns": ["model", "params", "engine", "static batch", "loop", "engine / static", "engine / loop"],
+            "rows": table_rows,
+        }],
+        "series": {},
+        "notes": notes,
+        "raw": results,
+    }
 
 
 if __name__ == "__main__":

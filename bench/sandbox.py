@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from bench.contract import command_line, finish
 from r1.codecheck import Sandbox, validate
 from r1.config import CodeCheckConfig
 
@@ -32,12 +33,13 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="iterations per mode")
     parser.add_argument("--workers", type=int, default=1, help="concurrent runs (threads) per mode")
     parser.add_argument("--levels", default="bwrap,rlimits", help="isolation settings to measure")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the results (bench/contract.py format) to this file")
+    args = parser.parse_args(argv)
 
     sandboxes = {}
     for level in args.levels.split(","):
@@ -76,12 +78,34 @@ def main() -> None:
     bare_p50 = statistics.median(samples["bare"])
     print(f"interpreter {interpreter}; {len(samples['bare'])} runs per mode, {args.workers} concurrent")
     print(f"{'mode':34s} {'runs/s':>8s} {'p50 ms':>8s} {'p90 ms':>8s} {'p50 overhead ms':>16s}")
+    rows = []
     for name, values in samples.items():
         ordered = sorted(values)
         p50 = statistics.median(ordered)
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         overhead = "" if name == "bare" else f"{(p50 - bare_p50) * 1000:+.1f}"
         print(f"{name:34s} {len(values) / wall[name]:8.1f} {p50 * 1000:8.1f} {p90 * 1000:8.1f} {overhead:>16s}")
+        rows.append([MODE_LABELS.get(name, name), round(len(values) / wall[name], 1), f"{p50 * 1000:.1f} ms",
+                     f"{p90 * 1000:.1f} ms", f"{overhead} ms" if overhead else "—"])
+    return finish({
+        "benchmark": "sandbox",
+        "title": "Sandbox",
+        "command": command_line("sandbox", argv),
+        "baseline": "A bare `subprocess` running the same program with the sandbox's interpreter and no isolation, "
+                    "interleaved with the contained runs so every mode sees the same load.",
+        "tables": [{
+            "title": f"{len(samples['bare'])} runs per mode, {args.workers} concurrent",
+            "columns": ["mode", "runs/s", "p50", "p90", "p50 overhead vs bare"],
+            "rows": rows,
+        }],
+        "series": {"latency_cdf": {MODE_LABELS.get(name, name): [round(v, 5) for v in sorted(values)]
+                                   for name, values in samples.items()}},
+        "notes": [f"interpreter {interpreter}"],
+        "raw": {name: [round(v, 5) for v in values] for name, values in samples.items()},
+    }, args.json)
+
+
+MODE_LABELS = {"bare": "bare subprocess", "rlimits": "uid+rlimits"}
 
 
 if __name__ == "__main__":

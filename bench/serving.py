@@ -27,6 +27,7 @@ import time
 import httpx
 import torch
 
+from bench.contract import command_line, finish, ratio, target_note
 from bench.engine import bench_static, make_prompts
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import TransformersEngine
@@ -133,7 +134,7 @@ def start_stack(port: int, overrides: list[str]) -> None:
     serve.run(build_app(apply_overrides(config, overrides).model_dump()), name="bench")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -141,8 +142,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the served config, e.g. --set safety=null --set sessions.enabled=false")
-    parser.add_argument("--json", help="also write the results as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the results (bench/contract.py format) to this file")
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(c) for c in args.concurrency.split(",")]
     model, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))
@@ -156,6 +157,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []
+    latencies: dict[tuple[str, int], list[float]] = {}  # (method, concurrency) -> e2e seconds
 
     async def levels_async():
         async with httpx.AsyncClient(timeout=600) as http:
@@ -164,12 +166,15 @@ def main() -> None:
             for c in levels:
                 records, elapsed = await run_level(stack_request(http, url, args.new_tokens), chats, c)
                 rows.append(summarize("stack", c, records, elapsed))
+                latencies["stack", c] = sorted(r["e2e"] for r in records if r["ok"])
                 records, elapsed = await run_level(engine_request(engine, sampling), chats, c)
                 rows.append(summarize("engine", c, records, elapsed))
+                latencies["engine", c] = sorted(r["e2e"] for r in records if r["ok"])
 
     asyncio.run(levels_async())
     loop_records, loop_elapsed = loop_level(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
     rows.append(summarize("loop", 1, loop_records, loop_elapsed))
+    latencies["loop", 1] = sorted(r["e2e"] for r in loop_records)
     static_tok_s = bench_static(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
     engine.shutdown()
 
@@ -183,17 +188,66 @@ def main() -> None:
     print(f"static padded batch of {top}: {static_tok_s:.0f} tok/s")
     print(f"stack at {top} streams: {stack_top['tok_s'] / static_tok_s:.2f}x the static batch, "
           f"{stack_top['tok_s'] / loop_row['tok_s']:.2f}x the loop")
+    overhead_ms = None
     if 1 in levels:
         stack_1 = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == 1)
         engine_1 = next(r for r in rows if r["method"] == "engine" and r["concurrency"] == 1)
-        print(f"pipeline overhead per request (p50 e2e stack - engine, concurrency 1): "
-              f"{stack_1['e2e_p50_ms'] - engine_1['e2e_p50_ms']:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "static_tok_s": static_tok_s}, f, indent=2)
+        overhead_ms = stack_1["e2e_p50_ms"] - engine_1["e2e_p50_ms"]
+        print(f"pipeline overhead per request (p50 e2e stack - engine, concurrency 1): {overhead_ms:.1f} ms")
     from ray import serve
 
     serve.shutdown()
+    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms)
+    return finish(result, args.json)
+
+
+METHOD_LABELS = {"stack": "stack (HTTP + SSE)", "engine": "engine in-process", "loop": "loop of `generate`"}
+
+
+def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
+                    latencies: dict[tuple[str, int], list[float]], static_tok_s: float, overhead_ms: float | None) -> dict:
+    """The run as the bench JSON contract: the per-level table, the targets, and the data for the plots."""
+    top = max(r["concurrency"] for r in rows if r["method"] == "stack")
+    stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
+    loop_row = next(r for r in rows if r["method"] == "loop")
+    table = [[METHOD_LABELS[r["method"]], r["concurrency"], round(r["tok_s"]), f"{r['ttft_p50_ms']:.1f} ms",
+              f"{r['tpot_p50_ms']:.1f} ms", f"{r['e2e_p50_ms']:.0f} ms", f"{r['e2e_p99_ms']:.0f} ms",
+              f"{100 * r['error_rate']:.1f} %"] for r in rows]
+    checks = [
+        [f"stack / static batch at {top} streams", "≥ 1.0×", ratio(stack_top["tok_s"] / static_tok_s)],
+        [f"stack / loop at {top} streams", "≥ 5×", ratio(stack_top["tok_s"] / loop_row["tok_s"])],
+    ]
+    notes = [f"static padded batch of {top} in the same run: {static_tok_s:.0f} tok/s",
+             target_note(f"stack / static batch at {top} streams", stack_top["tok_s"] / static_tok_s, 1.0),
+             target_note(f"stack / loop at {top} streams", stack_top["tok_s"] / loop_row["tok_s"], 5.0)]
+    if overhead_ms is not None:
+        checks.append(["pipeline overhead per request, concurrency 1 (stack − engine e2e p50)", "≤ 5 ms",
+                       f"{overhead_ms:.0f} ms"])
+        notes.append(target_note("pipeline overhead per request at concurrency 1", overhead_ms, 5.0,
+                                 at_least=False, unit="ms"))
+    throughput: dict[str, list[list[float]]] = {}
+    for r in rows:
+        throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
+    throughput["static batch"] = [[top, round(static_tok_s, 1)]]
+    cdf = {f"{METHOD_LABELS[m]}, concurrency {c}": [round(v, 4) for v in values]
+           for (m, c), values in latencies.items() if c == top or m == "loop"}
+    return {
+        "benchmark": "serving",
+        "title": "Serving",
+        "command": command_line("serving", argv),
+        "baseline": "The same engine in-process (no Ray, no HTTP), a loop of single `generate` calls and one "
+                    f"left-padded static `generate` batch of {top} requests, same prompts, same run.",
+        "tables": [
+            {"title": f"r1-tiny, {args.requests_per_level} requests per level × {args.new_tokens} new tokens"
+                      + (f", overrides {' '.join(args.set)}" if args.set else ""),
+             "columns": ["method", "conc", "tok/s", "TTFT p50", "TPOT p50", "e2e p50", "e2e p99", "errors"],
+             "rows": table},
+            {"title": "targets", "columns": ["check", "target", "measured"], "rows": checks},
+        ],
+        "series": {"throughput_vs_concurrency": throughput, "latency_cdf": cdf},
+        "notes": notes,
+        "raw": {"rows": rows, "static_tok_s": static_tok_s},
+    }
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.contract import command_line, finish
+
 EXCHANGE = [{"role": "user", "content": "How many apples does Mia have now?"},
             {"role": "assistant", "content": "Mia has 23 + 45 = 68 apples."}]
 
@@ -90,7 +92,10 @@ def bench_backend(url: str, synchronous: str, turns: int) -> float:
     return turns / elapsed
 
 
-async def bench_actors(config, turns: int, concurrency: int, num_sessions: int) -> dict[str, float]:
+async def bench_actors(config, turns: int, concurrency: int, num_sessions: int,
+                       latencies_out: list[float] | None = None) -> dict[str, float]:
+    """Appends/s through the SessionStore actors and the latency a turn adds; the per-turn latencies
+    (ms) are also appended to `latencies_out` when given (for the latency CDF)."""
     from actors.session_store import SessionClient
 
     client = SessionClient(config)
@@ -121,6 +126,8 @@ async def bench_actors(config, turns: int, concurrency: int, num_sessions: int) 
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(turns)))
     appends_per_s = turns / (time.perf_counter() - start)
+    if latencies_out is not None:
+        latencies_out.extend(latencies_ms)
     return {
         "actor_appends_per_s": round(appends_per_s, 1),
         "turn_added_ms_p50": round(statistics.median(latencies_ms), 2),
@@ -129,7 +136,7 @@ async def bench_actors(config, turns: int, concurrency: int, num_sessions: int) 
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="sqlite-full,sqlite-normal,redis")
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+    parser.add_argument("--json", help="also write the results (bench/contract.py format) to this file")
     args = parser.parse_args(argv)
 
     import ray
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown backends {sorted(unknown)}; use sqlite-full, sqlite-normal, redis")
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results = []
+    latencies: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="r1-bench-sessions-") as tmp:
         workdir = Path(tmp)
         redis_ctx = local_redis(workdir) if "redis" in backends and args.redis_url is None else None
@@ -163,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                                        call_timeout_s=60, namespace=f"r1-bench-{uuid.uuid4().hex[:8]}")
                 row = {"backend": name, "backend_appends_per_s": round(bench_backend(url, synchronous, args.turns), 1)}
                 try:
-                    row.update(asyncio.run(bench_actors(config, args.turns, args.concurrency, args.num_sessions)))
+                    row.update(asyncio.run(bench_actors(config, args.turns, args.concurrency, args.num_sessions,
+                                                        latencies.setdefault(name, []))))
                 finally:
                     stop_session_actors(config.namespace)
                 results.append(row)
@@ -178,6 +188,37 @@ def main(argv: list[str] | None = None) -> None:
     print(" | ".join(header))
     for row in results:
         print(" | ".join(str(row.get(h, "")) for h in header))
+    return finish(contract_result(args, argv, results, latencies), args.json)
+
+
+BACKEND_LABELS = {"sqlite-full": "SQLite, synchronous=FULL (default)", "sqlite-normal": "SQLite, synchronous=NORMAL",
+                  "redis": "Redis (appendfsync always)"}
+
+
+def contract_result(args: argparse.Namespace, argv: list[str] | None, results: list[dict],
+                    latencies: dict[str, list[float]]) -> dict:
+    """The run as the bench JSON contract: one row per backend, the per-turn latency CDF per backend."""
+    rows = [[BACKEND_LABELS.get(r["backend"], r["backend"]), r["backend_appends_per_s"], r["actor_appends_per_s"],
+             f"{r['actor_appends_per_s'] / r['backend_appends_per_s']:.2f}×",
+             f"{r['turn_added_ms_p50']} / {r['turn_added_ms_p95']} / {r['turn_added_ms_p99']}"] for r in results]
+    return {
+        "benchmark": "sessions",
+        "title": "Sessions",
+        "command": command_line("sessions", argv),
+        "baseline": "The same 2-message appends written straight into the backend by one process (the storage's "
+                    "own cost), measured in the same run as the appends through the SessionStore actors.",
+        "tables": [{
+            "title": f"{args.turns} turns, concurrency {args.concurrency}, {args.num_sessions} sessions, "
+                     f"{args.num_partitions} partitions",
+            "columns": ["backend", "direct appends/s", "appends/s through actors", "actors / direct",
+                        "added ms per turn p50 / p95 / p99"],
+            "rows": rows,
+        }],
+        "series": {"latency_cdf": {BACKEND_LABELS.get(name, name): [round(v / 1000, 5) for v in sorted(values)]
+                                   for name, values in latencies.items() if values}},
+        "notes": [],
+        "raw": results,
+    }
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from bench.contract import command_line, finish, ratio, target_note
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -166,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both sides (default 1: stable timings on a shared machine)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="bare --json: print one JSON line instead of a table; --json PATH: print the table "
+                             "and write the results (bench/contract.py format) to PATH")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ours_completion_len": ours["completion_len_mean"], "trl_completion_len": trl["completion_len_mean"],
         "ratio": ours["step_time_s"] / trl["step_time_s"],
     }
-    if args.json:
+    if args.json == "-":
         print(json.dumps(result))
     else:
         print(f"GRPO step time on {device} ({args.model}, {args.prompts_per_step} prompts x {args.group_size} samples, "
@@ -190,7 +194,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  TRL        : {trl['step_time_s']:.3f} s/step  (completion length {trl['completion_len_mean']:.1f})")
         verdict = "meets" if result["ratio"] <= 0.67 else "misses"
         print(f"  ratio ours/TRL = {result['ratio']:.2f}  ({verdict} the <= 0.67 target)")
-    return result
+    return finish(contract_result(args, argv, result), None if args.json == "-" else args.json)
+
+
+def contract_result(args: argparse.Namespace, argv: list[str] | None, result: dict[str, Any]) -> dict[str, Any]:
+    """The run as the bench JSON contract: step times of both sides and their ratio."""
+    return {
+        "benchmark": "training",
+        "title": "GRPO step time",
+        "command": command_line("training", argv),
+        "baseline": "TRL's GRPOTrainer on the same model, prompts, group size, completion budget, sampling, "
+                    "KL/clip settings and rewards, in the same process on the same device.",
+        "tables": [{
+            "title": f"{result['device']}, {result['model']}, {result['prompts_per_step']} prompts × "
+                     f"{result['group_size']} samples, ≤ {result['max_new_tokens']} new tokens, mean of "
+                     f"{result['steps']} steps after {args.warmup} warm-up, {args.threads} torch threads",
+            "columns": ["trainer", "s/step", "mean completion length"],
+            "rows": [["r1-cluster GRPO stage", round(result["ours_step_time_s"], 3), round(result["ours_completion_len"], 1)],
+                     ["TRL GRPOTrainer", round(result["trl_step_time_s"], 3), round(result["trl_completion_len"], 1)],
+                     ["ours / TRL", ratio(result["ratio"]), ""]],
+        }],
+        "series": {},
+        "notes": [target_note("step time ours / TRL", result["ratio"], 0.67, at_least=False)],
+        "raw": result,
+    }
 
 
 if __name__ == "__main__":
