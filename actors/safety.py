@@ -59,14 +59,36 @@ class SafetyFilterDeployment:
         self._record(direction, rule_ids)
         return verdict.to_dict()
 
+    async def check_many(self, texts: list[str], direction: str = "input", trace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """`check` of several texts (e.g. every message of a chat request) in one call."""
+        return [await self.check(text, direction, trace) for text in texts]
+
     async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output") -> dict[str, Any]:
         """One step of a stream: {"text": safe to emit now, "state": pass to the next step,
         "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one."""
+        self._counts["requests:stream_feed"] += 1
+        return self._feed(state, chunk, direction)
+
+    def _feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
         stream = self.filter.stream(direction) if state is None else self.filter.resume_stream(state)  # type: ignore[arg-type]
         seen = len(stream.findings)
         text = stream.feed(chunk)
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
         return {"text": text, "state": stream.to_state(), "action": stream.action, "rule_ids": list(stream.rule_ids)}
+
+    async def stream_feed_batch(self, steps: list[tuple[dict[str, Any] | None, str, str]]) -> list[dict[str, Any]]:
+        """`stream_feed` for many streams in one call: [(state, chunk, direction), ...] -> their replies.
+        The ingress sends every chunk that arrived while its previous call was in flight, so under
+        load one call screens a step of all its streams instead of one call per stream."""
+        self._counts["requests:stream_feed_batch"] += 1
+        return [self._feed_or_error(state, chunk, direction) for state, chunk, direction in steps]
+
+    def _feed_or_error(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+        """One step of a batch; a step that fails (e.g. a state made under other rules) fails alone."""
+        try:
+            return self._feed(state, chunk, direction)
+        except Exception as error:
+            return {"error": type(error).__name__}
 
     async def stream_flush(self, state: dict[str, Any], trace: dict[str, str] | None = None) -> dict[str, Any]:
         """The last step: everything still held, screened; the reply carries no state."""
@@ -116,18 +138,27 @@ class SafetyClient:
     def __init__(self, handle: DeploymentHandle, timeout_s: float = 2.0) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
+        self._feeds = _FeedBatcher(self)
+
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+        """One `stream_feed` step, sent together with the other streams' steps that are waiting."""
+        return await self._feeds.feed(state, chunk, direction)
 
     async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
         """Verdict dict of `text`; raises SafetyUnavailable when the filter does not answer."""
         return await self._call("check", text, direction)
+
+    async def check_many(self, texts: list[str], direction: str = "input") -> list[dict[str, Any]]:
+        """Verdict dicts of `texts`, screened in one call."""
+        return await self._call("check_many", texts, direction)
 
     def stream(self, direction: str = "output") -> ScreenedStream:
         return ScreenedStream(self, direction)
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
         # The caller's current span (the ingress's request span) continues in the deployment, except
-        # in the per-chunk `stream_feed`, which opens no span (so it gets no carrier on the hot path).
-        kwargs = {} if method == "stream_feed" else {"trace": inject_context()}
+        # in the per-chunk `stream_feed(_batch)`, which opens no span (so it gets no carrier on the hot path).
+        kwargs = {} if method.startswith("stream_feed") else {"trace": inject_context()}
         response = getattr(self.handle, method).remote(*args, **kwargs)
         try:
             return await asyncio.wait_for(response, timeout=self.timeout_s)
@@ -150,7 +181,7 @@ class ScreenedStream:
 
     async def feed(self, chunk: str) -> str:
         """Text safe to emit now; raises SafetyUnavailable (emit nothing more, fail the request)."""
-        reply = await self._client._call("stream_feed", self._state, chunk, self._direction)
+        reply = await self._client.feed(self._state, chunk, self._direction)
         self._state = reply["state"]
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         return reply["text"]
@@ -162,3 +193,52 @@ class ScreenedStream:
         self._state = None
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         return reply["text"]
+
+
+class _FeedBatcher:
+    """Groups the `stream_feed` steps of all streams of one event loop into `stream_feed_batch` calls.
+
+    No timer: the first step goes out at once; steps that arrive while a call is in flight wait for
+    it and go out together in the next one (group commit). With one stream nothing waits; with many
+    streams the ingress makes about one SafetyFilter call per decode window instead of one per
+    stream. A failed call fails every step in it (each stream's request fails closed).
+    """
+
+    def __init__(self, client: SafetyClient) -> None:
+        self._client = client
+        self._pending: list[tuple[tuple[Any, str, str], asyncio.Future]] = []
+        self._sending = False
+
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(((state, chunk, direction), future))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    if len(batch) == 1:
+                        replies = [await self._client._call("stream_feed", *batch[0][0])]
+                    else:
+                        replies = await self._client._call("stream_feed_batch", [step for step, _ in batch])
+                except Exception as error:  # SafetyUnavailable (or a cancelled call): every step fails closed
+                    failure = error if isinstance(error, SafetyUnavailable) else SafetyUnavailable(
+                        f"safety filter failed on stream_feed_batch: {type(error).__name__}")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                    continue
+                for (_, future), reply in zip(batch, replies):
+                    if future.done():  # a request whose client went away no longer waits
+                        continue
+                    if "error" in reply:
+                        future.set_exception(SafetyUnavailable(f"safety filter failed on stream_feed: {reply['error']}"))
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._sending = False

@@ -93,6 +93,50 @@ def test_client_fails_closed_on_error(handle):
     assert "stream_feed" in message and "秘密" not in message and "12345" not in message
 
 
+def test_concurrent_streams_share_calls_and_match_check(handle):
+    # 8 streams fed concurrently: each stream's pieces equal the whole-text verdict, and the steps
+    # of different streams travel together (fewer calls than steps).
+    texts = [f"第{i}个：卡号{CARD}，验证码{384920 + i}，好的。" * 2 for i in range(8)]
+    library = SafetyFilter.from_profile("default")
+
+    async def one(client, text):
+        stream = client.stream("output")
+        pieces = [await stream.feed(text[i : i + 5]) for i in range(0, len(text), 5)]
+        pieces.append(await stream.flush())
+        return "".join(pieces)
+
+    async def scenario():
+        client = SafetyClient(handle, timeout_s=REPLY_DEADLINE_S)
+        return await asyncio.gather(*(one(client, text) for text in texts))
+
+    before = handle.stats.remote().result(timeout_s=REPLY_DEADLINE_S)["counts"]
+    streamed = asyncio.run(asyncio.wait_for(scenario(), REPLY_DEADLINE_S))
+    after = handle.stats.remote().result(timeout_s=REPLY_DEADLINE_S)["counts"]
+    assert streamed == [library.check(text, "output").text for text in texts]
+    assert all("[已隐藏]" in s and CARD not in s for s in streamed)
+    steps = sum(len(range(0, len(text), 5)) for text in texts)
+    calls = sum(after.get(k, 0) - before.get(k, 0) for k in ("requests:stream_feed", "requests:stream_feed_batch"))
+    assert after["requests:stream_feed_batch"] - before.get("requests:stream_feed_batch", 0) >= 1
+    assert calls < steps
+
+
+def test_a_failing_step_fails_only_its_stream(handle):
+    # A bad state among concurrent steps: that stream fails closed, the others are screened.
+    foreign = SafetyFilter.from_profile("strict").stream("output")
+    foreign.feed("秘密文本12345")
+    bad_state = foreign.to_state()
+
+    async def scenario():
+        client = SafetyClient(handle, timeout_s=REPLY_DEADLINE_S)
+        good = [client.feed(None, f"卡号{CARD}", "output") for _ in range(3)]
+        bad = client.feed(bad_state, "更多", "output")
+        return await asyncio.gather(*good, bad, return_exceptions=True)
+
+    *good, bad = asyncio.run(asyncio.wait_for(scenario(), REPLY_DEADLINE_S))
+    assert isinstance(bad, SafetyUnavailable) and "秘密" not in str(bad) and "12345" not in str(bad)
+    assert all(isinstance(reply, dict) and CARD not in reply["text"] for reply in good)
+
+
 def test_client_fails_closed_on_timeout(handle):
     # No answer within the deadline is a failure, not a pass.
     async def scenario():

@@ -306,12 +306,14 @@ def _post(server: str, path: str, body: dict) -> httpx.Response:
     ],
 )
 def test_strict_profile_blocks_sensitive_input_with_400(server, text):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+    # All messages are screened in one call; the error names the message that was blocked.
+    body = {"model": MODEL, "max_tokens": 4,
+            "messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": text}]}
     response = _post(server, "/strict/v1/chat/completions", body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "sensitive_content" and error["message"] == "内容包含敏感信息"
-    assert error["param"] == "messages.0.content"
+    assert error["param"] == "messages.1.content"
 
 
 def test_default_profile_redacts_input_before_the_model_and_the_session_store(server):

@@ -64,7 +64,22 @@ class Screening:
         return verdict["text"]
 
     async def input_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        return [{**m, "content": await self.input_text(m["content"], f"messages.{i}.content")} for i, m in enumerate(messages)]
+        """Every message screened in one call; 400 naming the first blocked message."""
+        if self.client is None:
+            return messages
+        indices = [i for i, m in enumerate(messages) if m["content"]]
+        if not indices:
+            return messages
+        try:
+            verdicts = await self.client.check_many([messages[i]["content"] for i in indices], "input")
+        except SafetyUnavailable as error:
+            raise _unavailable(error) from None
+        screened = list(messages)
+        for i, verdict in zip(indices, verdicts):
+            if verdict["action"] == "block":
+                raise APIError(400, self.config.block_message, param=f"messages.{i}.content", code="sensitive_content")
+            screened[i] = {**messages[i], "content": verdict["text"]}
+        return screened
 
     async def input_token_ids(self, token_ids: list[int], tokenizer: Any) -> list[int]:
         """Token-id prompts are screened as their decoded text; they cannot be redacted in place."""
