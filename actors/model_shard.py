@@ -28,10 +28,15 @@ SHARD_CALL_TIMEOUT_S = 120.0
 
 @ray.remote
 class ModelShard:
-    def __init__(self, model_config: dict[str, Any], stage_index: int, num_stages: int, pad_token_id: int):
+    def __init__(self, model_config: dict[str, Any], stage_index: int, num_stages: int, pad_token_id: int,
+                 cpu_threads: int | None = None):
+        import torch
+
         from r1.config import ModelConfig
+        from r1.resources import engine_cpu_threads
 
         setup_actor_tracing("model-shard")
+        torch.set_num_threads(engine_cpu_threads(cpu_threads))
         model, _ = load_model(ModelConfig.model_validate(model_config))
         self.stage = ModelStage.from_full_model(model, stage_index, num_stages, pad_token_id, copy_model=False)
         # One span per traced request in this stage: opened at prefill, ended when the sequence is removed.
@@ -104,7 +109,8 @@ def start_shards(config: ServeConfig, pad_token_id: int) -> list[Any]:
         options: dict[str, Any] = {"num_cpus": config.shards.num_cpus, "num_gpus": gpus}
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=stage)
-        actors.append(ModelShard.options(**options).remote(config.model.model_dump(), stage, num_stages, pad_token_id))
+        actors.append(ModelShard.options(**options).remote(config.model.model_dump(), stage, num_stages, pad_token_id,
+                                                             config.engine.cpu_threads))
     # Wait (bounded) until every shard has loaded its layers.
     ray.get([a.layers.remote() for a in actors], timeout=600)
     return actors

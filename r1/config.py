@@ -83,6 +83,20 @@ class EngineConfig(StrictModel):
     # Fraction of reserved-but-unallocated CUDA memory above which the cache is flushed when a
     # request finishes. A no-op on CPU.
     cuda_fragmentation_flush_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    # Weight quantization. int8: dynamic int8 quantization of the Linear layers (transformers
+    # engine, CPU). fp8: FP8 weights and activations (GPU engines: trtllm, vllm).
+    quantization: Literal["none", "int8", "fp8"] = "none"
+    # transformers engine: wrap the model's forward in torch.compile (first steps compile).
+    compile: bool = False
+    # GPU engines only: fraction of GPU memory the engine may reserve (weights + KV cache).
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    # GPU engines only: tensor-parallel degree (GPUs per engine instance).
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # CPU threads torch may use for the model in an engine process. None: every core the process
+    # may use. Ray pins an actor's OMP_NUM_THREADS to its whole reserved CPUs (1 for a fractional
+    # num_cpus), which makes a served CPU model decode at one thread; set this to cores / replicas
+    # when several engines share a node.
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -189,6 +203,9 @@ class DeploymentConfig(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0)
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
+    # Serve's access log line per call. Off for internal deployments called per streamed chunk
+    # (the SafetyFilter), where writing it costs more CPU than the call's own work.
+    access_log: bool = True
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentConfig:
@@ -213,6 +230,7 @@ class DeploymentConfig(StrictModel):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "logging_config": {"enable_access_log": self.access_log},
         }
 
 
@@ -663,7 +681,8 @@ class SafetyConfig(StrictModel):
     # The SafetyFilter Serve deployment. A check takes micro- to milliseconds, so a replica
     # serves many requests at once on a tenth of a CPU.
     deployment: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=16, max_ongoing_requests=64)
+        default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=16, max_ongoing_requests=64,
+                                                 access_log=False)
     )
 
     @field_validator("rules")
