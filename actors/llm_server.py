@@ -109,7 +109,7 @@ class LLMServer:
                 self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+        return {**self.engine.stats(), "cpu_threads": torch.get_num_threads()}
 
     def check_health(self) -> None:
         if not self.engine.alive:

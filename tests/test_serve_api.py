@@ -21,6 +21,7 @@ from cluster.serve.app import build_app
 from r1.config import ModelConfig
 from r1.model import load_tokenizer
 from r1.reasoning import split_reasoning
+from r1.resources import engine_cpu_threads, usable_cores
 from r1.trace_file import read_spans
 from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
 
@@ -244,6 +245,14 @@ def test_overload_is_a_fast_503_not_a_hang(server):
 def _running_total() -> int:
     handle = serve.get_deployment_handle("LLMServer", app_name="main")
     return max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(8))
+
+
+def test_llm_server_uses_every_core_not_rays_one_thread(server):
+    # Ray pins a fractional-CPU replica's OMP_NUM_THREADS to 1; the LLM server sets torch's threads
+    # from engine.cpu_threads (default: every core the process may use).
+    handle = serve.get_deployment_handle("LLMServer", app_name="main")
+    threads = handle.stats.remote().result(timeout_s=30)["cpu_threads"]
+    assert threads == engine_cpu_threads(None) and threads == int(usable_cores())
 
 
 def test_client_disconnect_cancels_generation(server):
