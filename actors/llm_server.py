@@ -17,9 +17,9 @@ from ray import serve
 from actors import metrics
 from actors.tracing import setup_actor_tracing
 from r1.config import SamplingConfig, ServeConfig
-from r1.engine import EngineOverloaded, TransformersEngine
+from r1.engine import Engine, EngineOverloaded, create_engine
 from r1.engine.batching import StreamBatcher
-from r1.model import load_model, load_tokenizer
+from r1.model import load_tokenizer
 from r1.resources import engine_cpu_threads
 from r1.sequence_spans import RequestCarriers
 from r1.telemetry import inject_context, span
@@ -27,10 +27,10 @@ from r1.telemetry import inject_context, span
 logger = logging.getLogger("ray.serve")
 
 
-def _build_engine(config: ServeConfig, carriers: RequestCarriers) -> TransformersEngine:
+def _build_engine(config: ServeConfig, carriers: RequestCarriers) -> Engine:
     if config.pipeline_stages == 1:
-        model, tokenizer = load_model(config.model)
-        return TransformersEngine(model, tokenizer, config.engine)
+        # The configured engine: transformers (with its int8 / compile options) or a GPU engine.
+        return create_engine(config.model, config.engine)
     from actors.model_shard import build_sharded_engine
 
     return build_sharded_engine(config, load_tokenizer(config.model), carriers=carriers)

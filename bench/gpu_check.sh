@@ -11,6 +11,15 @@
 #   ray_train_nccl_bf16 `r1 train sft` as a Ray Train job: 1 GPU worker, NCCL backend, bf16, 6 steps
 #   ray_train_grpo_ds   `r1 train grpo` with DeepSpeed ZeRO-2 on the GPU worker, bf16, 2 steps
 #   bench_training      bench/training.py (r1 GRPO vs TRL) on the GPU; informational, prints the ratio
+# GPU engines, each printed as SKIP when its package is not importable (FP8 ones also below sm_89):
+#   vllm_engine         engine=vllm through create_engine vs the transformers engine, greedy, r1-tiny:
+#                       share of equal texts (PASS >= 0.75: both bf16, but the kernels differ), a
+#                       stop string in a stream, an abort mid-stream freeing the request
+#   vllm_fp8_engine     engine=vllm quantization=fp8: exact-match accuracy on 64 held-out arithmetic
+#                       problems vs the transformers engine's (PASS within 0.15)
+#   trtllm_engine       engine=trtllm, as vllm_engine
+#   trtllm_fp8_engine   engine=trtllm quantization=fp8 (FP8 engine build, r1's offline calibration
+#                       text), as vllm_fp8_engine
 # NCCL cannot put two ranks on one GPU, so multi-rank NCCL needs a machine with >= 2 GPUs.
 set -u
 cd "$(dirname "$0")/.."
@@ -67,6 +76,87 @@ for step in range(3):
 print(strategy, "ok, peak memory MB", round(m["peak_memory_mb"], 1))
 EOF
 
+cat >"$RUNS/engine_check.py" <<'EOF'
+"""One GPU engine through r1's create_engine, against the transformers engine on r1-tiny."""
+import asyncio, sys, time
+import torch
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import create_engine
+from r1.tasks.arithmetic import generate_problems, is_correct
+
+def run(engine, prompts, sampling):
+    start = time.perf_counter()
+    out = engine.generate_batch(prompts, sampling)
+    return out, sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+
+async def stream_text(engine, prompt, sampling):
+    deltas = [d async for d in engine.stream(prompt, sampling)]
+    return "".join(d.text for d in deltas), deltas[-1]
+
+async def abort_frees(engine, prompt):
+    stream = engine.stream(prompt, SamplingConfig(temperature=0, max_new_tokens=512, ignore_eos=True))
+    for _ in range(3):
+        await anext(stream)
+    await stream.aclose()
+    for _ in range(1000):  # 10 s
+        if engine.stats()["running"] == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+def main():
+    name, quantization = sys.argv[1], sys.argv[2]
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        print("SKIP: FP8 needs compute capability >= 8.9")
+        return 0
+    problems = generate_problems(64, level=1, seed=0, split="test")
+    prompts = [[{"role": "user", "content": p.question}] for p in problems]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=96)
+    base = create_engine(ModelConfig(model="r1-tiny", device="cuda"), EngineConfig(max_num_seqs=64))
+    reference, base_rate = run(base, prompts, greedy)
+    base.shutdown()
+    del base
+    torch.cuda.empty_cache()
+    engine = create_engine(ModelConfig(model="r1-tiny"), EngineConfig(
+        engine=name, quantization=quantization, max_num_seqs=64, gpu_memory_utilization=0.3))
+    engine.generate_batch(prompts[:2], greedy)  # warm-up
+    got, rate = run(engine, prompts, greedy)
+    accuracy = lambda outs: sum(is_correct(c.text, p.answer) for c, p in zip(outs, problems)) / len(problems)
+    print(f"RESULT {name} {quantization}: accuracy {accuracy(got):.3f} (transformers {accuracy(reference):.3f}); "
+          f"{rate:.0f} tokens/s (transformers {base_rate:.0f}), {len(prompts)} prompts at once")
+    if quantization == "fp8":
+        ok = accuracy(got) >= accuracy(reference) - 0.15
+    else:
+        same = sum(a.text == b.text for a, b in zip(got, reference))
+        print(f"RESULT {name}: greedy texts equal to the transformers engine's: {same}/{len(got)}")
+        ok = same >= 0.75 * len(got)
+        full = got[0].text
+        cut = full.find("</think>")
+        if cut >= 0:
+            stop = greedy.model_copy(update={"stop": ["</think>"]})
+            text, last = asyncio.run(stream_text(engine, prompts[0], stop))
+            print(f"RESULT {name}: stop string: finish={last.finish_reason}, text cut before it: {text == full[:cut]}")
+            ok = ok and text == full[:cut] and last.finish_reason == "stop"
+        freed = asyncio.run(abort_frees(engine, prompts[1]))
+        print(f"RESULT {name}: abort mid-stream frees the request: {freed}")
+        ok = ok and freed
+    engine.shutdown()
+    return 0 if ok else 1
+
+if __name__ == "__main__":
+    sys.exit(main())
+EOF
+
+gpu_engine_check() {  # name module engine quantization
+  local name=$1 module=$2
+  if ! "$PY" -c "import $module" >/dev/null 2>&1; then
+    echo "SKIP $name (package not installed: $module)"
+    return
+  fi
+  check "$name" "$PY" "$RUNS/engine_check.py" "$3" "$4"
+  grep -h "^RESULT\\|^SKIP" "$LOGS/$name.log" 2>/dev/null | sed 's/^/    /'
+}
+
 check nccl_allreduce "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/nccl.py"
 check bf16_autocast_step "$PY" "$RUNS/step.py" ddp
 check deepspeed_zero2 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/step.py" deepspeed
@@ -82,4 +172,8 @@ grep -h "ratio\|s/step" "$LOGS/bench_training.log" 2>/dev/null | sed 's/^/    /'
 for name in ray_train_nccl_bf16 ray_train_grpo_ds; do
   tail -n 2 "$LOGS/$name.log" | sed "s/^/    $name: /"
 done
+gpu_engine_check vllm_engine vllm vllm none
+gpu_engine_check vllm_fp8_engine vllm vllm fp8
+gpu_engine_check trtllm_engine tensorrt_llm trtllm none
+gpu_engine_check trtllm_fp8_engine tensorrt_llm trtllm fp8
 exit $failed

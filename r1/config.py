@@ -278,6 +278,13 @@ class ServeConfig(StrictModel):
     # The CodeValidator deployment behind `code_validation: true` requests; null disables it.
     code_validator: CodeValidatorConfig | None = Field(default_factory=lambda: CodeValidatorConfig())
 
+    @model_validator(mode="after")
+    def _gpu_engine_unsharded(self) -> ServeConfig:
+        if self.engine.engine != "transformers" and self.pipeline_stages > 1:
+            raise ValueError(f"engine={self.engine.engine} runs the whole model itself (use its tensor_parallel_size); "
+                             f"pipeline_stages={self.pipeline_stages} needs engine=transformers")
+        return self
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.model

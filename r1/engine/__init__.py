@@ -24,9 +24,21 @@ class Engine(Protocol):
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request: ...
 
+    # True when the chat template pre-fills "<think>\n" (the reasoning split must know).
+    think_prefilled: bool
+
+    def start(self) -> None:
+        """Start the background decode loop that `stream` needs (idempotent)."""
+
+    @property
+    def alive(self) -> bool:
+        """The decode loop is running (the Serve health check)."""
+
     def stream(
-        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None
-    ) -> AsyncIterator[Delta]: ...
+        self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None,
+        coalesce: bool = False,
+    ) -> AsyncIterator[Delta]:
+        """Deltas of one request; `coalesce`: deltas that piled up while the consumer was busy come as one."""
 
     def abort(self, request_id: str) -> None: ...
 

@@ -1,0 +1,123 @@
+"""The vLLM engine (`engine: vllm`): vLLM's async engine behind r1's `Engine` protocol.
+
+Importing this module does not import vllm; `VLLMEngine.from_config` does, and only after
+`r1.engine.gpu.check_gpu_engine_available` has ruled out a missing GPU or package. vLLM schedules,
+batches and samples; r1 encodes prompts (chat template included), decodes the token ids with its
+own incremental detokenizer and applies stop strings, so text and finish reasons follow the same
+rules as the transformers engine (`r1/engine/gpu.py`).
+
+Options used: `max_num_seqs`, `max_queued_requests` (r1's admission limit), `quantization`
+(fp8: weights quantized to FP8 on load, activations scaled dynamically; no calibration data),
+`gpu_memory_utilization` (share of the GPU vLLM may take, weights and KV cache together) and
+`tensor_parallel_size`. `max_prefill_tokens`, `cpu_threads` and the `cuda_*` cache settings are the
+transformers engine's and do not apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from r1.config import EngineConfig, ModelConfig
+from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, read_checkpoint
+from r1.engine.types import Request
+
+
+def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one request.
+
+    vLLM treats temperature 0 as greedy and top_k -1 as "off" (every release; recent ones also take
+    0). Stop strings are left to r1's detokenizer, so vLLM does not detokenize at all. The stop
+    token ids are the checkpoint's end-of-sequence ids as r1 reads them, so every engine stops at
+    the same tokens; `ignore_eos` drops them.
+    """
+    sampling = request.sampling
+    greedy = sampling.greedy
+    return {
+        "n": 1,
+        "max_tokens": request.max_new_tokens,
+        "temperature": 0.0 if greedy else sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "top_k": -1 if greedy or sampling.top_k == 0 else sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty,
+        "seed": sampling.seed,
+        "ignore_eos": sampling.ignore_eos,
+        "stop_token_ids": [] if sampling.ignore_eos else sorted(request.stop_token_ids),
+        "detokenize": False,
+    }
+
+
+def vllm_engine_kwargs(
+    facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig, bf16_supported: bool
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.AsyncEngineArgs` for the configured model and engine."""
+    return {
+        "model": facts.source,
+        "tokenizer": facts.source,
+        "revision": model_config.revision,
+        "trust_remote_code": model_config.trust_remote_code,
+        "dtype": engine_dtype_name(model_config.dtype, bf16_supported),
+        "quantization": "fp8" if engine_config.quantization == "fp8" else None,
+        "tensor_parallel_size": engine_config.tensor_parallel_size,
+        "gpu_memory_utilization": engine_config.gpu_memory_utilization,
+        "max_num_seqs": engine_config.max_num_seqs,
+        "max_model_len": facts.context_tokens,
+        "disable_log_stats": True,
+    }
+
+
+def first_output(request_output: Any) -> tuple[Sequence[int], str | None]:
+    """(cumulative token ids, finish reason once finished) of a `vllm.RequestOutput` with n=1."""
+    completion = request_output.outputs[0]
+    if not request_output.finished:
+        return completion.token_ids, None
+    return completion.token_ids, completion.finish_reason or "unknown"
+
+
+class VLLMEngine(AsyncPackageEngine):
+    """vLLM's `AsyncLLMEngine` (the v1 `AsyncLLM` in current releases). Satisfies `r1.engine.Engine`."""
+
+    name = "vllm"
+
+    def __init__(self, facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig):
+        super().__init__(facts, engine_config)
+        import torch
+
+        engine_kwargs = vllm_engine_kwargs(facts, model_config, engine_config, torch.cuda.is_bf16_supported())
+        try:
+            # Built on the engine loop: vLLM's async engine binds to the loop it first runs on.
+            self._backend = self.call_in_loop(self._build(engine_kwargs))
+        except BaseException:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> VLLMEngine:
+        return cls(read_checkpoint(model_config), model_config, engine_config)
+
+    @staticmethod
+    async def _build(engine_kwargs: dict[str, Any]) -> Any:
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+
+    async def _generate(self, request: Request) -> AsyncIterator[tuple[Sequence[int], str | None]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(**vllm_sampling_kwargs(request))
+        outputs = self._backend.generate({"prompt_token_ids": request.prompt_token_ids}, params, request.request_id)
+        try:
+            async for request_output in outputs:
+                yield first_output(request_output)
+        finally:
+            # Closing vLLM's generator before it finished aborts the request inside vLLM.
+            await outputs.aclose()
+
+    def _backend_healthy(self) -> bool:
+        return not getattr(self._backend, "errored", False)
+
+    def _shutdown_backend(self) -> None:
+        shutdown = getattr(self._backend, "shutdown", None) or getattr(self._backend, "shutdown_background_loop", None)
+        if shutdown is not None:
+            shutdown()
