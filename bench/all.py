@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                ["--num-requests", "4", "--new-tokens", "16", "--models", "tiny", "--repeats", "1"]),
     "serving": (["--concurrency", "1,4,16", "--new-tokens", "64", "--requests-per-level", "32"],
                 ["--concurrency", "2", "--new-tokens", "16", "--requests-per-level", "4"]),
-    "safety": ([], []),
+    "safety": ([], ["--repeats", "1", "--extra-corpora", "", "--presidio", "noop"]),
     "sandbox": (["--runs", "80"], ["--runs", "5"]),
     "sessions": (["--turns", "500", "--concurrency", "16", "--num-partitions", "2"],
                  ["--turns", "50", "--concurrency", "4", "--num-partitions", "1", "--backends", "sqlite-full,sqlite-normal"]),

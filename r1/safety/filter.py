@@ -23,6 +23,9 @@ from r1.safety.rules import DIRECTIONS, Direction, Rule, compile_rule
 from r1.safety.scanner import Scanner
 
 VerdictAction = Literal["allow", "redact", "block"]
+# Builds a Finding or Verdict from a complete tuple of fields, skipping the generated __new__
+# (check() runs once per message; the fields are always all given).
+_new_tuple = tuple.__new__
 
 
 class Finding(NamedTuple):
@@ -92,15 +95,20 @@ class SafetyFilter:
         scanner = self._scanners.get(direction) or self.scanner(direction)
         found = scanner.find(text)
         if not found:
-            return Verdict("allow", text)
+            return _new_tuple(Verdict, ("allow", text, ()))
+        return self._verdict(scanner, text, found)
+
+    def _verdict(self, scanner: Scanner, text: str, found: list[tuple[int, int, int]]) -> Verdict:
+        """The verdict for `text` given `scanner.find(text)` (rule index, start, end) findings."""
         rule_ids, actions = scanner.rule_ids, scanner.actions
-        findings = tuple([Finding(rule_ids[r], s, e, actions[r]) for r, s, e in found])  # type: ignore[arg-type]
-        kinds = {f.action for f in findings}
+        findings = tuple([_new_tuple(Finding, (rule_ids[r], s, e, actions[r])) for r, s, e in found])
+        kinds = {actions[r] for r, _, _ in found}
         if "block" in kinds:
-            return Verdict("block", self.block_message, findings)
+            return _new_tuple(Verdict, ("block", self.block_message, findings))
         if "redact" in kinds:
-            return Verdict("redact", redact(text, [(f.start, f.end) for f in findings if f.action == "redact"], self.redaction_text), findings)
-        return Verdict("allow", text, findings)
+            spans = [(s, e) for r, s, e in found if actions[r] == "redact"]
+            return _new_tuple(Verdict, ("redact", redact(text, spans, self.redaction_text), findings))
+        return _new_tuple(Verdict, ("allow", text, findings))
 
     def stream(self, direction: Direction = "output"):
         """A hold-back stream screening text that arrives in chunks (see r1/safety/stream.py)."""

@@ -69,12 +69,12 @@ def tolerant_word(word: str) -> str:
 DIGIT = tolerant_class("0123456789")
 LETTER = tolerant_class("abcdefghijklmnopqrstuvwxyz", ignore_case=True)
 SPACE = tolerant_class(" \t")
-_ALNUM = tolerant_class("0123456789abcdefghijklmnopqrstuvwxyz", ignore_case=True)
 
 # --- card numbers -----------------------------------------------------------------------------
 
 # Separators between digit groups (NBSP and other spaces fold to " ", the full-width hyphen to "-").
-CARD_SEPARATOR = char_class(set(" \t-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u3000\uff0d"))
+CARD_SEPARATORS = " \t-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u3000\uff0d"
+CARD_SEPARATOR = char_class(set(CARD_SEPARATORS))
 CARD_MAX_SEPARATORS = 3
 DIGIT_GROUP_RE = re.compile(f"{DIGIT}+")
 
@@ -133,11 +133,11 @@ _CODE_FILLER_PARTIAL = (
 )
 
 
-def code_pattern(digit: str, marker: str, keyword_group: str, code_keywords: list[str]) -> str:
-    """A code (4–8 digits) starting with the literal `digit`, filler, then a code keyword.
-    `marker` (an empty group) marks the code's end; `keyword_group` captures the keyword."""
+def code_rest(marker: str, keyword_group: str, code_keywords: list[str]) -> str:
+    """After a code's first digit: the rest of the code (4–8 digits in all), filler, then a code
+    keyword. `marker` (an empty group) marks the code's end; `keyword_group` captures the keyword."""
     return (
-        f"{re.escape(digit)}(?<!{_ALNUM}{re.escape(digit)}){DIGIT}{{3,7}}+(?!{DIGIT})(?P<{marker}>)"
+        f"{DIGIT}{{3,7}}+(?!{DIGIT})(?P<{marker}>)"
         f"{CODE_FILLER}(?P<{keyword_group}>{keyword_alternation(code_keywords)})"
     )
 
@@ -152,11 +152,27 @@ def code_tail_re(code_keywords: list[str]) -> re.Pattern[str]:
     return re.compile(f"(?<![0-9A-Za-z])[0-9]{{1,8}}(?:{_CODE_FILLER_PARTIAL}{keyword_part})?\\Z")
 
 
-def card_pattern(digit: str, marker: str, min_digits: int) -> str:
-    """A digit chain of at least `min_digits` digits starting with the literal `digit`; starts
-    inside a digit run are skipped (they can only give shorter chains)."""
-    chain = f"(?:{CARD_SEPARATOR}{{0,{CARD_MAX_SEPARATORS}}}{DIGIT}){{{min_digits - 1},}}"
-    return f"{re.escape(digit)}(?<!{DIGIT}{re.escape(digit)}){chain}(?P<{marker}>)"
+def card_rest(marker: str, min_digits: int) -> str:
+    """After a card candidate's first digit: the rest of a digit chain of at least `min_digits`
+    digits; `marker` (an empty group) marks its end. Separators and digits are disjoint, so each
+    step of the chain matches in one way only and the quantifiers can be possessive: a chain too
+    short fails without `re` retrying shorter separator runs."""
+    chain = f"(?:{CARD_SEPARATOR}{{0,{CARD_MAX_SEPARATORS}}}+{DIGIT}){{{min_digits - 1},}}+"
+    return f"{chain}(?P<{marker}>)"
+
+
+def digit_alternative(digit: str, code: str | None, card: str | None) -> str:
+    """The main pass's alternative for the literal `digit`: a code (`code`, from `code_rest`;
+    tried first) or else a card candidate (`card`, from `card_rest`). Neither starts inside a
+    digit run (a start there could only give a shorter run), nor a code right after a letter.
+    One alternative per digit, not one per kind: `re` walks the list of alternatives at every
+    candidate position, so a shorter list is a faster scan."""
+    parts = []
+    if code:
+        parts.append(f"(?<!{LETTER}{re.escape(digit)}){code}")
+    if card:
+        parts.append(card)
+    return f"{re.escape(digit)}(?<!{DIGIT}{re.escape(digit)})(?:{'|'.join(parts)})"
 
 
 def card_tail_re(held_digits: int) -> re.Pattern[str]:
@@ -183,12 +199,14 @@ def keyword_branches(words: list[str], boundaries: bool = True) -> list[tuple[st
         bodies = []
         for word in sorted(set(group), key=len, reverse=True):
             body = tolerant_word(word[1:])
-            if boundaries and word[0].isascii() and word[0].isalpha():
-                body = f"(?<!{LETTER}.)" + body
             if boundaries and word[-1].isascii() and word[-1].isalpha():
                 body += f"(?!{LETTER})"
             bodies.append(body)
-        branches.append((first, "(?:" + "|".join(bodies) + ")"))
+        # The words of a group share their first character, so the check that it does not follow
+        # a letter is made once, before the alternatives: each of them then starts with a literal
+        # or a class that `re` tests without entering the branch.
+        lead = f"(?<!{LETTER}.)" if boundaries and first.isascii() and first.isalpha() else ""
+        branches.append((first, lead + "(?:" + "|".join(bodies) + ")"))
     return branches
 
 

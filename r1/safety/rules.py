@@ -39,7 +39,7 @@ DIRECTIONS: tuple[Direction, ...] = ("input", "output")
 
 _TRAILING_PUNCTUATION = ".,;:!?)]}>'\""
 # "8-20位": a quantity, not a value.
-_QUANTITY_RE = re.compile(r"[0-9\-~]+")
+_QUANTITY_CHARS = "0123456789-~"
 _QUANTITY_UNITS = "位个次天秒分小字"
 SECRET_MIN_VALUE_CHARS = 4
 
@@ -112,13 +112,17 @@ def _regex_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None) -
 
 # --- card numbers -----------------------------------------------------------------------------
 
-_DIGIT_VALUE = {str(d): d for d in range(10)}
-_DOUBLED_VALUE = {str(d): (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)[d] for d in range(10)}
+# Every second digit from the right is doubled and its digits summed: 0→0, 1→2, …, 5→1 (10), ….
+_DOUBLED_DIGIT = bytes.maketrans(b"0123456789", b"0246813579")
 
 
 def luhn_valid(digits: str) -> bool:
-    """The Luhn (mod 10) checksum used by payment card numbers (ASCII digits)."""
-    total = sum(map(_DIGIT_VALUE.__getitem__, digits[-1::-2])) + sum(map(_DOUBLED_VALUE.__getitem__, digits[-2::-2]))
+    """The Luhn (mod 10) checksum used by payment card numbers (ASCII digits).
+
+    Summed as bytes (each ASCII digit is its value + 48), so that no Python code runs per digit:
+    every 16–19-digit run is checked, most of them order numbers."""
+    raw = digits.encode("ascii")
+    total = sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED_DIGIT)) - 48 * len(raw)
     return total % 10 == 0
 
 
@@ -212,6 +216,9 @@ def secret_value(text: str, keyword_end: int) -> SecretValue | None:
     return None if match is None else value_from_match(text, match)
 
 
+_new_secret_value = tuple.__new__  # SecretValue without the keyword-argument constructor (hot path)
+
+
 def value_from_match(text: str, match: re.Match[str]) -> SecretValue | None:
     """Finish a match of VALUE_GRAMMAR (on the original or the folded text): drop trailing
     punctuation, apply the length and quantity checks."""
@@ -221,14 +228,17 @@ def value_from_match(text: str, match: re.Match[str]) -> SecretValue | None:
     end = token_end
     while end > start and (text[end - 1] if text[end - 1] < "\x80" else fold_char(text[end - 1])) in _TRAILING_PUNCTUATION:
         end -= 1
-    value = fold_string(text[start:end])
+    value = text[start:end]
+    if not value.isascii():
+        value = fold_string(value)
     # Four characters at least; three when all digits (a CVV).
     if len(value) < SECRET_MIN_VALUE_CHARS and not (len(value) == 3 and value.isdigit()):
         return None
-    quantity = _QUANTITY_RE.fullmatch(value) is not None
+    # A quantity ("8-20"): only digits, "-" and "~" (value is not empty here).
+    quantity = not value.strip(_QUANTITY_CHARS)
     if quantity and token_end < len(text) and text[token_end] in _QUANTITY_UNITS:
         return None
     # At the very end of the text, a quantity-looking value may still turn into "8-20位" and
     # spaced digits into something else ("3 8 4 9x"): not settled until more text arrives.
     at_end = token_end == len(text)
-    return SecretValue(start, end, token_end, settled=not (at_end and (quantity or " " in value)))
+    return _new_secret_value(SecretValue, (start, end, token_end, not (at_end and (quantity or " " in value))))

@@ -1,16 +1,20 @@
 """All rules of one direction compiled into a few regex passes, and the hold-back for streams.
 
 `find(text)` scans the original text directly with full-width-tolerant patterns
-(r1/safety/patterns.py); only a text that holds other look-alikes (zero-width characters,
-circled or mathematical digits, accented letters, ligatures, …) is folded first and its findings
-mapped back. Custom regex rules always see the folded copy.
+(r1/safety/patterns.py): no folded copy and no offset map for text that needs no folding (ASCII,
+CJK, full-width punctuation, ideographic spaces: `needs_folding`). Only a text that holds other
+look-alikes (zero-width characters, full-width letters or digits, circled or mathematical digits,
+accented letters, ligatures, …) is folded first and its findings mapped back. Custom regex rules
+always see the folded copy. `find(text, fast=False)` folds every text: the reference path the
+fast path is tested against.
 
 Passes over the text, whatever the number of keywords:
 - one *main pass*: every card candidate (a chain of `min_digits`+ digits), every short code
   followed by a code keyword ("384920是您的验证码") and the keywords of the first secret or
   keyword rule — for a secret rule keyword and value are matched together, so a harmless mention
-  ("忘记密码怎么办") costs no Python work. Every alternative starts with a literal character, so
-  `re` skips ahead in C to where a match can begin;
+  ("忘记密码怎么办") costs no Python work. Every alternative starts with a literal character of
+  its own (one per digit, one per keyword initial), so `re` skips ahead in C to where a match can
+  begin and at most one alternative can start at any position;
 - one pass per further secret or keyword rule, and one per custom regex rule.
 A number inside a secret's value is reported as part of the secret.
 
@@ -31,10 +35,11 @@ from r1.safety.patterns import (
     SECRET_BRIDGE_MAX_CHARS,
     TRAILING_TOKEN,
     VALUE_GRAMMAR,
-    card_pattern,
+    card_rest,
     card_tail_re,
-    code_pattern,
+    code_rest,
     code_tail_re,
+    digit_alternative,
     keyword_alternation,
     keyword_branches,
     value_grammar,
@@ -44,6 +49,10 @@ from r1.safety.rules import Direction, Rule, card_hits, secret_value, value_from
 _ASCII_UPPER = {c: c + 32 for c in range(65, 91)}
 _TRAILING_TOKEN_WINDOW = 100
 _DIGITS = "0123456789"
+
+
+def _finding_order(finding: tuple[int, int, int]) -> tuple[int, int, int]:
+    return finding[1], finding[2], finding[0]
 
 
 def ascii_lower(text: str) -> str:
@@ -118,6 +127,7 @@ class Scanner:
         )
         # Texts holding a look-alike the patterns do not accept directly are folded first.
         self._lookalike_re = _lookalike_re()
+        self._lookalike_search = self._lookalike_re.search
 
     def _build_passes(self) -> None:
         """The main pass holds every card candidate and code, plus the first secret or keyword
@@ -151,34 +161,63 @@ class Scanner:
                     self._groups[f"m{n}"] = ("keyword", main_rule)
         code_words = sorted(self._code_owners)
         min_digits = min((r.min_digits for _, r in self._card_rules), default=0)
+        digit_alternatives: list[str] = []
         for index, digit in enumerate(_DIGITS):  # full-width digits are folded before scanning
+            code = card = None
             if code_words:
-                alternatives.append(code_pattern(digit, f"c{index}", f"q{index}", code_words))
+                code = code_rest(f"c{index}", f"q{index}", code_words)
                 self._groups[f"c{index}"] = self._groups[f"q{index}"] = ("code", -1)
             if min_digits:
-                alternatives.append(card_pattern(digit, f"k{index}", min_digits))
+                card = card_rest(f"k{index}", min_digits)
                 self._groups[f"k{index}"] = ("card", -1)
+            if code or card:
+                digit_alternatives.append(digit_alternative(digit, code, card))
+        # Every alternative starts with a literal character of its own, so their order does not
+        # change what matches; digits first: digit runs are the most frequent candidates.
+        alternatives = digit_alternatives + alternatives
         self._main_pass = re.compile("|".join(alternatives)) if alternatives else None
+        self._more_passes = bool(self._secret_passes or self._keyword_passes or self._regex_rules)
 
     # --- scanning ----------------------------------------------------------------------------
 
-    def find(self, text: str) -> list[tuple[int, int, int]]:
-        """(rule index, start, end) of every finding in the original `text`, sorted, unique."""
-        if self._regex_rules:  # custom patterns are written against the folded copy
-            folded = fold(text)
-        elif text.isascii() or not self._lookalike_re.search(text):
-            hits = self.scan(text)
-            if len(hits) < 2:
-                return [(h.rule, h.start, h.end) for h in hits]
-            return sorted({(h.rule, h.start, h.end) for h in hits}, key=lambda f: (f[1], f[2], f[0]))
-        else:  # fold only the look-alikes; the patterns accept full-width forms as they are
+    def needs_folding(self, text: str) -> bool:
+        """Whether `find` folds `text` before scanning it: the text holds a look-alike the patterns
+        do not accept as it is (zero-width characters, full-width letters or digits, circled
+        digits, ligatures, accents, …), or custom regex rules, written against the folded copy,
+        are active. Most text needs none: ASCII, CJK, full-width punctuation, ideographic spaces."""
+        return bool(self._regex_rules) or not (text.isascii() or self._lookalike_search(text) is None)
+
+    def find(self, text: str, *, fast: bool = True) -> list[tuple[int, int, int]]:
+        """(rule index, start, end) of every finding in the original `text`, sorted, unique.
+
+        Fast path: text that needs no folding is scanned as it is, with no folded copy and no
+        offset map; other text has only its look-alikes folded. `fast=False` takes the reference
+        path for every text instead: fold all of it, scan the folded copy, map the spans back.
+        Both give the same findings (tests/test_safety_fastpath.py compares them)."""
+        if fast and not self._regex_rules:
+            if text.isascii() or self._lookalike_search(text) is None:
+                # Needs no folding (`needs_folding`, inlined: this runs once per message).
+                hits = self._scan(text)
+                if not hits:
+                    return hits  # type: ignore[return-value]
+                if len(hits) == 1:
+                    return [hits[0][:3]]
+                return sorted({hit[:3] for hit in hits}, key=_finding_order)
+            # Fold only the look-alikes; the patterns accept full-width punctuation as it is.
             folded = fold(text, self._lookalike_re)
-        found = {(h.rule, *folded.span_to_raw(h.start, h.end)) for h in self.scan(folded.norm)}
-        return sorted(found, key=lambda f: (f[1], f[2], f[0]))
+        else:
+            folded = fold(text)
+        span_to_raw = folded.span_to_raw
+        found = {(rule, *span_to_raw(start, end)) for rule, start, end, _ in self._scan(folded.norm)}
+        return sorted(found, key=_finding_order)
 
     def scan(self, text: str) -> list[Hit]:
         """Every finding in `text` (original without look-alikes, or folded), possibly repeated."""
-        hits: list[Hit] = []
+        return [Hit(*hit) for hit in self._scan(text)]
+
+    def _scan(self, text: str) -> list[tuple[int, int, int, int]]:
+        """`scan` as (rule, start, end, trigger) tuples: `find` needs no Hit objects."""
+        hits: list[tuple[int, int, int, int]] = []
         if self._main_pass is not None:
             search = self._main_pass.search
             groups = self._groups
@@ -189,35 +228,37 @@ class Scanner:
                 if kind == "value":
                     value = value_from_match(text, match)
                     if value is not None:
-                        hits.append(Hit(rule, value.start, value.end, start))
+                        hits.append((rule, value.start, value.end, start))
                 elif kind == "card":
                     for card_rule, first, last in card_hits(text, start, position, self._card_rules):
-                        hits.append(Hit(card_rule, first, last, start))
+                        hits.append((card_rule, first, last, start))
                 elif kind == "code":
                     marker = "q" + match.lastgroup[1:]  # type: ignore[index]
                     keyword = ascii_lower(fold_string(match.group(marker)))
                     code_end = match.start("c" + marker[1:])
                     for owner in self._code_owners.get(keyword, ()):
-                        hits.append(Hit(owner, start, code_end, start))
+                        hits.append((owner, start, code_end, start))
                     # The code keyword may itself be followed by a value ("…验证码：5678").
                     position = match.start(marker)
                 else:
-                    hits.append(Hit(rule, start, position, start))
+                    hits.append((rule, start, position, start))
                 match = search(text, position)
+        if not self._more_passes:
+            return hits
         for rule, regex in self._secret_passes:
             for match in regex.finditer(text):
                 value = value_from_match(text, match)
                 if value is not None:
-                    hits.append(Hit(rule, value.start, value.end, match.start()))
+                    hits.append((rule, value.start, value.end, match.start()))
         for rule, regex in self._keyword_passes:
             for match in regex.finditer(text):
-                hits.append(Hit(rule, match.start(), match.end(), match.start()))
+                hits.append((rule, match.start(), match.end(), match.start()))
         for rule in self._regex_rules:
             pattern = self.rules[rule].pattern
             assert pattern is not None
             for match in pattern.finditer(text):
                 if match.end() > match.start():
-                    hits.append(Hit(rule, match.start(), match.end(), match.start()))
+                    hits.append((rule, match.start(), match.end(), match.start()))
         return hits
 
     # --- streams -----------------------------------------------------------------------------
