@@ -31,6 +31,8 @@ def handle():
         max_concurrent_runs=2,
     )
     try:
+        # Handles only: no HTTP proxy, so nothing competes for a port with other Serve instances.
+        serve.start(proxy_location="Disabled")
         yield serve.run(build_code_validator(config), name=APP, route_prefix=None)
     finally:
         serve.shutdown()

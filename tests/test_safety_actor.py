@@ -25,6 +25,8 @@ def handle():
         deployment=DeploymentConfig(num_cpus=0.1, min_replicas=1, max_replicas=1, target_ongoing_requests=4, max_ongoing_requests=8)
     )
     try:
+        # Handles only: no HTTP proxy, so nothing competes for a port with other Serve instances.
+        serve.start(proxy_location="Disabled")
         yield serve.run(build_safety_filter(config), name=APP, route_prefix=None)
     finally:
         try:
