@@ -19,6 +19,7 @@ from actors.tracing import setup_actor_tracing
 from r1.config import ServeConfig
 from r1.engine import TransformersEngine
 from r1.engine.engine import stop_token_ids
+from r1.engine.optimize import check_sharded_options
 from r1.engine.pipeline import ModelStage, PipelineRunner, split_layers
 from r1.model import context_length, load_generation_config, load_model, load_model_config
 from r1.sequence_spans import RequestCarriers, SequenceSpans
@@ -33,10 +34,10 @@ class ModelShard:
         import torch
 
         from r1.config import ModelConfig
-        from r1.resources import engine_cpu_threads
 
         setup_actor_tracing("model-shard")
-        torch.set_num_threads(engine_cpu_threads(cpu_threads))
+        if cpu_threads is not None:  # else as Ray set them (the shard's reserved CPUs)
+            torch.set_num_threads(cpu_threads)
         model, _ = load_model(ModelConfig.model_validate(model_config))
         self.stage = ModelStage.from_full_model(model, stage_index, num_stages, pad_token_id, copy_model=False)
         # One span per traced request in this stage: opened at prefill, ended when the sequence is removed.
@@ -118,6 +119,7 @@ def start_shards(config: ServeConfig, pad_token_id: int) -> list[Any]:
 
 def build_sharded_engine(config: ServeConfig, tokenizer: Any, actors: list[Any] | None = None,
                          carriers: RequestCarriers | None = None) -> TransformersEngine:
+    check_sharded_options(config.engine)  # int8 / compile: a config error before any shard starts
     model_config = load_model_config(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     actors = actors or start_shards(config, pad_id)

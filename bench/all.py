@@ -39,7 +39,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "sandbox": (["--runs", "80"], ["--runs", "5"]),
     "sessions": (["--turns", "500", "--concurrency", "16", "--num-partitions", "2"],
                  ["--turns", "50", "--concurrency", "4", "--num-partitions", "1", "--backends", "sqlite-full,sqlite-normal"]),
-    "cpu_speed": ([], []),
+    "cpu_speed": (["--threads", "1", "--repeats", "3"],
+                  ["--models", "tiny", "--variants", "fp32,bf16,int8", "--repeats", "1", "--new-tokens", "8",
+                   "--num-requests", "4", "--eval-problems", "10", "--probe-batch", "1", "--probe-context", "64",
+                   "--peak-size", "256", "--decode-batches", ""]),
     "training": ([], ["--steps", "1", "--warmup", "0", "--num-prompts", "4", "--max-new-tokens", "16"]),
 }
 QUICK_DIR = Path(tempfile.gettempdir()) / "r1-bench-quick"

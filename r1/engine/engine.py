@@ -139,10 +139,13 @@ class TransformersEngine:
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig | None = None) -> TransformersEngine:
-        from r1.model import load_model
+        from r1.engine.optimize import apply_engine_options, check_engine_options
+        from r1.model import load_model, resolve_device
 
+        engine_config = engine_config or EngineConfig()
+        check_engine_options(engine_config, resolve_device(model_config.device))  # before the weights load
         model, tokenizer = load_model(model_config)
-        return cls(model, tokenizer, engine_config)
+        return cls(apply_engine_options(model, engine_config), tokenizer, engine_config)
 
     # -- inputs ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:

@@ -1,0 +1,180 @@
+"""Engine options that transform the model before it serves: int8 quantization and torch.compile.
+
+`apply_engine_options(model, engine_config)` is what `TransformersEngine.from_config` calls after
+loading the model; the options come from `EngineConfig`:
+
+- `quantization: int8` replaces every `nn.Linear` of the decoder layers with `Int8DynamicLinear`:
+  weights stored as int8 with one scale per output channel, activations quantized per token at run
+  time, the product computed by an int8 x int8 -> int32 matrix multiply (`torch._int_mm`). CPU only.
+  The LM head stays in the model's dtype: the logits decide every greedy token, so they are the most
+  sensitive output, and with tied embeddings (r1-tiny, Qwen2 small models) quantizing it would also
+  keep a second copy of the embedding matrix. The embedding itself is a lookup, not a matmul, so
+  there is nothing to gain there.
+- `quantization: fp8` is for the GPU engines (trtllm, vllm); asking the transformers engine for it
+  is an error.
+- `compile: true` runs decode steps (one new token per running sequence, non-empty cache) through
+  `torch.compile(dynamic=True)`; prefill stays eager, because prompt lengths and admission patterns
+  change at almost every prefill and each new pattern would mean another compilation. The first
+  decode steps pay the compilation (minutes for inductor on a small CPU; see the README).
+
+This module does not decide the dtype (`ModelConfig.dtype`) or the attention implementation
+(`ModelConfig.attn_implementation`); those are applied when the model loads (`r1.model`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from r1.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Modules named like this are never quantized (see the module docstring for why).
+INT8_SKIP_MODULES = ("lm_head",)
+# The torch.compile backend behind `compile: true`; tests pass a cheaper one to check the wiring.
+DEFAULT_COMPILE_BACKEND = "inductor"
+
+
+def check_engine_options(engine_config: EngineConfig, device: torch.device) -> None:
+    """Raise ValueError for option combinations the transformers engine cannot honour."""
+    if engine_config.quantization == "fp8":
+        raise ValueError(
+            "engine.quantization=fp8 needs engine=trtllm or vllm on a GPU; the transformers engine supports "
+            "quantization=none or int8 (CPU)"
+        )
+    if engine_config.quantization == "int8" and device.type != "cpu":
+        raise ValueError(
+            f"engine.quantization=int8 is CPU-only (dynamic int8 Linear layers) and the model is on {device.type}; "
+            "use device=cpu, or quantization=none with dtype=bf16 on a GPU (or quantization=fp8 with engine=vllm/trtllm)"
+        )
+
+
+def check_sharded_options(engine_config: EngineConfig) -> None:
+    """The sharded runner (pipeline_stages > 1) loads plain models in its shards: reject what it cannot apply."""
+    if engine_config.quantization != "none" or engine_config.compile:
+        raise ValueError(
+            f"engine.quantization={engine_config.quantization} / engine.compile={engine_config.compile} are not "
+            "supported with pipeline_stages > 1 (each ModelShard loads the plain model); use pipeline_stages=1, "
+            "or quantization=none and compile=false"
+        )
+
+
+def apply_engine_options(model: Any, engine_config: EngineConfig) -> Any:
+    """Quantize and/or compile `model` in place as `engine_config` asks; returns the model."""
+    device = next(model.parameters()).device
+    check_engine_options(engine_config, device)
+    if engine_config.quantization == "int8":
+        count = quantize_int8(model)
+        logger.info("engine option quantization=int8: %d Linear layers quantized (lm_head kept in %s)", count,
+                    next(model.parameters()).dtype)
+    if engine_config.compile:
+        compile_decode(model)
+        logger.info("engine option compile=true: decode steps run through torch.compile(backend=%s, dynamic=True); "
+                    "the first decode steps compile (cold: 1-1.5 min on one CPU core for r1-tiny or a 100M model)",
+                    DEFAULT_COMPILE_BACKEND)
+    return model
+
+
+# -- int8 -----------------------------------------------------------------------------------------
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 values, float32 scale per row) with matrix ~= values * scale."""
+    matrix = matrix.float()
+    scale = matrix.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+    values = torch.round(matrix / scale).clamp(-127, 127).to(torch.int8)
+    return values, scale
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear layer with int8 weights (one scale per output channel) and per-token int8 activations.
+
+    y = (x_int8 @ W_int8^T) * x_scale * w_scale + bias, accumulated in int32; the output has x's dtype.
+    Weights are buffers, not parameters: nothing here is trainable.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        values, scale = quantize_rows(weight.detach())
+        self.register_buffer("weight_int8", values.contiguous())  # [out, in]
+        self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, out], float32
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_int8, x_scale = quantize_rows(rows)
+        # The transposed view of the [out, in] weight is the layout the int8 kernel reads fastest.
+        acc = torch._int_mm(x_int8, self.weight_int8.t())
+        out = acc.float().mul_(x_scale).mul_(self.weight_scale).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -> int:
+    """Replace every nn.Linear not named in `skip` with Int8DynamicLinear (in place); returns the count."""
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8DynamicLinear.from_linear(linear))
+    return len(targets)
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+def _is_decode_step(kwargs: dict[str, Any]) -> bool:
+    input_ids = kwargs.get("input_ids")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    return (
+        input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+        and cache is not None and cache.get_seq_length() > 0
+    )
+
+
+def _normalize_cache(cache: Any) -> None:
+    """Give every cached tensor one layout: contiguous, and an inference tensor.
+
+    The compiled graph guards on strides and on the tensor kind, so each variant would compile its
+    own graph: a freshly prefilled cache holds transposed views, and removing finished rows (which
+    the scheduler does outside inference mode) leaves sliced, ordinary tensors. One copy when that
+    happens keeps a single graph; later steps concatenate into contiguous inference tensors anyway.
+    """
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and not (tensor.is_contiguous() and tensor.is_inference()):
+                with torch.inference_mode():
+                    setattr(layer, name, tensor.clone(memory_format=torch.contiguous_format))
+
+
+def compile_decode(model: nn.Module, backend: str = DEFAULT_COMPILE_BACKEND) -> None:
+    """Route decode-step forwards through torch.compile (dynamic batch and cache length); prefill stays eager."""
+    if getattr(model.forward, "r1_compiled", False):
+        return
+    eager = model.forward
+    compiled = torch.compile(eager, dynamic=True, backend=backend)
+
+    @functools.wraps(eager)  # keeps the signature: the runner inspects it for the cache keyword
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not args and _is_decode_step(kwargs):
+            _normalize_cache(kwargs.get("past_key_values", kwargs.get("cache")))
+            return compiled(**kwargs)
+        return eager(*args, **kwargs)
+
+    forward.r1_compiled = True  # type: ignore[attr-defined]
+    forward.r1_compile_backend = backend  # type: ignore[attr-defined]
+    model.forward = forward

@@ -1,0 +1,192 @@
+"""Engine options on the real r1-tiny: int8 quantization, torch.compile, bf16, and their config errors.
+
+The int8 layer is checked against nn.Linear on random inputs, and the int8 engine against the fp32
+one (logits on one forward, greedy answers on held-out arithmetic problems): a quantizer that lost a
+scale, the bias or the row order would fail both. The compile option is checked for its wiring and
+for equal greedy tokens with a counting backend (it records the graphs dynamo captures, then runs
+them as captured): inductor's C++ compilation takes minutes on a small shared CPU, which is what the
+benchmark (`bench/cpu_speed.py`) measures; the option itself uses inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import TransformersEngine
+from r1.engine.optimize import (
+    DEFAULT_COMPILE_BACKEND,
+    Int8DynamicLinear,
+    apply_engine_options,
+    check_engine_options,
+    check_sharded_options,
+    compile_decode,
+    quantize_int8,
+)
+from r1.tasks.arithmetic import generate_problems, is_correct
+
+GREEDY_64 = SamplingConfig(temperature=0, max_new_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    """Held-out level-1 problems as chat prompts, with their answers."""
+    items = generate_problems(8, level=1, seed=0, split="test")
+    return [[{"role": "user", "content": p.question}] for p in items], [p.answer for p in items]
+
+
+@pytest.fixture(scope="module")
+def fp32_completions(tiny, problems):
+    model, tokenizer = tiny
+    return TransformersEngine(model, tokenizer).generate_batch(problems[0], GREEDY_64)
+
+
+@pytest.fixture(scope="module")
+def int8_engine():
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"), EngineConfig(quantization="int8"))
+    yield engine
+    engine.shutdown()
+
+
+def last_logits(model, tokenizer, prompt) -> torch.Tensor:
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    with torch.inference_mode():
+        return model(ids).logits[0].float()
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "in_features, out_features, bias, input_shape, dtype",
+    [
+        (256, 704, True, (5, 256), torch.float32),  # 2-D input with a bias
+        (704, 256, False, (2, 3, 704), torch.float32),  # batch x sequence x features, no bias
+        (64, 40, True, (1, 64), torch.float32),  # one row, an odd output width
+        (256, 128, True, (4, 7, 256), torch.bfloat16),  # bf16 activations: output stays bf16
+    ],
+)
+def test_int8_linear_matches_linear(in_features, out_features, bias, input_shape, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    quantized = Int8DynamicLinear.from_linear(linear)
+    x = torch.randn(*input_shape, dtype=dtype)
+    with torch.inference_mode():
+        expected, got = linear(x).float(), quantized(x)
+    assert quantized.weight_int8.dtype == torch.int8
+    assert got.dtype == dtype and got.shape == expected.shape
+    relative_error = (got.float() - expected).norm() / expected.norm()
+    assert relative_error < 0.03, f"int8 output is {relative_error:.3f} away from the Linear's (relative)"
+
+
+def test_int8_engine_quantizes_decoder_linears_and_keeps_lm_head(int8_engine, tiny):
+    model = int8_engine.model
+    fp32_linears = sum(isinstance(m, nn.Linear) for m in tiny[0].model.layers.modules())
+    assert fp32_linears > 0
+    assert sum(isinstance(m, Int8DynamicLinear) for m in model.modules()) == fp32_linears
+    assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.dtype == torch.float32
+
+
+def test_int8_logits_stay_close_to_fp32(int8_engine, tiny, problems):
+    model, tokenizer = tiny
+    reference = last_logits(model, tokenizer, problems[0][0])
+    quantized = last_logits(int8_engine.model, tokenizer, problems[0][0])
+    cosine = torch.nn.functional.cosine_similarity(reference, quantized, dim=-1)
+    assert cosine.min() > 0.99, f"per-position logits cosine similarity {cosine.min():.4f}"
+    assert (reference.argmax(-1) == quantized.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_engine_answers_like_fp32(int8_engine, problems, fp32_completions):
+    prompts, answers = problems
+    completions = int8_engine.generate_batch(prompts, GREEDY_64)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(completions, fp32_completions))
+    assert same >= len(prompts) - 2, f"only {same} of {len(prompts)} greedy completions equal fp32's"
+    correct = [is_correct(c.text, a) for c, a in zip(completions, answers)]
+    correct_fp32 = [is_correct(c.text, a) for c, a in zip(fp32_completions, answers)]
+    assert sum(correct) >= sum(correct_fp32) - 1
+
+
+def test_quantize_int8_can_skip_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert quantize_int8(model, skip=()) == 2
+    assert all(not isinstance(m, nn.Linear) for m in model.modules())
+
+
+# -- bf16 ------------------------------------------------------------------------------------------
+def test_bf16_engine_generates_with_bf16_weights(problems, fp32_completions):
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="bf16"))
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    prompts, answers = problems
+    completions = engine.generate_batch(prompts, GREEDY_64)
+    assert all(c.token_ids for c in completions)
+    correct = sum(is_correct(c.text, a) for c, a in zip(completions, answers))
+    correct_fp32 = sum(is_correct(c.text, a) for c, a in zip(fp32_completions, answers))
+    assert correct >= correct_fp32 - 1
+
+
+# -- compile ---------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_option_wraps_forward_with_inductor(fresh_dynamo):
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"), EngineConfig(compile=True))
+    assert DEFAULT_COMPILE_BACKEND == "inductor"
+    assert engine.model.forward.r1_compile_backend == "inductor"
+    # the runner still finds the cache keyword in the wrapped forward's signature
+    assert engine.runner._cache_kwarg in ("cache", "past_key_values")
+
+
+def test_compiled_decode_gives_eager_tokens_with_one_graph_per_batch_kind(tiny, fresh_dynamo):
+    model, tokenizer = tiny
+    prompts = ["Mia has 23 apples. She buys 45 more. How many apples does she have now?", "Tom has 5 pens.",
+               "Ana had 40 cards and gave 15 away.", "12 + 7"]
+    # Different lengths: requests finish at different steps, so the batch shrinks from 4 to 1 while
+    # the cache grows; dynamic shapes must cover that without a graph per step.
+    samplings = [SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (24, 6, 12, 3)]
+    eager = TransformersEngine(model, tokenizer).generate_batch(prompts, samplings)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled_model = copy.deepcopy(model)
+    compile_decode(compiled_model, backend=counting_backend)
+    compiled = TransformersEngine(compiled_model, tokenizer).generate_batch(prompts, samplings)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    # batch >= 2 and batch == 1 (torch specializes size 1): at most two graphs for 24 decode steps
+    assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs compiled"
+
+
+# -- config errors ---------------------------------------------------------------------------------
+def test_fp8_with_the_transformers_engine_is_an_error_before_loading():
+    with pytest.raises(ValueError, match="fp8 needs engine=trtllm or vllm on a GPU"):
+        TransformersEngine.from_config(ModelConfig(device="cpu"), EngineConfig(quantization="fp8"))
+
+
+def test_int8_on_cuda_is_an_error():
+    with pytest.raises(ValueError, match="quantization=int8 is CPU-only"):
+        check_engine_options(EngineConfig(quantization="int8"), torch.device("cuda"))
+    check_engine_options(EngineConfig(quantization="int8"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("options", [{"quantization": "int8"}, {"compile": True}])
+def test_sharded_engine_rejects_model_transforms(options):
+    with pytest.raises(ValueError, match="pipeline_stages > 1"):
+        check_sharded_options(EngineConfig(**options))
+    check_sharded_options(EngineConfig())
+
+
+def test_default_options_leave_the_model_alone():
+    model = nn.Sequential(nn.Linear(8, 8))
+    forward = model.forward
+    assert apply_engine_options(model, EngineConfig()) is model
+    assert isinstance(model[0], nn.Linear) and model.forward == forward
