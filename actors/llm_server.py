@@ -20,7 +20,6 @@ from r1.config import SamplingConfig, ServeConfig
 from r1.engine import Engine, EngineOverloaded, create_engine
 from r1.engine.batching import StreamBatcher
 from r1.model import load_tokenizer
-from r1.resources import engine_cpu_threads
 from r1.sequence_spans import RequestCarriers
 from r1.telemetry import inject_context, span
 
@@ -41,9 +40,10 @@ class LLMServer:
     def __init__(self, config: dict[str, Any]):
         setup_actor_tracing("llm")
         self.config = ServeConfig.model_validate(config)
-        # Ray pins OMP_NUM_THREADS to the replica's whole reserved CPUs (1 for num_cpus < 1): the
-        # model would decode on one thread. The engine's cpu_threads setting decides instead.
-        torch.set_num_threads(engine_cpu_threads(self.config.engine.cpu_threads))
+        # Ray set OMP_NUM_THREADS to the replica's whole reserved CPUs (1 for num_cpus < 1);
+        # engine.cpu_threads overrides it (see EngineConfig for when more threads hurt).
+        if self.config.engine.cpu_threads is not None:
+            torch.set_num_threads(self.config.engine.cpu_threads)
         logger.info("LLMServer: the model runs on %d CPU thread(s)", torch.get_num_threads())
         # request id -> trace carrier; the sharded runner sends it along so each shard's span joins the request's trace
         self.carriers = RequestCarriers()

@@ -92,10 +92,11 @@ class EngineConfig(StrictModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # GPU engines only: tensor-parallel degree (GPUs per engine instance).
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    # CPU threads torch may use for the model in an engine process. None: every core the process
-    # may use. Ray pins an actor's OMP_NUM_THREADS to its whole reserved CPUs (1 for a fractional
-    # num_cpus), which makes a served CPU model decode at one thread; set this to cores / replicas
-    # when several engines share a node.
+    # CPU threads torch uses for the model in a Serve replica or model shard. None: as Ray set
+    # them (OMP_NUM_THREADS = the actor's whole reserved CPUs, 1 for a fractional num_cpus).
+    # More threads speed up a replica that has cores to itself; on cores shared with other busy
+    # processes (the ingress, other replicas) OpenMP threads wait for each other and decoding can
+    # get many times slower, so raise it only up to cores / busy processes on the node.
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
 

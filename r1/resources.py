@@ -186,9 +186,3 @@ class ResourceSampler:
                                           cuda_compute_utilization(index)))
         return samples
 
-
-def engine_cpu_threads(requested: int | None) -> int:
-    """Threads for an engine's model: `requested`, else every core this process may use (at least 1)."""
-    if requested is not None:
-        return requested
-    return max(1, int(usable_cores()))
