@@ -78,12 +78,17 @@ def test_client_screens_input_and_stream(handle):
     assert (streamed, action) == ("密码是[已隐藏]，好的", "redact")
 
 
+def _foreign_state() -> dict:
+    """A stream state made under other rules (strict profile): the replica refuses to resume it."""
+    foreign = SafetyFilter.from_profile("strict").stream("output")
+    foreign.feed("秘密文本12345")
+    return foreign.to_state()
+
+
 def test_client_fails_closed_on_error(handle):
     # A state made under other rules is refused by the replica: the client raises, and the
     # message names the failure, not the text.
-    foreign = SafetyFilter.from_profile("strict").stream("output")
-    foreign.feed("秘密文本12345")
-    bad_state = foreign.to_state()
+    bad_state = _foreign_state()
 
     async def scenario():
         client = SafetyClient(handle, timeout_s=REPLY_DEADLINE_S)
@@ -124,9 +129,7 @@ def test_concurrent_streams_share_calls_and_match_check(handle):
 
 def test_a_failing_step_fails_only_its_stream(handle):
     # A bad state among concurrent steps: that stream fails closed, the others are screened.
-    foreign = SafetyFilter.from_profile("strict").stream("output")
-    foreign.feed("秘密文本12345")
-    bad_state = foreign.to_state()
+    bad_state = _foreign_state()
 
     async def scenario():
         client = SafetyClient(handle, timeout_s=REPLY_DEADLINE_S)

@@ -64,7 +64,7 @@ def stop_token_ids(model: Any, tokenizer: Any, generation_config: Any = None) ->
     return frozenset(ids)
 
 
-class _Mailbox:
+class Mailbox:
     """Hands deltas from the decode thread to one asyncio loop in batches.
 
     Every running sequence emits a delta per decode step; waking the loop once per delta costs a
@@ -99,6 +99,118 @@ class _Mailbox:
             queue.put_nowait(delta)
 
 
+class Mailboxes:
+    """One `Mailbox` per asyncio loop that streams from an engine (weakly held: a closed loop goes)."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        with self._lock:
+            mailbox = self._by_loop.get(loop)
+            if mailbox is None:
+                mailbox = self._by_loop[loop] = Mailbox(loop)
+            return mailbox
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
+    """Token ids for a text prompt, token ids, or chat messages (rendered with the chat template)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        if any(t < 0 or t >= vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        return list(prompt)
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "this model's tokenizer has no chat template; send a raw text prompt instead "
+                "(`r1 generate --raw`, or /v1/completions)"
+            )
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+
+
+def new_request(
+    tokenizer: Any, prompt: Prompt, sampling: SamplingConfig, request_id: str | None, *,
+    vocab_size: int, context_tokens: int, stop_ids: frozenset[int],
+) -> Request:
+    """A validated request: encoded prompt, resolved token budget, stop ids. Every engine makes its
+    requests here, so prompts and limits follow the same rules whichever engine runs them."""
+    prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    return Request(
+        request_id=request_id or f"req-{next(_REQUEST_IDS)}-{uuid.uuid4().hex[:8]}",
+        prompt_token_ids=prompt_ids,
+        sampling=sampling,
+        max_new_tokens=resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, context_tokens),
+        stop_token_ids=stop_ids,
+    )
+
+
+def chat_template_prefills_think(tokenizer: Any) -> bool:
+    """Whether the chat template opens the reasoning block itself (DeepSeek-R1 style)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    return probe.rstrip().endswith("<think>")
+
+
+def per_prompt_sampling(
+    prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None
+) -> list[SamplingConfig]:
+    """`generate_batch`'s sampling argument as one config per prompt (one for all, or one each)."""
+    if sampling is None or isinstance(sampling, SamplingConfig):
+        return [sampling or SamplingConfig()] * len(prompts)
+    samplings = list(sampling)
+    if len(samplings) != len(prompts):
+        raise ValueError(f"got {len(samplings)} sampling configs for {len(prompts)} prompts")
+    return samplings
+
+
+class BatchResults:
+    """The deltas of a batch of requests, collected from any thread until every request finished."""
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+        self._deltas: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
+        self._done = threading.Semaphore(0)
+
+    def collect(self, delta: Delta) -> None:
+        self._deltas[delta.request_id].append(delta)
+        if delta.finish_reason is not None:
+            self._done.release()
+
+    def wait(self) -> list[Completion]:
+        """Every request's completion, in order; RuntimeError if any generation failed."""
+        for _ in self.requests:
+            self._done.acquire()
+        completions = [completion_of(r, self._deltas[r.request_id]) for r in self.requests]
+        failed = [c for c in completions if c.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(completions)} generations failed: {failed[0].error}")
+        return completions
+
+
+def completion_of(request: Request, deltas: list[Delta]) -> Completion:
+    """The whole result of a request from all its deltas (the last one carries the finish reason)."""
+    last = deltas[-1]
+    return Completion(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        finish_reason=last.finish_reason or "abort",
+        error=last.error,
+    )
+
+
 class TransformersEngine:
     """The default engine (CPU and GPU). Satisfies the `r1.engine.Engine` protocol."""
 
@@ -128,12 +240,10 @@ class TransformersEngine:
         self.context_tokens = context_tokens or context_length(model, tokenizer)
         self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.runner, tokenizer, self.config, self.device)
-        self._ids = itertools.count()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         # asyncio loop -> its mailbox: about one cross-thread wakeup per decode step, not one per token.
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
-        self._mailboxes_lock = threading.Lock()
+        self._mailboxes = Mailboxes()
         self._stopping = False
         self._inline_lock = threading.Lock()
 
@@ -149,34 +259,11 @@ class TransformersEngine:
 
     # -- inputs ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for a text prompt, token ids, or chat messages (rendered with the chat template)."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            if any(t < 0 or t >= self.runner.vocab_size for t in prompt):
-                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
-            return list(prompt)
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(
-                    "this model's tokenizer has no chat template; send a raw text prompt instead "
-                    "(`r1 generate --raw`, or /v1/completions)"
-                )
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+        return encode_prompt(self.tokenizer, prompt, self.runner.vocab_size)
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
-        prompt_ids = self.encode_prompt(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        return Request(
-            request_id=request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}",
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            max_new_tokens=resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, self.context_tokens),
-            stop_token_ids=self.stop_token_ids,
-        )
+        return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
+                           context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
 
     # -- streaming API (background decode thread) ------------------------------------------
     def start(self) -> None:
@@ -224,7 +311,7 @@ class TransformersEngine:
         """
         request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
         self.start()
-        mailbox = self._mailbox(asyncio.get_running_loop())
+        mailbox = self._mailboxes.get(asyncio.get_running_loop())
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.submit(request, lambda delta: mailbox.post(queue, delta))
         finished = False
@@ -242,13 +329,6 @@ class TransformersEngine:
             if not finished:
                 self.abort(request.request_id)
 
-    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
-        with self._mailboxes_lock:
-            mailbox = self._mailboxes.get(loop)
-            if mailbox is None:
-                mailbox = self._mailboxes[loop] = _Mailbox(loop)
-            return mailbox
-
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         with self._wakeup:
@@ -259,20 +339,9 @@ class TransformersEngine:
         self, prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None = None
     ) -> list[Completion]:
         """Generate for many prompts at once with continuous batching; blocks until all finish."""
-        if sampling is None or isinstance(sampling, SamplingConfig):
-            samplings = [sampling or SamplingConfig()] * len(prompts)
-        else:
-            samplings = list(sampling)
-            if len(samplings) != len(prompts):
-                raise ValueError(f"got {len(samplings)} sampling configs for {len(prompts)} prompts")
-        requests = [self.make_request(p, s) for p, s in zip(prompts, samplings)]
-        results: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
-        done = threading.Semaphore(0)
-
-        def collect(delta: Delta) -> None:
-            results[delta.request_id].append(delta)
-            if delta.finish_reason is not None:
-                done.release()
+        requests = [self.make_request(p, s) for p, s in zip(prompts, per_prompt_sampling(prompts, sampling))]
+        batch = BatchResults(requests)
+        collect = batch.collect
 
         background = self._thread is not None and self._thread.is_alive()
         with self._inline_lock:
@@ -281,13 +350,7 @@ class TransformersEngine:
             if not background:
                 while self.scheduler.has_work():
                     self.scheduler.step()
-        for _ in requests:
-            done.acquire()
-        completions = [self._to_completion(r, results[r.request_id]) for r in requests]
-        failed = [c for c in completions if c.error]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(completions)} generations failed: {failed[0].error}")
-        return completions
+        return batch.wait()
 
     def _submit_waiting_for_room(self, request: Request, emit: Any, background: bool) -> None:
         while True:
@@ -300,25 +363,9 @@ class TransformersEngine:
                 else:
                     self.scheduler.step()
 
-    @staticmethod
-    def _to_completion(request: Request, deltas: list[Delta]) -> Completion:
-        last = deltas[-1]
-        return Completion(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=[t for d in deltas for t in d.token_ids],
-            text="".join(d.text for d in deltas),
-            finish_reason=last.finish_reason or "abort",
-            error=last.error,
-        )
-
     @property
     def think_prefilled(self) -> bool:
-        """Whether the chat template opens the reasoning block itself (DeepSeek-R1 style)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return False
-        probe = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
-        return probe.rstrip().endswith("<think>")
+        return chat_template_prefills_think(self.tokenizer)
 
     @property
     def alive(self) -> bool:

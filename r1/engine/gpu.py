@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import logging
 import threading
-import uuid
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +28,16 @@ import torch
 
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.detok import IncrementalDetokenizer
-from r1.engine.engine import Prompt, _Mailbox, resolve_max_new_tokens, stop_token_ids
+from r1.engine.engine import (
+    BatchResults,
+    Mailboxes,
+    Prompt,
+    chat_template_prefills_think,
+    encode_prompt,
+    new_request,
+    per_prompt_sampling,
+    stop_token_ids,
+)
 from r1.engine.scheduler import EngineOverloaded
 from r1.engine.types import Completion, Delta, FinishReason, Request, Usage
 
@@ -254,6 +260,15 @@ class _Job:
     finished: bool = False
 
 
+def first_output(result: Any) -> tuple[Sequence[int], str | None]:
+    """(cumulative token ids, finish reason once finished) of a vLLM or TensorRT-LLM request output
+    with n=1 (both packages shape it the same way: `outputs[0].token_ids`, `finished`)."""
+    completion = result.outputs[0]
+    if not result.finished:
+        return completion.token_ids, None
+    return completion.token_ids, completion.finish_reason or "unknown"
+
+
 class AsyncPackageEngine:
     """Runs a package's asyncio engine on a private event loop thread, behind `r1.engine.Engine`.
 
@@ -275,54 +290,26 @@ class AsyncPackageEngine:
         self.vocab_size = facts.vocab_size
         self.stop_token_ids = facts.stop_ids
         self.config = config
-        self._ids = itertools.count()
         self._lock = threading.Lock()
         self._num_in_flight = 0
         self._jobs: dict[str, asyncio.Task] = {}  # engine loop only
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._mailboxes = Mailboxes()
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"r1-{self.name}-loop", daemon=True)
         self._thread.start()
 
-    # -- inputs (same rules as TransformersEngine) ---------------------------------------------
+    # -- inputs (the same rules as TransformersEngine) ------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for a text prompt, token ids, or chat messages (rendered with the chat template)."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            if any(t < 0 or t >= self.vocab_size for t in prompt):
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-            return list(prompt)
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(
-                    "this model's tokenizer has no chat template; send a raw text prompt instead "
-                    "(`r1 generate --raw`, or /v1/completions)"
-                )
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
+        return encode_prompt(self.tokenizer, prompt, self.vocab_size)
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
-        prompt_ids = self.encode_prompt(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        return Request(
-            request_id=request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}",
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            max_new_tokens=resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, self.context_tokens),
-            stop_token_ids=self.stop_token_ids,
-        )
+        return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
+                           context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
 
     @property
     def think_prefilled(self) -> bool:
-        """Whether the chat template opens the reasoning block itself (DeepSeek-R1 style)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return False
-        probe = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
-        return probe.rstrip().endswith("<think>")
+        return chat_template_prefills_think(self.tokenizer)
 
     # -- the package side (subclasses) ---------------------------------------------------------
     def _generate(self, request: Request) -> AsyncIterator[tuple[Sequence[int], str | None]]:
@@ -418,7 +405,7 @@ class AsyncPackageEngine:
         `coalesce`: deltas that piled up while the consumer was busy come as one.
         """
         request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
-        mailbox = self._mailbox(asyncio.get_running_loop())
+        mailbox = self._mailboxes.get(asyncio.get_running_loop())
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.submit(request, lambda delta: mailbox.post(queue, delta))
         finished = False
@@ -435,32 +422,14 @@ class AsyncPackageEngine:
             if not finished:
                 self.abort(request.request_id)
 
-    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
-        with self._lock:
-            mailbox = self._mailboxes.get(loop)
-            if mailbox is None:
-                mailbox = self._mailboxes[loop] = _Mailbox(loop)
-            return mailbox
-
     # -- blocking API ----------------------------------------------------------------------------
     def generate_batch(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None = None
     ) -> list[Completion]:
         """Generate for many prompts at once; blocks the calling thread until all finish."""
-        if sampling is None or isinstance(sampling, SamplingConfig):
-            samplings = [sampling or SamplingConfig()] * len(prompts)
-        else:
-            samplings = list(sampling)
-            if len(samplings) != len(prompts):
-                raise ValueError(f"got {len(samplings)} sampling configs for {len(prompts)} prompts")
-        requests = [self.make_request(p, s) for p, s in zip(prompts, samplings)]
-        results: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
-        done = threading.Semaphore(0)
-
-        def collect(delta: Delta) -> None:
-            results[delta.request_id].append(delta)
-            if delta.finish_reason is not None:
-                done.release()
+        requests = [self.make_request(p, s) for p, s in zip(prompts, per_prompt_sampling(prompts, sampling))]
+        batch = BatchResults(requests)
+        collect = batch.collect
 
         for request in requests:
             while True:
@@ -469,13 +438,7 @@ class AsyncPackageEngine:
                     break
                 except EngineOverloaded:
                     threading.Event().wait(0.01)
-        for _ in requests:
-            done.acquire()
-        completions = [_to_completion(r, results[r.request_id]) for r in requests]
-        failed = [c for c in completions if c.error]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(completions)} generations failed: {failed[0].error}")
-        return completions
+        return batch.wait()
 
     def warmup(self) -> None:
         """Run one short request so the first real one does not pay one-time costs."""
@@ -512,15 +475,3 @@ class AsyncPackageEngine:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
-
-
-def _to_completion(request: Request, deltas: list[Delta]) -> Completion:
-    last = deltas[-1]
-    return Completion(
-        request_id=request.request_id,
-        prompt_token_ids=request.prompt_token_ids,
-        token_ids=[t for d in deltas for t in d.token_ids],
-        text="".join(d.text for d in deltas),
-        finish_reason=last.finish_reason or "abort",
-        error=last.error,
-    )

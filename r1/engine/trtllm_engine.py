@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from r1.config import EngineConfig, ModelConfig
-from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, read_checkpoint
+from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, first_output, read_checkpoint
 from r1.engine.types import Request
 
 # Calibration batches for FP8 scales: enough for stable per-tensor maxima, quick for small models.
@@ -101,13 +101,6 @@ def write_calibration_dataset(directory: Path, texts: list[str]) -> Path:
             out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return directory
 
-
-def first_output(result: Any) -> tuple[Sequence[int], str | None]:
-    """(cumulative token ids, finish reason once finished) of a TensorRT-LLM `RequestOutput` with n=1."""
-    completion = result.outputs[0]
-    if not result.finished:
-        return completion.token_ids, None
-    return completion.token_ids, completion.finish_reason or "unknown"
 
 
 class TensorRTLLMEngine(AsyncPackageEngine):

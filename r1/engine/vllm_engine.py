@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from r1.config import EngineConfig, ModelConfig
-from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, read_checkpoint
+from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, first_output, read_checkpoint
 from r1.engine.types import Request
 
 
@@ -65,13 +65,6 @@ def vllm_engine_kwargs(
         "disable_log_stats": True,
     }
 
-
-def first_output(request_output: Any) -> tuple[Sequence[int], str | None]:
-    """(cumulative token ids, finish reason once finished) of a `vllm.RequestOutput` with n=1."""
-    completion = request_output.outputs[0]
-    if not request_output.finished:
-        return completion.token_ids, None
-    return completion.token_ids, completion.finish_reason or "unknown"
 
 
 class VLLMEngine(AsyncPackageEngine):
