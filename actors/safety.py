@@ -222,10 +222,7 @@ class _FeedBatcher:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    if len(batch) == 1:
-                        replies = [await self._client._call("stream_feed", *batch[0][0])]
-                    else:
-                        replies = await self._client._call("stream_feed_batch", [step for step, _ in batch])
+                    replies = await self._client._call("stream_feed_batch", [step for step, _ in batch])
                 except Exception as error:  # SafetyUnavailable (or a cancelled call): every step fails closed
                     failure = error if isinstance(error, SafetyUnavailable) else SafetyUnavailable(
                         f"safety filter failed on stream_feed_batch: {type(error).__name__}")
