@@ -90,6 +90,33 @@ def test_generate_batch_matches_streaming_and_reports_usage(engine):
         assert completion.text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
+def test_identical_prompts_are_prefilled_once_and_decode_as_if_alone(tiny):
+    # A batch with repeated prompts (a GRPO group, n > 1) runs the prefill on the distinct prompts
+    # only; every row must still decode exactly what its prompt gives alone.
+    from r1.engine.runner import LocalModelRunner
+
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p, add_special_tokens=True) for p in (PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1])]
+    prefill_rows = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        runner = LocalModelRunner(model, pad_token_id=0)
+        logits = runner.add(["a", "b", "c", "d"], prompts)
+    finally:
+        hook.remove()
+    assert prefill_rows[0][0] == 2  # two distinct prompts
+    assert len(runner.kv) == 4 and runner.kv.mask.shape[0] == 4
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3])
+    tokens = logits.argmax(-1).tolist()
+    outputs = [[t] for t in tokens]
+    for _ in range(5):
+        step = runner.step(["a", "b", "c", "d"], [out[-1] for out in outputs]).argmax(-1).tolist()
+        for out, token in zip(outputs, step):
+            out.append(token)
+    for prompt, out in zip(prompts, outputs):
+        assert out == reference(model, prompt, 6)
+
+
 def test_seeded_sampling_is_reproducible_alone_or_batched(engine):
     seeded = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
     alone = engine.generate_batch([PROMPTS[1]], seeded)[0].token_ids
@@ -97,6 +124,45 @@ def test_seeded_sampling_is_reproducible_alone_or_batched(engine):
     assert batched[1].token_ids == alone
     other_seed = engine.generate_batch([PROMPTS[1]], seeded.model_copy(update={"seed": 99}))[0].token_ids
     assert other_seed != alone
+
+
+def test_unseeded_sampling_follows_torchs_seed(engine):
+    # Unseeded rows draw together from torch's default generator: the same torch.manual_seed before
+    # the same batch gives the same tokens (GRPO's resumable rollouts), another seed other tokens.
+    unseeded = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12, ignore_eos=True)
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return [c.token_ids for c in engine.generate_batch(PROMPTS[:4], unseeded)]
+
+    first = sample(5)
+    assert sample(5) == first
+    assert sample(6) != first
+
+
+def test_filtering_a_batch_equals_filtering_each_row():
+    from r1.engine.sampling import filter_top_k_top_p
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for top_k, top_p in [(0, 0.9), (20, 1.0), (20, 0.5), (0, 1.0)]:
+        batched = filter_top_k_top_p(logits, top_k, top_p)
+        for row in range(5):
+            assert torch.equal(batched[row], filter_top_k_top_p(logits[row], top_k, top_p)), (top_k, top_p, row)
+        kept = torch.isfinite(batched).sum(-1)
+        assert bool((kept >= 1).all()) and (top_k == 0 or bool((kept <= top_k).all()))
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    from r1.engine.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]] * 20_000)
+    picked = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picked, minlength=6).double() / len(picked)
+    assert counts[[0, 2, 5]].sum() == 0  # zero-probability tokens, the last one included
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.015, rtol=0)
+    assert draw(torch.tensor([[0.0, 0.0, 1.0]])).tolist() == [2]
+    same = draw(probs[:50], torch.Generator().manual_seed(3)), draw(probs[:50], torch.Generator().manual_seed(3))
+    assert torch.equal(*same)
 
 
 def test_stop_string_truncates_text_and_finishes(engine):

@@ -178,6 +178,42 @@ def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
 
 
+def test_shared_prompt_batch_gives_the_per_row_log_probs_and_gradients(untrained_tiny):
+    # group_batch runs each group's prompt once and its completions on the repeated cache; the
+    # log-probs and the gradient of a loss over them must equal those of the plain per-row layout
+    # (prompts of different lengths, completions of different lengths, one of a single token).
+    from transformers import AutoModelForCausalLM
+
+    from r1.train.rollout import completion_log_probs, group_batch, num_batch_tokens, policy_batch
+
+    model = AutoModelForCausalLM.from_pretrained(untrained_tiny)
+    model.train()
+    model.config.attention_dropout = 0.0
+    prompts = [[0, 2, 40, 41, 42, 3]] * 3 + [[0, 2, 50, 3]] * 3
+    completions = [[7, 8, 9], [10], [11, 12, 13, 14, 1], [15, 16], [17, 18, 19, 1], [20, 21, 22]]
+    weights = torch.randn(6, 5)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        logp, mask = completion_log_probs(model, batch)
+        loss = (logp * mask * weights).sum()
+        loss.backward()
+        return logp.detach() * mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = policy_batch(prompts, completions, pad_token_id=4)
+    shared = group_batch(prompts, completions, group_size=3, pad_token_id=4)
+    logp_plain, grads_plain = loss_and_grads(plain)
+    logp_shared, grads_shared = loss_and_grads(shared)
+    torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-4)
+    assert grads_shared.keys() == grads_plain.keys() and grads_plain
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_shared[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+    assert shared["prompt_input_ids"].shape[0] == 2  # each prompt once
+    assert num_batch_tokens(shared) == 6 + 4 + sum(map(len, completions)) < num_batch_tokens(plain)
+    with pytest.raises(ValueError, match="group 1 do not share one prompt"):
+        group_batch(prompts[:5] + [[0, 9]], completions, group_size=3, pad_token_id=4)
+
+
 def test_grpo_on_the_coding_tasks_scores_completions_in_the_sandbox(untrained_tiny):
     config = parse_config(GRPOTrainConfig, {
         "model": {"model": untrained_tiny},

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from r1.engine.runner import BatchedKVCache, _cache_kwarg, left_pad
+from r1.engine.runner import BatchedKVCache, cache_kwarg, left_pad
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -80,7 +80,7 @@ class ModelStage:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.kv = BatchedKVCache()
-        self._cache_kwarg = _cache_kwarg(self.model.model)
+        self._cache_kwarg = cache_kwarg(self.model.model)
 
     @classmethod
     def from_full_model(cls, model: Any, stage_index: int, num_stages: int, pad_token_id: int = 0, copy_model: bool = True) -> ModelStage:

@@ -10,7 +10,8 @@ The scheduler drives a runner through three calls:
 length with an attention mask, and position ids counted per sequence, so a sequence decodes to the
 same logits whether it runs alone or beside others. New sequences are prefilled as their own
 left-padded batch and then merged into the running batch; rows leave by index selection, and
-columns that became padding for every row are trimmed.
+columns that became padding for every row are trimmed. Identical prompts admitted together are
+prefilled once.
 
 The sharded runner (model split into pipeline stages held by Ray actors) implements the same
 protocol in `actors/`, using `BatchedKVCache` and `forward_with_cache` from this module per stage.
@@ -36,7 +37,7 @@ class ModelRunner(Protocol):
     def remove(self, seq_ids: list[str]) -> None: ...
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     """transformers renamed `past_key_values` to `cache`; accept either."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -132,7 +133,7 @@ class LocalModelRunner:
         self.pad_token_id = pad_token_id
         self.vocab_size = model.config.vocab_size
         self.kv = BatchedKVCache()
-        self._cache_kwarg = _cache_kwarg(model)
+        self._cache_kwarg = cache_kwarg(model)
 
     def _forward(self, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
@@ -141,10 +142,18 @@ class LocalModelRunner:
 
     @torch.inference_mode()
     def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor:
-        input_ids, mask = left_pad(prompts, self.pad_token_id, self.device)
+        """Prefill; identical prompts (a GRPO group, a request with n > 1) are computed once and
+        their cache rows repeated."""
+        distinct: dict[tuple[int, ...], int] = {}
+        rows = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+        input_ids, mask = left_pad([list(prompt) for prompt in distinct], self.pad_token_id, self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
+        if len(distinct) < len(prompts):
+            index = torch.tensor(rows, device=self.device)
+            cache.batch_select_indices(index)
+            mask, logits = mask.index_select(0, index), logits.index_select(0, index)
         self.kv.merge(seq_ids, cache, mask)
         return logits
 

@@ -1,7 +1,10 @@
 """Turning next-token logits into tokens: greedy, temperature, top-k, top-p, repetition penalty.
 
-Each row of a batch carries its own parameters. Seeded rows draw from their own
-`torch.Generator`, so a seeded request yields the same tokens whether it runs alone or batched.
+Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
+filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
+request yields the same tokens whether it runs alone or batched; unseeded rows draw together, in
+one call, from torch's default generator (so `torch.manual_seed` before a batch makes it repeatable,
+as GRPO's rollouts rely on).
 """
 
 from __future__ import annotations
@@ -25,12 +28,9 @@ class RowState:
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device) -> RowState:
         generator = None
-        if not sampling.greedy:
+        if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")
-            if sampling.seed is not None:
-                generator.manual_seed(sampling.seed)
-            else:
-                generator.seed()
+            generator.manual_seed(sampling.seed)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long, device=device)
@@ -51,42 +51,61 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside top-k and outside the top-p nucleus of a 1-D logits row."""
+    """Mask (to -inf) the tokens outside top-k and outside the top-p nucleus of each row (last dim)."""
     if top_k and top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, top_k).values[-1]
+        threshold = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     if top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already cover top_p; always keep the first.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop_sorted[0] = False
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` ([rows, vocab]) by inverse-CDF sampling: one uniform number per
+    row (torch.multinomial on CPU draws one per vocabulary entry, ~25x slower at 2k tokens).
+
+    A token with probability 0 is never drawn.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u rounds up to the total only in the last bit; the last token with p > 0 is then the answer.
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return torch.minimum(index, last)
 
 
 @torch.inference_mode()
 def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     """Pick one token per row of `logits` ([batch, vocab], any dtype)."""
     logits = logits.to(torch.float32, copy=True)
-    tokens: list[int | None] = [None] * len(rows)
-    greedy_rows = []
+    tokens: list[int] = [0] * len(rows)
+    greedy_rows: list[int] = []
+    alike: dict[tuple[float, int, float], list[int]] = {}  # sampled rows by (temperature, top_k, top_p)
     for i, row in enumerate(rows):
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.sampling.greedy:
             greedy_rows.append(i)
+        else:
+            alike.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(i)
     if greedy_rows:
-        picked = logits[greedy_rows].argmax(-1).tolist()
-        for i, token in zip(greedy_rows, picked):
+        for i, token in zip(greedy_rows, logits[greedy_rows].argmax(-1).tolist()):
             tokens[i] = token
-    for i, row in enumerate(rows):
-        if tokens[i] is not None:
-            continue
-        row_logits = filter_top_k_top_p(logits[i] / row.sampling.temperature, row.sampling.top_k, row.sampling.top_p)
-        probs = row_logits.softmax(-1).cpu()
-        tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator).item())
+    for (temperature, top_k, top_p), index in alike.items():
+        probs = filter_top_k_top_p(logits[index] / temperature, top_k, top_p).softmax(-1).cpu()
+        unseeded = [j for j, i in enumerate(index) if rows[i].generator is None]
+        if unseeded:
+            for j, token in zip(unseeded, draw(probs[unseeded]).tolist()):
+                tokens[index[j]] = token
+        for j, i in enumerate(index):
+            if rows[i].generator is not None:
+                tokens[i] = int(draw(probs[j : j + 1], rows[i].generator))
     for row, token in zip(rows, tokens):
         row.observe(token)
-    return tokens  # type: ignore[return-value]
+    return tokens

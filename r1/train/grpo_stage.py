@@ -8,7 +8,9 @@ One step on each worker:
 2. score them with the weighted reward; a group with any failed reward is dropped from the loss
    (and counted), never scored 0;
 3. advantages (r - mean) / (std + eps) per group; reference log-probs from the frozen reference
-   (with LoRA: the same model with adapters disabled; none at all when kl_beta = 0);
+   (with LoRA: the same model with adapters disabled; none at all when kl_beta = 0); the policy
+   and reference forwards run each group's prompt once and its completions on that prompt's
+   key/value cache (`group_batch`);
 4. `num_iterations` optimizer steps on the clipped objective + beta * k3 KL, token-level aggregated.
 
 Rollout seeds are a function of (seed, step, rank), so a resumed run samples what the original
@@ -24,7 +26,7 @@ import torch
 from r1.config import EngineConfig, SamplingConfig
 from r1.rewards import build_reward
 from r1.train.grpo import group_advantages, grpo_loss
-from r1.train.rollout import completion_log_probs, generate_groups, load_prompt_items, policy_batch
+from r1.train.rollout import completion_log_probs, generate_groups, group_batch, load_prompt_items, num_batch_tokens
 from r1.train.sft import load_causal_lm
 from r1.train.sft_data import batch_indices, shard
 from r1.train.stage import Stage
@@ -101,7 +103,7 @@ class GRPOStage(Stage):
         advantages = group_advantages(torch.nan_to_num(rewards, nan=0.0), group_size, grpo.adv_eps) * row_ok
         group_std = torch.nan_to_num(rewards, nan=0.0).view(-1, group_size).std(dim=1)
 
-        batch = policy_batch(rollouts.prompt_ids, rollouts.completion_ids, self.tokenizer.pad_token_id)
+        batch = group_batch(rollouts.prompt_ids, rollouts.completion_ids, group_size, self.tokenizer.pad_token_id)
         batch["completion_mask"] = batch["completion_mask"] * row_ok.unsqueeze(1).to(torch.long)  # dropped groups
         batch = {k: v.to(self.device) for k, v in batch.items()}
         advantages = advantages.to(self.device)
@@ -137,7 +139,7 @@ class GRPOStage(Stage):
             "completion_len_mean": num_generated / len(completion_lengths),
             "truncated_fraction": sum(r == "length" for r in rollouts.finish_reasons) / len(completion_lengths),
             "rollout_tokens_per_s": num_generated / rollout_s if rollout_s > 0 else 0.0,
-            "num_tokens": float(batch["attention_mask"].sum()),
+            "num_tokens": float(num_batch_tokens(batch)),
             "num_rollout_tokens": float(num_generated),
             "num_groups_dropped": float((~group_ok).sum()),
             "num_groups_zero_std": float(((group_std == 0) & group_ok).sum()),

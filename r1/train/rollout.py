@@ -3,8 +3,9 @@
 `generate_groups` samples `group_size` completions per prompt with the continuous-batching engine
 (all groups of a step in one `generate_batch` call); `policy_batch` lays each row out as a
 left-padded prompt then a right-padded completion, with a mask over completion tokens (the
-generated end-of-sequence token included, so the policy learns to stop); `completion_log_probs`
-scores those tokens, running the LM head only where it predicts a completion token.
+generated end-of-sequence token included, so the policy learns to stop); `group_batch` stores each
+group's prompt once instead; `completion_log_probs` scores the completion tokens of either layout,
+running the LM head only where it predicts a completion token (and a group's prompt only once).
 
 This module does not compute rewards or losses.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from r1.config import SamplingConfig
+from r1.engine.runner import cache_kwarg, left_pad
 from r1.train.grpo import token_log_probs
 from r1.train.sft_data import level_counts, read_jsonl
 
@@ -120,11 +122,59 @@ def policy_batch(
     }
 
 
+def group_batch(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], group_size: int, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """The rollouts of a step with each group's prompt stored once.
+
+    Rows are group-contiguous and every row of a group has the same prompt (checked). Returns
+    prompt_input_ids / prompt_attention_mask / prompt_position_ids ([groups, prompt width],
+    left-padded), completion_ids / completion_mask ([rows, completion width], right-padded) and
+    completion_position_ids (each row's positions continue after its prompt's last real token).
+    `completion_log_probs` runs the prompts once per group instead of once per sample.
+    """
+    rows = len(prompt_ids)
+    if rows == 0 or rows % group_size or len(completion_ids) != rows:
+        raise ValueError(f"{rows} prompts and {len(completion_ids)} completions do not form groups of {group_size}")
+    prompts = prompt_ids[::group_size]
+    for group, prompt in enumerate(prompts):
+        if any(prompt_ids[group * group_size + k] != prompt for k in range(1, group_size)):
+            raise ValueError(f"the rows of group {group} do not share one prompt")
+    prompt_input_ids, prompt_mask = left_pad(prompts, pad_token_id, torch.device("cpu"))
+    completion_width = max(max(len(c) for c in completion_ids), 1)
+    completion = torch.full((rows, completion_width), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((rows, completion_width), dtype=torch.long)
+    for row, ids in enumerate(completion_ids):
+        completion[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[row, : len(ids)] = 1
+    prompt_lengths = prompt_mask.sum(-1).repeat_interleave(group_size)
+    return {
+        "prompt_input_ids": prompt_input_ids,
+        "prompt_attention_mask": prompt_mask,
+        "prompt_position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        "completion_ids": completion,
+        "completion_mask": completion_mask,
+        "completion_position_ids": prompt_lengths.unsqueeze(1) + torch.arange(completion_width),
+    }
+
+
+def num_batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens the policy forward processes for `batch` (a group_batch counts each prompt once)."""
+    if "prompt_input_ids" in batch:
+        return int(batch["prompt_attention_mask"].sum() + batch["completion_mask"].sum())
+    return int(batch["attention_mask"].sum())
+
+
 def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each completion token, completion mask), both [rows, completion width].
 
     Only the positions that predict completion tokens go through the LM head (`logits_to_keep`).
+    A `group_batch` runs each group's prompt once, keeping its key/value cache (with gradients),
+    repeats that cache for the group's rows, and runs the completions on it: the same log-probs
+    and gradients as `policy_batch` rows, without recomputing a prompt for every sample.
     """
+    if "prompt_input_ids" in batch:
+        return _shared_prompt_log_probs(model, batch)
     completion_width = batch["completion_mask"].shape[1]
     logits = model(
         input_ids=batch["input_ids"],
@@ -134,3 +184,36 @@ def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     ).logits
     logp = token_log_probs(logits[:, :-1, :], batch["input_ids"][:, -completion_width:])
     return logp, batch["completion_mask"]
+
+
+def _shared_prompt_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import DynamicCache
+
+    cache_arg = cache_kwarg(getattr(model, "module", model))  # DDP/DeepSpeed wrap the model
+    completion = batch["completion_ids"]
+    rows, width = completion.shape
+    group_size = rows // batch["prompt_input_ids"].shape[0]
+    cache = DynamicCache()
+    prompt_out = model(
+        input_ids=batch["prompt_input_ids"],
+        attention_mask=batch["prompt_attention_mask"],
+        position_ids=batch["prompt_position_ids"],
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_arg: cache},
+    )
+    # The prompt's last position predicts every row's first completion token.
+    logits = [prompt_out.logits[:, -1:, :].repeat_interleave(group_size, dim=0)]
+    if width > 1:
+        # The last completion token predicts nothing we score: feed the first width - 1.
+        cache.batch_repeat_interleave(group_size)
+        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(group_size, dim=0)
+        completion_mask = batch["completion_mask"][:, :-1]
+        logits.append(model(
+            input_ids=completion[:, :-1],
+            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+            position_ids=batch["completion_position_ids"][:, :-1],
+            use_cache=True,
+            **{cache_arg: cache},
+        ).logits)
+    return token_log_probs(torch.cat(logits, dim=1), completion), batch["completion_mask"]
