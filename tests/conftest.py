@@ -57,3 +57,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             "seconds per module: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in ranked)
         )
+
+
+@pytest.fixture(scope="session")
+def untrained_tiny(tmp_path_factory) -> str:
+    """Directory of a freshly built, untrained r1-tiny (`r1 model build-tiny`)."""
+    from r1.model.tiny import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("untrained-tiny")))

@@ -42,12 +42,6 @@ def ray_cluster(trace_file):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def untrained_tiny(tmp_path_factory):
-    from r1.model.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("untrained-tiny"))
-
 
 def _common(storage: Path, run_name: str, model: str, **extra) -> dict:
     config = {
@@ -241,6 +235,24 @@ def test_grpo_code_reward_runs_on_code_validator_actors(ray_cluster, tmp_path):
     assert step["num_reward_failures_code_tests"] == 0 and 0 <= step["reward_code_tests"] <= 1
     # Every completion of both workers (1 prompt x 2 samples each) was validated by the actors.
     assert sum(outcome.code_validations.values()) == 2 * 1 * 2
+
+
+def test_grpo_under_zero3_rollouts_and_rank0_eval_finish(ray_cluster, tmp_path):
+    # ZeRO-3 runs collectives in every forward of the trained module; rollouts that end at
+    # different lengths on the two ranks and an evaluation on rank 0 alone once hung the run.
+    # They run on a plain replica refreshed from the partitions.
+    config = parse_config(GRPOTrainConfig, _common(
+        tmp_path, "grpo-z3", "r1-tiny",
+        prompts={"task": "arithmetic", "num_prompts": 8, "levels": [1]},
+        grpo={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 64, "reward_temperature": 1.2},
+        strategy={"name": "deepspeed", "zero_stage": 3}, eval_num_problems=6, max_steps=2,
+    ))
+    outcome = run_training("grpo", config)
+    steps = _steps(_records(outcome.metrics_path))
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(s["truncated_fraction"] < 1 for s in steps)  # completions ended at their own lengths
+    assert 0 <= outcome.last_metrics["eval_accuracy_level1"] <= 1
+    assert (outcome.export_dir / "model.safetensors").exists()
 
 
 def test_deepspeed_zero2_two_workers_via_cli(ray_cluster, untrained_tiny, tmp_path, capsys):

@@ -14,12 +14,6 @@ from r1.train.sft import SFTStage
 from r1.train.stage import WorkerInfo, read_checkpoint_step
 
 
-@pytest.fixture(scope="module")
-def untrained_tiny(tmp_path_factory):
-    from r1.model.tiny import build_tiny
-
-    return str(build_tiny(tmp_path_factory.mktemp("untrained-tiny")))
-
 
 def _sft(model: str, **extra) -> SFTStage:
     config = {

@@ -4,7 +4,8 @@ One step on each worker:
 
 1. take `prompts_per_step` prompts (a seeded function of the step) and sample `group_size`
    completions each at temperature `reward_temperature` with the engine, running on the unwrapped
-   policy (not the DDP/DeepSpeed wrapper) in eval mode;
+   policy (not the DDP/DeepSpeed wrapper; under ZeRO-3 a plain replica refreshed from the
+   partitions, so ranks may decode for different numbers of steps) in eval mode;
 2. score them with the weighted reward; a group with any failed reward is dropped from the loss
    (and counted), never scored 0;
 3. advantages (r - mean) / (std + eps) per group; reference log-probs from the frozen reference
@@ -61,8 +62,10 @@ class GRPOStage(Stage):
             self.reference = self.load_base(self.base_source()).to(self.device).eval()
             self.reference.requires_grad_(False)
         num_sequences = grpo.prompts_per_step * grpo.group_size
+        # The module rollouts run on (under ZeRO-3 a replica refreshed before every rollout).
+        self.policy = self.strategy.inference_module()
         self.engine = TransformersEngine(
-            self.module, self.tokenizer, EngineConfig(max_num_seqs=num_sequences, max_queued_requests=num_sequences)
+            self.policy, self.tokenizer, EngineConfig(max_num_seqs=num_sequences, max_queued_requests=num_sequences)
         )
         self.sampling = SamplingConfig(
             temperature=grpo.reward_temperature, top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens
@@ -84,11 +87,15 @@ class GRPOStage(Stage):
         items = [self.items[i] for i in indices]
 
         torch.manual_seed(self.config.seed * 1_000_003 + step * 1009 + self.worker.rank)
-        self.module.eval()
-        with self.phase("rollout", prompts=len(items), group_size=group_size), self.strategy.gathered(), \
-                self.strategy.autocast(), torch.inference_mode():
-            rollouts = generate_groups(self.engine, items, group_size, self.sampling)
-        self.module.train()
+        with self.phase("rollout", prompts=len(items), group_size=group_size):
+            policy = self.strategy.inference_module()  # every rank: a collective under ZeRO-3
+            was_training = policy.training
+            policy.eval()
+            try:
+                with self.strategy.autocast(), torch.inference_mode():
+                    rollouts = generate_groups(self.engine, items, group_size, self.sampling)
+            finally:
+                policy.train(was_training)
         rollout_s = self.phases.seconds["rollout"]  # reported as rollout_s with the other phases
 
         with self.phase("reward", completions=len(rollouts.texts)):
@@ -158,13 +165,13 @@ class GRPOStage(Stage):
         from r1.train.evaluate import evaluate_arithmetic
 
         results: dict[str, float] = {}
-        with self.strategy.gathered():
-            if self.worker.rank == 0:
-                for level in self.config.prompts.levels:
-                    result = evaluate_arithmetic(
-                        self.module, self.tokenizer, num_problems=count, level=level,
-                        max_new_tokens=self.config.grpo.max_new_tokens,
-                    )
-                    results[f"eval_accuracy_level{level}"] = result.accuracy
-                    results[f"eval_format_rate_level{level}"] = result.format_rate
+        model = self.strategy.inference_module()  # every rank: a collective under ZeRO-3
+        if self.worker.rank == 0:
+            for level in self.config.prompts.levels:
+                result = evaluate_arithmetic(
+                    model, self.tokenizer, num_problems=count, level=level,
+                    max_new_tokens=self.config.grpo.max_new_tokens,
+                )
+                results[f"eval_accuracy_level{level}"] = result.accuracy
+                results[f"eval_format_rate_level{level}"] = result.format_rate
         return results

@@ -19,6 +19,7 @@ This module does not load models or data; see `r1.train.stage`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ class DDPStrategy:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device)
+
+    def inference_module(self) -> torch.nn.Module:
+        """The module to run inference on (rollouts, evaluation): the trained module itself."""
+        return self.module
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Skip gradient all-reduce (for all but the last micro-batch of an accumulated step)."""
@@ -182,6 +187,10 @@ class DeepSpeedStrategy:
         )
         if not config.strategy.cpu_shm_comm:
             _skip_deepspeed_shm_op()
+        # ZeRO-3 runs collectives in every forward (its parameter hooks), so ranks could not run
+        # different numbers of inference forwards (rollouts of different lengths, rank-0 evaluation)
+        # on the trained module: inference runs on a plain replica refreshed from the partitions.
+        self._replica = copy.deepcopy(module).eval().requires_grad_(False) if self.zero_stage == 3 else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
         )
@@ -210,8 +219,22 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def inference_module(self) -> torch.nn.Module:
+        """The module to run inference on (rollouts, evaluation) with the current weights.
+
+        Under ZeRO-3: a plain replica (no ZeRO hooks, so ranks may run different numbers of
+        forwards), refreshed now from the partitioned parameters; this is a collective, so every
+        rank calls it. It holds one full copy of the model per worker. Otherwise the module itself.
+        """
+        if self._replica is None:
+            return self.module
+        with self.gathered(), torch.no_grad():
+            for mine, trained in zip(self._replica.parameters(), self.module.parameters(), strict=True):
+                mine.copy_(trained)
+        return self._replica
+
     def gathered(self) -> contextlib.AbstractContextManager:
-        """Gather ZeRO-3 partitioned parameters for inference (rollouts, export)."""
+        """Gather ZeRO-3 partitioned parameters (export); the module's forward still runs ZeRO hooks."""
         if self.zero_stage == 3:
             import deepspeed
 

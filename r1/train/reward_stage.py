@@ -61,17 +61,21 @@ class RewardStage(Stage):
     @torch.no_grad()
     def evaluate(self, batch_size: int = 32) -> dict[str, float]:
         """Pairwise accuracy and loss on the held-out split (empty when eval_fraction is 0)."""
-        self.module.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss sum, count
-        # Gathered (ZeRO-3): ranks may run different numbers of batches, so no collectives inside.
-        with self.strategy.gathered():
+        # Ranks may run different numbers of batches: the inference module runs no collectives
+        # (under ZeRO-3 it is a replica refreshed here, on every rank).
+        model = self.strategy.inference_module()
+        was_training = model.training
+        model.eval()
+        try:
             for start in range(0, len(self.eval_pairs), batch_size):
                 pairs = self.eval_pairs[start : start + batch_size]
-                chosen, rejected = self._scores(self.module, pairs)
+                chosen, rejected = self._scores(model, pairs)
                 totals[0] += float((chosen > rejected).sum())
                 totals[1] += float(bradley_terry_loss(chosen, rejected)) * len(pairs)
                 totals[2] += len(pairs)
-        self.module.train()
+        finally:
+            model.train(was_training)
         if distributed():
             dist.all_reduce(totals)
         correct, loss_sum, count = totals.tolist()
