@@ -149,3 +149,32 @@ def test_token_log_probs_matches_log_softmax():
     targets = torch.tensor([[0, 2]])
     expected = [2.0 - math.log(math.exp(2) + 1 + math.exp(-1)), -math.log(3)]
     assert token_log_probs(logits, targets)[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "candidate, baseline, fixed, broken, p_value",
+    [
+        # 10 fixed, 2 broken: 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
+        ([True] * 10 + [False] * 2 + [True] * 5, [False] * 10 + [True] * 2 + [True] * 5, 10, 2, 158 / 4096),
+        # one discordant problem either way: p = 2 * 1/2 = 1
+        ([True, False], [False, False], 1, 0, 1.0),
+        # identical answers: nothing discordant
+        ([True, False, True], [True, False, True], 0, 0, 1.0),
+        # 3 vs 3: symmetric, p capped at 1
+        ([True] * 3 + [False] * 3, [False] * 3 + [True] * 3, 3, 3, 1.0),
+    ],
+)
+def test_paired_comparison_mcnemar_exact(candidate, baseline, fixed, broken, p_value):
+    from r1.train.evaluate import paired_comparison
+
+    result = paired_comparison(candidate, baseline)
+    assert (result.fixed, result.broken) == (fixed, broken)
+    assert result.p_value == pytest.approx(p_value)
+    assert result.difference == pytest.approx((fixed - broken) / len(candidate))
+
+
+def test_paired_comparison_needs_the_same_problems():
+    from r1.train.evaluate import paired_comparison
+
+    with pytest.raises(ValueError, match="same non-empty problems"):
+        paired_comparison([True, False], [True])

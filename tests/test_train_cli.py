@@ -28,6 +28,23 @@ def test_eval_prints_a_readable_line(capsys):
     assert "arithmetic level 1: exact match" in capsys.readouterr().out
 
 
+def test_eval_against_a_baseline_compares_the_same_problems(untrained_tiny, capsys):
+    # The trained r1-tiny against an untrained build: same problems, so every problem the trained
+    # model solves is "fixed" (the untrained one solves none) and the p-value is 2 / 2^fixed.
+    assert r1_main(["eval", "--model", "r1-tiny", "--baseline", untrained_tiny, "--num-problems", "8",
+                    "--max-new-tokens", "32", "--json"]) == 0
+    [record] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    comparison = record["comparison"]
+    solved = round(record["accuracy"] * 8)
+    assert record["baseline"]["accuracy"] == 0.0 and record["baseline"]["model"] == untrained_tiny
+    assert solved >= 6 and comparison["fixed"] == solved and comparison["broken"] == 0
+    assert comparison["p_value"] == pytest.approx(min(1.0, 2 / 2**solved))
+    assert comparison["difference"] == pytest.approx(record["accuracy"])
+    assert r1_main(["eval", "--model", "r1-tiny", "--baseline", "r1-tiny", "--num-problems", "2",
+                    "--max-new-tokens", "32"]) == 0
+    assert "+0.0 points; fixed 0, broke 0 of the same problems; McNemar exact p = 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -36,24 +36,35 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from r1.config import ModelConfig
     from r1.model import load_model
-    from r1.train.evaluate import evaluate_arithmetic
+    from r1.train.evaluate import evaluate_arithmetic, paired_comparison
 
-    model, tokenizer = load_model(ModelConfig(model=args.model, device=args.device))
-    results = []
-    for level in args.level:
-        result = evaluate_arithmetic(
-            model, tokenizer, num_problems=args.num_problems, level=level, seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-        )
-        results.append(result)
+    def evaluate_all(source: str) -> list[Any]:
+        model, tokenizer = load_model(ModelConfig(model=source, device=args.device))
+        return [
+            evaluate_arithmetic(model, tokenizer, num_problems=args.num_problems, level=level, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens)
+            for level in args.level
+        ]
+
+    results = evaluate_all(args.model)
+    baselines = evaluate_all(args.baseline) if args.baseline else []
+    records = []
+    for index, result in enumerate(results):
+        record = result.to_dict()
+        line = (f"{args.task} level {result.level}: exact match {100 * result.accuracy:.1f}% "
+                f"({sum(result.correct)}/{result.num_problems}), format rate {100 * result.format_rate:.1f}%")
+        if baselines:
+            comparison = paired_comparison(result.correct, baselines[index].correct)
+            record["baseline"] = {**baselines[index].to_dict(), "model": args.baseline}
+            record["comparison"] = comparison.to_dict()
+            line += (f"\n  vs baseline {100 * comparison.baseline_accuracy:.1f}%: {100 * comparison.difference:+.1f} points; "
+                     f"fixed {comparison.fixed}, broke {comparison.broken} of the same problems; "
+                     f"McNemar exact p = {comparison.p_value:.3g}")
+        records.append(record)
         if not args.json:
-            print(
-                f"{args.task} level {level}: exact match {100 * result.accuracy:.1f}% "
-                f"({round(result.accuracy * result.num_problems)}/{result.num_problems}), "
-                f"format rate {100 * result.format_rate:.1f}%"
-            )
+            print(line)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results]))
+        print(json.dumps(records))
     return 0
 
 
@@ -99,6 +110,9 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="which held-out problems (default 0)")
     evaluate.add_argument("--max-new-tokens", type=int, default=96, help="generation budget per answer (default 96)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    evaluate.add_argument("--baseline", metavar="MODEL",
+                          help="also evaluate MODEL on the same problems and compare: the points gained, the problems "
+                               "fixed and broken, and McNemar's exact p-value (e.g. GRPO's result vs its SFT start)")
     evaluate.add_argument("--json", action="store_true", help="print results as JSON")
     evaluate.set_defaults(func=_eval)
 
