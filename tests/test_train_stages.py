@@ -170,6 +170,14 @@ def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):
             expected = token_log_probs(logits, torch.tensor([completion]))[0]
             torch.testing.assert_close(logp[row, : len(completion)], expected, atol=1e-4, rtol=1e-4)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    # With a temperature: the log-probs of the sampling distribution softmax(logits / T).
+    with torch.no_grad():
+        hot, _ = completion_log_probs(model, batch, temperature=0.5)
+        ids = torch.tensor([prompts[1] + completions[1]])
+        logits = model(input_ids=ids).logits[:, len(prompts[1]) - 1 : -1]
+        expected = token_log_probs(logits / 0.5, torch.tensor([completions[1]]))[0]
+    torch.testing.assert_close(hot[1], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(hot[1], logp[1])
 
 
 def test_shared_prompt_batch_gives_the_per_row_log_probs_and_gradients(untrained_tiny):
@@ -198,6 +206,9 @@ def test_shared_prompt_batch_gives_the_per_row_log_probs_and_gradients(untrained
     shared = group_batch(prompts, completions, group_size=3, pad_token_id=4)
     logp_plain, grads_plain = loss_and_grads(plain)
     logp_shared, grads_shared = loss_and_grads(shared)
+    with torch.no_grad():
+        torch.testing.assert_close(completion_log_probs(model, shared, 0.7)[0] * shared["completion_mask"],
+                                   completion_log_probs(model, plain, 0.7)[0] * plain["completion_mask"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-4)
     assert grads_shared.keys() == grads_plain.keys() and grads_plain
     for name, grad in grads_plain.items():

@@ -12,7 +12,9 @@ One step on each worker:
    (with LoRA: the same model with adapters disabled; none at all when kl_beta = 0); the policy
    and reference forwards run each group's prompt once and its completions on that prompt's
    key/value cache (`group_batch`);
-4. `num_iterations` optimizer steps on the clipped objective + beta * k3 KL, token-level aggregated.
+4. `num_iterations` optimizer steps on the clipped objective + beta * k3 KL, token-level aggregated;
+   policy and reference log-probs are those of the sampling distribution (logits divided by
+   `reward_temperature`, as TRL and veRL do).
 
 Rollout seeds are a function of (seed, step, rank), so a resumed run samples what the original
 would have.
@@ -75,10 +77,11 @@ class GRPOStage(Stage):
         if self.config.grpo.kl_beta == 0:
             return None
         with torch.no_grad(), self.strategy.autocast():
+            temperature = self.config.grpo.reward_temperature
             if self.reference is not None:
-                return completion_log_probs(self.reference, batch)[0]
+                return completion_log_probs(self.reference, batch, temperature)[0]
             with self.module.disable_adapter():  # LoRA: the base model is the reference
-                return completion_log_probs(self.module, batch)[0]
+                return completion_log_probs(self.module, batch, temperature)[0]
 
     def train_step(self, step: int) -> dict[str, float]:
         grpo = self.config.grpo
@@ -120,7 +123,7 @@ class GRPOStage(Stage):
         for _ in range(grpo.num_iterations):
             with self.phase("forward_backward"):
                 with self.strategy.autocast():
-                    logp, mask = completion_log_probs(self.strategy.model, batch)
+                    logp, mask = completion_log_probs(self.strategy.model, batch, grpo.reward_temperature)
                 if old_logp is None:
                     old_logp = logp.detach()  # the rollout policy: the ratio is exactly 1 on the first iteration
                 loss, stats = grpo_loss(

@@ -165,8 +165,14 @@ def num_batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_log_probs(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each completion token, completion mask), both [rows, completion width].
+
+    `temperature` divides the logits first: with the rollouts' sampling temperature these are the
+    log-probs of the distribution the tokens were drawn from (as TRL and veRL compute them), so the
+    importance ratio and the KL compare sampling policies.
 
     Only the positions that predict completion tokens go through the LM head (`logits_to_keep`).
     A `group_batch` runs each group's prompt once, keeping its key/value cache (with gradients),
@@ -174,7 +180,7 @@ def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
     and gradients as `policy_batch` rows, without recomputing a prompt for every sample.
     """
     if "prompt_input_ids" in batch:
-        return _shared_prompt_log_probs(model, batch)
+        return _shared_prompt_log_probs(model, batch, temperature)
     completion_width = batch["completion_mask"].shape[1]
     logits = model(
         input_ids=batch["input_ids"],
@@ -182,11 +188,13 @@ def completion_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[to
         position_ids=batch["position_ids"],
         logits_to_keep=completion_width + 1,
     ).logits
-    logp = token_log_probs(logits[:, :-1, :], batch["input_ids"][:, -completion_width:])
+    logp = token_log_probs(logits[:, :-1, :] / temperature, batch["input_ids"][:, -completion_width:])
     return logp, batch["completion_mask"]
 
 
-def _shared_prompt_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _shared_prompt_log_probs(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import DynamicCache
 
     cache_arg = cache_kwarg(getattr(model, "module", model))  # DDP/DeepSpeed wrap the model
@@ -216,4 +224,4 @@ def _shared_prompt_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> tupl
             use_cache=True,
             **{cache_arg: cache},
         ).logits)
-    return token_log_probs(torch.cat(logits, dim=1), completion), batch["completion_mask"]
+    return token_log_probs(torch.cat(logits, dim=1) / temperature, completion), batch["completion_mask"]
