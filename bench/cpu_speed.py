@@ -1,4 +1,4 @@
-"""CPU speed options of the transformers engine: bf16, int8, torch.compile, SDPA vs eager attention.
+"""CPU speed options of the transformers engine: bf16, int8, prepack, torch.compile, SDPA vs eager attention.
 
 On r1-tiny and on the ~100M-parameter random Qwen2 of `bench.engine`, with the same prompts,
 `--num-requests` requests x `--new-tokens` new tokens (greedy, EOS ignored) go through the engine
@@ -6,7 +6,8 @@ On r1-tiny and on the ~100M-parameter random Qwen2 of `bench.engine`, with the s
 
 - fp32: the baseline; bf16: the model cast to bfloat16 (`dtype: bf16`);
 - int8: `quantization: int8` (int8 Linear layers, LM head kept in fp32);
-- compile: fp32 with `compile: true` (decode steps through torch.compile, inductor).
+- compile: fp32 with `compile: true` (decode steps through torch.compile, inductor);
+- prepack / bf16-prepack: fp32 / bf16 with `prepack: true` (oneDNN Linear layers, weights packed once).
 
 Variants run interleaved (fp32, bf16, int8, compile, fp32, ...) `--repeats` times; tables show
 medians and every ratio is to fp32 measured in the same run. Per-step decode latency is the time of
@@ -64,10 +65,15 @@ VARIANTS = {
     "bf16": (torch.bfloat16, EngineConfig()),
     "int8": (torch.float32, EngineConfig(quantization="int8")),
     "compile": (torch.float32, EngineConfig(compile=True)),
+    "prepack": (torch.float32, EngineConfig(prepack=True)),
+    "bf16-prepack": (torch.bfloat16, EngineConfig(prepack=True)),
 }
 # The matmul dtype whose peak each variant is compared with (int8 keeps its LM head in fp32).
-PEAK_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "compile": "fp32"}
+PEAK_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "compile": "fp32", "prepack": "fp32", "bf16-prepack": "bf16"}
 DECODE_TARGET_PERCENT = 30.0
+# Eager variants in the larger-batch sweep, and those the >= 30 %-of-peak target is checked for.
+SWEEP_VARIANTS = ("fp32", "bf16", "int8", "prepack", "bf16-prepack")
+TARGET_VARIANTS = ("fp32", "bf16", "prepack", "bf16-prepack")
 
 
 # -- machine ---------------------------------------------------------------------------------------
@@ -212,7 +218,7 @@ def decode_sweep(models: dict[str, nn.Module], tokenizer: Any, args: argparse.Na
     rows = []
     for batch in [int(b) for b in args.decode_batches.split(",") if b]:
         prompts = make_prompts(tokenizer, batch)
-        for variant in ("fp32", "bf16", "int8"):
+        for variant in SWEEP_VARIANTS:
             if variant not in models:
                 continue
             steps = [run_engine(models[variant], tokenizer, prompts, args.sweep_tokens)["step_s"]
@@ -356,9 +362,9 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
             peak_rows.append([f"{variant} (batch {args.num_requests}, {args.new_tokens} tokens)", PEAK_DTYPE[variant],
                               round(peak, 1), round(step_flops, 1), f"{percent:.1f} %", round(e2e_flops, 1),
                               f"{100 * e2e_flops / peak:.1f} %"])
-            if variant in ("fp32", "bf16"):
+            if variant in TARGET_VARIANTS:
                 notes.append(target_note(f"100M batched decode at batch {args.num_requests}, {variant}, "
-                                         f"% of {variant} peak matmul", percent, DECODE_TARGET_PERCENT, unit="%"))
+                                         f"% of {PEAK_DTYPE[variant]} peak matmul", percent, DECODE_TARGET_PERCENT, unit="%"))
     for entry in models:
         for row in entry.get("sweep") or []:
             peak = peaks[PEAK_DTYPE[row["variant"]]]
@@ -366,9 +372,9 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
             peak_rows.append([f"{row['variant']} (batch {row['batch']}, {args.sweep_tokens} tokens)",
                               PEAK_DTYPE[row["variant"]], round(peak, 1), round(flops, 1), f"{100 * flops / peak:.1f} %",
                               "-", "-"])
-            if row["variant"] in ("fp32", "bf16") and row["batch"] != args.num_requests:
+            if row["variant"] in TARGET_VARIANTS and row["batch"] != args.num_requests:
                 notes.append(target_note(f"100M batched decode at batch {row['batch']}, {row['variant']}, "
-                                         f"% of {row['variant']} peak matmul", 100 * flops / peak,
+                                         f"% of {PEAK_DTYPE[row['variant']]} peak matmul", 100 * flops / peak,
                                          DECODE_TARGET_PERCENT, unit="%"))
     if peak_rows:
         tables.append({
@@ -412,7 +418,7 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
                  "is in `machine` (a shared machine makes single runs noisy, hence medians of interleaved runs)")
     return {
         "benchmark": "cpu_speed",
-        "title": "CPU speed options: bf16, int8, torch.compile, SDPA vs eager",
+        "title": "CPU speed options: bf16, int8, prepack, torch.compile, SDPA vs eager",
         "command": command_line("cpu_speed", argv),
         "baseline": "The same engine on the same model in fp32, eager, no quantization, measured in the same run.",
         "tables": tables,
@@ -437,7 +443,8 @@ def print_tables(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,100m", help="comma list of: tiny, 100m")
-    parser.add_argument("--variants", default="fp32,bf16,int8,compile", help="comma list of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default="fp32,bf16,int8,compile,prepack,bf16-prepack",
+                        help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed first run per variant")

@@ -1,4 +1,5 @@
-"""Engine options on the real r1-tiny: int8 quantization, torch.compile, bf16, and their config errors.
+"""Engine options on the real r1-tiny: int8 quantization, packed oneDNN Linear layers, torch.compile,
+bf16, and their config errors.
 
 The int8 layer is checked against nn.Linear on random inputs, and the int8 engine against the fp32
 one (logits on one forward, greedy answers on held-out arithmetic problems): a quantizer that lost a
@@ -25,6 +26,7 @@ from r1.engine.optimize import (
     check_engine_options,
     check_sharded_options,
     compile_decode,
+    prepack_linear,
     quantize_int8,
 )
 from r1.tasks.arithmetic import generate_problems, is_correct
@@ -116,6 +118,45 @@ def test_quantize_int8_can_skip_nothing():
     assert all(not isinstance(m, nn.Linear) for m in model.modules())
 
 
+# -- prepack ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_compute_what_linear_does(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 704), nn.ReLU(), nn.Linear(704, 96, bias=False)).to(dtype)
+    x = torch.randn(3, 5, 256, dtype=dtype)
+    with torch.inference_mode():
+        expected = model(x)
+        assert prepack_linear(model) == 2
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        got = model(x)
+        got_transposed = model(x.transpose(0, 1).contiguous().transpose(0, 1))  # a non-contiguous input
+    assert got.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got_transposed, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_prepacked_engine_answers_like_fp32(problems, fp32_completions):
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"), EngineConfig(prepack=True))
+    try:
+        assert not any(isinstance(m, nn.Linear) for m in engine.model.modules())  # the LM head too
+        completions = engine.generate_batch(problems[0], GREEDY_64)
+    finally:
+        engine.shutdown()
+    assert [c.token_ids for c in completions] == [c.token_ids for c in fp32_completions]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prepack": True, "quantization": "int8"}, "cannot be combined with quantization=int8 or compile=true"),
+    ({"prepack": True, "compile": True}, "cannot be combined with quantization=int8 or compile=true"),
+])
+def test_prepack_conflicts_name_the_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        check_engine_options(EngineConfig(**options), torch.device("cpu"))
+    with pytest.raises(ValueError, match="prepack=true packs weights for oneDNN's CPU kernels"):
+        check_engine_options(EngineConfig(prepack=True), torch.device("cuda"))
+
+
 # -- bf16 ------------------------------------------------------------------------------------------
 def test_bf16_engine_generates_with_bf16_weights(problems, fp32_completions):
     engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="bf16"))
@@ -178,7 +219,7 @@ def test_int8_on_cuda_is_an_error():
     check_engine_options(EngineConfig(quantization="int8"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("options", [{"quantization": "int8"}, {"compile": True}])
+@pytest.mark.parametrize("options", [{"quantization": "int8"}, {"compile": True}, {"prepack": True}])
 def test_sharded_engine_rejects_model_transforms(options):
     with pytest.raises(ValueError, match="pipeline_stages > 1"):
         check_sharded_options(EngineConfig(**options))

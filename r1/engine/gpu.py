@@ -3,7 +3,7 @@
 `create_gpu_engine` is reached only through `r1.engine.create_engine` when `engine: vllm | trtllm`
 is configured; the engine's package is imported only then (`r1/engine/vllm_engine.py`,
 `r1/engine/trtllm_engine.py`). Selecting one on a machine without a CUDA GPU or without the
-package, or with an option the engine cannot honour (int8, compile), is a `ValueError` that names
+package, or with an option the engine cannot honour (int8, compile, prepack), is a `ValueError` that names
 the option and the fix; r1-cluster never falls back to another engine silently.
 
 Both adapters hand token ids to r1's own incremental detokenizer (`r1/engine/detok.py`), so text,
@@ -75,10 +75,11 @@ def gpu_engine_problem(
             f"quantization=int8 is the transformers engine's CPU quantization; engine={engine} supports "
             "quantization=fp8 or none. Use quantization=fp8 on the GPU, or engine=transformers for int8"
         )
-    if engine_config.compile:
+    if engine_config.compile or engine_config.prepack:
+        option = "compile" if engine_config.compile else "prepack"
         return (
-            f"compile=true applies to engine=transformers only ({spec.title} compiles its own kernels); "
-            "set compile=false"
+            f"{option}=true applies to engine=transformers only ({spec.title} brings its own kernels); "
+            f"set {option}=false"
         )
     if model_config.device == "cpu":
         return f"engine={engine} runs on a CUDA GPU but device=cpu is configured; use engine=transformers on CPU"

@@ -1,4 +1,4 @@
-"""Engine options that transform the model before it serves: int8 quantization and torch.compile.
+"""Engine options that transform the model before it serves: int8, packed oneDNN Linear layers, torch.compile.
 
 `apply_engine_options(model, engine_config)` is what `TransformersEngine.from_config` calls after
 loading the model; the options come from `EngineConfig`:
@@ -12,6 +12,11 @@ loading the model; the options come from `EngineConfig`:
   there is nothing to gain there.
 - `quantization: fp8` is for the GPU engines (trtllm, vllm); asking the transformers engine for it
   is an error.
+- `prepack: true` (CPU) replaces every `nn.Linear`, the LM head included, with oneDNN's
+  `MkldnnLinear` (`torch.utils.mkldnn`): the weights are reordered once into oneDNN's blocked
+  layout instead of on every call, which is what makes a decode step's skinny matrix multiplies
+  (a few rows against a large weight) slow with the default kernels. fp32 and bf16 models;
+  outputs equal the plain layers' within float rounding. Weights become buffers (inference only).
 - `compile: true` runs decode steps (one new token per running sequence, non-empty cache) through
   `torch.compile(dynamic=True)`; prefill stays eager, because prompt lengths and admission patterns
   change at almost every prefill and each new pattern would mean another compilation. The first
@@ -47,6 +52,16 @@ def check_engine_options(engine_config: EngineConfig, device: torch.device) -> N
             "engine.quantization=fp8 needs engine=trtllm or vllm on a GPU; the transformers engine supports "
             "quantization=none or int8 (CPU)"
         )
+    if engine_config.prepack and device.type != "cpu":
+        raise ValueError(
+            f"engine.prepack=true packs weights for oneDNN's CPU kernels and the model is on {device.type}; "
+            "set prepack=false (on a GPU use dtype=bf16, or engine=vllm/trtllm)"
+        )
+    if engine_config.prepack and (engine_config.quantization == "int8" or engine_config.compile):
+        raise ValueError(
+            "engine.prepack=true replaces the Linear layers itself and cannot be combined with quantization=int8 "
+            "or compile=true; pick one of them"
+        )
     if engine_config.quantization == "int8" and device.type != "cpu":
         raise ValueError(
             f"engine.quantization=int8 is CPU-only (dynamic int8 Linear layers) and the model is on {device.type}; "
@@ -56,11 +71,11 @@ def check_engine_options(engine_config: EngineConfig, device: torch.device) -> N
 
 def check_sharded_options(engine_config: EngineConfig) -> None:
     """The sharded runner (pipeline_stages > 1) loads plain models in its shards: reject what it cannot apply."""
-    if engine_config.quantization != "none" or engine_config.compile:
+    if engine_config.quantization != "none" or engine_config.compile or engine_config.prepack:
         raise ValueError(
-            f"engine.quantization={engine_config.quantization} / engine.compile={engine_config.compile} are not "
-            "supported with pipeline_stages > 1 (each ModelShard loads the plain model); use pipeline_stages=1, "
-            "or quantization=none and compile=false"
+            f"engine.quantization={engine_config.quantization} / engine.compile={engine_config.compile} / "
+            f"engine.prepack={engine_config.prepack} are not supported with pipeline_stages > 1 (each ModelShard "
+            "loads the plain model); use pipeline_stages=1, or quantization=none, compile=false and prepack=false"
         )
 
 
@@ -72,6 +87,9 @@ def apply_engine_options(model: Any, engine_config: EngineConfig) -> Any:
         count = quantize_int8(model)
         logger.info("engine option quantization=int8: %d Linear layers quantized (lm_head kept in %s)", count,
                     next(model.parameters()).dtype)
+    if engine_config.prepack:
+        count = prepack_linear(model)
+        logger.info("engine option prepack=true: %d Linear layers run through oneDNN with packed weights", count)
     if engine_config.compile:
         compile_decode(model)
         logger.info("engine option compile=true: decode steps run through torch.compile(backend=%s, dynamic=True); "
@@ -132,6 +150,25 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8DynamicLinear.from_linear(linear))
+    return len(targets)
+
+
+# -- packed oneDNN Linear layers ------------------------------------------------------------------
+def prepack_linear(model: nn.Module) -> int:
+    """Replace every nn.Linear with oneDNN's MkldnnLinear, weights packed once (in place); returns the count."""
+    from torch.utils.mkldnn import to_mkldnn
+
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("engine.prepack=true needs torch built with oneDNN (mkldnn), which this torch is not")
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in targets:
+        if linear.weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {linear.weight.dtype}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        # to_mkldnn converts the Linear children of a container; a one-layer Sequential is that container.
+        packed = to_mkldnn(nn.Sequential(linear), linear.weight.dtype)[0]
+        setattr(parent, child, packed)
     return len(targets)
 
 
