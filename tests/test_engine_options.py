@@ -124,16 +124,19 @@ def test_prepacked_linears_compute_what_linear_does(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 704), nn.ReLU(), nn.Linear(704, 96, bias=False)).to(dtype)
     x = torch.randn(3, 5, 256, dtype=dtype)
+    single = torch.randn(1, 1, 256, dtype=dtype)  # another batch than the one the weights were packed for
     with torch.inference_mode():
-        expected = model(x)
+        expected, expected_single = model(x), model(single)
         assert prepack_linear(model) == 2
-        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        assert [type(m).__name__ for m in model] == ["PackedLinear", "ReLU", "PackedLinear"]
         got = model(x)
         got_transposed = model(x.transpose(0, 1).contiguous().transpose(0, 1))  # a non-contiguous input
+        got_single = model(single)
     assert got.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(got_transposed, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got_single, expected_single, atol=tolerance, rtol=tolerance)
 
 
 def test_prepacked_engine_answers_like_fp32(problems, fp32_completions):
