@@ -64,10 +64,9 @@ class GRPOStage(Stage):
             self.reference = self.load_base(self.base_source()).to(self.device).eval()
             self.reference.requires_grad_(False)
         num_sequences = grpo.prompts_per_step * grpo.group_size
-        # The module rollouts run on (under ZeRO-3 a replica refreshed before every rollout).
-        self.policy = self.strategy.inference_module()
+        # Built on the module rollouts run on (under ZeRO-3 a replica refreshed before every rollout).
         self.engine = TransformersEngine(
-            self.policy, self.tokenizer, EngineConfig(max_num_seqs=num_sequences, max_queued_requests=num_sequences)
+            self.strategy.inference_module(), self.tokenizer, EngineConfig(max_num_seqs=num_sequences, max_queued_requests=num_sequences)
         )
         self.sampling = SamplingConfig(
             temperature=grpo.reward_temperature, top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens
@@ -99,6 +98,7 @@ class GRPOStage(Stage):
                     rollouts = generate_groups(self.engine, items, group_size, self.sampling)
             finally:
                 policy.train(was_training)
+        self.module.train()  # the update runs in training mode whatever mode the step started in
         rollout_s = self.phases.seconds["rollout"]  # reported as rollout_s with the other phases
 
         with self.phase("reward", completions=len(rollouts.texts)):
