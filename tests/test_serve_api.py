@@ -62,23 +62,30 @@ def server(tmp_path_factory, trace_file, metrics_port):
         "code_validator": {"num_cpus": 0.05},
     }
     with ray_serve(port, env_vars={"R1_TRACE_FILE": str(trace_file)}, metrics_port=metrics_port):
-        serve.run(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/")
-        serve.run(
-            build_app({**common, "pipeline_stages": 2, "shards": {"num_cpus": 0.1},
-                       "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1)}),
-            name="sharded", route_prefix="/sharded",
-        )
         one_llm = small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.05)
         small = {**common, "llm": one_llm, "ingress": one_llm, "code_validator": None, "sessions": {"enabled": False}}
-        # The guide's strict profile, plus an output rule that fires on any two lowercase letters.
-        # engine.cpu_threads=2 here (the other apps keep Ray's setting); outputs do not depend on it.
-        serve.run(build_app({**small, "engine": {**common["engine"], "cpu_threads": 2},
-                             "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20,
-                                        "deployment": SMALL_SAFETY}}),
-                  name="strict", route_prefix="/strict")
-        # A filter that can never answer in time: every request must fail closed.
-        serve.run(build_app({**small, "safety": {"timeout_s": 0.0001, "deployment": SMALL_SAFETY}}),
-                  name="failclosed", route_prefix="/failclosed")
+        # The four apps deploy together (their replicas start side by side, not one app after another).
+        serve.run_many([
+            serve.RunTarget(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/"),
+            # One replica of each and no sandbox: the sharded app's tests need the model path only.
+            serve.RunTarget(
+                build_app({**common, "pipeline_stages": 2, "shards": {"num_cpus": 0.1}, "ingress": one_llm,
+                           "code_validator": None,
+                           "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1)}),
+                name="sharded", route_prefix="/sharded",
+            ),
+            # The guide's strict profile, plus an output rule that fires on any two lowercase letters.
+            # engine.cpu_threads=2 here (the other apps keep Ray's setting); outputs do not depend on it.
+            serve.RunTarget(
+                build_app({**small, "engine": {**common["engine"], "cpu_threads": 2},
+                           "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20,
+                                      "deployment": SMALL_SAFETY}}),
+                name="strict", route_prefix="/strict",
+            ),
+            # A filter that can never answer in time: every request must fail closed.
+            serve.RunTarget(build_app({**small, "safety": {"timeout_s": 0.0001, "deployment": SMALL_SAFETY}}),
+                            name="failclosed", route_prefix="/failclosed"),
+        ])
         base = f"http://127.0.0.1:{port}"
         for prefix in ("", "/sharded", "/strict", "/failclosed"):
             wait_http_ok(f"{base}{prefix}/health")

@@ -29,6 +29,9 @@ def app_config(keys_file, backend_url: str) -> dict:
         "ingress": small_deployment(min_replicas=1, max_replicas=1),
         "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1),
         "sessions": {"backend_url": backend_url, "num_partitions": 2, "call_timeout_s": 120},
+        # One filter replica and no sandbox: fewer processes to start on each of this module's deploys.
+        "safety": {"deployment": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.02)},
+        "code_validator": None,
     }
 
 
