@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,8 +141,8 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -> int:
-    """Replace every nn.Linear not named in `skip` with Int8DynamicLinear (in place); returns the count."""
+def replace_linears(model: nn.Module, replacement: Callable[[nn.Linear], nn.Module], skip: tuple[str, ...] = ()) -> int:
+    """Replace every nn.Linear not named in `skip` with `replacement(linear)` (in place); returns the count."""
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
@@ -149,8 +150,13 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8DynamicLinear.from_linear(linear))
+        setattr(parent, child, replacement(linear))
     return len(targets)
+
+
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -> int:
+    """Replace every nn.Linear not named in `skip` with Int8DynamicLinear (in place); returns the count."""
+    return replace_linears(model, Int8DynamicLinear.from_linear, skip)
 
 
 # -- packed oneDNN Linear layers ------------------------------------------------------------------
@@ -174,6 +180,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_packed", packed, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [], "")
 
@@ -185,14 +195,10 @@ def prepack_linear(model: nn.Module) -> int:
     """Replace every nn.Linear with PackedLinear (in place); returns the count."""
     if not torch.backends.mkldnn.is_available():
         raise ValueError("engine.prepack=true needs torch built with oneDNN (mkldnn), which this torch is not")
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name, linear in targets:
-        if linear.weight.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {linear.weight.dtype}")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(linear.weight, linear.bias))
-    return len(targets)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {module.weight.dtype}")
+    return replace_linears(model, PackedLinear.from_linear)
 
 
 # -- torch.compile ----------------------------------------------------------------------------------
