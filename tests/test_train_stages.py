@@ -156,12 +156,12 @@ def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):
     from transformers import AutoModelForCausalLM
 
     from r1.train.grpo import token_log_probs
-    from r1.train.rollout import completion_log_probs, policy_batch
+    from r1.train.rollout import completion_log_probs, group_batch
 
     model = AutoModelForCausalLM.from_pretrained(untrained_tiny).eval()
     prompts = [[0, 2, 40, 41, 42, 3], [0, 2, 50, 3]]
     completions = [[7, 8, 9], [10, 11, 12, 13, 1]]
-    batch = policy_batch(prompts, completions, pad_token_id=4)
+    batch = group_batch(prompts, completions, group_size=1, pad_token_id=4)  # each row its own prompt
     with torch.no_grad():
         logp, mask = completion_log_probs(model, batch)
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -182,11 +182,12 @@ def test_batched_completion_log_probs_match_unpadded_sequences(untrained_tiny):
 
 def test_shared_prompt_batch_gives_the_per_row_log_probs_and_gradients(untrained_tiny):
     # group_batch runs each group's prompt once and its completions on the repeated cache; the
-    # log-probs and the gradient of a loss over them must equal those of the plain per-row layout
+    # log-probs and the gradient of a loss over them must equal those of each row run alone
     # (prompts of different lengths, completions of different lengths, one of a single token).
     from transformers import AutoModelForCausalLM
 
-    from r1.train.rollout import completion_log_probs, group_batch, num_batch_tokens, policy_batch
+    from r1.train.grpo import token_log_probs
+    from r1.train.rollout import completion_log_probs, group_batch, num_batch_tokens
 
     model = AutoModelForCausalLM.from_pretrained(untrained_tiny)
     model.train()
@@ -195,26 +196,35 @@ def test_shared_prompt_batch_gives_the_per_row_log_probs_and_gradients(untrained
     completions = [[7, 8, 9], [10], [11, 12, 13, 14, 1], [15, 16], [17, 18, 19, 1], [20, 21, 22]]
     weights = torch.randn(6, 5)
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        logp, mask = completion_log_probs(model, batch)
-        loss = (logp * mask * weights).sum()
-        loss.backward()
-        return logp.detach() * mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def grads():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain = policy_batch(prompts, completions, pad_token_id=4)
+    model.zero_grad()
+    rows_alone = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1]
+        logp = token_log_probs(logits, torch.tensor([completion]))[0]
+        (logp * weights[row, : len(completion)]).sum().backward()
+        rows_alone.append(logp.detach())
+    grads_alone = grads()
+
     shared = group_batch(prompts, completions, group_size=3, pad_token_id=4)
-    logp_plain, grads_plain = loss_and_grads(plain)
-    logp_shared, grads_shared = loss_and_grads(shared)
-    with torch.no_grad():
-        torch.testing.assert_close(completion_log_probs(model, shared, 0.7)[0] * shared["completion_mask"],
-                                   completion_log_probs(model, plain, 0.7)[0] * plain["completion_mask"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(logp_shared, logp_plain, atol=1e-5, rtol=1e-4)
-    assert grads_shared.keys() == grads_plain.keys() and grads_plain
-    for name, grad in grads_plain.items():
+    model.zero_grad()
+    logp_shared, mask = completion_log_probs(model, shared)
+    (logp_shared * mask * weights).sum().backward()
+    grads_shared = grads()
+    for row, expected in enumerate(rows_alone):
+        torch.testing.assert_close(logp_shared[row, : len(expected)].detach(), expected, atol=1e-5, rtol=1e-4)
+    assert grads_shared.keys() == grads_alone.keys() and grads_alone
+    for name, grad in grads_alone.items():
         torch.testing.assert_close(grads_shared[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+    with torch.no_grad():  # with a temperature too, shared prompts or not
+        per_row = group_batch(prompts, completions, group_size=1, pad_token_id=4)
+        torch.testing.assert_close(completion_log_probs(model, shared, 0.7)[0] * mask,
+                                   completion_log_probs(model, per_row, 0.7)[0] * per_row["completion_mask"], atol=1e-5, rtol=1e-4)
     assert shared["prompt_input_ids"].shape[0] == 2  # each prompt once
-    assert num_batch_tokens(shared) == 6 + 4 + sum(map(len, completions)) < num_batch_tokens(plain)
+    row_tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))
+    assert num_batch_tokens(shared) == 6 + 4 + sum(map(len, completions)) < row_tokens == num_batch_tokens(per_row)
     with pytest.raises(ValueError, match="group 1 do not share one prompt"):
         group_batch(prompts[:5] + [[0, 9]], completions, group_size=3, pad_token_id=4)
 

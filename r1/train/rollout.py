@@ -1,11 +1,11 @@
 """GRPO rollouts: prompts with reference answers, group sampling with the r1 engine, policy batches.
 
 `generate_groups` samples `group_size` completions per prompt with the continuous-batching engine
-(all groups of a step in one `generate_batch` call); `policy_batch` lays each row out as a
-left-padded prompt then a right-padded completion, with a mask over completion tokens (the
-generated end-of-sequence token included, so the policy learns to stop); `group_batch` stores each
-group's prompt once instead; `completion_log_probs` scores the completion tokens of either layout,
-running the LM head only where it predicts a completion token (and a group's prompt only once).
+(all groups of a step in one `generate_batch` call); `group_batch` stores each group's prompt once
+(left-padded) and every completion right-padded, with a mask over completion tokens (the generated
+end-of-sequence token included, so the policy learns to stop); `completion_log_probs` scores the
+completion tokens, running each group's prompt once and the LM head only where it predicts a
+completion token.
 
 This module does not compute rewards or losses.
 """
@@ -93,41 +93,13 @@ def generate_groups(engine: Any, items: list[PromptItem], group_size: int, sampl
     )
 
 
-def policy_batch(
-    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Rows of [left-padded prompt | right-padded completion], so completions share columns.
-
-    Returns input_ids, attention_mask, position_ids (counting real tokens only, as the engine does
-    for left-padded prompts) and completion_mask ([rows, completion width], 1 on real tokens).
-    """
-    prompt_width = max(len(p) for p in prompt_ids)
-    completion_width = max(len(c) for c in completion_ids)
-    rows = len(prompt_ids)
-    input_ids = torch.full((rows, prompt_width + completion_width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, prompt_width + completion_width), dtype=torch.long)
-    completion_mask = torch.zeros((rows, completion_width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        start = prompt_width - len(prompt)
-        input_ids[row, start:prompt_width] = torch.tensor(prompt)
-        input_ids[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion)
-        attention_mask[row, start : prompt_width + len(completion)] = 1
-        completion_mask[row, : len(completion)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "completion_mask": completion_mask,
-    }
-
-
 def group_batch(
     prompt_ids: list[list[int]], completion_ids: list[list[int]], group_size: int, pad_token_id: int
 ) -> dict[str, torch.Tensor]:
     """The rollouts of a step with each group's prompt stored once.
 
-    Rows are group-contiguous and every row of a group has the same prompt (checked). Returns
+    Rows are group-contiguous and every row of a group has the same prompt (checked; group_size 1
+    lays out rows that each have their own prompt). Returns
     prompt_input_ids / prompt_attention_mask / prompt_position_ids ([groups, prompt width],
     left-padded), completion_ids / completion_mask ([rows, completion width], right-padded) and
     completion_position_ids (each row's positions continue after its prompt's last real token).
@@ -159,42 +131,24 @@ def group_batch(
 
 
 def num_batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real tokens the policy forward processes for `batch` (a group_batch counts each prompt once)."""
-    if "prompt_input_ids" in batch:
-        return int(batch["prompt_attention_mask"].sum() + batch["completion_mask"].sum())
-    return int(batch["attention_mask"].sum())
+    """Real tokens the policy forward processes for a `group_batch` (each prompt counted once)."""
+    return int(batch["prompt_attention_mask"].sum() + batch["completion_mask"].sum())
 
 
 def completion_log_probs(
     model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each completion token, completion mask), both [rows, completion width].
+    """(log p of each completion token, completion mask), both [rows, completion width], of a `group_batch`.
+
+    Each group's prompt runs once, keeping its key/value cache (with gradients); the cache is
+    repeated for the group's rows and the completions run on it, so the log-probs and gradients
+    are those of each row run alone, without recomputing a prompt for every sample. Only positions
+    that predict completion tokens go through the LM head.
 
     `temperature` divides the logits first: with the rollouts' sampling temperature these are the
     log-probs of the distribution the tokens were drawn from (as TRL and veRL compute them), so the
     importance ratio and the KL compare sampling policies.
-
-    Only the positions that predict completion tokens go through the LM head (`logits_to_keep`).
-    A `group_batch` runs each group's prompt once, keeping its key/value cache (with gradients),
-    repeats that cache for the group's rows, and runs the completions on it: the same log-probs
-    and gradients as `policy_batch` rows, without recomputing a prompt for every sample.
     """
-    if "prompt_input_ids" in batch:
-        return _shared_prompt_log_probs(model, batch, temperature)
-    completion_width = batch["completion_mask"].shape[1]
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=completion_width + 1,
-    ).logits
-    logp = token_log_probs(logits[:, :-1, :] / temperature, batch["input_ids"][:, -completion_width:])
-    return logp, batch["completion_mask"]
-
-
-def _shared_prompt_log_probs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import DynamicCache
 
     cache_arg = cache_kwarg(getattr(model, "module", model))  # DDP/DeepSpeed wrap the model
