@@ -18,7 +18,7 @@ from actors import metrics
 from actors.tracing import setup_actor_tracing
 from r1.config import SamplingConfig, ServeConfig
 from r1.engine import Engine, EngineOverloaded, create_engine
-from r1.engine.batching import StreamBatcher
+from r1.engine.batching import StreamBatcher, stream_window_s
 from r1.model import load_tokenizer
 from r1.sequence_spans import RequestCarriers
 from r1.telemetry import inject_context, span
@@ -51,6 +51,10 @@ class LLMServer:
         self.engine.start()
         self.think_prefilled = self.engine.think_prefilled
         metrics.start_resource_reporter("llm_server", poll=lambda: metrics.record_engine_load(self.engine.stats()))
+        self.active_streams = 0  # streams past their first token; they share the message budget
+
+    def _window_s(self) -> float:
+        return stream_window_s(self.config.stream_interval_ms, self.active_streams, self.config.stream_messages_per_s)
 
     def _error(self, status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
         return {"type": "error", "status": status, "message": message, "param": param, "code": code}
@@ -85,7 +89,8 @@ class LLMServer:
                     yield self._error(503, str(error), code="overloaded")
                     return
                 yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
-                batcher = StreamBatcher(deltas, self.config.stream_interval_ms / 1000)
+                batcher = StreamBatcher(deltas, self._window_s)
+                self.active_streams += 1
                 delta = first
                 completion_tokens = 0
                 while True:
@@ -106,10 +111,11 @@ class LLMServer:
             finally:
                 if batcher is not None:
                     batcher.close()
+                    self.active_streams -= 1
                 self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:
-        return {**self.engine.stats(), "cpu_threads": torch.get_num_threads()}
+        return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams}
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -184,6 +184,12 @@ class SessionClient:
             self._actors[index] = RemoteSessionStore.options(**options).remote(self._config_dict)
         return self._actors[index]
 
+    def start_actors(self) -> None:
+        """Get (or create) every partition's actor without waiting for it. A partition first needed by a
+        request would otherwise start its worker process (seconds of CPU) inside that request."""
+        for index in range(self.config.num_partitions):
+            self.actor(index)
+
     def actor_for(self, session_id: str) -> Any:
         return self.actor(partition_for(session_id, self.config.num_partitions))
 

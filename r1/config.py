@@ -273,6 +273,10 @@ class ServeConfig(StrictModel):
     # Every message is a Ray hop plus a SafetyFilter call; on a busy CPU they cost more than the
     # model step of a small model.
     stream_interval_ms: float = Field(default=20.0, ge=0, le=1000)
+    # The messages per second one LLM server replica sends over all its streams: with many streams
+    # each stream's window widens past stream_interval_ms to active streams / this (16 streams at
+    # 200/s: 80 ms). null: every stream keeps stream_interval_ms.
+    stream_messages_per_s: float | None = Field(default=200.0, gt=0)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.

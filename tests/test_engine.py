@@ -289,6 +289,40 @@ def test_stream_batcher_merges_deltas_within_the_interval_and_never_aborts_the_s
     assert closed == [True]
 
 
+@pytest.mark.parametrize("interval_ms, active, per_s, expected_s", [
+    (20, 1, 400, 0.020),    # a lone stream keeps the configured window
+    (20, 8, 400, 0.020),    # 8 streams x 50 messages/s fit the budget: unchanged
+    (20, 16, 400, 0.040),   # 16 streams share 400 messages/s: 25 each, a 40 ms window
+    (20, 64, 400, 0.160),   # the window grows with the load, not with the token rate
+    (50, 16, 400, 0.050),   # never shorter than the configured window
+    (20, 64, None, 0.020),  # no budget: the configured window whatever the load
+    (0, 0, 400, 0.0),       # no window and no streams: tokens go as they come
+])
+def test_stream_window_widens_with_the_number_of_streams(interval_ms, active, per_s, expected_s):
+    from r1.engine.batching import stream_window_s
+
+    assert stream_window_s(interval_ms, active, per_s) == pytest.approx(expected_s)
+
+
+def test_stream_batcher_reads_a_window_function_for_each_message():
+    from r1.engine.batching import StreamBatcher
+    from r1.engine.types import Delta
+
+    windows = iter([0.0, 0.5])  # first message: no window; second: a window longer than the stream
+
+    async def deltas():
+        for i in range(4):
+            await asyncio.sleep(0.02)
+            yield Delta("r", [i], str(i), finish_reason="length" if i == 3 else None)
+
+    async def main():
+        batcher = StreamBatcher(deltas(), lambda: next(windows))
+        return [await batcher.next(), await batcher.next()]
+
+    first, rest = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert first.token_ids == [0] and rest.token_ids == [1, 2, 3] and rest.finish_reason == "length"
+
+
 def test_a_request_that_ends_at_its_first_token_while_others_decode(engine):
     # It finishes during its prefill step; the decode step that follows must not still count it.
     long = SamplingConfig(temperature=0, max_new_tokens=30, ignore_eos=True)

@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from actors.session_store import SessionClient, stop_session_actors
+from actors.session_store import ACTOR_NAME_PREFIX, SessionClient, stop_session_actors
 from cluster.serve.app import build_app
 from r1.config import ModelConfig, SessionConfig
 from r1.model import load_tokenizer
@@ -65,6 +65,20 @@ def restart(env, backend_url: str) -> str:
 def shared_backend(env) -> str:
     """One SQLite store for the tests that need no fresh app; each uses its own sessions."""
     return f"sqlite:///{env['tmp']}/shared.db"
+
+
+def session_actor_names() -> list[str]:
+    return [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["name"].startswith(ACTOR_NAME_PREFIX)]
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def client(base: str, key: str = KEY) -> openai.OpenAI:
@@ -159,6 +173,9 @@ def test_sessions_survive_an_app_restart_sqlite(env):
     base = deploy(env, backend)
     session_id, _ = turn(client(base), "remember me", None)
     base = restart(env, backend)
+    # The new ingress started every partition's actor before serving a session request (a partition
+    # first started by a request would cost that request seconds).
+    assert wait_until(lambda: len(session_actor_names()) == 2, timeout_s=60), session_actor_names()
     messages = history(base, session_id).json()["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["remember me"]
     turn(client(base), "still here", session_id)

@@ -126,6 +126,7 @@ class OpenAIIngress:
         if self.config.sessions.enabled:
             count_tokens, context_tokens = token_counting(self.config.model)  # tokenizer only, no weights
             self.sessions = SessionClient(self.config.sessions, count_tokens=count_tokens, context_tokens=context_tokens)
+            self.sessions.start_actors()  # now, not inside the first requests that reach each partition
         if not self.auth.enabled:
             logger.warning("no API keys configured (%s / api_keys_file): the API is open to anyone who can reach it",
                            self.config.api_keys_env)
