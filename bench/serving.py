@@ -105,6 +105,20 @@ def engine_request(engine: TransformersEngine, sampling: SamplingConfig):
 
 
 @torch.inference_mode()
+async def engine_on_threads(model, tokenizer, threads: int, sampling: SamplingConfig, chats: list) -> dict:
+    """Concurrency 1 on a fresh engine whose decode thread runs torch on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # read by threads started from now on: the new engine's decode thread
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
+    try:
+        await run_level(engine_request(engine, SamplingConfig(temperature=0, max_new_tokens=4)), chats[:2], 1)
+        records, elapsed = await run_level(engine_request(engine, sampling), chats, 1)
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(previous)
+    return {**summarize("engine_served_threads", 1, records, elapsed), "threads": threads}
+
+
 def loop_level(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> tuple[list[dict], float]:
     records = []
     start_all = time.perf_counter()
@@ -170,6 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
                 records, elapsed = await run_level(engine_request(engine, sampling), chats, c)
                 rows.append(summarize("engine", c, records, elapsed))
                 latencies["engine", c] = sorted(r["e2e"] for r in records if r["ok"])
+            if 1 in levels:
+                # The served engine runs on the LLM server's torch threads (one for a fractional-CPU
+                # replica unless engine.cpu_threads says otherwise); the same engine on as many
+                # threads here separates the pipeline's cost from the thread count's.
+                served = await serve.get_deployment_handle("LLMServer", app_name="bench").stats.remote()
+                rows.append(await engine_on_threads(model, tokenizer, served["cpu_threads"], sampling, chats))
+
+    from ray import serve
 
     asyncio.run(levels_async())
     loop_records, loop_elapsed = loop_level(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
@@ -192,16 +214,18 @@ def main(argv: list[str] | None = None) -> dict:
     if 1 in levels:
         stack_1 = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == 1)
         engine_1 = next(r for r in rows if r["method"] == "engine" and r["concurrency"] == 1)
+        same = next(r for r in rows if r["method"] == "engine_served_threads")
         overhead_ms = stack_1["e2e_p50_ms"] - engine_1["e2e_p50_ms"]
+        same_threads_ms = stack_1["e2e_p50_ms"] - same["e2e_p50_ms"]
         print(f"pipeline overhead per request (p50 e2e stack - engine, concurrency 1): {overhead_ms:.1f} ms")
-    from ray import serve
-
+        print(f"  vs the engine on the served engine's {same['threads']} thread(s): {same_threads_ms:.1f} ms")
     serve.shutdown()
     result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms)
     return finish(result, args.json)
 
 
-METHOD_LABELS = {"stack": "stack (HTTP + SSE)", "engine": "engine in-process", "loop": "loop of `generate`"}
+METHOD_LABELS = {"stack": "stack (HTTP + SSE)", "engine": "engine in-process",
+                 "engine_served_threads": "engine in-process, served engine's threads", "loop": "loop of `generate`"}
 
 
 def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
@@ -225,6 +249,10 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                        f"{overhead_ms:.0f} ms"])
         notes.append(target_note("pipeline overhead per request at concurrency 1", overhead_ms, 5.0,
                                  at_least=False, unit="ms"))
+        stack_1 = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == 1)
+        same = next(r for r in rows if r["method"] == "engine_served_threads")
+        checks.append([f"the same, against the engine on the served engine's {same['threads']} torch thread(s)",
+                       "(how much is the pipeline)", f"{stack_1['e2e_p50_ms'] - same['e2e_p50_ms']:.0f} ms"])
     throughput: dict[str, list[list[float]]] = {}
     for r in rows:
         throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
