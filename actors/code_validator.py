@@ -92,16 +92,45 @@ def build_code_validator(config: CodeValidatorConfig | dict[str, Any] | None = N
     ).bind(config.model_dump())
 
 
-class HandleValidator:
-    """`validator(code, tests) -> Validation` backed by a CodeValidator handle (picklable)."""
+def run_on_loop(loop: asyncio.AbstractEventLoop, call: Any, timeout_s: float) -> Any:
+    """From a worker thread: run the coroutine `call()` on `loop` and wait (bounded) for its value.
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float = 60.0) -> None:
+    For handles of a replica whose router runs on its own event loop (the ingress with
+    `ingress_single_loop`): such a handle can be called only from that loop, not from a thread.
+    """
+    future = asyncio.run_coroutine_threadsafe(call(), loop)
+    try:
+        return future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise
+
+
+class HandleValidator:
+    """`validator(code, tests) -> Validation` backed by a CodeValidator handle (picklable).
+
+    Blocking, for worker threads. With `loop`, the call is made on that event loop (see `run_on_loop`).
+    """
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float = 60.0,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
+        self.loop = loop
 
     def __call__(self, code: str, tests: str | list[str] | None) -> Validation:
-        reply = self.handle.validate.remote(code, tests, trace=inject_context()).result(timeout_s=self.timeout_s)
+        trace = inject_context()  # this thread's span: the caller's
+        if self.loop is None:
+            reply = self.handle.validate.remote(code, tests, trace=trace).result(timeout_s=self.timeout_s)
+        else:
+            async def call() -> Any:
+                return await self.handle.validate.remote(code, tests, trace=trace)
+
+            reply = run_on_loop(self.loop, call, self.timeout_s)
         return Validation.from_dict(reply)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "loop": None}  # an event loop belongs to its process
 
 
 def start_validator_actors(count: int, config: CodeValidatorConfig | dict[str, Any] | None = None) -> list[Any]:

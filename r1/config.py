@@ -277,6 +277,13 @@ class ServeConfig(StrictModel):
     # each stream's window widens past stream_interval_ms to active streams / this (16 streams at
     # 200/s: 80 ms). null: every stream keeps stream_interval_ms.
     stream_messages_per_s: float | None = Field(default=200.0, gt=0)
+    # Run the ingress's request handling and the routing of its calls to the other deployments on
+    # the replica's own event loop, instead of Ray Serve's separate user-code thread and router loop
+    # (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0,
+    # set for the ingress replicas only): fewer thread hand-offs per request and per streamed
+    # message. Safe because the ingress never blocks its loop for long (the model runs in the LLM
+    # server; the code-repair loop runs in a worker thread).
+    ingress_single_loop: bool = True
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
     llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -76,8 +77,10 @@ def server(tmp_path_factory, trace_file, metrics_port):
             ),
             # The guide's strict profile, plus an output rule that fires on any two lowercase letters.
             # engine.cpu_threads=2 here (the other apps keep Ray's setting); outputs do not depend on it.
+            # Its ingress runs on Serve's default threads (ingress_single_loop: false), so the
+            # streaming and screening tests on /strict cover both ingress modes.
             serve.RunTarget(
-                build_app({**small, "engine": {**common["engine"], "cpu_threads": 2},
+                build_app({**small, "engine": {**common["engine"], "cpu_threads": 2}, "ingress_single_loop": False,
                            "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20,
                                       "deployment": SMALL_SAFETY}}),
                 name="strict", route_prefix="/strict",
@@ -253,6 +256,36 @@ def test_overload_is_a_fast_503_not_a_hang(server):
 def _running_total() -> int:
     handle = serve.get_deployment_handle("LLMServer", app_name="main")
     return max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(8))
+
+
+def replica_pids(title: str) -> list[int]:
+    """Processes on this machine whose title (Ray sets it to ray::<actor>) is `title`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:  # the process ended meanwhile
+                continue
+            rest = command.strip()[len(title):] if command.startswith(title) else None
+            if rest == "" or (rest and rest.startswith(".")):  # idle, or running one of its methods
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_ingress_single_loop_reaches_only_the_ingress_replicas(server):
+    # The setting must arrive in the replica process's environment (Serve reads it at start-up),
+    # for the ingress only: the LLM server keeps Serve's separate user-code thread.
+    def environment(app: str, deployment: str) -> dict[str, str]:
+        [pid] = replica_pids(f"ray::ServeReplica:{app}:{deployment}")  # one replica each in these apps
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+    flag, router = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+    assert environment("failclosed", "OpenAIIngress").get(flag) == "0"  # the default: on
+    assert environment("failclosed", "OpenAIIngress").get(router) == "0"
+    assert flag not in environment("failclosed", "LLMServer")
+    assert flag not in environment("strict", "OpenAIIngress")  # ingress_single_loop: false
 
 
 def test_llm_server_cpu_threads(server):

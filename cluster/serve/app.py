@@ -45,4 +45,19 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     llm = LLMServer.options(**llm_options).bind(config_dict)
     validator = build_code_validator(config.code_validator) if config.code_validator is not None else None
     safety = build_safety_filter(config.safety) if config.safety is not None else None
-    return OpenAIIngress.options(**config.ingress.serve_options()).bind(llm, validator, safety, config_dict)
+    ingress_options = config.ingress.serve_options()
+    if config.ingress_single_loop:
+        ingress_options["ray_actor_options"] = with_env_vars(ingress_options["ray_actor_options"], SINGLE_LOOP_ENV_VARS)
+    return OpenAIIngress.options(**ingress_options).bind(llm, validator, safety, config_dict)
+
+
+# Ray Serve reads these when a replica process starts; Serve merges a deployment's env_vars with
+# the application's and the job's, so only the ingress replicas get them.
+SINGLE_LOOP_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def with_env_vars(actor_options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    """`actor_options` (not modified) with `env_vars` added to its runtime_env."""
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env_vars}
+    return {**actor_options, "runtime_env": runtime_env}

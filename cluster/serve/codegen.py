@@ -8,10 +8,11 @@ in a worker thread so its event loop stays free.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.code_validator import HandleValidator
+from actors.code_validator import HandleValidator, run_on_loop
 from r1.codecheck import RepairOutcome, solve_with_repair
 from r1.config import CodeCheckConfig, SamplingConfig
 from r1.reasoning import split_reasoning
@@ -35,13 +36,24 @@ class HandleGenerator:
     llm: Any
     sampling: SamplingConfig
     timeout_s: float
+    loop: asyncio.AbstractEventLoop | None = None  # set: call the handle on this loop (see run_on_loop)
     generations: list[Generation] = field(default_factory=list)
 
     def __call__(self, prompt: str, *, temperature: float) -> str:
         body = {"prompt": [{"role": "user", "content": prompt}], "chat": True, "request_id": new_id("code"),
                 "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump(),
                 "trace": inject_context()}
-        stream = self.llm.options(stream=True).stream.remote(body)
+        if self.loop is None:
+            stream = self.llm.options(stream=True).stream.remote(body)
+        else:
+            async def collect() -> list[dict[str, Any]]:
+                return [item async for item in self.llm.options(stream=True).stream.remote(body)]
+
+            try:
+                stream = run_on_loop(self.loop, collect, self.timeout_s)
+            except TimeoutError:
+                raise APIError(503, f"the model did not finish within {self.timeout_s:.0f}s; retry later",
+                               code="timeout") from None
         text, prompt_tokens, completion_tokens, finish, think_prefilled = [], 0, 0, None, True
         for item in stream:
             if item["type"] == "error":
@@ -61,8 +73,12 @@ class HandleGenerator:
 
 
 def run_code_loop(llm: Any, validator: Any, task: str, tests: list[str] | str | None, sampling: SamplingConfig,
-                  config: CodeCheckConfig, max_repairs: int | None, timeout_s: float) -> tuple[RepairOutcome, HandleGenerator]:
-    generate = HandleGenerator(llm, sampling, timeout_s)
-    outcome = solve_with_repair(task, generate, tests=tests, config=config, validator=HandleValidator(validator, timeout_s),
+                  config: CodeCheckConfig, max_repairs: int | None, timeout_s: float,
+                  loop: asyncio.AbstractEventLoop | None = None) -> tuple[RepairOutcome, HandleGenerator]:
+    """Blocking (run it in a worker thread). `loop`: the caller's event loop, when its handles may be
+    called only there (an ingress with `ingress_single_loop`)."""
+    generate = HandleGenerator(llm, sampling, timeout_s, loop)
+    outcome = solve_with_repair(task, generate, tests=tests, config=config,
+                                validator=HandleValidator(validator, timeout_s, loop=loop),
                                 temperature=sampling.temperature, max_repairs=max_repairs)
     return outcome, generate
