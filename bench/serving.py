@@ -104,7 +104,6 @@ def engine_request(engine: TransformersEngine, sampling: SamplingConfig):
     return one
 
 
-@torch.inference_mode()
 async def engine_on_threads(model, tokenizer, threads: int, sampling: SamplingConfig, chats: list) -> dict:
     """Concurrency 1 on a fresh engine whose decode thread runs torch on `threads` threads."""
     previous = torch.get_num_threads()
@@ -119,6 +118,7 @@ async def engine_on_threads(model, tokenizer, threads: int, sampling: SamplingCo
     return {**summarize("engine_served_threads", 1, records, elapsed), "threads": threads}
 
 
+@torch.inference_mode()
 def loop_level(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> tuple[list[dict], float]:
     records = []
     start_all = time.perf_counter()
