@@ -36,26 +36,24 @@ class HandleGenerator:
     llm: Any
     sampling: SamplingConfig
     timeout_s: float
-    loop: asyncio.AbstractEventLoop | None = None  # set: call the handle on this loop (see run_on_loop)
+    loop: asyncio.AbstractEventLoop  # the ingress's: the handle is called there (see run_on_loop)
     generations: list[Generation] = field(default_factory=list)
 
     def __call__(self, prompt: str, *, temperature: float) -> str:
         body = {"prompt": [{"role": "user", "content": prompt}], "chat": True, "request_id": new_id("code"),
                 "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump(),
                 "trace": inject_context()}
-        if self.loop is None:
-            stream = self.llm.options(stream=True).stream.remote(body)
-        else:
-            async def collect() -> list[dict[str, Any]]:
-                return [item async for item in self.llm.options(stream=True).stream.remote(body)]
 
-            try:
-                stream = run_on_loop(self.loop, collect, self.timeout_s)
-            except TimeoutError:
-                raise APIError(503, f"the model did not finish within {self.timeout_s:.0f}s; retry later",
-                               code="timeout") from None
+        async def collect() -> list[dict[str, Any]]:
+            return [item async for item in self.llm.options(stream=True).stream.remote(body)]
+
+        try:
+            items = run_on_loop(self.loop, collect, self.timeout_s)
+        except TimeoutError:
+            raise APIError(503, f"the model did not finish within {self.timeout_s:.0f}s; retry later",
+                           code="timeout") from None
         text, prompt_tokens, completion_tokens, finish, think_prefilled = [], 0, 0, None, True
-        for item in stream:
+        for item in items:
             if item["type"] == "error":
                 raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
             if item["type"] == "start":
@@ -74,9 +72,9 @@ class HandleGenerator:
 
 def run_code_loop(llm: Any, validator: Any, task: str, tests: list[str] | str | None, sampling: SamplingConfig,
                   config: CodeCheckConfig, max_repairs: int | None, timeout_s: float,
-                  loop: asyncio.AbstractEventLoop | None = None) -> tuple[RepairOutcome, HandleGenerator]:
-    """Blocking (run it in a worker thread). `loop`: the caller's event loop, when its handles may be
-    called only there (an ingress with `ingress_single_loop`)."""
+                  loop: asyncio.AbstractEventLoop) -> tuple[RepairOutcome, HandleGenerator]:
+    """Blocking: run it in a worker thread. `loop` is the caller's event loop; the handles are called
+    there (an ingress with `ingress_single_loop` can call them nowhere else)."""
     generate = HandleGenerator(llm, sampling, timeout_s, loop)
     outcome = solve_with_repair(task, generate, tests=tests, config=config,
                                 validator=HandleValidator(validator, timeout_s, loop=loop),

@@ -275,7 +275,7 @@ class OpenAIIngress:
             outcome, generations = await asyncio.to_thread(
                 run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
                 self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
-                asyncio.get_running_loop(),  # the handles are called on this loop (ingress_single_loop)
+                asyncio.get_running_loop(),  # the worker thread calls the handles on this loop
             )
             loop_span.set_attributes({"attempts": len(outcome.attempts), "status": outcome.status})
         last = generations.generations[-1]
