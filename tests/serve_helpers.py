@@ -61,3 +61,13 @@ def ray_serve(port: int, num_cpus: int = 2, env_vars: dict[str, str] | None = No
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

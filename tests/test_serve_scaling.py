@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from cluster.serve.app import build_app
-from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
+from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_for, wait_http_ok
 
 pytestmark = pytest.mark.slow
 APP = "scaling"
@@ -59,15 +59,6 @@ def live_llm_replicas() -> list[tuple[str, object]]:
             continue
         live.append((entry["name"], handle))
     return live
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 class Load:

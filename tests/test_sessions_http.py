@@ -17,7 +17,7 @@ from actors.session_store import ACTOR_NAME_PREFIX, SessionClient, stop_session_
 from cluster.serve.app import build_app
 from r1.config import ModelConfig, SessionConfig
 from r1.model import load_tokenizer
-from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
+from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_for, wait_http_ok
 
 KEY, OTHER_KEY = "session-key-a", "session-key-b"
 MODEL = "r1-tiny"
@@ -70,15 +70,6 @@ def shared_backend(env) -> str:
 def session_actor_names() -> list[str]:
     return [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
             if entry["name"].startswith(ACTOR_NAME_PREFIX)]
-
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def client(base: str, key: str = KEY) -> openai.OpenAI:
@@ -175,7 +166,7 @@ def test_sessions_survive_an_app_restart_sqlite(env):
     base = restart(env, backend)
     # The new ingress started every partition's actor before serving a session request (a partition
     # first started by a request would cost that request seconds).
-    assert wait_until(lambda: len(session_actor_names()) == 2, timeout_s=60), session_actor_names()
+    wait_for(lambda: len(session_actor_names()) == 2, 60, "both SessionStore partition actors")
     messages = history(base, session_id).json()["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["remember me"]
     turn(client(base), "still here", session_id)
