@@ -90,15 +90,14 @@ class GRPOStage(Stage):
 
         torch.manual_seed(self.config.seed * 1_000_003 + step * 1009 + self.worker.rank)
         with self.phase("rollout", prompts=len(items), group_size=group_size):
-            policy = self.strategy.inference_module()  # every rank: a collective under ZeRO-3
-            was_training = policy.training
-            policy.eval()
+            self.strategy.inference_module().eval()  # every rank: a collective under ZeRO-3
             try:
                 with self.strategy.autocast(), torch.inference_mode():
                     rollouts = generate_groups(self.engine, items, group_size, self.sampling)
             finally:
-                policy.train(was_training)
-        self.module.train()  # the update runs in training mode whatever mode the step started in
+                # The update runs in training mode whatever mode the step started in (under ZeRO-3
+                # the rollouts ran on a replica, which stays in eval mode: it only ever infers).
+                self.module.train()
         rollout_s = self.phases.seconds["rollout"]  # reported as rollout_s with the other phases
 
         with self.phase("reward", completions=len(rollouts.texts)):
