@@ -16,7 +16,10 @@ the runner's batched decode forward with every request running (one token per re
 Also measured: r1-tiny's arithmetic exact match (level 1, held-out split) for fp32 / bf16 / int8;
 peak memory of one batched prefill at a long context with SDPA and with eager attention (one child
 process per variant, see `attention_probe`); and the peak matmul throughput of a large fp32, bf16
-and int8 matmul (best of several) against the achieved batched-decode FLOP/s of the 100M model.
+and int8 matmul (best of several) against the achieved batched-decode FLOP/s of the 100M model;
+and the 100M model's fp32 decode step at longer contexts with the engine's KV cache (grown in
+place, `GrowingLayer`) against transformers' concatenating cache, stepped alternately from one
+prefill (`--kv-contexts`).
 
     python -m bench.cpu_speed [--models tiny,100m] [--repeats 3] [--threads 1] [--json PATH]
 
@@ -228,6 +231,61 @@ def decode_sweep(models: dict[str, nn.Module], tokenizer: Any, args: argparse.Na
     return rows
 
 
+def _concatenating_copy(kv: Any) -> Any:
+    """A copy of a BatchedKVCache whose layers are transformers' concatenating DynamicLayers."""
+    from transformers.cache_utils import DynamicLayer
+
+    from r1.engine.runner import BatchedKVCache, new_cache
+
+    copy_kv = BatchedKVCache()
+    copy_kv.cache = new_cache(growing=False)
+    for layer in kv.cache.layers:
+        plain = DynamicLayer()
+        plain.lazy_initialization(layer.keys, layer.values)
+        plain.keys, plain.values = layer.keys.clone(), layer.values.clone()
+        copy_kv.cache.layers.append(plain)
+    copy_kv.mask, copy_kv.positions, copy_kv.order = kv.mask.clone(), kv.positions.clone(), list(kv.order)
+    return copy_kv
+
+
+def kv_cache_growth(model: nn.Module, tokenizer: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode-step latency of the 100M model (fp32) at each context of `--kv-contexts`, with the
+    engine's in-place KV cache and with a concatenating one: one prefill, the cache copied into
+    concatenating layers, then `--kv-steps` steps of each, alternating (first step of each pair
+    rotating), on the same tokens; medians. Both must give the same logits."""
+    from r1.engine.runner import LocalModelRunner
+
+    rows = []
+    for context in [int(c) for c in args.kv_contexts.split(",") if c]:
+        generator = torch.Generator().manual_seed(context)
+        prompts = torch.randint(8, tokenizer.vocab_size, (args.num_requests, context), generator=generator).tolist()
+        seq_ids = [f"s{i}" for i in range(args.num_requests)]
+        growing = LocalModelRunner(model, tokenizer.pad_token_id, growing_cache=True)
+        tokens = growing.add(seq_ids, prompts).argmax(-1).tolist()
+        concatenating = LocalModelRunner(model, tokenizer.pad_token_id, growing_cache=False)
+        concatenating.kv = _concatenating_copy(growing.kv)
+        times: dict[str, list[float]] = {"growing": [], "concatenating": []}
+        runners = {"growing": growing, "concatenating": concatenating}
+        for step in range(args.kv_steps + 2):
+            outputs = {}
+            for name in (("growing", "concatenating") if step % 2 else ("concatenating", "growing")):
+                start = time.perf_counter()
+                outputs[name] = runners[name].step(seq_ids, tokens)
+                if step >= 2:  # two warm-up steps (the growing cache's first step moves the prefill in)
+                    times[name].append(time.perf_counter() - start)
+            if not torch.equal(outputs["growing"], outputs["concatenating"]):
+                raise AssertionError(f"KV cache variants disagree at context {context}, step {step}")
+            tokens = outputs["growing"].argmax(-1).tolist()
+        row = {"context": context, "batch": args.num_requests,
+               **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}}
+        rows.append(row)
+        print(f"  100m KV cache at context {context}: step {row['growing_ms']:.1f} ms in place vs "
+              f"{row['concatenating_ms']:.1f} ms concatenating", flush=True)
+        del growing, concatenating
+        gc.collect()
+    return rows
+
+
 def tiny_accuracy(base: nn.Module, tokenizer: Any, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from r1.train.evaluate import evaluate_arithmetic
 
@@ -331,7 +389,7 @@ def attention_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 # -- report ----------------------------------------------------------------------------------------
 def build_result(args: argparse.Namespace, argv: list[str] | None, features: dict[str, Any],
                  models: list[dict[str, Any]], peaks: dict[str, float], accuracy: dict[str, Any] | None,
-                 attention: list[dict[str, Any]] | None) -> dict[str, Any]:
+                 attention: list[dict[str, Any]] | None, kv_growth: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     tables, notes = [], []
     speed_rows = []
     for entry in models:
@@ -408,6 +466,14 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
                       round(a["prefill_s"], 2), round(a["kv_cache_mb"]), round(a["one_score_matrix_mb"]),
                       a["measurement_valid"]] for a in attention],
         })
+    if kv_growth:
+        tables.append({
+            "title": f"100M model, fp32: decode step with the KV cache grown in place vs concatenated "
+                     f"(batch {args.num_requests}, {args.kv_steps} alternating steps, medians)",
+            "columns": ["context (tokens)", "in place (GrowingLayer) ms", "concatenating (DynamicLayer) ms", "speed-up"],
+            "rows": [[r["context"], round(r["growing_ms"], 1), round(r["concatenating_ms"], 1),
+                      ratio(r["concatenating_ms"] / r["growing_ms"])] for r in kv_growth],
+        })
     tables.append({
         "title": "CPU",
         "columns": ["torch CPU capability", "AMX flags", "avx512_bf16", "avx512_vnni", "bf16 matmul kernel (oneDNN)"],
@@ -424,7 +490,7 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
         "tables": tables,
         "notes": notes,
         "raw": {"features": features, "models": models, "peaks_gflops": peaks, "accuracy": accuracy,
-                "attention": attention, "threads": args.threads or torch.get_num_threads(),
+                "attention": attention, "kv_growth": kv_growth, "threads": args.threads or torch.get_num_threads(),
                 "platform": platform.platform()},
     }
 
@@ -455,6 +521,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-batches", default="64",
                         help="100M model: extra decode batch sizes for the FLOP/s table (comma list; empty skips)")
     parser.add_argument("--sweep-tokens", type=int, default=16, help="new tokens per request in that sweep")
+    parser.add_argument("--kv-contexts", default="128,1024",
+                        help="100M model: contexts for the in-place vs concatenating KV cache table (comma list; empty skips)")
+    parser.add_argument("--kv-steps", type=int, default=16, help="timed decode steps per KV cache variant and context")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square peak-throughput matmul")
     parser.add_argument("--peak-tries", type=int, default=3, help="peak matmul runs per round (best counts)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -497,13 +566,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                                           for d in ("fp32", "bf16", "int8")}
     tiny, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))
     models = []
+    kv_growth = None
     for name in args.models.split(","):
         base = tiny if name == "tiny" else build_100m(tokenizer)
         models.append(bench_model(name, base, tokenizer, args, peaks_runs))
+        if name == "100m" and args.kv_contexts:
+            kv_growth = kv_cache_growth(base, tokenizer, args)
     peaks = {d: max(v) for d, v in peaks_runs.items()}
     accuracy = tiny_accuracy(tiny, tokenizer, args) if args.eval_problems > 0 else None
     attention = attention_memory(args) if args.probe_batch > 0 else None
-    result = build_result(args, argv, features, models, peaks, accuracy, attention)
+    result = build_result(args, argv, features, models, peaks, accuracy, attention, kv_growth)
     result["raw"]["peak_runs_gflops"] = peaks_runs
     return result
 

@@ -117,6 +117,67 @@ def test_identical_prompts_are_prefilled_once_and_decode_as_if_alone(tiny):
         assert out == reference(model, prompt, 6)
 
 
+def _decode(runner, steps: int, first: list[int], seq_ids: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """Greedy steps of a runner; the logits of each step and the last tokens."""
+    tokens, logits = first, []
+    for _ in range(steps):
+        out = runner.step(seq_ids, tokens)
+        logits.append(out)
+        tokens = out.argmax(-1).tolist()
+    return logits, tokens
+
+
+def test_growing_kv_cache_gives_the_logits_of_a_concatenating_cache(tiny, monkeypatch):
+    # The in-place cache must be invisible in the results: the same logits, bit for bit, as
+    # transformers' concatenating cache, across reallocations (a spare of 3 positions forces one
+    # every few steps), rows merged in mid-decode (their cache arrives concatenated) and rows removed
+    # (their cache arrives index-selected).
+    from r1.engine.runner import GrowingLayer, LocalModelRunner
+
+    monkeypatch.setattr(GrowingLayer, "MIN_SPARE", 3)
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p, add_special_tokens=True) for p in PROMPTS[:4]]
+    results = []
+    for growing in (True, False):
+        runner = LocalModelRunner(model, pad_token_id=0, growing_cache=growing)
+        first = runner.add(["a", "b"], prompts[:2]).argmax(-1).tolist()
+        logits, tokens = _decode(runner, 9, first, ["a", "b"])
+        late = runner.add(["c", "d"], prompts[2:]).argmax(-1).tolist()
+        more, tokens = _decode(runner, 7, tokens + late, ["a", "b", "c", "d"])
+        runner.remove(["b"])
+        rest, _ = _decode(runner, 6, [tokens[0], tokens[2], tokens[3]], ["a", "c", "d"])
+        layer_types = {type(layer).__name__ for layer in runner.kv.cache.layers}
+        results.append((logits + more + rest, layer_types))
+    (grown, grown_types), (concatenated, plain_types) = results
+    assert grown_types == {"GrowingLayer"} and plain_types == {"DynamicLayer"}
+    assert len(grown) == len(concatenated) == 22
+    for step, (a, b) in enumerate(zip(grown, concatenated)):
+        assert torch.equal(a, b), f"step {step} differs"
+
+
+def test_growing_kv_cache_writes_decode_steps_into_its_buffer(tiny):
+    # A decode step must not copy the cache: the keys stay in the same storage until the spare
+    # positions run out, and then the buffer grows by at least a quarter of what it holds.
+    from r1.engine.runner import GrowingLayer, LocalModelRunner
+
+    model, tokenizer = tiny
+    runner = LocalModelRunner(model, pad_token_id=0)
+    first = runner.add(["a"], [tokenizer.encode(PROMPTS[1], add_special_tokens=True)]).argmax(-1).tolist()
+    layer = runner.kv.cache.layers[0]
+    assert isinstance(layer, GrowingLayer)
+    storages, lengths = [], []
+    tokens = first
+    for _ in range(GrowingLayer.MIN_SPARE + 10):
+        tokens = runner.step(["a"], tokens).argmax(-1).tolist()
+        storages.append(layer.keys.untyped_storage().data_ptr())
+        lengths.append(layer.keys.shape[-2])
+    assert lengths == list(range(lengths[0], lengths[0] + len(lengths)))
+    changes = [i for i in range(1, len(storages)) if storages[i] != storages[i - 1]]
+    assert len(changes) == 1, f"the buffer moved at steps {changes}"
+    capacity = layer._key_buffer.shape[-2]
+    assert capacity - lengths[changes[0]] >= GrowingLayer.MIN_SPARE - 1
+
+
 def test_seeded_sampling_is_reproducible_alone_or_batched(engine):
     seeded = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_new_tokens=16, ignore_eos=True)
     alone = engine.generate_batch([PROMPTS[1]], seeded)[0].token_ids

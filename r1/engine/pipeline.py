@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from r1.engine.runner import BatchedKVCache, cache_kwarg, left_pad
+from r1.engine.runner import BatchedKVCache, cache_kwarg, left_pad, new_cache
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -106,7 +106,7 @@ class ModelStage:
         else:
             inputs, mask = payload["hidden"], payload["mask"].to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         out = self._run(inputs, mask, position_ids, cache)
         self.kv.merge(seq_ids, cache, mask)
         return out if self.last else {"hidden": out, "mask": mask}

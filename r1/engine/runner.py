@@ -13,6 +13,11 @@ left-padded batch and then merged into the running batch; rows leave by index se
 columns that became padding for every row are trimmed. Identical prompts admitted together are
 prefilled once.
 
+The KV cache grows in place (`GrowingLayer`): each layer keeps its keys and values in a buffer
+with spare positions and a decode step writes one position into it, where a plain `DynamicCache`
+concatenates (copies) the whole cache of every layer at every step. Merging, removing or
+selecting rows replaces a layer's tensors; the next step moves them into a new buffer.
+
 The sharded runner (model split into pipeline stages held by Ray actors) implements the same
 protocol in `actors/`, using `BatchedKVCache` and `forward_with_cache` from this module per stage.
 """
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 class ModelRunner(Protocol):
@@ -52,6 +58,68 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
         input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[row, length - len(prompt) :] = 1
     return input_ids.to(device), mask.to(device)
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into a preallocated buffer instead of concatenating.
+
+    `keys`/`values` are views of the first `length` positions of `[batch, heads, capacity, dim]`
+    buffers. When the buffer is full, or when someone replaced `keys`/`values` (row merge, removal
+    or selection assign new tensors), `update` moves the current tensors into a new buffer with
+    room for `max(MIN_SPARE, length // 4)` more positions: one copy per reallocation instead of
+    one per step, at most a quarter more memory than the tokens held.
+    """
+
+    MIN_SPARE = 64
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self._key_view: torch.Tensor | None = None
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        added = key_states.shape[-2]
+        buffer = self._key_buffer
+        if buffer is None or self.keys is not self._key_view or self._length + added > buffer.shape[-2]:
+            self._reallocate(key_states, value_states, added)
+        start, end = self._length, self._length + added
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._key_buffer[:, :, start:end].copy_(key_states)
+        self._value_buffer[:, :, start:end].copy_(value_states)
+        self._length = end
+        self.keys = self._key_view = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, added: int) -> None:
+        """Move the current keys/values (whoever set them) into buffers with spare positions."""
+        keys, values = self.keys, self.values
+        held = keys.shape[-2] if keys.numel() else 0
+        capacity = held + added + max(self.MIN_SPARE, (held + added) // 4)
+        batch, heads, _, key_dim = key_states.shape
+        self._key_buffer = key_states.new_empty((batch, heads, capacity, key_dim))
+        self._value_buffer = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+        if held:
+            self._key_buffer[:, :, :held].copy_(keys)
+            self._value_buffer[:, :, :held].copy_(values)
+        self._length = held
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = self._key_view = None
+        self._length = 0
+        super().reset()
+
+
+def new_cache(growing: bool = True) -> DynamicCache:
+    """An empty cache whose layers are `GrowingLayer`s (or plain `DynamicLayer`s)."""
+    cache = DynamicCache()
+    if growing:
+        cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 class BatchedKVCache:
@@ -127,13 +195,19 @@ class BatchedKVCache:
 class LocalModelRunner:
     """Runs a whole Hugging Face causal LM in this process."""
 
-    def __init__(self, model: Any, pad_token_id: int = 0):
+    def __init__(self, model: Any, pad_token_id: int = 0, growing_cache: bool | None = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
         self.vocab_size = model.config.vocab_size
         self.kv = BatchedKVCache()
         self._cache_kwarg = cache_kwarg(model)
+        # `growing_cache`: GrowingLayer caches (default) or transformers' concatenating ones. The
+        # default keeps concatenating layers for a torch.compile'd model: the compiled graph guards
+        # on the cache's strides (r1/engine/optimize.py), and buffer views change them.
+        if growing_cache is None:
+            growing_cache = not getattr(model.forward, "r1_compiled", False)
+        self.growing_cache = growing_cache
 
     def _forward(self, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
@@ -148,7 +222,7 @@ class LocalModelRunner:
         rows = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
         input_ids, mask = left_pad([list(prompt) for prompt in distinct], self.pad_token_id, self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache(self.growing_cache)
         logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
         if len(distinct) < len(prompts):
             index = torch.tensor(rows, device=self.device)
