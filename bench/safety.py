@@ -222,6 +222,18 @@ def r1_detector(profile: str = "default"):
     return (lambda text: safety.check(text, "input")), spans
 
 
+def floor_detector():
+    """Not a filter: one `re.search` per record with r1's main pattern (every card candidate, code
+    and secret keyword with its value, compiled into one regex) and nothing after it: no folding,
+    no Luhn check, no verdict. What any design making one Python `re` call per record costs at
+    least; its ratio to Presidio bounds what such a design can reach. No spans (no metrics)."""
+    from r1.safety import SafetyFilter
+
+    pattern = SafetyFilter.from_profile("default").scanner("input").main_pattern
+    assert pattern is not None
+    return pattern.search, None
+
+
 def presidio_detector(nlp: str = "noop"):
     """Presidio's AnalyzerEngine with CreditCardRecognizer and a deny-list of r1's secret keywords.
 
@@ -330,6 +342,7 @@ def quality(spans_fn, records: list[dict]) -> dict:
 
 R1_DEFAULT = "r1.safety (default)"
 R1_NAMES = {"default": R1_DEFAULT, "strict": "r1.safety (strict)"}
+FLOOR = "floor: one re.search per record (not a filter)"
 PRESIDIO_NAMES = {"noop": "presidio (NoOp NLP engine)", "spacy-blank-zh": 'presidio (spaCy blank "zh")'}
 # Corpora besides the stored one, generated in memory with the same generator: `benign` has no
 # sensitive value at all (keyword mentions, order and phone numbers, code: most traffic), `dense`
@@ -376,7 +389,8 @@ def measure_corpus(label: str, records: list[dict], detectors: dict[str, tuple],
             "mb_per_s_max": high,
             "us_per_record": statistics.median(runs[name]) / len(texts) * 1e6,
             "seconds_per_pass": runs[name],
-            **quality(spans_fn, records),
+            **(quality(spans_fn, records) if spans_fn else
+               dict.fromkeys(("span_recall", "doc_recall", "false_positive_rate", "labels", "benign_docs"))),
         }
     return result
 
@@ -389,8 +403,10 @@ def speedups(corpus: dict, baseline: str) -> dict:
     recall_ok = all(
         ours[key] is None or theirs[key] is None or ours[key] >= theirs[key] for key in ("span_recall", "doc_recall")
     )
+    floor = corpus["detectors"].get(FLOOR)
     return {
         "baseline": baseline,
+        "floor_ratio": floor["mb_per_s"] / theirs["mb_per_s"] if floor else None,
         "ratio": ours["mb_per_s"] / theirs["mb_per_s"],
         "ratio_min": min(per_round),
         "ratio_max": max(per_round),
@@ -440,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = max(1, args.repeats)
 
     detectors: dict[str, tuple] = {R1_NAMES[p]: r1_detector(p) for p in R1_NAMES}
+    detectors[FLOOR] = floor_detector()
     try:
         for nlp in engines:
             detectors[PRESIDIO_NAMES[nlp]] = presidio_detector(nlp)
@@ -459,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{R1_DEFAULT} / {r['baseline']} on the labelled corpus: {r['ratio']:.1f}x throughput "
             f"(per round {r['ratio_min']:.1f}–{r['ratio_max']:.1f}x; target >= {TARGET_SPEEDUP:.0f}x: "
             f"{'met' if r['ratio'] >= TARGET_SPEEDUP else 'not met'}), recall {'equal or better' if r['recall_equal_or_better'] else 'WORSE'}"
+            f"; floor (one re.search per record) {r['floor_ratio']:.1f}x"
         )
     return finish(contract_result(argv, corpora, ratios, repeats), args.json)
 
@@ -476,7 +494,7 @@ def contract_result(argv: list[str] | None, corpora: list[dict], ratios: list[di
         ])
     ratio_rows = [
         [r["baseline"], ratio(r["ratio"]), f"{ratio(r['ratio_min'])} – {ratio(r['ratio_max'])}", f"≥ {TARGET_SPEEDUP:g}×",
-         "equal or better" if r["recall_equal_or_better"] else "worse"]
+         "equal or better" if r["recall_equal_or_better"] else "worse", ratio(r["floor_ratio"])]
         for r in ratios
     ]
     tables = [
@@ -488,7 +506,8 @@ def contract_result(argv: list[str] | None, corpora: list[dict], ratios: list[di
         },
         {
             "title": f"{R1_DEFAULT} throughput over Presidio's, labelled corpus",
-            "columns": ["baseline", "ratio (medians)", "per-round range", "target", "recall"],
+            "columns": ["baseline", "ratio (medians)", "per-round range", "target", "recall",
+                        "floor: one re.search per record / baseline"],
             "rows": ratio_rows,
         },
     ]

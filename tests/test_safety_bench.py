@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.contract import validate
-from bench.safety import R1_DEFAULT, corpus_jsonl, generate_corpus, main
+from bench.safety import FLOOR, R1_DEFAULT, corpus_jsonl, generate_corpus, main
 
 
 def test_extra_corpora_are_all_benign_or_all_labelled():
@@ -32,6 +32,10 @@ def test_main_returns_and_writes_a_valid_result(tmp_path):
     assert len(ours["seconds_per_pass"]) == 1
     (ratio,) = result["raw"]["ratios"]
     assert ratio["ratio"] == ours["mb_per_s"] / corpus_result["detectors"][ratio["baseline"]]["mb_per_s"]
+    # The floor row times one re.search per record; it screens nothing, so it has no recall.
+    floor = corpus_result["detectors"][FLOOR]
+    assert floor["span_recall"] is None and floor["false_positive_rate"] is None and floor["mb_per_s"] > 0
+    assert ratio["floor_ratio"] == floor["mb_per_s"] / corpus_result["detectors"][ratio["baseline"]]["mb_per_s"]
     assert any("target ≥ 100×" in note for note in result["notes"])
 
 
