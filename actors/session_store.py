@@ -250,8 +250,11 @@ class SessionClient:
         if self.count_tokens is not None:
             budget = prompt_token_budget(self.context_tokens, max_new_tokens, window_tokens=self.config.window_tokens,
                                          reply_reserve_tokens=self.config.reply_reserve_tokens)
-        return plan_turn(session, messages, window_messages=self.config.window_messages, token_budget=budget,
-                         count_tokens=self.count_tokens)
+        try:
+            return plan_turn(session, messages, window_messages=self.config.window_messages, token_budget=budget,
+                             count_tokens=self.count_tokens)
+        except ValueError as error:  # the chat template refused the messages (r1/chat_template.py)
+            raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
     async def finish_turn(self, turn: Turn, reply: str) -> bool:
         """Store the turn's messages and the (screened) reply; False if the session was deleted meanwhile."""

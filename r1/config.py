@@ -35,6 +35,9 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 class SamplingConfig(StrictModel):
     """Per-request sampling parameters."""
 
@@ -48,7 +51,8 @@ class SamplingConfig(StrictModel):
     # 1.0 disables the penalty; >1 discourages repeating tokens already in prompt or output.
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # Stop at the tokenizer's end-of-sequence token(s).
     ignore_eos: bool = False
 

@@ -213,6 +213,17 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
     # unknown model
     ("/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, 404, "model"),
+    # a role the protocol knows and r1-tiny's chat template refuses (this app keeps sessions: the
+    # session window renders the template first)
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4"}]}, 400, "messages"),
+    # a seed beyond 64 bits (torch's generator would overflow)
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "seed"),
+    # negative token ids, batched prompts
+    ("/v1/completions", {"model": MODEL, "prompt": [5, -1]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "2 + 2 ="]}, 400, "prompt"),
+    # an OpenAI feature r1 does not implement is refused, not silently ignored
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "1", "echo": True}, 400, "echo"),
 ]
 
 
@@ -235,6 +246,58 @@ def test_malformed_json_is_400(server, raw):
                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_lone_surrogate_escape_is_400_naming_the_field(server, client):
+    # JSON allows "\ud800"; no text encoding can carry it (the tokenizer would fail on it).
+    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "ab\\ud800c"}]}' % MODEL.encode()
+    response = httpx.post(f"{server}/v1/chat/completions", content=raw, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "messages.0.content"
+    # a surrogate pair is one character (an emoji) and is served
+    pair = raw.replace(b"\\ud800", b"\\ud83d\\ude00")
+    response = httpx.post(f"{server}/v1/chat/completions", content=pair.replace(b"}]}", b"}], \"max_tokens\": 2}"),
+                          timeout=60, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+def test_a_role_the_template_refuses_is_400_without_sessions(server):
+    # /strict runs without sessions: the LLM server renders the template and refuses the messages.
+    body = {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4"}], "max_tokens": 2}
+    response = httpx.post(f"{server}/strict/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "role must be" in error["message"]
+
+
+def test_neutral_values_of_unimplemented_features_are_served(client):
+    # Clients that send the defaults of features r1 does not implement keep working.
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, logprobs=False, frequency_penalty=0, presence_penalty=0,
+        tool_choice="none", tools=[{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+        response_format={"type": "text"},
+    )
+    assert reply.choices[0].finish_reason in {"stop", "length"}
+    # n > 1 with the largest seed: the second choice's seed wraps instead of overflowing
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=2, seed=2**63 - 1,
+                                           temperature=1.0)
+    assert len(reply.choices) == 2
+
+
+def test_model_retrieve_and_unknown_routes_answer_openai_style(server, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-17")
+    assert missing.value.body["code"] == "model_not_found"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, status in (("POST", "/v1/embeddings", 404), ("GET", "/v1/chat/completions", 405)):
+        response = httpx.request(method, f"{server}{path}", headers=auth, timeout=30)
+        assert response.status_code == status
+        assert response.json()["error"]["message"]
+    # retrieving a model needs a key like every model route
+    assert httpx.get(f"{server}/v1/models/{MODEL}", timeout=30).status_code == 401
 
 
 def test_overload_is_a_fast_503_not_a_hang(server):

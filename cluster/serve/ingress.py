@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -36,13 +37,17 @@ from r1.serving.protocol import (
     chat_chunk,
     chat_messages,
     chat_response,
+    choice_seed,
     completion_choice,
     completion_chunk,
     completion_response,
+    decode_json,
+    model_object,
     models_list,
     new_id,
     parse_request,
     sampling_for,
+    unsupported,
     usage_dict,
 )
 from r1.telemetry import (
@@ -63,6 +68,21 @@ app = FastAPI(title="r1-cluster", description="OpenAI-compatible API for DeepSee
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(status_code=error.status, content=error.body())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) answer with an OpenAI-style error body too."""
+    if error.status_code == 404:
+        message = f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, /v1/models, /health"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(error.detail)
+    response = error_response(APIError(error.status_code, message))
+    for name, value in (error.headers or {}).items():
+        response.headers[name] = value
+    return response
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -144,6 +164,17 @@ class OpenAIIngress:
             return error_response(error)
         return JSONResponse(models_list(self.config.model_name, self.created))
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Response:
+        try:
+            self.auth.check(request.headers.get("authorization"))
+            if model_id != self.config.model_name:
+                raise APIError(404, f"model '{model_id}' does not exist; this server serves '{self.config.model_name}'",
+                               param="model", code="model_not_found")
+        except APIError as error:
+            return error_response(error)
+        return JSONResponse(model_object(self.config.model_name, self.created))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle(request, chat=True)
@@ -202,6 +233,7 @@ class OpenAIIngress:
             owner = self.auth.check(request.headers.get("authorization"))
             body = await self._read_json(request)
             parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
+            unsupported(parsed)
             if parsed.model != self.config.model_name:
                 raise APIError(404, f"model '{parsed.model}' does not exist; this server serves '{self.config.model_name}'",
                                param="model", code="model_not_found")
@@ -306,14 +338,11 @@ class OpenAIIngress:
         raw = await request.body()
         if len(raw) > limit:
             raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit} bytes", code="request_too_large")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        return decode_json(raw)
 
     def _open(self, prompt: Any, chat: bool, sampling: Any, index: int) -> Any:
         if sampling.seed is not None and index:
-            sampling = sampling.model_copy(update={"seed": sampling.seed + index})
+            sampling = sampling.model_copy(update={"seed": choice_seed(sampling.seed, index)})
         body = {"prompt": prompt, "chat": chat, "sampling": sampling.model_dump(), "request_id": new_id("gen"),
                 "trace": inject_context()}
         return self.llm.options(stream=True).stream.remote(body)

@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import torch
 
+from r1.chat_template import render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
@@ -131,7 +132,7 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
                 "this model's tokenizer has no chat template; send a raw text prompt instead "
                 "(`r1 generate --raw`, or /v1/completions)"
             )
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, prompt)
         return list(tokenizer.encode(text, add_special_tokens=False))
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages")
 

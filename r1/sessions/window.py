@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from r1.chat_template import render_chat
+
 Message = dict[str, str]
 TokenCounter = Callable[[list[Message]], int]
 
@@ -92,7 +94,7 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
     tokens plus 4 per message (the engine refuses such chat requests anyway)."""
     if getattr(tokenizer, "chat_template", None):
         def count(messages: list[Message]) -> int:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(tokenizer, messages)
             return len(tokenizer.encode(text, add_special_tokens=False))
     else:
         def count(messages: list[Message]) -> int:

@@ -1,0 +1,119 @@
+"""The OpenAI wire format without a server: request decoding, validation and refusals (r1/serving/protocol.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1.config import SEED_MAX, SEED_MIN
+from r1.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    choice_seed,
+    decode_json,
+    parse_request,
+    unsupported,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"messages": [{"content": "a\\ud800"}]}', "messages.0.content"),  # a lone high surrogate
+        (b'{"a": {"b": ["x", "\\uDC00"]}}', "a.b.1"),  # a lone low surrogate, upper-case escape
+        (b'{"metadata": {"\\ud800": 1}}', "metadata.'\\ud800'"),  # in a key
+    ],
+)
+def test_lone_surrogates_are_400_naming_where(raw, param):
+    with pytest.raises(APIError) as error:
+        decode_json(raw)
+    assert error.value.status == 400 and error.value.param == param
+
+
+def test_surrogate_pairs_and_plain_escapes_decode():
+    assert decode_json(b'{"t": "\\ud83d\\ude00 \\u4f60"}') == {"t": "\U0001f600 你"}
+    with pytest.raises(APIError, match="not valid JSON"):
+        decode_json(b"{nope")
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"5": -100}}, "logit_bias"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"best_of": 3}, "best_of"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ],
+)
+def test_chat_features_r1_does_not_implement_are_refused(extra, param):
+    with pytest.raises(APIError) as error:
+        unsupported(parse_request(ChatCompletionRequest, {**CHAT, **extra}))
+    assert (error.value.status, error.value.param, error.value.code) == (400, param, "unsupported")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0.0},
+        {"best_of": 1, "tool_choice": "none", "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tool_choice": "auto", "response_format": {"type": "text"}, "functions": [], "function_call": "none"},
+        {"parallel_tool_calls": True, "store": False, "metadata": {"k": "v"}},  # unknown fields: ignored
+    ],
+)
+def test_neutral_values_pass(extra):
+    unsupported(parse_request(ChatCompletionRequest, {**CHAT, **extra}))
+
+
+@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs")])
+def test_completion_features_r1_does_not_implement_are_refused(extra, param):
+    with pytest.raises(APIError) as error:
+        unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra}))
+    assert error.value.param == param
+    unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", "echo": False, "suffix": ""}))
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (["a", "b"], "batched prompts are not supported"),
+        ([[1, 2], [3]], "batched prompts are not supported"),
+        ([4, -1], "token ids must be >= 0"),
+        ({"x": 1}, "valid string"),
+    ],
+)
+def test_prompt_errors_name_the_prompt_field(prompt, message):
+    with pytest.raises(APIError, match=message) as error:
+        parse_request(CompletionRequest, {"model": "m", "prompt": prompt})
+    assert error.value.param == "prompt"
+
+
+def test_union_member_names_stay_out_of_the_param():
+    with pytest.raises(APIError) as error:
+        parse_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": 5}]})
+    assert error.value.param == "messages.0.content"
+
+
+@pytest.mark.parametrize("seed", [SEED_MAX + 1, SEED_MIN - 1, 2**70])
+def test_seeds_beyond_64_bits_are_400(seed):
+    with pytest.raises(APIError) as error:
+        parse_request(ChatCompletionRequest, {**CHAT, "seed": seed})
+    assert error.value.param == "seed"
+
+
+@pytest.mark.parametrize(
+    "seed, index, expected",
+    [(None, 3, None), (7, 0, 7), (7, 2, 9), (-5, 1, -4), (SEED_MAX, 1, SEED_MIN), (SEED_MAX - 1, 3, SEED_MIN + 1)],
+)
+def test_choice_seeds_stay_within_64_bits(seed, index, expected):
+    assert choice_seed(seed, index) == expected
