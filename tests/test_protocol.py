@@ -32,10 +32,23 @@ def test_lone_surrogates_are_400_naming_where(raw, param):
     assert error.value.status == 400 and error.value.param == param
 
 
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{nope", "Expecting property name"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "integer string conversion"),  # past Python's digit limit
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"a": "\xff"}', "utf-8"),  # not UTF-8
+    ],
+)
+def test_bodies_json_cannot_take_are_400(raw, reason):
+    with pytest.raises(APIError, match=reason) as error:
+        decode_json(raw)
+    assert error.value.status == 400 and error.value.code == "invalid_json"
+
+
 def test_surrogate_pairs_and_plain_escapes_decode():
     assert decode_json(b'{"t": "\\ud83d\\ude00 \\u4f60"}') == {"t": "\U0001f600 你"}
-    with pytest.raises(APIError, match="not valid JSON"):
-        decode_json(b"{nope")
 
 
 @pytest.mark.parametrize(

@@ -173,8 +173,11 @@ def decode_json(raw: bytes) -> Any:
     surrogate ("\\ud800" escapes JSON allows but no text encoding can carry), naming the field."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except (ValueError, RecursionError) as error:
+        # ValueError: JSON syntax, invalid UTF-8, integers past Python's 4300-digit conversion limit;
+        # RecursionError: arrays or objects nested deeper than the parser's recursion allows.
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if b"\\ud" in raw.lower():  # only a \u escape can produce a lone surrogate
         path = _lone_surrogate_path(body, "")
         if path is not None:
