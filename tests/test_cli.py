@@ -85,3 +85,11 @@ def test_build_tiny_writes_the_shipped_tokenizer(tmp_path):
     # The tokenizer is the shipped one byte for byte (training changes only the weights).
     assert (tmp_path / "tiny" / "tokenizer.json").read_bytes() == (shipped / "tokenizer.json").read_bytes()
     assert (tmp_path / "tiny" / "model.safetensors").stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize("port", ["99999", "0"])
+def test_serve_with_a_port_outside_the_tcp_range_exits_2_before_starting_ray(port):
+    result = run("serve", "--port", port)
+    assert result.returncode == 2
+    assert f"--port={port} is not a TCP port" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr + result.stdout

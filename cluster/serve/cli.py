@@ -86,7 +86,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     keys = load_api_keys(config.api_keys_env, config.api_keys_file)
     host = choose_host(args.host, http_options, bool(keys))
-    port = args.port or int(http_options.get("port", 8000))
+    port = args.port if args.port is not None else http_options.get("port", 8000)
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        source = "--port" if args.port is not None else f"http_options.port in {args.config}"
+        raise ValueError(f"{source}={port!r} is not a TCP port; use 1-65535 (default 8000)")
 
     import ray
     from ray import serve
