@@ -211,3 +211,27 @@ def test_random_texts_and_chunkings_match_check(name, request):
             assert text.startswith(prefix) and safety.check(prefix, "output").action != "block"
         else:
             assert emitted == verdict.text, text
+
+
+def test_long_digit_chains_stream_like_check_with_a_bounded_context(default):
+    # "1 2 3 4 …", tables of numbers: one card candidate chain thousands of characters long, with
+    # Luhn-valid windows inside (redacted) and a real card number in the middle. The stream must
+    # give check()'s text, and keep a bounded left context (keeping the chain from its first digit
+    # made every chunk rescan the whole chain: quadratic time).
+    rng = random.Random(7)
+    scanner = default.scanner("output")
+    for _ in range(4):
+        groups = ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 3))) for _ in range(600)]
+        groups[300] = "4111 1111 1111 1111"
+        text = "编号 " + "".join(g + rng.choice([" ", "-", "  ", " - "]) for g in groups) + "完"
+        stream = default.stream("output")
+        pieces, i = [], 0
+        while i < len(text):
+            size = rng.randint(1, 9)
+            pieces.append(stream.feed(text[i : i + size]))
+            assert len(stream._context) <= scanner.context_chars
+            i += size
+        pieces.append(stream.flush())
+        verdict = default.check(text, "output")
+        assert verdict.action == "redact"
+        assert "".join(pieces) == verdict.text

@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 
 from r1.config import SafetyRuleConfig
 from r1.safety.normalize import fold_char, fold_string
-from r1.safety.patterns import DIGIT_GROUP_RE, VALUE_AFTER_KEYWORD
+from r1.safety.patterns import CARD_MAX_SEPARATORS, DIGIT_GROUP_RE, VALUE_AFTER_KEYWORD
 
 Direction = Literal["input", "output"]
 RuleAction = Literal["block", "redact", "flag", "off"]
@@ -126,11 +126,13 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def card_hits(norm: str, start: int, end: int, rules: list[tuple[int, Rule]]) -> list[tuple[int, int, int]]:
+def card_hits(norm: str, start: int, end: int, rules: list[tuple[int, Rule]], min_end: int = 0) -> list[tuple[int, int, int]]:
     """(rule index, start, end) of every card rule's windows in the candidate norm[start:end].
 
     A window is a run of whole digit groups; each rule's windows are merged into spans. The Luhn
-    checksum of a window is computed once for all rules."""
+    checksum of a window is computed once for all rules. `min_end`: the caller needs only windows
+    that end after it (a stream's new text); windows that start too early to reach it are skipped,
+    so a long chain ("1 2 3 4 …") costs work for its tail only (the spans may then start later)."""
     candidate = norm[start:end]
     if candidate.isdigit():  # one contiguous group: the only window is the whole run
         digits = candidate if candidate.isascii() else fold_string(candidate)
@@ -164,7 +166,11 @@ def card_hits(norm: str, start: int, end: int, rules: list[tuple[int, Rule]]) ->
     max_digits = max(rule.max_digits if rule.max_digits is not None else total for _, rule in bounded)
     spans: dict[int, list[tuple[int, int]]] = {index: [] for index, _ in bounded}
     group_digits = [fold_string(norm[s:e]) for s, e in groups]
+    # The widest window: max_digits digits, each pair of groups apart by at most the separators.
+    first_useful = min_end - (max_digits + (max_digits - 1) * CARD_MAX_SEPARATORS)
     for i, (first_start, _) in enumerate(groups):
+        if first_start < first_useful:
+            continue
         count = 0
         digits = ""
         for j in range(i, len(groups)):

@@ -178,6 +178,9 @@ class Scanner:
         self._main_pass = re.compile("|".join(alternatives)) if alternatives else None
         self._more_passes = bool(self._secret_passes or self._keyword_passes or self._regex_rules)
 
+    def is_card_rule(self, rule: int) -> bool:
+        return self.rules[rule].kind == "card_number"
+
     @property
     def main_pattern(self) -> re.Pattern[str] | None:
         """The compiled main pass (see the module docstring); benchmarks time it alone."""
@@ -216,11 +219,12 @@ class Scanner:
         found = {(rule, *span_to_raw(start, end)) for rule, start, end, _ in self._scan(folded.norm)}
         return sorted(found, key=_finding_order)
 
-    def scan(self, text: str) -> list[Hit]:
-        """Every finding in `text` (original without look-alikes, or folded), possibly repeated."""
-        return [Hit(*hit) for hit in self._scan(text)]
+    def scan(self, text: str, min_end: int = 0) -> list[Hit]:
+        """Every finding in `text` (original without look-alikes, or folded), possibly repeated.
+        `min_end`: findings that end at or before it may be left out (a stream's emitted context)."""
+        return [Hit(*hit) for hit in self._scan(text, min_end)]
 
-    def _scan(self, text: str) -> list[tuple[int, int, int, int]]:
+    def _scan(self, text: str, min_end: int = 0) -> list[tuple[int, int, int, int]]:
         """`scan` as (rule, start, end, trigger) tuples: `find` needs no Hit objects."""
         hits: list[tuple[int, int, int, int]] = []
         if self._main_pass is not None:
@@ -235,7 +239,7 @@ class Scanner:
                     if value is not None:
                         hits.append((rule, value.start, value.end, start))
                 elif kind == "card":
-                    for card_rule, first, last in card_hits(text, start, position, self._card_rules):
+                    for card_rule, first, last in card_hits(text, start, position, self._card_rules, min_end):
                         hits.append((card_rule, first, last, start))
                 elif kind == "code":
                     marker = "q" + match.lastgroup[1:]  # type: ignore[index]

@@ -109,7 +109,7 @@ class SafetyStream:
                 folded = fold(self._buffer)
         base = len(self._context)
         norm = self._context + folded.norm
-        hits = [h for h in dedupe(scanner.scan(norm)) if h.end > base]
+        hits = [h for h in dedupe(scanner.scan(norm, min_end=base)) if h.end > base]
         blocking = [h for h in hits if scanner.actions[h.rule] == "block"]
         if blocking:
             self._record(blocking, folded, base, len(norm))
@@ -126,12 +126,16 @@ class SafetyStream:
         spans = redaction_spans(hits, scanner.actions, base, cut)
         out, self._continuing = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text, self._continuing)
         self._record([h for h in hits if base <= h.start < cut], folded, base, cut)
-        # Keep left context: a bounded tail, extended back to the trigger of any finding that
-        # reaches the cut (a long secret value keeps its keyword in view).
+        # Keep left context: a bounded tail, extended back to the trigger of any secret or keyword
+        # finding that reaches the cut (a long secret value keeps its keyword in view). Card
+        # findings are not extended: every window that can still touch new text lies within the
+        # tail (a window is at most `max_digits` digits with separators, far less than
+        # `context_chars`), while the trigger of a long digit chain ("1 2 3 4 …") is its first
+        # digit, and keeping the whole chain would rescan it on every chunk (quadratic time).
         context = norm[:cut]
         keep_from = len(context) - scanner.context_chars
         for hit in hits:
-            if hit.end >= cut:
+            if hit.end >= cut and not scanner.is_card_rule(hit.rule):
                 keep_from = min(keep_from, hit.trigger)
         self._context = context[max(keep_from, 0) :]
         self._buffer = self._buffer[raw_cut:]
