@@ -47,6 +47,14 @@ def test_bodies_json_cannot_take_are_400(raw, reason):
     assert error.value.status == 400 and error.value.code == "invalid_json"
 
 
+def test_a_lone_surrogate_deep_inside_a_body_is_found_without_recursion():
+    depth = 900  # within what json.loads accepts; a recursive walk on top of a deep stack would not be
+    raw = b'{"a": ' + b"[" * depth + b'"\\udfff"' + b"]" * depth + b"}"
+    with pytest.raises(APIError) as error:
+        decode_json(raw)
+    assert error.value.param == "a." + ".".join(["0"] * depth)
+
+
 def test_surrogate_pairs_and_plain_escapes_decode():
     assert decode_json(b'{"t": "\\ud83d\\ude00 \\u4f60"}') == {"t": "\U0001f600 你"}
 

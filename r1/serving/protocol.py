@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from r1.config import SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a body's text can hold one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class APIError(Exception):
@@ -178,24 +180,31 @@ def decode_json(raw: bytes) -> Any:
         # RecursionError: arrays or objects nested deeper than the parser's recursion allows.
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
-    if b"\\ud" in raw.lower():  # only a \u escape can produce a lone surrogate
-        path = _lone_surrogate_path(body, "")
+    if _SURROGATE_ESCAPE.search(raw):  # pairs are joined by the parser; look for a lone one
+        path = _lone_surrogate_path(body)
         if path is not None:
             raise APIError(400, f"invalid value for '{path}': a lone UTF-16 surrogate is not valid text",
                            param=path or None, code="invalid_value")
     return body
 
 
-def _lone_surrogate_path(value: Any, path: str) -> str | None:
-    if isinstance(value, str):
-        return path if _LONE_SURROGATE.search(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if isinstance(key, str) and _LONE_SURROGATE.search(key):
-            return f"{path}.{key!r}".lstrip(".")
-        found = _lone_surrogate_path(item, f"{path}.{key}".lstrip("."))
-        if found is not None:
-            return found
+def _lone_surrogate_path(body: Any) -> str | None:
+    """Path ("messages.0.content") of the first string or key holding a lone surrogate. Iterative:
+    a body nested as deep as the JSON parser allows must not exhaust the recursion limit here."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return path
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        children = []
+        for key, item in items:
+            if isinstance(key, str) and _LONE_SURROGATE.search(key):
+                return f"{path}.{key!r}".lstrip(".")
+            children.append((f"{path}.{key}".lstrip("."), item))
+        pending.extend(reversed(children))  # depth-first, in document order
     return None
 
 
