@@ -222,9 +222,14 @@ def parse_request(cls: type[BaseModel], body: Any) -> Any:
     try:
         return cls.model_validate(body)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p))
-        raise APIError(400, f"invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+        raise invalid_value(error) from None
+
+
+def invalid_value(error: ValidationError) -> APIError:
+    """The 400 for a pydantic error: its first problem, naming the field's path as the client sent it."""
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p))
+    return APIError(400, f"invalid value for '{param}': {first['msg']}", param=param, code="invalid_value")
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
@@ -259,9 +264,7 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     try:
         return SamplingConfig.model_validate({**config.sampling.model_dump(), **updates})
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+        raise invalid_value(error) from None
 
 
 def chat_messages(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
