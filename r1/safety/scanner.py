@@ -71,7 +71,9 @@ def _is_ascii_letter(char: str) -> bool:
 @dataclass(slots=True)
 class Hit:
     """A finding in scanned-text coordinates. `trigger` is where the evidence for it starts (a
-    secret's keyword, a card candidate's first digit); streams keep the trigger in context."""
+    secret's keyword, a code's first digit; for a card number its own first digit: its windows are
+    all its evidence, however long the chain of digits before it); streams keep the trigger in
+    context."""
 
     rule: int
     start: int
@@ -178,9 +180,6 @@ class Scanner:
         self._main_pass = re.compile("|".join(alternatives)) if alternatives else None
         self._more_passes = bool(self._secret_passes or self._keyword_passes or self._regex_rules)
 
-    def is_card_rule(self, rule: int) -> bool:
-        return self.rules[rule].kind == "card_number"
-
     @property
     def main_pattern(self) -> re.Pattern[str] | None:
         """The compiled main pass (see the module docstring); benchmarks time it alone."""
@@ -240,7 +239,7 @@ class Scanner:
                         hits.append((rule, value.start, value.end, start))
                 elif kind == "card":
                     for card_rule, first, last in card_hits(text, start, position, self._card_rules, min_end):
-                        hits.append((card_rule, first, last, start))
+                        hits.append((card_rule, first, last, first))
                 elif kind == "code":
                     marker = "q" + match.lastgroup[1:]  # type: ignore[index]
                     keyword = ascii_lower(fold_string(match.group(marker)))

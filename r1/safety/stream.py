@@ -126,16 +126,15 @@ class SafetyStream:
         spans = redaction_spans(hits, scanner.actions, base, cut)
         out, self._continuing = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text, self._continuing)
         self._record([h for h in hits if base <= h.start < cut], folded, base, cut)
-        # Keep left context: a bounded tail, extended back to the trigger of any secret or keyword
-        # finding that reaches the cut (a long secret value keeps its keyword in view). Card
-        # findings are not extended: every window that can still touch new text lies within the
-        # tail (a window is at most `max_digits` digits with separators, far less than
-        # `context_chars`), while the trigger of a long digit chain ("1 2 3 4 …") is its first
-        # digit, and keeping the whole chain would rescan it on every chunk (quadratic time).
+        # Keep left context: a bounded tail, extended back to the trigger of any finding that
+        # reaches the cut (a long secret value keeps its keyword in view). A card finding's trigger
+        # is its own first digit, and the scan above enumerates only windows that can reach this
+        # step's text, so a long chain of numbers ("1 2 3 4 …") is not kept, and rescanned on
+        # every chunk, from its first digit.
         context = norm[:cut]
         keep_from = len(context) - scanner.context_chars
         for hit in hits:
-            if hit.end >= cut and not scanner.is_card_rule(hit.rule):
+            if hit.end >= cut:
                 keep_from = min(keep_from, hit.trigger)
         self._context = context[max(keep_from, 0) :]
         self._buffer = self._buffer[raw_cut:]
