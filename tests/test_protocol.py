@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from r1.config import SEED_MAX, SEED_MIN
+from r1.config import SEED_MAX, SEED_MIN, ServeConfig
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    chat_messages,
     choice_seed,
     decode_json,
     parse_request,
@@ -138,3 +139,30 @@ def test_seeds_beyond_64_bits_are_400(seed):
 )
 def test_choice_seeds_stay_within_64_bits(seed, index, expected):
     assert choice_seed(seed, index) == expected
+
+
+def test_text_content_parts_are_joined_by_newlines():
+    request = parse_request(ChatCompletionRequest, {"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "part A"}, {"type": "text", "text": "part B"}]},
+    ]})
+    assert chat_messages(request, ServeConfig())[1] == {"role": "user", "content": "part A\npart B"}
+
+
+@pytest.mark.parametrize(
+    "part, code",
+    [
+        ({"type": "image_url", "image_url": {"url": "http://x"}}, "unsupported"),  # not text
+        ({"text": "no type"}, "unsupported"),
+        ({"type": "text"}, "invalid_value"),  # a text part without its text
+        ({"type": "text", "text": 5}, "invalid_value"),
+    ],
+)
+def test_content_parts_other_than_text_are_400_naming_the_part(part, code):
+    request = parse_request(ChatCompletionRequest, {"model": "m", "messages": [
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": [{"type": "text", "text": "ok"}, part]},
+    ]})
+    with pytest.raises(APIError) as error:
+        chat_messages(request, ServeConfig())
+    assert (error.value.status, error.value.param, error.value.code) == (400, "messages.1.content.1", code)

@@ -60,17 +60,23 @@ class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
+    def text(self, index: int = 0) -> str:
+        """The message's text; a list of content parts must be text parts, joined by newlines (as vLLM
+        joins them: parts are separate pieces of text, and run together their words would merge)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, "only text content parts are supported", param="messages.content")
+        for position, part in enumerate(self.content):
+            param, kind = f"messages.{index}.content.{position}", part.get("type")
+            if kind != "text":
+                raise APIError(400, f"only text content parts are supported, not type {kind!r}", param=param,
+                               code="unsupported")
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, "a text content part needs a string 'text'", param=param, code="invalid_value")
             parts.append(part["text"])
-        return "".join(parts)
+        return "\n".join(parts)
 
 
 class StreamOptions(_Lenient):
@@ -270,7 +276,8 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
 def chat_messages(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
     if len(request.messages) > config.max_messages:
         raise APIError(400, f"{len(request.messages)} messages exceed this server's limit of {config.max_messages}", param="messages")
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(index)}
+            for index, m in enumerate(request.messages)]
 
 
 def new_id(prefix: str) -> str:
