@@ -61,7 +61,7 @@ MAX_TASK_RETRIES = 3
 ACTOR_PROTOCOL_VERSION = 2  # 2: every method takes a `trace` carrier
 # Config fields that change what an actor does; the ingress-side ones (window, timeouts) do not.
 _ACTOR_FIELDS = ("num_partitions", "backend_url", "idle_ttl_s", "max_stored_messages", "sqlite_synchronous",
-                 "sweep_interval_s", "num_cpus")
+                 "sweep_interval_s", "num_cpus", "call_timeout_s")
 
 
 class SessionStoreActor:

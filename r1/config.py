@@ -20,7 +20,9 @@ DEFAULT_MAX_NEW_TOKENS_CAP = 4096
 class StrictModel(BaseModel):
     """Base for all config models: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: every number is a size, a rate, a time or a limit; "inf" in YAML is a mistake
+    # that would surface far away (a Redis TTL that overflows, a timeout that never fires).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -741,8 +743,9 @@ class SessionConfig(StrictModel):
     window_tokens: int | None = Field(default=None, ge=1)
     # Room kept for the reply when a request sets no max_tokens (at most half the context).
     reply_reserve_tokens: int = Field(default=1024, ge=1)
-    # A session not written to for this long is gone (reads as missing, then removed).
-    idle_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # A session without a turn (started or stored) for this long is gone (reads as missing, then removed).
+    # At most 100 years: Redis keeps the TTL as an integer of milliseconds.
+    idle_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0, le=100 * 365 * 24 * 3600.0)
     # Oldest messages beyond this are removed from storage.
     max_stored_messages: int = Field(default=10_000, ge=2)
     # SQLite only. full: a commit survives power loss; normal: survives process crashes only.

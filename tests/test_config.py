@@ -22,6 +22,8 @@ from r1.config import GenerateConfig, ModelConfig, SamplingConfig, apply_overrid
         ("sampler:\n  temperature: 0.1\n", ["sampler: unknown key", "engine, model, sampling"]),
         # empty stop strings would stop at once
         ("sampling:\n  stop: ['']\n", ["sampling.stop", "non-empty"]),
+        # YAML's .inf is a number to pydantic, but no size, time or limit here is infinite
+        ("sampling:\n  temperature: .inf\n", ["sampling.temperature", "finite number"]),
     ],
 )
 def test_yaml_errors_name_key_and_allowed_values(tmp_path, yaml_text, fragments):

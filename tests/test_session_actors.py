@@ -101,7 +101,7 @@ def configs(ray_cluster, redis_url, tmp_path_factory):
     ({"idle_ttl_s": 60.0}, True),  # the actors enforce the TTL
     ({"num_cpus": 0.1}, True),  # resources are fixed when an actor is created
     ({"window_messages": 4}, False),  # ingress-side: the same actors serve it
-    ({"call_timeout_s": 3.0}, False),  # ingress-side
+    ({"call_timeout_s": 3.0}, True),  # also the actors' SQLite busy timeout and Redis socket timeouts
 ])
 def test_actor_names_follow_the_storage_settings(change, new_actors):
     base = SessionConfig()

@@ -104,6 +104,7 @@ def redis_url():
     ("abcdefgh ijklmnop", False),  # whitespace
     ("abcdefgh{ijklmnop}", False),  # braces would break the Redis hash tag
     ("äbcdefghijklmnopq", False),  # non-ASCII
+    ("a" * 16 + "\n", False),  # a final newline ("$" matches before it): would break the X-Session-Id header
     (12345678901234567, False),  # not a string
     (None, False),  # not a string
 ])
@@ -151,6 +152,10 @@ def test_partition_is_the_same_in_another_process():
     ("sqlite:///sessions.db", "relative path"),  # would differ per actor working directory
     ("sqlite:///:memory:", "not durable"),  # each actor would have its own empty store
     ("postgres://db/sessions", "not supported"),  # unknown scheme
+    ("redis://10.0.0.5:6379", ("redis", "redis://10.0.0.5:6379")),  # no database: redis-py's 0
+    ("unix:///run/redis.sock?db=3", ("redis", "unix:///run/redis.sock?db=3")),  # the path is the socket
+    ("redis://10.0.0.5:6379/abc", "database number"),  # redis-py would silently use database 0
+    ("redis://10.0.0.5:6379/3/extra", "database number"),
 ])
 def test_backend_urls(url, expected):
     if isinstance(expected, tuple):
@@ -274,6 +279,18 @@ def test_plan_turn():
         plan_turn(session, [{"role": "robot", "content": "x"}], window_messages=10)
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": ["user"], "content": "x"}],  # unhashable role: a ValueError, not a TypeError
+    [{"role": "user", "content": [{"type": "text", "text": "x"}]}],  # content parts: the ingress joins them first
+    [],
+])
+def test_stored_messages_are_checked(messages):
+    from r1.sessions.store import check_messages
+
+    with pytest.raises(ValueError, match="messages"):
+        check_messages(messages)
+
+
 # -- the backends ----------------------------------------------------------------------------------
 
 
@@ -370,6 +387,35 @@ def test_idle_ttl(make_backend):
     assert backend.expire_idle() == 0
     fresh = backend.open(SID, "key-b")
     assert fresh.created and fresh.messages == []
+
+
+def test_opening_a_session_counts_as_activity(make_backend):
+    # A turn opens the session, then generates; the session must not expire in between and lose
+    # the turn (append would find it gone).
+    clock = FakeClock()
+    backend = make_backend(clock=clock)
+    backend.open(SID, "key-a")
+    backend.append(SID, "key-a", [user(1), assistant(1)])
+    clock.now += TTL_S - 1
+    opened = backend.open(SID, "key-a", last=10)
+    assert opened.messages == exchanges(1, 1) and opened.updated_at == clock.now
+    clock.now += 2  # generating the reply
+    assert backend.append(SID, "key-a", [user(2), assistant(2)])
+    assert backend.get(SID, "key-a").num_messages == 4
+    clock.now += TTL_S - 1
+    assert backend.get(SID, "key-a") is not None  # a read (GET /v1/sessions) is not activity...
+    clock.now += 2
+    assert backend.get(SID, "key-a") is None  # ...so the session expires a TTL after the last turn
+    if make_backend.kind == "redis":
+        import redis
+
+        raw = redis.Redis.from_url(backend.url, decode_responses=True)
+        backend.open(OTHER_SID, "key-a")
+        backend.append(OTHER_SID, "key-a", [user(1)])
+        raw.pexpire(f"r1:session:{{{OTHER_SID}}}:meta", 5)  # Redis's own expiry is refreshed by open too
+        backend.open(OTHER_SID, "key-a")
+        assert raw.pttl(f"r1:session:{{{OTHER_SID}}}:meta") > 1000
+        raw.close()
 
 
 def test_open_replaces_an_expired_session(make_backend):
@@ -518,6 +564,45 @@ def test_redis_keys_expire_in_redis(redis_url):
     assert all(0 < raw.pttl(key) <= TTL_S * 1000 for key in keys)  # Redis frees idle sessions itself
     backend.close()
     raw.close()
+
+
+def test_sqlite_database_is_private(tmp_path):
+    backend = SQLiteBackend(tmp_path / "private" / "s.db")
+    backend.open(SID, "key-a")
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700  # a folder it creates
+    for name in ("s.db", "s.db-wal"):
+        assert (tmp_path / "private" / name).stat().st_mode & 0o077 == 0, name  # no access for group/others
+    backend.close()
+
+
+@pytest.mark.parametrize("make_path, reason", [
+    (lambda d: (d / "notadb.db").write_text("hello" * 100) and d / "notadb.db", "not a database"),
+    (lambda d: "/dev/null", "disk I/O error"),
+    (lambda d: "~no-such-user-r1/s.db", "home directory"),
+])
+def test_sqlite_bad_files_are_clear_errors_without_leaks(tmp_path, make_path, reason):
+    import os
+
+    path = make_path(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ValueError, match="cannot open the session database") as error:
+            SQLiteBackend(path)
+        assert str(path) in str(error.value) and reason in str(error.value)
+    assert len(os.listdir("/proc/self/fd")) == before  # each failed open closed its connection
+
+
+def test_sqlite_failed_write_raises_its_own_error(tmp_path):
+    import sqlite3
+
+    backend = SQLiteBackend(tmp_path / "s.db")
+    backend.open(SID, "key-a")
+    backend._db.execute("PRAGMA max_page_count=20")  # a full disk
+    with pytest.raises(sqlite3.OperationalError, match="full"):  # SQLite rolled back itself; no "cannot rollback"
+        backend.append(SID, "key-a", [{"role": "user", "content": "x" * 200_000}])
+    backend._db.execute("PRAGMA max_page_count=1000000")
+    assert backend.append(SID, "key-a", [user(1)]) and backend.get(SID, "key-a").messages == [user(1)]
+    backend.close()
 
 
 def test_sqlite_refuses_a_newer_schema(tmp_path):

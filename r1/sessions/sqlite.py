@@ -70,20 +70,34 @@ class SQLiteBackend(BackendBase):
                          sweep_interval_s=sweep_interval_s)
         if synchronous not in ("full", "normal"):
             raise ValueError(f"synchronous={synchronous!r} must be 'full' or 'normal'")
-        self.path = Path(path).expanduser()
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(path).expanduser()
+            # Stored chats are private: folders this creates and the database (SQLite gives its -wal
+            # and -shm files the database's mode) are readable by the owner only.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                self.path.touch(mode=0o600)
             # isolation_level=None: no implicit transactions; each method opens its own.
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as error:
-            raise ValueError(f"cannot open the session database {self.path}: {error}; check the path and permissions") from None
-        self._lock = threading.Lock()
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise ValueError(f"{self.path}: SQLite could not switch to WAL mode (got {mode}); put the file on a local disk")
-        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        self._init_schema()
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise ValueError(f"SQLite could not switch to WAL mode (got {mode}); put the file on a local disk")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            self._init_schema()
+        except (OSError, RuntimeError, ValueError, sqlite3.Error) as error:
+            # RuntimeError: expanduser of "~user" for a user that does not exist.
+            if self._db is not None:
+                self._db.close()
+            raise ValueError(f"cannot open the session database {path}: {error}; check the path and permissions") from None
+
+    def _rollback(self) -> None:
+        """Roll back after a failed statement, unless SQLite already did (it does for some errors,
+        such as a full disk, and a second ROLLBACK would raise and hide the real error)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _init_schema(self) -> None:
         with self._lock:
@@ -101,7 +115,7 @@ class SQLiteBackend(BackendBase):
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     # -- transactions ------------------------------------------------------------------------
@@ -114,7 +128,7 @@ class SQLiteBackend(BackendBase):
                 self._db.execute("COMMIT")
                 return result
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def _read_messages(self, db: sqlite3.Connection, session_id: str, last: int | None) -> list[dict[str, str]]:
@@ -156,7 +170,10 @@ class SQLiteBackend(BackendBase):
                 return Session(session_id, owner, now, now, 0, [], created=True)
             if row[0] != owner:
                 return None
-            return Session(session_id, owner, row[1], row[2], self._count(db, session_id),
+            # Opening a session starts a turn: it counts as activity, so the session cannot expire
+            # while the reply is generated (unless that takes the whole idle TTL).
+            db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
+            return Session(session_id, owner, row[1], now, self._count(db, session_id),
                            self._read_messages(db, session_id, last))
 
         return self._write(body)

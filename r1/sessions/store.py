@@ -18,11 +18,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
+from urllib.parse import urlsplit
 
 # Server-made ids are 32 characters from secrets.token_urlsafe (192 random bits). Client-chosen ids
 # are allowed when they look the same: URL-safe characters, long enough not to be guessed by accident.
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-TURN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")  # used with fullmatch: "$" would let a final "\n" through
+TURN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 STORED_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 Clock = Callable[[], float]
@@ -34,7 +35,7 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id: Any) -> str:
-    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
         shown = session_id if isinstance(session_id, str) and len(session_id) <= 40 else f"{str(session_id)[:40]}..."
         raise ValueError(
             f"session_id {shown!r} is not valid: use 16-128 characters from A-Z a-z 0-9 _ - "
@@ -50,7 +51,7 @@ def check_owner(owner: Any) -> str:
 
 
 def check_turn_id(turn_id: Any) -> str | None:
-    if turn_id is not None and (not isinstance(turn_id, str) or not TURN_ID_RE.match(turn_id)):
+    if turn_id is not None and (not isinstance(turn_id, str) or not TURN_ID_RE.fullmatch(turn_id)):
         raise ValueError("turn_id must be 1-128 characters from A-Z a-z 0-9 _ -")
     return turn_id
 
@@ -61,7 +62,7 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
     clean = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in STORED_ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in STORED_ROLES:
             raise ValueError(f"messages[{index}] needs a role in {sorted(STORED_ROLES)}")
         if not isinstance(message.get("content"), str):
             raise ValueError(f"messages[{index}].content must be a string")
@@ -200,5 +201,11 @@ def parse_backend_url(url: str) -> tuple[Literal["sqlite", "redis"], str]:
             )
         return "sqlite", path
     if url.startswith(("redis://", "rediss://", "unix://")):
+        # redis-py reads the path as the database number and silently ignores one that is not a
+        # number ("redis://host/abc" would use database 0). A unix:// path is the socket (?db= picks).
+        path = urlsplit(url).path.strip("/")
+        if not url.startswith("unix://") and path and not path.isdigit():
+            raise ValueError(f"session backend {url!r}: the path after the port must be a database number, "
+                             f"not {path!r}; {forms}")
         return "redis", url
     raise ValueError(f"session backend {url!r} is not supported; {forms}")
