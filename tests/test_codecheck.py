@@ -48,6 +48,19 @@ def sandbox() -> Sandbox:
     ("<think>\n```python\ndef f(): return 0\n```\n</think>\n```python\ndef f():\n    return 2\n```", "def f():\n    return 2"),
     # Several blocks: the last one that parses.
     ("```python\ndef f(): return 1\n```\nbetter:\n```python\ndef f(:\n```", "def f(): return 1"),
+    # A usage example (or tests) in a last block of its own: the block that defines the function.
+    ("```python\ndef add(a, b):\n    return a + b\n```\nExample:\n```python\nprint(add(2, 3))\n```",
+     "def add(a, b):\n    return a + b"),
+    # A draft, then a fixed version: the fix, without the draft's definition.
+    ("```python\ndef f(): return 0\n```\nfixed:\n```python\ndef f(): return 1\n```", "def f(): return 1"),
+    # A helper in a block of its own: its definition (and imports) come along; its example does not.
+    ("```python\nimport math\ndef helper(x):\n    return math.sqrt(x)\nprint(helper(4))\n```\n"
+     "```python\ndef f(x):\n    return helper(x) + 1\n```",
+     "import math\n\ndef helper(x):\n    return math.sqrt(x)\n\ndef f(x):\n    return helper(x) + 1"),
+    # A fence inside a list item is indented: the indentation goes.
+    ("1. Code:\n   ```python\n   def f():\n       return 1\n   ```\n2. Done", "def f():\n    return 1"),
+    # A closing fence at the end of the last code line.
+    ("```python\ndef f(): return 1```\nThat is all.", "def f(): return 1"),
     # Non-Python fences are ignored.
     ("```bash\npip install x\n```\n```py\nx = 1\n```", "x = 1"),
     # Bare code after prose, with trailing prose dropped.
@@ -168,12 +181,23 @@ def test_judge(channel: bytes, passed: list[bool], violation: str) -> None:
 
 
 def test_doctest_examples_become_tests() -> None:
-    code = ('def add(a, b):\n    """\n    >>> x = 2\n    >>> add(x, 3)\n    5\n    >>> print(add(1, 1))\n    two\n'
-            '    """\n    return a + b\n')
+    code = ('def add(a, b):\n    """\n    >>> x = 2\n    >>> add(x, 3)\n    5\n    >>> print(add(1, 1), "apples")\n'
+            '    2 apples\n    >>> add\n    <function add>\n    """\n    return a + b\n')
     specs, notes = doctest_specs(code)
-    assert [spec.origin for spec in specs] == ["doctest"]
+    assert [spec.origin for spec in specs] == ["doctest", "doctest"]
     assert "add(x, 3)" in specs[0].name and specs[0].judged_by == "harness"
-    assert len(notes) == 1 and "not a literal" in notes[0]
+    # print shows str() of its arguments: the printed text is compared with them, judged by the harness
+    assert "print(add(1, 1)" in specs[1].name and specs[1].judged_by == "harness"
+    assert list(specs[1].checks.values())[0].expected == "2 apples"
+    assert len(notes) == 1 and "not a literal" in notes[0]  # `add` shows a repr that is not a literal
+
+
+def test_doctests_with_print_pass_and_fail_like_doctest(sandbox: Sandbox) -> None:
+    right = 'def add(a, b):\n    """\n    >>> print(add(1, 2))\n    3\n    """\n    return a + b\n'
+    assert validate(right, sandbox=sandbox).status == "passed"
+    wrong = right.replace("a + b", "a - b")
+    failed = validate(wrong, sandbox=sandbox)
+    assert (failed.status, failed.tests_passed) == ("failed", 0) and "got '-1'" in failed.errors[0]
 
 
 # -- stage 2: validation in the sandbox -----------------------------------------------------------
@@ -476,3 +500,95 @@ def test_library_does_not_import_ray() -> None:
     code = "import sys, r1.codecheck, r1.codecheck.reward; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# -- odd but honest solutions and tests; hostile values ---------------------------------------------
+
+@pytest.mark.parametrize("code, tests", [
+    # Subclasses of plain types are compared as their base type's value.
+    ("from collections import defaultdict\ndef f():\n    d = defaultdict(list)\n    d['a'].append(1)\n    return d\n",
+     ["assert f() == {'a': [1]}"]),
+    ("from collections import Counter\ndef f():\n    return Counter('aab')\n", ["assert f() == {'a': 2, 'b': 1}"]),
+    ("from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef f():\n    return P(1, 2)\n",
+     ["assert f() == (1, 2)"]),
+    ("import enum\nclass C(enum.IntEnum):\n    RED = 1\ndef f():\n    return C.RED\n", ["assert f() == 1"]),
+    # An int past Python's 4300-digit limit on decimal text.
+    ("def f():\n    return 2 ** 20000\n", ["assert f() > 0", "assert f() % 2 == 0"]),
+    # An assert in a branch the test does not take never runs, and that is fine.
+    ("def f(n):\n    return n * n\n",
+     ["def test_a():\n    r = f(3)\n    if r is None:\n        assert f(0) == 1\n    else:\n        assert r == 9\n"]),
+    # A chatty solution: output past the cap is dropped, its writes keep working.
+    ("def f(n):\n    t = 0\n    for i in range(n):\n        t += i\n        print('step', i, 'total', t)\n    return t\n",
+     ["assert f(10) == 45", "assert f(20000) == 199990000"]),
+    # pytest's raises and approx work in the sandbox (its interpreter cannot import an installed pytest).
+    ("def f(x):\n    if x < 0:\n        raise ValueError('negative: %s' % x)\n    return x / 3\n",
+     ["import pytest\ndef test_f():\n    with pytest.raises(ValueError, match='negative'):\n        f(-1)\n"
+      "    assert f(1) == pytest.approx(0.3333333)\n    assert pytest.raises(ValueError, f, -2).value.args\n"]),
+])
+def test_honest_solutions_pass(code: str, tests: list[str], sandbox: Sandbox) -> None:
+    result = validate(code, tests, sandbox=sandbox)
+    assert result.status == "passed", result.errors
+
+
+def test_pytest_stand_in_fails_wrong_code(sandbox: Sandbox) -> None:
+    tests = ["import pytest\ndef test_f():\n    with pytest.raises(ValueError):\n        f(-1)\n"]
+    result = validate("def f(x):\n    return x\n", tests, sandbox=sandbox)
+    assert result.status == "failed" and "DID NOT RAISE" in result.errors[0]
+
+
+def test_a_test_whose_checks_are_all_conditional_is_judged_in_the_sandbox() -> None:
+    spec, = parse_tests(["def test_a():\n    if f(1):\n        assert f(1) == 1\n"])
+    assert spec.required == () and spec.judged_by == "sandbox"  # skipping the branch could be forged
+    spec, = parse_tests(["def test_a():\n    assert f(2) == 4\n    for i in []:\n        assert f(i) == 0\n"])
+    assert len(spec.required) == 1 and spec.judged_by == "harness"
+
+
+@pytest.mark.parametrize("tests, message", [
+    ("", "holds no code"),
+    ("   \n# todo\n", "holds no code"),
+    (["# todo"], "holds no code"),
+    (["pass"], "checks nothing"),
+    ("x = add(1, 2)", "checks nothing"),
+    (["assert add(" + "+".join(["1"] * 600) + ") == 600"], "nested too deeply"),
+])
+def test_tests_that_check_nothing_are_request_errors(tests, message: str, sandbox: Sandbox) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate(ADD, tests, sandbox=sandbox)
+    result = validate_request(ADD, tests, sandbox=sandbox)
+    assert (result.status, result.stage) == ("error", "request") and message in result.errors[0]
+
+
+def test_deeply_nested_generated_tests_are_dropped() -> None:
+    deep = "assert add(" + "+".join(["1"] * 600) + ") == 600"
+    text = f"```python\n{deep}\nassert add(1, 2) == 3\n```"
+    assert parse_generated_tests(text, "add", 5) == ["assert add(1, 2) == 3"]
+
+
+def test_values_too_large_to_compare_fail_without_being_parsed(sandbox: Sandbox) -> None:
+    code = "def f():\n    return list(range(100000))\n"
+    result = validate(code, ["assert f() == [1]", "assert len(f()) == 100000"], sandbox=sandbox)
+    assert (result.status, result.tests_passed) == ("failed", 1)
+    assert "too large to compare" in result.errors[0] and "len(" in result.errors[0]
+    # A hostile program writing one huge value straight into the channel: refused by its size, not
+    # parsed (parsing megabytes of literal would take the calling process gigabytes).
+    spec, = parse_tests(["assert f() == 1"])
+    channel = b'{"load": true}\n{"t": 0, "c": 0, "v": "[' + b"1," * 4_000_000 + b']"}\n{"t": 0, "ok": true}\n'
+    verdict = judge([spec], channel).results[0]
+    assert not verdict.passed and "too large to compare" in verdict.error
+
+
+def test_a_cut_result_channel_fails_unfinished_tests_saying_why(sandbox: Sandbox) -> None:
+    big = "x" * 150_000
+    code = f"def s():\n    return {big!r}\n"
+    tests = [f"def test_many():\n    for i in range(60):\n        assert s() == {big!r}\n    assert s() == {big!r}\n"]
+    result = validate(code, tests, sandbox=sandbox)  # 60 values of 150 kB: past the channel's 8 MB
+    assert result.status == "failed" and "more than 8 MB" in result.errors[0]
+
+
+def test_lone_surrogates_from_the_sandbox_do_not_reach_the_result(sandbox: Sandbox) -> None:
+    code = "def f():\n    raise ValueError(chr(0xd800) + 'x')\n"
+    result = validate(code, ["assert f() == 1", "def test_b():\n    assert f()\n"], sandbox=sandbox)
+    assert result.status == "failed"
+    json.dumps(result.to_dict(), ensure_ascii=False).encode("utf-8")  # a JSON response can carry it
+    for error in result.errors:
+        error.encode("utf-8")

@@ -343,3 +343,20 @@ def test_forced_bwrap_without_bwrap_names_the_option(monkeypatch: pytest.MonkeyP
     # "auto" falls back instead, and says why.
     plan = Sandbox(_config()).plan()
     assert plan.level in ("uid+rlimits", "rlimits") and "not installed" in plan.notes[0]
+
+
+def test_output_past_the_cap_is_dropped_without_breaking_the_program(sandbox: Sandbox) -> None:
+    result = sandbox.run_python("print('x' * 10**7, end='')\nprint('still running')\n")
+    assert (result.status, result.truncated) == ("ok", True)  # its writes succeeded (no BrokenPipeError)
+    assert len(result.stdout) <= sandbox.config.max_output_bytes
+
+
+def test_a_lone_surrogate_in_code_is_the_programs_error_not_the_callers(sandbox: Sandbox) -> None:
+    result = sandbox.run_python("x = '\ud800'\n")
+    assert result.status == "error" and "utf-8" in result.stderr  # the file is not valid UTF-8, as Python says
+
+
+def test_code_over_the_file_size_limit_never_reports_ok() -> None:
+    small = Sandbox(_config(max_file_mb=1))
+    result = small.run_python("# " + "a" * (2 << 20) + "\nprint(1)\n")
+    assert (result.status, result.started) == ("error", False) and "max_file_mb" in result.reason

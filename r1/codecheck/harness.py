@@ -37,6 +37,9 @@ APPLY = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.
          ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
          "is": operator.is_, "is not": operator.is_not}
 MAX_NAME_CHARS = 80
+# The longest value text the harness parses (the runner's MAX_REPR_CHARS; it sends the size of a
+# larger value instead).
+MAX_VALUE_CHARS = 200_000
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,27 @@ class _Rewriter(ast.NodeTransformer):
         self.checks: dict[int, ValueCheck] = {}
         self.owner: str | None = None
         self.owned: dict[str | None, list[int]] = {}
+        # Checks a passing run must report: those not inside a branch, loop, try, with block or
+        # nested definition (an assert in a branch the test legitimately skips never runs).
+        self.unconditional: set[int] = set()
+        self.depth = 0
         self.remaining_asserts = 0
         self.raises = 0
+
+    def _conditional(self, node: ast.AST) -> ast.AST:
+        self.depth += 1
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.depth -= 1
+
+    visit_If = visit_For = visit_AsyncFor = visit_While = visit_Try = visit_With = visit_AsyncWith = _conditional
+    visit_Match = visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _conditional
+    if hasattr(ast, "TryStar"):
+        visit_TryStar = _conditional
+
+    def required_of(self, check_ids: list[int]) -> tuple[int, ...]:
+        return tuple(c for c in check_ids if c in self.unconditional)
 
     def visit_Raise(self, node: ast.Raise) -> ast.AST:
         self.raises += 1
@@ -135,6 +157,8 @@ class _Rewriter(ast.NodeTransformer):
         check_id = len(self.checks)
         self.checks[check_id] = ValueCheck(check_id, op, expected, on_left, ast.unparse(node))
         self.owned.setdefault(self.owner, []).append(check_id)
+        if self.depth == 0:
+            self.unconditional.add(check_id)
         call = ast.Call(func=ast.Name(REPORT_NAME, ast.Load()), args=[ast.Constant(check_id), observed], keywords=[])
         return ast.copy_location(ast.Expr(call), node)
 
@@ -161,18 +185,39 @@ def _specs_from_source(source: str, label: str, origin: str, split_asserts: bool
         tree = ast.parse(source)
     except SyntaxError as error:
         raise ValueError(f"{label} is not valid Python: line {error.lineno}: {error.msg}") from None
+    except (MemoryError, RecursionError):
+        raise ValueError(f"{label} is nested too deeply to check") from None
+    if not tree.body:
+        raise ValueError(f"{label} holds no code (only comments or blank lines); write an assert")
+    try:
+        return _specs_from_module(tree, source, label, origin, split_asserts)
+    except (MemoryError, RecursionError):  # ast.parse takes deeper nesting than the rewriter's recursion
+        raise ValueError(f"{label} is nested too deeply to check") from None
+
+
+def _specs_from_module(tree: ast.Module, source: str, label: str, origin: str, split_asserts: bool) -> list[TestSpec]:
     functions = _test_functions(tree, label)
     if functions:
         rewriter = _Rewriter()
         for node in tree.body:
-            rewriter.owner = node.name if node in functions else None
-            rewriter.visit(node)
+            if node in functions:  # a test's own body runs unconditionally when it is called
+                rewriter.owner = node.name
+                node.body = [rewriter.visit(statement) for statement in node.body]
+            else:
+                rewriter.owner = None
+                rewriter.visit(node)
         rewritten = ast.unparse(ast.fix_missing_locations(tree))
         harness_judged = rewriter.remaining_asserts == 0 and rewriter.raises == 0
-        return [TestSpec(name=node.name, source=rewritten, call=node.name,
-                         required=tuple(rewriter.owned.get(node.name, [])), checks=rewriter.checks,
-                         judged_by="harness" if harness_judged and rewriter.owned.get(node.name) else "sandbox",
-                         origin=origin) for node in functions]
+        specs = []
+        for node in functions:
+            required = rewriter.required_of(rewriter.owned.get(node.name, []))
+            specs.append(TestSpec(name=node.name, source=rewritten, call=node.name, required=required,
+                                  checks=rewriter.checks, judged_by="harness" if harness_judged and required else "sandbox",
+                                  origin=origin))
+        return specs
+    if not any(isinstance(node, (ast.Assert, ast.Raise)) for node in ast.walk(tree)):
+        # Code that runs without checking anything would pass whatever the solution does.
+        raise ValueError(f"{label} checks nothing: write an assert (or a test_* function)")
     asserts = [node for node in tree.body if isinstance(node, ast.Assert)]
     if split_asserts and len(asserts) > 1:
         # Several top-level asserts: one test each, after the statements that precede it.
@@ -190,8 +235,9 @@ def _specs_from_tree(tree: ast.Module, name: str, origin: str) -> list[TestSpec]
     rewriter = _Rewriter()
     tree = rewriter.visit(tree)
     rewritten = ast.unparse(ast.fix_missing_locations(tree))
-    harness_judged = rewriter.remaining_asserts == 0 and rewriter.raises == 0 and bool(rewriter.checks)
-    return [TestSpec(name=_short(name), source=rewritten, call=None, required=tuple(rewriter.checks),
+    required = rewriter.required_of(list(rewriter.checks))
+    harness_judged = rewriter.remaining_asserts == 0 and rewriter.raises == 0 and bool(required)
+    return [TestSpec(name=_short(name), source=rewritten, call=None, required=required,
                      checks=rewriter.checks, judged_by="harness" if harness_judged else "sandbox", origin=origin)]
 
 
@@ -241,23 +287,38 @@ def doctest_specs(code: str) -> tuple[list[TestSpec], list[str]]:
             want = example.want.strip()
             source = example.source.strip()
             if want and example.exc_msg is None:
+                check = _doctest_assert(source, example.want)
                 try:
-                    ast.parse(source, mode="eval")
-                    ast.literal_eval(want)
-                    usable = True
-                except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-                    usable = False
-                snippet = "\n".join([*setup, f"assert ({source}) == {want}"])
-                try:
-                    tree = ast.parse(snippet)
-                except SyntaxError:
-                    usable = False
-                if usable:
-                    specs += _specs_from_tree(tree, f"doctest {where}: {source} -> {want}", "doctest")
-                else:
+                    tree = ast.parse("\n".join([*setup, check])) if check else None
+                    if tree is not None:
+                        specs += _specs_from_tree(tree, f"doctest {where}: {source} -> {want}", "doctest")
+                except (SyntaxError, ValueError, MemoryError, RecursionError):
+                    tree = None
+                if tree is None:
                     notes.append(f"doctest in {where} skipped ({_short(source)}): expected output is not a literal")
             setup.append(source)
     return specs, notes
+
+
+def _doctest_assert(source: str, want: str) -> str | None:
+    """The assert one doctest example stands for: `EXPR` shows repr(EXPR), so a literal output is
+    compared with EXPR; `print(ARGS)` shows its arguments' str, so the printed text is compared
+    with the str of the arguments joined by spaces. None when neither applies."""
+    try:
+        expression = ast.parse(source, mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if (isinstance(expression, ast.Call) and isinstance(expression.func, ast.Name) and expression.func.id == "print"
+            and expression.args and not expression.keywords
+            and not any(isinstance(arg, ast.Starred) for arg in expression.args)):
+        printed = want[:-1] if want.endswith("\n") else want
+        shown = " + ' ' + ".join(f"str({ast.unparse(arg)})" for arg in expression.args)
+        return f"assert ({shown}) == {printed!r}"
+    try:
+        ast.literal_eval(want.strip())
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+    return f"assert ({source}) == {want.strip()}"
 
 
 # -- judging ---------------------------------------------------------------------------------------
@@ -279,18 +340,30 @@ def parse_plain(text: str) -> Any:
     return ast.literal_eval(body)
 
 
-def judge(specs: list[TestSpec], channel: bytes) -> Judgement:
-    """Results per test from the channel bytes. Anything out of protocol fails every test."""
-    reports: list[list[tuple[int, str]]] = [[] for _ in specs]
+def _clean(text: str) -> str:
+    """A string from the channel without lone surrogates (JSON's "\\ud800" escapes decode to them,
+    and they cannot be encoded again: a response or log holding one would fail)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def judge(specs: list[TestSpec], channel: bytes, *, truncated: bool = False) -> Judgement:
+    """Results per test from the channel bytes. Anything out of protocol fails every test.
+
+    `truncated`: the channel passed its cap (procio.CHANNEL_CAP_BYTES); its cut last line is
+    dropped and the tests it did not finish fail saying so.
+    """
+    reports: list[list[tuple[int, str | int]]] = [[] for _ in specs]
     ends: list[dict | None] = [None] * len(specs)
     loaded: bool | None = None
     load_error = ""
     current = 0
     violation = ""
+    if truncated:
+        channel = channel[: channel.rfind(b"\n") + 1]
     for number, line in enumerate(channel.decode("utf-8", errors="replace").splitlines(), start=1):
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             violation = f"line {number} is not JSON"
             break
         if not isinstance(message, dict):
@@ -301,18 +374,22 @@ def judge(specs: list[TestSpec], channel: bytes) -> Judgement:
                 violation = f"line {number} came before the load report"
                 break
             loaded = bool(message["load"])
-            load_error = str(message.get("error", ""))[:2000]
+            load_error = _clean(str(message.get("error", ""))[:2000])
             continue
         index = message.get("t")
         if "load" in message or not isinstance(index, int) or index != current or current >= len(specs):
             violation = f"line {number} is out of order"
             break
         if "c" in message:
-            check_id, value = message.get("c"), message.get("v")
-            if check_id not in specs[index].checks or not isinstance(value, str):
+            check_id, value = message.get("c"), message.get("v", message.get("big"))
+            if (not isinstance(check_id, int) or check_id not in specs[index].checks
+                    or not isinstance(value, (str, int)) or isinstance(value, bool)):
                 violation = f"line {number} reports an unknown check"
                 break
-            reports[index].append((check_id, value))
+            # Too large a value (its size, from the runner, or text over the limit) is not parsed:
+            # parsing megabytes of literal would cost this process gigabytes of memory.
+            reports[index].append((check_id, len(value) if isinstance(value, str) and len(value) > MAX_VALUE_CHARS
+                                   else value))
         elif "ok" in message:
             ends[index] = message
             current += 1
@@ -327,15 +404,21 @@ def judge(specs: list[TestSpec], channel: bytes) -> Judgement:
     if not loaded:
         error = f"solution failed to load: {load_error}" if loaded is False else "the program ended before any test ran"
         return Judgement([TestResult(s.name, False, s.judged_by, s.origin, error) for s in specs], loaded, load_error)
-    return Judgement([_judge_one(spec, reports[i], ends[i]) for i, spec in enumerate(specs)], loaded)
+    unfinished = ("did not finish: the tests reported more than 8 MB of values over the result channel "
+                  "(assert on fewer or smaller values)") if truncated else \
+        "did not finish (timeout, or the program exited during the test)"
+    return Judgement([_judge_one(spec, reports[i], ends[i], unfinished) for i, spec in enumerate(specs)], loaded)
 
 
-def _judge_one(spec: TestSpec, reports: list[tuple[int, str]], end: dict | None) -> TestResult:
+def _judge_one(spec: TestSpec, reports: list[tuple[int, str | int]], end: dict | None, unfinished: str) -> TestResult:
     def fail(error: str) -> TestResult:
-        return TestResult(spec.name, False, spec.judged_by, spec.origin, error[:2000])
+        return TestResult(spec.name, False, spec.judged_by, spec.origin, _clean(error[:2000]))
 
     for check_id, text in reports:
         check = spec.checks[check_id]
+        if isinstance(text, int):
+            return fail(f"{check.source}: the value is too large to compare ({text} characters as text; the "
+                        f"limit is {MAX_VALUE_CHARS}); assert on something smaller, e.g. len(...) or a slice")
         try:
             actual = parse_plain(text)
         except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
@@ -347,7 +430,7 @@ def _judge_one(spec: TestSpec, reports: list[tuple[int, str]], end: dict | None)
         if not holds:
             return fail(f"{check.source}: got {text[:300]}")
     if end is None:
-        return fail("did not finish (timeout, or the program exited during the test)")
+        return fail(unfinished)
     if not end.get("ok"):
         return fail(str(end.get("error", "failed")))
     seen = {check_id for check_id, _text in reports}

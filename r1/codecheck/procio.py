@@ -20,6 +20,10 @@ CHANNEL_CAP_BYTES = 8 * 1024 * 1024
 STATUS_CAP_BYTES = 64 * 1024
 # After the main process exits, how long to keep reading pipes that leftovers may still hold.
 EXIT_GRACE_S = 1.0
+# stdout/stderr past their cap are read and thrown away, so a chatty but correct program keeps
+# running as it would (its writes succeed); only past this many bytes is the pipe closed, so that a
+# program printing forever fails its writes (EPIPE) instead of keeping the parent busy until the deadline.
+DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -38,6 +42,7 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
     selector = selectors.DefaultSelector()
     caps = {"stdout": output_cap, "stderr": output_cap, "channel": CHANNEL_CAP_BYTES, "status": STATUS_CAP_BYTES}
     outputs = {name: bytearray() for name in caps}
+    discarded = {"stdout": 0, "stderr": 0}
     truncated: set[str] = set()
     # fd -> (role, closer). Popen's pipes are closed through their file objects, raw fds directly.
     endpoints: dict[int, tuple[str, object]] = {
@@ -119,10 +124,12 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
                 room = caps[role] - len(outputs[role])
                 outputs[role] += chunk[:room]
                 if len(chunk) > room:
-                    # Closing the read end makes further writes fail with EPIPE instead of
-                    # making the parent drain an endless stream until the deadline.
                     truncated.add(role)
-                    close(fd)
+                    if role in discarded:
+                        discarded[role] += len(chunk) - max(room, 0)
+                    if discarded.get(role, DISCARD_LIMIT_BYTES) >= DISCARD_LIMIT_BYTES:
+                        # The channel (values, not logs) is closed at its cap; see DISCARD_LIMIT_BYTES.
+                        close(fd)
     for fd in list(endpoints):
         close(fd)
     if pidfd is not None:

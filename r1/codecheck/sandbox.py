@@ -65,6 +65,7 @@ class RunResult:
     reason: str = ""  # why the status is what it is, in words
     started: bool = True  # False: the sandbox itself failed to start (reason says why)
     channel: bytes = field(default=b"", repr=False)  # the harness result channel (validate only)
+    channel_truncated: bool = field(default=False, repr=False)  # the channel passed procio.CHANNEL_CAP_BYTES
 
     def to_dict(self) -> dict:
         return {"status": self.status, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr,
@@ -122,6 +123,15 @@ class Sandbox:
         if timeout_s <= 0 or memory_mb < 16:
             raise ValueError(f"timeout_s={timeout_s} and memory_mb={memory_mb} must be > 0 and >= 16")
         plan = self.plan()
+        # Source text goes in as UTF-8; a lone surrogate is written as-is (surrogatepass), so the
+        # interpreter refuses the file as Python would, instead of this call raising.
+        files = {name: content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content
+                 for name, content in files.items()}
+        too_big = next((name for name, content in files.items() if len(content) > self.config.max_file_mb << 20), None)
+        if too_big is not None:
+            return RunResult("error", None, "", "", False, self._isolation(plan, -1, {}), started=False,
+                             reason=f"{too_big} is {len(files[too_big]) / 2**20:.1f} MB, over the sandbox's file size "
+                                    f"limit (max_file_mb={self.config.max_file_mb})")
         with span("sandbox.run", isolation=plan.level, timeout_s=timeout_s, memory_mb=memory_mb) as current:
             result = self._run(plan, files, python_args, timeout_s=timeout_s, memory_mb=memory_mb,
                                stdin=stdin.encode() if isinstance(stdin, str) else stdin, channel_input=channel_input)
@@ -162,7 +172,7 @@ class Sandbox:
             reason = "bubblewrap (bwrap) is not installed"
         else:
             candidate = Plan("bwrap", interpreter, is_root, bwrap, kill)
-            probe = self._run(candidate, {"main.py": "print('sandbox-ok')"}, ["-c", MAIN_PRELUDE],
+            probe = self._run(candidate, {"main.py": b"print('sandbox-ok')"}, ["-c", MAIN_PRELUDE],
                               timeout_s=30.0, memory_mb=max(256, config.memory_mb), stdin=None, channel_input=None)
             if probe.status == "ok" and probe.stdout.strip() == "sandbox-ok":
                 return candidate
@@ -202,7 +212,7 @@ class Sandbox:
             uid_switched=plan.switch_uid, rlimits=report, network=not bwrap, readonly_root=bwrap,
             private_tmp=bwrap, env_cleared=True, seccomp=False, interpreter=plan.interpreter, notes=plan.notes)
 
-    def _run(self, plan: Plan, files: dict[str, str | bytes], python_args: list[str], *, timeout_s: float,
+    def _run(self, plan: Plan, files: dict[str, bytes], python_args: list[str], *, timeout_s: float,
              memory_mb: int, stdin: bytes | None, channel_input: bytes | None) -> RunResult:
         lease = None
         if plan.switch_uid:
@@ -223,7 +233,7 @@ class Sandbox:
             if lease:
                 lease.release()
 
-    def _run_in(self, plan: Plan, workdir: str | None, uid: int, files: dict[str, str | bytes],
+    def _run_in(self, plan: Plan, workdir: str | None, uid: int, files: dict[str, bytes],
                 python_args: list[str], timeout_s: float, memory_mb: int, stdin: bytes | None,
                 channel_input: bytes | None) -> RunResult:
         rlimits, report = self._rlimits(plan, timeout_s, memory_mb)
@@ -250,7 +260,7 @@ class Sandbox:
                 for name, content in files.items():
                     fd = os.memfd_create(f"sandbox-{name}")
                     to_close.append(fd)
-                    os.write(fd, content.encode() if isinstance(content, str) else content)
+                    os.write(fd, content)
                     os.lseek(fd, 0, os.SEEK_SET)
                     file_fds.append((fd, name))
                 env_inside = {**env, "HOME": iso.SANDBOX_DIR, "TMPDIR": "/tmp"}
@@ -261,7 +271,7 @@ class Sandbox:
             else:
                 assert workdir is not None
                 for name, content in files.items():
-                    Path(workdir, name).write_bytes(content.encode() if isinstance(content, str) else content)
+                    Path(workdir, name).write_bytes(content)
                 argv, exec_env, cwd = command, {**env, "HOME": workdir, "TMPDIR": workdir}, workdir
             launcher_args = launcher.encode(
                 uid=uid if plan.switch_uid else None, gid=uid if plan.switch_uid else None, cwd=cwd,
@@ -344,7 +354,8 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
     stderr = pumped.outputs["stderr"].decode("utf-8", errors="replace")
     truncated = bool(pumped.truncated & {"stdout", "stderr"})
     common = dict(stdout=stdout, stderr=stderr, truncated=truncated, isolation=isolation,
-                  duration_s=round(duration_s, 4), channel=bytes(pumped.outputs["channel"]))
+                  duration_s=round(duration_s, 4), channel=bytes(pumped.outputs["channel"]),
+                  channel_truncated="channel" in pumped.truncated)
     launcher_error = next((m["launcher_error"] for m in messages if "launcher_error" in m), None)
     if launcher_error is not None:
         return RunResult("error", None, started=False, reason=f"sandbox failed to start: {launcher_error}", **common)
@@ -364,6 +375,12 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
                                        for key in created if key.endswith("-namespace"))
         common["isolation"] = replace(isolation, namespaces=namespaces)
         exit_code = next((m["exit-code"] for m in messages if "exit-code" in m), None)
+        if exit_code is None and not pumped.timed_out:
+            # bubblewrap started but failed while setting up (e.g. copying a file over the size
+            # limit) and never ran the program: that is not a clean exit.
+            return RunResult("error", None, started=False,
+                             reason=f"sandbox failed before the program ran: {stderr.strip()[-500:] or 'no exit status'}",
+                             **common)
         # bubblewrap reports a signal death as 128 + signal number (exit(128+n) looks the same).
         returncode = exit_code
         signum = exit_code - 128 if exit_code is not None and 128 < exit_code < 128 + 65 else None

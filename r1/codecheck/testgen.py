@@ -50,7 +50,10 @@ def parse_generated_tests(text: str, function_name: str, max_tests: int) -> list
             continue
         calls = [node for node in ast.walk(statement.test)
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function_name]
-        source = ast.unparse(ast.Assert(test=statement.test, msg=None))
+        try:
+            source = ast.unparse(ast.Assert(test=statement.test, msg=None))
+        except (RecursionError, MemoryError):  # nested deeper than unparse's recursion: not a usable test
+            continue
         if calls and source not in tests:
             tests.append(source)
         if len(tests) >= max_tests:

@@ -120,7 +120,7 @@ def _verdict(specs: list[harness.TestSpec], run: RunResult, notes: list[str]) ->
     total = len(specs)
     if not run.started:
         return Validation("error", 0, total, (f"sandbox: {run.reason}",), "sandbox", notes=tuple(notes), run=run)
-    judgement = harness.judge(specs, run.channel)
+    judgement = harness.judge(specs, run.channel, truncated=run.channel_truncated)
     results = tuple(judgement.results)
     passed = sum(result.passed for result in results)
     common = dict(tests=results, notes=tuple(notes), run=run)
