@@ -4,7 +4,9 @@ Tests are asserts or pytest-style `test_*` functions (from a request, generated 
 doctest examples in the code). Each `assert EXPR <op> LITERAL` (op one of == != < <= > >= in
 `not in`, `is`/`is not` with None/True/False) is rewritten to `__r1_report__(k, EXPR)`: the sandbox
 only sends back the plain value of EXPR, and this module compares it with the literal, which never
-enters the sandbox. Such a test is `judged_by="harness"`.
+enters the sandbox. Such a test is `judged_by="harness"` when at least one of its checks is
+unconditional (outside any branch, loop, try or with block), since those must be reported for the
+test to pass; checks inside such blocks may legitimately not run.
 
 What it protects against: a program that exits 0 early, prints "passed", calls sys.exit inside a
 test, returns objects whose `__eq__` is always true, or writes made-up messages into the result

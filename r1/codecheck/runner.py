@@ -4,7 +4,8 @@ argv: <solution file> <request fd> <result fd>. It reads the request ({"tests": 
 marshal format 4: it comes from the trusted parent) from the request fd, loads the solution as module `solution`, runs each test in a
 fresh namespace holding the solution's globals, and writes one JSON line per event to the result
 fd: {"load": true|false, "error"}, {"t": i, "c": k, "v": repr} for every value the harness asked
-for, {"t": i, "ok": true} or {"t": i, "ok": false, "error"} when test i ends.
+for ({"t": i, "c": k, "big": length} when the repr is over MAX_REPR_CHARS), {"t": i, "ok": true} or
+{"t": i, "ok": false, "error"} when test i ends. Tests may `import pytest` (a stand-in, see `_install_pytest`).
 
 This file judges nothing. The harness rewrote `assert EXPR <op> LITERAL` into
 `__r1_report__(k, EXPR)`, so the expected literal never enters the sandbox; the parent compares.
