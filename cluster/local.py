@@ -12,13 +12,13 @@ import asyncio
 import sys
 from typing import TextIO
 
-from r1.config import GenerateConfig, apply_overrides, load_yaml
+from r1.config import GenerateConfig, apply_overrides, load_yaml, set_values
 from r1.reasoning import ReasoningParser
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and sampling")
-    group.add_argument("--config", help="YAML file with model/sampling/engine sections (ray_configs/generate.yaml)")
+    group.add_argument("--config", help="YAML file with model, sampling and engine sections (keys as in --set)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set sampling.top_k=20 (repeatable)")
     group.add_argument("--model", help="'r1-tiny' (embedded default), a local model directory, or a Hugging Face hub id")
@@ -40,22 +40,31 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     config = load_yaml(args.config, GenerateConfig) if args.config else GenerateConfig()
     config = apply_overrides(config, args.set)
-    for flag, section, key in [
-        ("model", "model", "model"), ("dtype", "model", "dtype"), ("device", "model", "device"),
-        ("temperature", "sampling", "temperature"), ("top_p", "sampling", "top_p"), ("top_k", "sampling", "top_k"),
-        ("max_new_tokens", "sampling", "max_new_tokens"), ("repetition_penalty", "sampling", "repetition_penalty"),
-        ("seed", "sampling", "seed"), ("stop", "sampling", "stop"),
+    flags = {}
+    for flag, key in [
+        ("model", "model.model"), ("dtype", "model.dtype"), ("device", "model.device"),
+        ("temperature", "sampling.temperature"), ("top_p", "sampling.top_p"), ("top_k", "sampling.top_k"),
+        ("max_new_tokens", "sampling.max_new_tokens"), ("repetition_penalty", "sampling.repetition_penalty"),
+        ("seed", "sampling.seed"), ("stop", "sampling.stop"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
-            config = apply_overrides(config, [f"{section}.{key}={_yaml_scalar(value)}"])
-    return config
+            flags[key] = check_text(value, f"--{flag.replace('_', '-')}")
+    # Flag values are set as they are (not re-read as YAML: a '#' or '[' in a path stays in it).
+    return set_values(config, flags, "command-line flags") if flags else config
 
 
-def _yaml_scalar(value: object) -> str:
-    import json
-
-    return json.dumps(value, ensure_ascii=False)
+def check_text(value: object, what: str) -> object:
+    """Text from the command line or stdin must be valid Unicode: bytes that are not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape), which the tokenizer cannot take."""
+    texts = value if isinstance(value, list) else [value]
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{what} is not valid UTF-8 text") from None
+    return value
 
 
 class ReasoningPrinter:
@@ -115,6 +124,7 @@ def _load_engine(config: GenerateConfig):
 
 def run_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_text(args.prompt, "the prompt")
     engine = _load_engine(config)
     printer = ReasoningPrinter(sys.stdout, args.hide_reasoning)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
@@ -126,6 +136,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    if args.window < 0:
+        raise ValueError(f"--window {args.window}: use 0 (no context) or more past messages")
     config = config_from_args(args)
     engine = _load_engine(config)
     printer = ReasoningPrinter(sys.stdout, args.hide_reasoning)
@@ -149,18 +161,24 @@ def run_chat(args: argparse.Namespace) -> int:
                 history.clear()
                 print("(dialog cleared)")
                 continue
-            messages = history[-args.window :] + [{"role": "user", "content": text}]
             printer.section = None
             try:
+                check_text(text, "this message")
+                messages = _window(history, args.window) + [{"role": "user", "content": text}]
                 _, answer = asyncio.run(stream_reply(engine, messages, config.sampling, printer, think_prefilled=True))
-            except ValueError as error:  # e.g. the dialog outgrew the context
+            except ValueError as error:  # e.g. the dialog outgrew the context; the chat goes on
                 print(f"error: {error}", file=sys.stderr)
                 continue
             history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
-            history = history[-args.window :]
+            history = _window(history, args.window)
     finally:
         engine.shutdown()
     return 0
+
+
+def _window(history: list[dict[str, str]], size: int) -> list[dict[str, str]]:
+    """The last `size` messages (none for 0: `history[-0:]` would be all of them)."""
+    return history[-size:] if size > 0 else []
 
 
 def register(subparsers) -> None:
@@ -178,6 +196,6 @@ def register(subparsers) -> None:
         description="Interactive chat in the terminal. Reads one message per line from stdin.",
     )
     chat.add_argument("--window", type=int, default=10,
-                      help="how many past messages (user and assistant) are sent as context (default 10)")
+                      help="how many past messages (user and assistant) are sent as context; 0 sends none (default 10)")
     add_generation_flags(chat)
     chat.set_defaults(func=run_chat)

@@ -8,13 +8,18 @@ error that names the key and lists the allowed ones instead of a silently ignore
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Hard cap on new tokens per request (the guide's fix for truncated answers is a 4096 window).
 DEFAULT_MAX_NEW_TOKENS_CAP = 4096
+
+
+def _yaml_off(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads a bare `off` as False; options whose values include "off" take it back."""
+    return "off" if value is False else value
 
 
 class StrictModel(BaseModel):
@@ -121,6 +126,11 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
             parent = _model_at(model_cls, item["loc"][:-1])
             allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
             lines.append(f"  {loc}: unknown key; allowed keys: {allowed}")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # A check of a whole section (a model validator): its message says what is wrong; the
+            # input is the whole section, too long to be of use.
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {message}")
         else:
             lines.append(f"  {loc}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
@@ -153,33 +163,61 @@ def parse_config(model_cls: type[M], data: Any, source: str = "config") -> M:
         raise ValueError(format_validation_error(error, model_cls, source)) from None
 
 
-def load_yaml(path: str | Path, model_cls: type[M]) -> M:
-    """Load a YAML file into `model_cls`, with errors naming the bad key and allowed values."""
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML of a file; a ValueError naming the file for every way reading it can fail."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
-    return parse_config(model_cls, data, source=str(path))
+        raise ValueError(f"{what} {path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {error}") from None
+    except OSError as error:  # a directory, no permission, ...
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def load_yaml(path: str | Path, model_cls: type[M]) -> M:
+    """Load a YAML file into `model_cls`, with errors naming the bad key and allowed values."""
+    return parse_config(model_cls, read_yaml_file(path), source=str(path))
+
+
+def set_values(config: M, values: dict[str, Any], source: str) -> M:
+    """Set dotted keys (`sampling.temperature`) to Python values and revalidate.
+
+    Missing levels are created, so keys inside mapping fields work (`safety.rule_actions.card_number.input`)
+    and a misspelt section is reported by validation with the allowed keys."""
+    data = config.model_dump()
+    for key, value in values.items():
+        target = data
+        parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"{source}: {key!r} is not a key (use section.key, e.g. sampling.temperature)")
+        for depth, part in enumerate(parts[:-1]):
+            if target.get(part) is None:
+                target[part] = {}
+            if not isinstance(target[part], dict):
+                raise ValueError(f"{source}: {'.'.join(parts[:depth + 1])} is a value, not a section (in {key!r})")
+            target = target[part]
+        target[parts[-1]] = value
+    return parse_config(type(config), data, source=source)
 
 
 def apply_overrides(config: M, overrides: list[str]) -> M:
-    """Apply `key.sub=value` overrides (values parsed as YAML scalars) and revalidate."""
-    data = config.model_dump()
+    """Apply `key.sub=value` overrides (values parsed as YAML, so lists and mappings work too) and revalidate."""
+    values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. sampling.temperature=0.3)")
         key, raw = item.split("=", 1)
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section of the config")
-            target = target[part]
-        target[parts[-1]] = yaml.safe_load(raw)
-    return parse_config(type(config), data, source="--set overrides")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", None) or error).strip()
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, "
+                             f"e.g. --set \"{key}='...'\"") from None
+    return set_values(config, values, "--set overrides")
 
 
 class GenerateConfig(StrictModel):
@@ -317,6 +355,10 @@ class ServeConfig(StrictModel):
 # --- Training (`r1 train {sft,reward,grpo}`; ray_configs/train_*.yaml) ---------------------------
 
 
+# Difficulty levels of the built-in arithmetic task (r1.tasks.arithmetic.LEVELS).
+TaskLevel = Literal[1, 2, 3]
+
+
 class TrainScalingConfig(StrictModel):
     """How many Ray Train workers and what each one reserves."""
 
@@ -324,7 +366,7 @@ class TrainScalingConfig(StrictModel):
     # One GPU per worker and the NCCL backend when true; gloo on CPU otherwise.
     use_gpu: bool = False
     # Ray resources per worker, e.g. {"CPU": 0.5}; None keeps Ray Train's default (1 CPU, +1 GPU with use_gpu).
-    resources_per_worker: dict[str, float] | None = None
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] | None = None
 
 
 class TrainStrategyConfig(StrictModel):
@@ -359,7 +401,7 @@ class TrainLoraConfig(StrictModel):
     rank: int = Field(default=8, ge=1)
     alpha: float = Field(default=16.0, gt=0.0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
 class TrainOptimConfig(StrictModel):
@@ -433,7 +475,7 @@ class SFTDataConfig(StrictModel):
     # Generate examples from a built-in task instead of a file.
     task: Literal["arithmetic"] | None = None
     num_examples: int = Field(default=2000, ge=1)
-    levels: list[int] = Field(default_factory=lambda: [1])
+    levels: list[TaskLevel] = Field(default_factory=lambda: [1], min_length=1)
     # task only: this many more train-split problems whose worked lines ("23 + 45 = 68") form a
     # plain-text corpus with loss on every token (self-supervised, far denser in arithmetic than chat).
     corpus_examples: int = Field(default=0, ge=0)
@@ -441,7 +483,10 @@ class SFTDataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> SFTDataConfig:
-        if (self.path is None) == (self.task is None):
+        if self.path is not None and self.task is not None:
+            raise ValueError(f"data.path and data.task={self.task} are both set; to train on the file, also set "
+                             "data.task=null (e.g. --set data.task=null; the default config uses the arithmetic task)")
+        if self.path is None and self.task is None:
             raise ValueError("set exactly one of data.path (a .txt or .jsonl file) or data.task (arithmetic)")
         if self.corpus_examples and self.task is None:
             raise ValueError("data.corpus_examples needs data.task; with data.path put the corpus in the file")
@@ -505,11 +550,14 @@ class GRPOPromptsConfig(StrictModel):
     # (answer: their unit tests, for the code_tests reward).
     task: Literal["arithmetic", "coding"] | None = None
     num_prompts: int = Field(default=2000, ge=1)
-    levels: list[int] = Field(default_factory=lambda: [2])
+    levels: list[TaskLevel] = Field(default_factory=lambda: [2], min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> GRPOPromptsConfig:
-        if (self.path is None) == (self.task is None):
+        if self.path is not None and self.task is not None:
+            raise ValueError(f"prompts.path and prompts.task={self.task} are both set; to use the file, also set "
+                             "prompts.task=null (e.g. --set prompts.task=null)")
+        if self.path is None and self.task is None:
             raise ValueError("set exactly one of prompts.path (a .jsonl file) or prompts.task (arithmetic|coding)")
         return self
 
@@ -628,7 +676,8 @@ class CodeValidatorConfig(StrictModel):
 
 # What a rule does when it fires, per direction: block the whole text, redact the span, flag it
 # (reported in findings and metrics, text unchanged), or off (the rule is not evaluated).
-SafetyRuleAction = Literal["block", "redact", "flag", "off"]
+# YAML 1.1 reads a bare `off` as false: take it as "off", since that is what was written.
+SafetyRuleAction = Annotated[Literal["block", "redact", "flag", "off"], BeforeValidator(_yaml_off)]
 
 
 class SafetyRuleConfig(StrictModel):
@@ -779,7 +828,7 @@ class TelemetryConfig(StrictModel):
 
     # auto: JSON lines when a trace file is set, OTLP when an OTLP endpoint is set (both when both
     # are), otherwise off. otlp / jsonl: exactly that exporter (its target must be set). off: no tracing.
-    exporter: Literal["auto", "otlp", "jsonl", "off"] = "auto"
+    exporter: Annotated[Literal["auto", "otlp", "jsonl", "off"], BeforeValidator(_yaml_off)] = "auto"
     # JSON-lines trace file shared by all processes of the node (one span per line); None: $R1_TRACE_FILE.
     trace_file: str | None = None
     # OTLP collector, e.g. http://otel-collector:4318 (http/protobuf) or http://otel-collector:4317

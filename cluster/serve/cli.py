@@ -20,9 +20,7 @@ import threading
 import time
 from typing import Any
 
-import yaml
-
-from r1.config import ServeConfig, apply_overrides, parse_config
+from r1.config import ServeConfig, apply_overrides, parse_config, read_yaml_file, set_values
 
 logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -30,18 +28,20 @@ LOOPBACK = "127.0.0.1"
 
 def read_serve_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(application args, http_options) from a Serve config file or a plain ServeConfig mapping."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as error:
-        raise ValueError(f"cannot read config file {path}: {error}") from None
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping")
     if "applications" in data:
         apps = data["applications"] or []
-        if not apps:
-            raise ValueError(f"{path} lists no applications")
-        return apps[0].get("args") or {}, data.get("http_options") or {}
+        if not isinstance(apps, list) or not apps:
+            raise ValueError(f"{path}: applications must be a non-empty list (as in ray_configs/serve.yaml)")
+        if not isinstance(apps[0], dict):
+            raise ValueError(f"{path}: applications[0] must be a mapping with an `args` mapping")
+        app_args, http_options = apps[0].get("args") or {}, data.get("http_options") or {}
+        for name, value in (("applications[0].args", app_args), ("http_options", http_options)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {name} must be a mapping, got {type(value).__name__}")
+        return app_args, http_options
     return data, {}
 
 
@@ -70,17 +70,20 @@ def wait_ready(host: str, port: int, timeout_s: float) -> None:
     raise RuntimeError(f"the server did not become healthy within {timeout_s:.0f}s ({url})")
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, Any]]:
+    """The ServeConfig and http_options `r1 serve` runs with: the file, then --set, then the flags."""
     app_args, http_options = read_serve_file(args.config) if args.config else ({}, {})
     config = parse_config(ServeConfig, app_args, source=args.config or "defaults")
-    overrides = list(args.set)
-    if args.model:
-        overrides.append(f"model.model={args.model}")
-    if args.api_keys_file:
-        overrides.append(f"api_keys_file={args.api_keys_file}")
-    if args.pipeline_stages:
-        overrides.append(f"pipeline_stages={args.pipeline_stages}")
-    config = apply_overrides(config, overrides)
+    config = apply_overrides(config, args.set)
+    # Flag values are set as they are, not re-read as YAML (a '#' in a path would start a comment,
+    # a directory named 2024 would become a number).
+    flags = {key: value for key, value in (("model.model", args.model), ("api_keys_file", args.api_keys_file),
+                                            ("pipeline_stages", args.pipeline_stages)) if value is not None}
+    return (set_values(config, flags, "command-line flags") if flags else config), http_options
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config, http_options = serve_config(args)
 
     from r1.serving.auth import load_api_keys
 

@@ -22,7 +22,11 @@ def load_api_keys(env_var: str = "R1_API_KEYS", keys_file: str | None = None) ->
         path = Path(keys_file).expanduser()
         if not path.exists():
             raise ValueError(f"api_keys_file {path} does not exist")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:  # a directory, no permission, not text
+            raise ValueError(f"cannot read api_keys_file {path}: {getattr(error, 'strerror', None) or error}") from None
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)

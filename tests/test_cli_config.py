@@ -1,0 +1,139 @@
+"""How the command line turns files, --set overrides and flags into configs (in-process, no model, no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import build_parser
+from cluster.local import _window, check_text, config_from_args
+from cluster.serve.cli import read_serve_file, serve_config
+from r1.config import (
+    GRPOTrainConfig,
+    GenerateConfig,
+    ServeConfig,
+    SFTTrainConfig,
+    TelemetryConfig,
+    TaskLevel,
+    apply_overrides,
+    load_yaml,
+    read_yaml_file,
+)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.stop=[a", "the value is not valid YAML"),  # an unclosed list
+    ("model.model=@foo", "the value is not valid YAML"),  # '@' cannot start a YAML value
+    ("sampling.temperature=*a", "the value is not valid YAML"),  # an alias to nothing
+    ("samplng.temperature=1", "allowed keys: engine, model, sampling"),  # a misspelt section: the allowed ones
+    ("sampling.temperature.x=1", "sampling.temperature is a value, not a section"),
+    ("sampling..x=1", "is not a key"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        apply_overrides(GenerateConfig(), [override])
+
+
+def test_overrides_reach_keys_inside_mapping_fields():
+    config = apply_overrides(ServeConfig(), ["safety.rule_actions.card_number.input=flag"])
+    assert config.safety.rule_actions["card_number"].input == "flag"
+    train = apply_overrides(SFTTrainConfig(), ["scaling.resources_per_worker.CPU=0.5"])
+    assert train.scaling.resources_per_worker == {"CPU": 0.5}
+
+
+def test_a_bare_off_in_yaml_means_off(tmp_path):
+    # YAML 1.1 reads `off` as false; the options that offer "off" take it back.
+    path = tmp_path / "serve.yaml"
+    path.write_text("safety:\n  rule_actions:\n    card_number:\n      input: off\n  rules:\n"
+                    "    - {id: x, kind: keyword, keywords: [foo], output: off}\n")
+    config = load_yaml(path, ServeConfig)
+    assert config.safety.rule_actions["card_number"].input == "off" and config.safety.rules[0].output == "off"
+    assert apply_overrides(TelemetryConfig(), ["exporter=off"]).exporter == "off"
+    with pytest.raises(ValueError, match="safety.rule_actions.card_number.input"):
+        apply_overrides(ServeConfig(), ["safety.rule_actions.card_number.input=on"])  # true is not an action
+
+
+@pytest.mark.parametrize("model, override, message", [
+    (SFTTrainConfig, "data.levels=[7]", "data.levels.0: Input should be 1, 2 or 3"),
+    (SFTTrainConfig, "data.levels=[]", "data.levels: List should have at least 1 item"),
+    (GRPOTrainConfig, "prompts.levels=[9]", "prompts.levels.0"),
+    (SFTTrainConfig, "scaling.resources_per_worker={CPU: -1}", "scaling.resources_per_worker.CPU"),
+    (SFTTrainConfig, "lora.target_modules=[]", "lora.target_modules"),
+    # the default config trains on the arithmetic task: a file alone says what else to set
+    (SFTTrainConfig, "data.path=/data/corpus.txt", "also set data.task=null"),
+])
+def test_train_configs_refuse_what_would_fail_in_the_workers(model, override, message):
+    with pytest.raises(ValueError) as error:
+        apply_overrides(model(), [override])
+    assert message in str(error.value)
+    assert "{'path'" not in str(error.value)  # a section's own check does not print the whole section
+
+
+def test_task_levels_are_the_tasks_levels():
+    from typing import get_args
+
+    from r1.tasks.arithmetic import LEVELS
+
+    assert get_args(TaskLevel) == LEVELS
+
+
+def test_config_files_that_cannot_be_read_name_the_file(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "latin1.yaml").write_bytes(b"model:\n  model: caf\xe9\n")
+    for name, message in (("dir.yaml", "cannot read config file"), ("latin1.yaml", "is not UTF-8 text"),
+                          ("missing.yaml", "does not exist")):
+        with pytest.raises(ValueError, match=message) as error:
+            read_yaml_file(tmp_path / name)
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("applications: x\n", "applications must be a non-empty list"),
+    ("applications: [x]\n", "applications[0] must be a mapping"),
+    ("applications:\n  - args: [1]\n", "applications[0].args must be a mapping"),
+    ("applications:\n  - args: {}\nhttp_options: x\n", "http_options must be a mapping"),
+    ("model: [\n", "is not valid YAML"),
+])
+def test_malformed_serve_files_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_serve_file(str(path))
+
+
+def test_serve_flags_are_taken_as_written(tmp_path):
+    parser = build_parser()
+    config, _ = serve_config(parser.parse_args(["serve", "--model", "/models/ckpt #3", "--api-keys-file", "/etc/keys #prod"]))
+    assert config.model.model == "/models/ckpt #3" and config.api_keys_file == "/etc/keys #prod"  # not YAML comments
+    config, _ = serve_config(parser.parse_args(["serve", "--model", "2024"]))
+    assert config.model.model == "2024"  # a directory named 2024, not a number
+    with pytest.raises(ValueError, match="pipeline_stages"):
+        serve_config(parser.parse_args(["serve", "--pipeline-stages", "0"]))  # 0 was taken as "not given"
+
+
+def test_api_keys_file_that_cannot_be_read(tmp_path):
+    from r1.serving.auth import load_api_keys
+
+    with pytest.raises(ValueError, match="cannot read api_keys_file"):
+        load_api_keys("R1_TEST_NO_SUCH_VAR", str(tmp_path))
+
+
+def test_generate_flags_are_taken_as_written():
+    parser = build_parser()
+    args = parser.parse_args(["generate", "x", "--stop", "a\x85b", "--stop", "#end", "--model", "/m/ckpt #3"])
+    config = config_from_args(args)
+    assert config.sampling.stop == ["a\x85b", "#end"] and config.model.model == "/m/ckpt #3"
+    with pytest.raises(ValueError, match="--stop is not valid UTF-8"):
+        config_from_args(parser.parse_args(["generate", "x", "--stop", "\udcff"]))  # argv byte 0xff
+    with pytest.raises(ValueError, match="the prompt is not valid UTF-8"):
+        check_text("caf\udce9", "the prompt")
+    with pytest.raises(ValueError, match="sampling.temperature"):
+        config_from_args(parser.parse_args(["generate", "x", "--temperature", "nan"]))
+
+
+def test_chat_window():
+    history = [{"role": "user", "content": str(i)} for i in range(5)]
+    assert _window(history, 2) == history[-2:]
+    assert _window(history, 0) == []  # no context (history[-0:] would be all of it)
+    assert _window(history, 10) == history
