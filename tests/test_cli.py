@@ -93,3 +93,13 @@ def test_serve_with_a_port_outside_the_tcp_range_exits_2_before_starting_ray(por
     assert result.returncode == 2
     assert f"--port={port} is not a TCP port" in result.stderr
     assert "Started a local Ray instance" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: use 1 or more"),  # was pydantic's raw text
+    (["--baseline", "/nonexistent-model"], "--baseline /nonexistent-model: model path"),  # found before --model runs
+])
+def test_eval_errors_exit_2_before_evaluating(args, message):
+    result = run("eval", "--num-problems", "2", *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "exact match" not in result.stdout

@@ -35,8 +35,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from r1.config import ModelConfig
-    from r1.model import load_model
+    from r1.model import load_model, load_model_config
     from r1.train.evaluate import evaluate_arithmetic, paired_comparison
+
+    for flag, value in (("--num-problems", args.num_problems), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: use 1 or more")
+    for flag, source in (("--model", args.model), ("--baseline", args.baseline)):
+        if source is not None:  # both found before the first one is evaluated (minutes on a CPU)
+            try:
+                load_model_config(ModelConfig(model=source, device=args.device))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{flag} {source}: {error}") from None
 
     def evaluate_all(source: str) -> list[Any]:
         model, tokenizer = load_model(ModelConfig(model=source, device=args.device))
