@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     model = subparsers.add_parser("model", help="build or convert model checkpoints")
-    model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
+    model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
     tiny = model_sub.add_parser(
         "build-tiny",
         help="build the r1-tiny model (tokenizer + untrained Qwen2 weights) deterministically",

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -40,14 +42,20 @@ AGENT_WAIT_S = 60.0
 # After the log stream ends (or after a stop), how long to wait for the job to reach a final state.
 FINAL_STATUS_WAIT_S = 60.0
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# How long to wait for a TCP connection to a host:port (GCS) address before saying it cannot be reached.
+GCS_CONNECT_TIMEOUT_S = 5.0
 
 
 def _say(message: str) -> None:
     print(f"r1 submit: {message}", file=sys.stderr, flush=True)
 
 
-def build_entrypoint(command: list[str], working_dir: Path) -> str:
-    """`r1 <command>` after checking it parses as an r1 command and its --config is uploaded."""
+def build_entrypoint(command: list[str], working_dir: Path, excludes: list[str] | None = None) -> str:
+    """`r1 <command>` after checking it parses as an r1 command and its --config is uploaded.
+
+    `excludes` are the runtime env's; Ray's default excludes and the .gitignore/.rayignore files in
+    the working dir apply as well, as they do when Ray packs the upload.
+    """
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -59,16 +67,65 @@ def build_entrypoint(command: list[str], working_dir: Path) -> str:
     # Parse here so a typo fails now, with r1's usage message, not minutes later in the job.
     parsed = build_parser().parse_args(command)
     config = getattr(parsed, "config", None)
-    if config and not Path(config).is_absolute() and not (working_dir / config).is_file():
-        raise ValueError(
-            f"--config {config} is not a file in the working dir {working_dir}, and the job runs in the uploaded "
-            "copy of that directory; give a path inside it, or an absolute path that exists on the cluster"
-        )
+    if config and not Path(config).is_absolute():
+        _check_uploaded_config(config, Path(os.path.abspath(working_dir)), excludes or [])
     return "r1 " + shlex.join(command)
+
+
+def _check_uploaded_config(config: str, working_dir: Path, excludes: list[str]) -> None:
+    """A relative --config must name a file that is uploaded: inside the working dir, not excluded."""
+    hint = ("the job runs in the uploaded copy of the working dir; give a path inside it, or an absolute path that "
+            "exists on the cluster")
+    # Normalised without following symlinks: Ray uploads a symlink inside the working dir as the file it points to.
+    path = Path(os.path.normpath(working_dir / config))
+    if not path.is_relative_to(working_dir):
+        raise ValueError(f"--config {config} is {path}, outside the working dir {working_dir}; {hint}")
+    if not path.is_file():
+        raise ValueError(f"--config {config} is not a file in the working dir {working_dir}; {hint}")
+    excluded = _excluded_by_upload(path, working_dir, excludes)
+    if excluded is not None:
+        raise ValueError(
+            f"--config {config} is not uploaded: {excluded.relative_to(working_dir)} matches the runtime env's "
+            f"excludes, Ray's default excludes ({', '.join(_default_excludes())}) or a .gitignore/.rayignore; {hint}"
+        )
+
+
+def _default_excludes() -> list[str]:
+    from ray._private import ray_constants
+
+    return ray_constants.get_runtime_env_default_excludes()
+
+
+def _excluded_by_upload(path: Path, working_dir: Path, excludes: list[str]) -> Path | None:
+    """The first of `path` and its parents below `working_dir` that Ray's packaging skips, or None.
+
+    Walks down from `working_dir` the way Ray's `_dir_travel` does, with the matchers Ray builds.
+    """
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    quiet = logging.getLogger(__name__)  # not Ray's logger, which says at INFO which ignore files it read
+
+    def ignore_files(directory: Path) -> list[Any]:
+        return get_excludes_from_ignore_files(directory, include_gitignore=include_gitignore, logger=quiet)
+
+    matchers = [_get_excludes(working_dir, _default_excludes() + list(excludes)), *ignore_files(working_dir)]
+    current = working_dir
+    for part in path.relative_to(working_dir).parts:
+        current = current / part
+        matchers += ignore_files(current)
+        if any(matches(current) for matches in matchers):
+            return current
+    return None
 
 
 def load_runtime_env(path: Path, working_dir: Path) -> dict[str, Any]:
     """The runtime env file with `working_dir` set to the directory to upload."""
+    if not working_dir.exists():
+        raise ValueError(f"--working-dir {working_dir} does not exist")
+    if not working_dir.is_dir():
+        raise ValueError(f"--working-dir {working_dir} is not a directory")
     if not path.is_file():
         raise ValueError(f"runtime env file {path} not found; pass --runtime-env with the project's "
                          f"{DEFAULT_RUNTIME_ENV} (or your own)")
@@ -78,8 +135,6 @@ def load_runtime_env(path: Path, working_dir: Path) -> dict[str, Any]:
         raise ValueError(f"runtime env file {path} is not valid YAML: {error}") from None
     if not isinstance(runtime_env, dict):
         raise ValueError(f"runtime env file {path} must hold a mapping (working_dir, excludes, env_vars, ...)")
-    if not working_dir.is_dir():
-        raise ValueError(f"--working-dir {working_dir} is not a directory")
     runtime_env["working_dir"] = str(working_dir)
     from ray.runtime_env import RuntimeEnv
 
@@ -127,12 +182,29 @@ def auth_headers(dashboard_url: str, environ: dict[str, str] | None = None) -> d
 def dashboard_address(address: str | None) -> str:
     """`--address`, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS, else the local default dashboard."""
     chosen = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
-    if "://" not in chosen:
-        # A GCS address such as 127.0.0.1:6379 (what `ray start` prints): Ray finds the dashboard.
-        from ray.dashboard.utils import ray_address_to_api_server_url
+    if "://" in chosen:
+        return chosen
+    # A GCS address such as 127.0.0.1:6379 (what `ray start` prints), or "auto": Ray asks the GCS for the
+    # dashboard's address. Ray waits ~40 s for a GCS that is not there; a plain TCP connect tells in seconds.
+    host, _, port = chosen.rpartition(":")
+    if port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            raise ValueError(_unreachable(chosen, error)) from None
+    from ray.dashboard.utils import ray_address_to_api_server_url
+    from ray.exceptions import RpcError
 
-        chosen = ray_address_to_api_server_url(chosen)
-    return chosen
+    try:
+        return ray_address_to_api_server_url(chosen)
+    except (RpcError, ConnectionError, ValueError) as error:
+        raise ValueError(_unreachable(chosen, error)) from None
+
+
+def _unreachable(address: str, error: BaseException) -> str:
+    reason = getattr(error, "message", None) or str(error) or type(error).__name__
+    return (f"cannot reach the Ray cluster at {address} ({reason}); check that it is up (`ray start --head` starts "
+            "one), or pass its dashboard's URL instead, e.g. --address http://<head>:8265")
 
 
 def connect(address: str) -> Any:
@@ -208,9 +280,9 @@ def follow(client: Any, job_id: str) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     working_dir = Path(args.working_dir).expanduser().resolve()
-    entrypoint = build_entrypoint(list(args.command), working_dir)
     runtime_env_path = Path(args.runtime_env) if args.runtime_env else working_dir / DEFAULT_RUNTIME_ENV
     runtime_env = load_runtime_env(runtime_env_path, working_dir)
+    entrypoint = build_entrypoint(list(args.command), working_dir, runtime_env.get("excludes") or [])
     address = dashboard_address(args.address)
 
     # Ray lets RAY_ADDRESS override an explicit address; the one resolved above is the one used.
@@ -234,7 +306,8 @@ def register(subparsers: Any) -> None:
         f"{DEFAULT_RUNTIME_ENV}), follow the logs, exit 0 if the job SUCCEEDED and 1 otherwise. Ctrl-C stops "
         "the job. Example: r1 submit --address http://127.0.0.1:8265 train grpo --config ray_configs/train_grpo.yaml",
     )
-    parser.add_argument("--address", help=f"Ray dashboard URL (default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
+    parser.add_argument("--address", help="Ray dashboard URL, or the cluster's GCS host:port that `ray start` prints "
+                        f"(default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
     parser.add_argument("--working-dir", default=".", help="directory to upload as the job's working dir (default .)")
     parser.add_argument("--runtime-env", help=f"runtime env YAML (default: <working-dir>/{DEFAULT_RUNTIME_ENV})")
     parser.add_argument("--submission-id", help="job id to use (default: generated by Ray)")

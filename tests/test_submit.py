@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.cli import main as r1_main
 from cluster.submit import auth_headers, build_entrypoint, load_runtime_env
 from tests.serve_helpers import free_port
 
@@ -61,6 +62,58 @@ def test_entrypoint_is_r1_plus_the_command(command, entrypoint):
 def test_bad_commands_are_refused_before_submitting(command, error):
     with pytest.raises(ValueError, match=error):
         build_entrypoint(command, ROOT)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A working dir with configs where they are uploaded and where they are not, and one outside it."""
+    project = tmp_path / "project"
+    for name in ("ray_configs/ok.yaml", "runs/r1-sft/config.yaml", "venv/config.yaml", "scratch/config.yaml",
+                 "sub/dir/config.yaml"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("max_steps: 2\n")
+    (project / ".gitignore").write_text("scratch/\n")
+    (tmp_path / "outside.yaml").write_text("max_steps: 2\n")
+    return project
+
+
+@pytest.mark.parametrize("config, error", [
+    # ".." leaves the working dir: the file exists here but is not part of the upload.
+    ("../outside.yaml", r"\.\./outside\.yaml is .*outside\.yaml, outside the working dir"),
+    # ... also when it comes back through a subdirectory of the working dir and out again.
+    ("sub/../../outside.yaml", "outside the working dir"),
+    # Excluded by the shipped runtime env's excludes (/runs).
+    ("runs/r1-sft/config.yaml", "is not uploaded: runs matches"),
+    # Excluded by Ray's own default excludes (.git, .venv, venv, __pycache__).
+    ("venv/config.yaml", "is not uploaded: venv matches"),
+    # Excluded by the working dir's .gitignore, which Ray honours.
+    ("scratch/config.yaml", "is not uploaded: scratch/config.yaml matches"),
+])
+def test_configs_the_job_would_not_find_are_refused(project, config, error):
+    excludes = load_runtime_env(RUNTIME_ENV, project)["excludes"]
+    with pytest.raises(ValueError, match=error):
+        build_entrypoint(["train", "sft", "--config", config], project, excludes)
+
+
+@pytest.mark.parametrize("config", [
+    "ray_configs/ok.yaml",
+    "sub/dir/../../ray_configs/ok.yaml",  # ".." that stays inside the working dir is fine
+    "./sub/dir/config.yaml",
+])
+def test_configs_inside_the_upload_are_accepted(project, config):
+    excludes = load_runtime_env(RUNTIME_ENV, project)["excludes"]
+    entrypoint = build_entrypoint(["train", "sft", "--config", config], project, excludes)
+    assert entrypoint == f"r1 train sft --config {config}"
+
+
+def test_a_config_outside_the_working_dir_exits_2_from_the_cli(project, capsys, monkeypatch):
+    # As typed in a shell: `cd project && r1 submit ... --config ../outside.yaml`; refused before connecting.
+    monkeypatch.chdir(project)
+    code = r1_main(["submit", "--address", "http://127.0.0.1:1", "--runtime-env", str(RUNTIME_ENV),
+                    "train", "sft", "--config", "../outside.yaml"])
+    assert code == 2
+    assert f"r1: error: --config ../outside.yaml is {project.parent / 'outside.yaml'}, outside the working dir " \
+           f"{project}" in capsys.readouterr().err
 
 
 def test_a_typo_in_the_command_fails_locally_with_r1_usage(capsys):
@@ -158,6 +211,27 @@ def test_bad_runtime_env_files_are_errors(tmp_path, text, error):
 def test_missing_runtime_env_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="pass --runtime-env"):
         load_runtime_env(tmp_path / "ray_configs" / "runtime_env.yaml", tmp_path)
+
+
+def test_a_missing_working_dir_is_named_as_such(tmp_path, capsys):
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(ValueError, match=f"--working-dir {missing} does not exist"):
+        load_runtime_env(missing / "ray_configs" / "runtime_env.yaml", missing)
+    assert r1_main(["submit", "--working-dir", str(missing), "eval"]) == 2
+    assert f"r1: error: --working-dir {missing} does not exist" in capsys.readouterr().err
+
+
+# -- the address --------------------------------------------------------------------------------------
+
+def test_a_gcs_address_with_nothing_listening_exits_2_quickly(capsys):
+    # host:port is a GCS address; Ray alone would wait ~40 s and end in an RpcError traceback.
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert r1_main(["submit", "--address", address, "--working-dir", str(ROOT), "eval"]) == 2
+    assert time.monotonic() - started < 20
+    err = capsys.readouterr().err
+    assert f"r1: error: cannot reach the Ray cluster at {address}" in err
+    assert "--address http://" in err  # how to pass the dashboard URL instead
 
 
 # -- a real head node ---------------------------------------------------------------------------------

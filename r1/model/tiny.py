@@ -20,6 +20,8 @@ BOS; the chat template writes it.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 TINY_MODEL_DIR = Path(__file__).parent.parent / "assets" / "r1-tiny"
@@ -254,11 +256,20 @@ def build_model(tokenizer, *, seed: int = 0):
 def build_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     """Build tokenizer and random-init model into `out_dir` (created if missing); returns `out_dir`."""
     out_dir = Path(out_dir)
+    # Created first, so that a path that cannot be a directory fails before the build.
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
+    except OSError as error:
+        raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # save_pretrained imports DeepSpeed when it is installed (through accelerate), and DeepSpeed's
+    # logger prints its accelerator detection to stdout; stdout is for the caller's own output.
+    with contextlib.redirect_stdout(sys.stderr):
+        model.save_pretrained(out_dir, safe_serialization=True)
     # The weights are written through a private temporary file (mode 0600); the model ships inside
     # the package, so every file must be readable by whoever runs it.
     for name in (*_TOKENIZER_FILES, *_MODEL_FILES):

@@ -9,12 +9,16 @@ This module does not quantize (no QLoRA) and does not pick target modules automa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
 ADAPTER_CONFIG = "adapter_config.json"
+# What peft saves an adapter's weights as (safetensors, or the older pickle), and loads them from.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -49,31 +53,63 @@ def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def adapter_base_model(adapter_dir: str | Path) -> str:
-    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
-    config_path = Path(adapter_dir).expanduser() / ADAPTER_CONFIG
+def check_adapter_dir(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of a local adapter directory, once it and the weights beside it are found."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.exists():
         raise ValueError(f"{adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object (peft's LoraConfig), not {type(config).__name__}")
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ValueError(f"LoRA adapter directory {adapter_dir} has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    return config
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
+    base = check_adapter_dir(adapter_dir).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_path} does not name its base model; pass --base")
+        raise ValueError(f"{Path(adapter_dir).expanduser() / ADAPTER_CONFIG} does not name its base model; pass --base")
     return base
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Fold the adapters into the base weights and save a plain checkpoint (with tokenizer) to out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Fold the adapters into the base weights and save a plain checkpoint (with tokenizer) to out_dir.
 
+    The adapter, the base model's name and the output directory are checked before anything loads.
+    With `base_model` given, an `adapter_dir` that is not a local path is left to peft (a hub id).
+    """
     from r1.model import resolve_source
 
     adapter_dir = Path(adapter_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
+    if base_model is None or adapter_dir.exists():
+        check_adapter_dir(adapter_dir)
     source, _ = resolve_source(base_model or adapter_base_model(adapter_dir))
+    if out_dir.resolve() == adapter_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the adapter directory itself; the merged model would overwrite the "
+                         "adapter: give another directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
+    except OSError as error:
+        raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     merged = load_adapter(base, adapter_dir, trainable=False).merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
+    # save_pretrained imports DeepSpeed when it is installed (through accelerate), and DeepSpeed's
+    # logger prints its accelerator detection to stdout; stdout is for the caller's own output.
+    with contextlib.redirect_stdout(sys.stderr):
+        merged.save_pretrained(out_dir)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(source)
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(out_dir)
     return out_dir
