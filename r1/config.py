@@ -45,10 +45,14 @@ class ModelConfig(StrictModel):
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
+# Temperatures below this decode greedily (see SamplingConfig.greedy).
+GREEDY_TEMPERATURE = 1e-5
+
+
 class SamplingConfig(StrictModel):
     """Per-request sampling parameters."""
 
-    # temperature 0 means greedy decoding.
+    # temperature 0 (or below GREEDY_TEMPERATURE) means greedy decoding.
     temperature: float = Field(default=0.6, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # top_k 0 disables top-k filtering.
@@ -74,7 +78,9 @@ class SamplingConfig(StrictModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below GREEDY_TEMPERATURE, logits / temperature overflows float32 (1e-39 gave NaN
+        # probabilities); such a temperature means greedy anyway, as vLLM treats it.
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class EngineConfig(StrictModel):

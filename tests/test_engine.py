@@ -406,3 +406,138 @@ def test_a_request_that_ends_at_its_first_token_while_others_decode(engine):
     asyncio.run(main())
     assert finals["short"] == ("length", None, 1)
     assert finals["long"] == ("length", None, 30)
+
+
+# -- failures stay with the request that caused them ------------------------------------------------
+
+async def _last_delta(engine, prompt, sampling, request_id=None):
+    last = None
+    async for delta in engine.stream(prompt, sampling, request_id=request_id):
+        last = delta
+    return last
+
+
+def test_a_failed_prefill_ends_every_request_it_admitted(tiny, monkeypatch):
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig())
+    add = engine.runner.add
+
+    def failing_add(ids, prompts):  # stands in for an out-of-memory error in one prefill
+        if any(len(p) > 500 for p in prompts):
+            raise RuntimeError("simulated out of memory")
+        return add(ids, prompts)
+
+    monkeypatch.setattr(engine.runner, "add", failing_add)
+    sampling = SamplingConfig(temperature=0, max_new_tokens=5)
+
+    async def both():
+        return await asyncio.wait_for(asyncio.gather(
+            _last_delta(engine, "1+1=", sampling), _last_delta(engine, [5] * 600, sampling)), timeout=60)
+
+    try:
+        finals = asyncio.run(both())  # the two are admitted in one step: neither may hang
+        assert [(d.finish_reason, "simulated out of memory" in d.error) for d in finals] == [("abort", True)] * 2
+        assert asyncio.run(_last_delta(engine, "1+1=", sampling)).finish_reason == "length"  # the engine goes on
+    finally:
+        engine.shutdown()
+
+
+def test_a_consumer_whose_loop_is_gone_loses_only_its_own_request(tiny):
+    import threading
+
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig())
+    long_sampling = SamplingConfig(temperature=0, max_new_tokens=120, ignore_eos=True)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(last=asyncio.run(_last_delta(engine, "1+1=", long_sampling))))
+
+    async def take_two():  # leaves the stream, and then its loop closes, while the engine still emits
+        count = 0
+        async for _ in engine.stream("hello", SamplingConfig(temperature=0, max_new_tokens=100, ignore_eos=True)):
+            count += 1
+            if count == 2:
+                break
+
+    try:
+        runner.start()
+        for _ in range(5):
+            asyncio.run(take_two())
+        runner.join(timeout=120)
+        assert (result["last"].finish_reason, result["last"].error) == ("length", None)
+        assert result["last"].usage.completion_tokens == 120
+    finally:
+        engine.shutdown()
+
+
+def test_generate_batch_and_a_stream_at_once(tiny):
+    import threading
+
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig())
+    sampling = SamplingConfig(temperature=0, max_new_tokens=40, ignore_eos=True)
+    prompts = ["1+1=", "hello there", "Mia has 23 apples."]
+    try:
+        solo = [c.token_ids for c in engine.generate_batch(prompts, sampling)]
+        solo_stream = engine.generate_batch(["x y z"], sampling)[0].token_ids
+        result = {}
+        batch = threading.Thread(target=lambda: result.update(batch=engine.generate_batch(prompts, sampling)))
+        batch.start()  # steps inline in its thread ...
+        streamed = []
+
+        async def consume():  # ... while the stream starts the background thread
+            async for delta in engine.stream("x y z", sampling):
+                streamed.extend(delta.token_ids)
+
+        asyncio.run(asyncio.wait_for(consume(), timeout=120))
+        batch.join(timeout=120)
+        assert [c.token_ids for c in result["batch"]] == solo and streamed == solo_stream
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_in_flight_streams(tiny):
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig())
+
+    async def main():
+        stream = asyncio.ensure_future(_last_delta(engine, "1+1=", SamplingConfig(temperature=0, max_new_tokens=500,
+                                                                                    ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(engine.shutdown)
+        return await asyncio.wait_for(stream, timeout=30)
+
+    last = asyncio.run(main())
+    assert last.finish_reason == "abort" and "shut down" in last.error
+    assert engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_closed_loops_do_not_stay_alive(engine):
+    import gc
+
+    async def two_tokens():
+        async for _ in engine.stream("hi", SamplingConfig(temperature=0, max_new_tokens=2)):
+            pass
+
+    for _ in range(10):
+        asyncio.run(two_tokens())
+    gc.collect()
+    assert len(engine._mailboxes._by_loop) <= 1
+
+
+def test_a_tiny_temperature_decodes_greedily(engine):
+    greedy = engine.generate_batch(["1+1="], SamplingConfig(temperature=0, max_new_tokens=6))[0].token_ids
+    tiny_t = engine.generate_batch(["1+1="], SamplingConfig(temperature=1e-39, max_new_tokens=6, seed=0))[0].token_ids
+    assert tiny_t == greedy  # logits / 1e-39 overflowed to NaN probabilities and drew the last token id
+
+
+def test_request_ids_must_be_unique(engine):
+    sampling = SamplingConfig(temperature=0, max_new_tokens=30, ignore_eos=True)
+
+    async def both():
+        first = asyncio.ensure_future(_last_delta(engine, "1+1=", sampling, request_id="dup"))
+        await asyncio.sleep(0)
+        with pytest.raises(ValueError, match="already in the engine"):
+            await _last_delta(engine, "2+2=", sampling, request_id="dup")
+        return await first
+
+    assert asyncio.run(asyncio.wait_for(both(), timeout=60)).finish_reason == "length"

@@ -74,7 +74,9 @@ class Mailbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weak: `Mailboxes` keys its mailboxes by loop weakly, and a strong reference here would keep
+        # every loop that ever streamed (and its mailbox) alive.
+        self._loop = weakref.ref(loop)
         self._items: list[tuple[asyncio.Queue, Delta]] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -86,8 +88,11 @@ class Mailbox:
                 return
             self._scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
+            loop = self._loop()
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more (the scheduler aborts the request)
             with self._lock:
                 self._items.clear()
                 self._scheduled = False
@@ -182,11 +187,16 @@ class BatchResults:
         self.requests = requests
         self._deltas: dict[str, list[Delta]] = {r.request_id: [] for r in requests}
         self._done = threading.Semaphore(0)
+        self._finished = 0
 
     def collect(self, delta: Delta) -> None:
         self._deltas[delta.request_id].append(delta)
         if delta.finish_reason is not None:
+            self._finished += 1
             self._done.release()
+
+    def done(self) -> bool:
+        return self._finished == len(self.requests)
 
     def wait(self) -> list[Completion]:
         """Every request's completion, in order; RuntimeError if any generation failed."""
@@ -247,6 +257,8 @@ class TransformersEngine:
         self._mailboxes = Mailboxes()
         self._stopping = False
         self._inline_lock = threading.Lock()
+        # One scheduler step at a time, whoever runs it: the background loop or generate_batch's caller.
+        self._step_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig | None = None) -> TransformersEngine:
@@ -276,12 +288,19 @@ class TransformersEngine:
             self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the decode thread; requests still waiting or running end with `abort`."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        with self._step_lock:
+            self.scheduler.close("the engine shut down")
+
+    def _step(self) -> None:
+        with self._step_lock:
+            self.scheduler.step()
 
     def _loop(self) -> None:
         while True:
@@ -291,7 +310,7 @@ class TransformersEngine:
                 if self._stopping:
                     return
             try:
-                self.scheduler.step()
+                self._step()
             except Exception:  # the scheduler already ended the affected streams with an error
                 logger.exception("engine step failed; in-flight requests were aborted")
 
@@ -349,8 +368,10 @@ class TransformersEngine:
             for request in requests:
                 self._submit_waiting_for_room(request, collect, background)
             if not background:
-                while self.scheduler.has_work():
-                    self.scheduler.step()
+                # Steps run here; should a stream start the background thread meanwhile, the step
+                # lock keeps the two from stepping at once.
+                while not batch.done() and self.scheduler.has_work():
+                    self._step()
         return batch.wait()
 
     def _submit_waiting_for_room(self, request: Request, emit: Any, background: bool) -> None:
@@ -362,7 +383,7 @@ class TransformersEngine:
                 if background:
                     threading.Event().wait(0.01)
                 else:
-                    self.scheduler.step()
+                    self._step()
 
     @property
     def think_prefilled(self) -> bool:

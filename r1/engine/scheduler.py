@@ -15,6 +15,7 @@ nothing about how the model runs: it drives a `ModelRunner` (in-process or shard
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from r1.engine.memory import CudaCachePolicy
 from r1.engine.runner import ModelRunner
 from r1.engine.sampling import RowState, sample_rows
 from r1.engine.types import Delta, FinishReason, Request, Usage
+
+logger = logging.getLogger(__name__)
 
 Emit = Callable[[Delta], None]
 
@@ -61,6 +64,9 @@ class Scheduler:
         self._waiting: deque[_Sequence] = deque()
         self._aborted: set[str] = set()
         self.running: dict[str, _Sequence] = {}
+        # Ids of the requests in the engine, from submit until they finish (waiting, being
+        # prefilled, running); set.discard is atomic, so the engine thread drops ids without the lock.
+        self._ids: set[str] = set()
         self.num_steps = 0
 
     # -- called from any thread ------------------------------------------------------------
@@ -72,11 +78,14 @@ class Scheduler:
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
         )
         with self._lock:
+            if seq.seq_id in self._ids:
+                raise ValueError(f"request id {seq.seq_id!r} is already in the engine; request ids must be unique")
             if len(self._waiting) >= self.config.max_queued_requests + self._free_slots():
                 raise EngineOverloaded(
                     f"the engine queue is full ({len(self._waiting)} waiting, {len(self.running)} running); retry later"
                 )
             self._waiting.append(seq)
+            self._ids.add(seq.seq_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -111,7 +120,8 @@ class Scheduler:
                 logits = self.runner.step([s.seq_id for s in decoding], [s.output_ids[-1] for s in decoding])
                 self._advance(decoding, logits)
         except Exception as error:  # a model failure must end every affected stream, never hang it
-            self._fail_all(f"{type(error).__name__}: {error}")
+            # `admitted` left the queue but may not have reached `running` (a failed prefill).
+            self._fail_all(f"{type(error).__name__}: {error}", also=admitted)
             raise
         finally:
             self._release_finished()
@@ -127,6 +137,7 @@ class Scheduler:
             for seq in self._waiting:
                 if seq.seq_id in aborted:
                     self._finish(seq, "abort")
+                    self._ids.discard(seq.seq_id)
                 else:
                     kept.append(seq)
             self._waiting = kept
@@ -164,7 +175,7 @@ class Scheduler:
         elif len(seq.output_ids) >= request.max_new_tokens:
             reason = "length"
         if reason is None:
-            seq.emit(Delta(request.request_id, [token], text))
+            self._emit(seq, Delta(request.request_id, [token], text))
         else:
             self._finish(seq, reason, token_ids=[token], text=text)
 
@@ -175,12 +186,35 @@ class Scheduler:
         if error is None:
             text += seq.detok.finish()
         usage = Usage(len(seq.request.prompt_token_ids), len(seq.output_ids))
-        seq.emit(Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error))
+        self._emit(seq, Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error))
 
-    def _fail_all(self, message: str) -> None:
-        for seq in self.running.values():
+    def _emit(self, seq: _Sequence, delta: Delta) -> None:
+        """Hand a delta to the request's consumer. A consumer that cannot take it (its event loop
+        closed, say) loses its own request, which is aborted; the other requests never notice."""
+        try:
+            seq.emit(delta)
+        except Exception as error:  # noqa: BLE001 - whatever the consumer's callback raises
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                logger.info("request %s aborted: its consumer cannot take output (%s: %s)", seq.seq_id,
+                            type(error).__name__, error)
+
+    def _fail_all(self, message: str, also: list[_Sequence] = ()) -> None:
+        """Abort every running sequence and those of `also` that never reached `running`."""
+        outside = [seq for seq in also if seq.seq_id not in self.running]
+        for seq in [*self.running.values(), *outside]:
             if seq.finish_reason is None:
                 self._finish(seq, "abort", error=message)
+        for seq in outside:
+            self._ids.discard(seq.seq_id)
+
+    def close(self, message: str) -> None:
+        """End every waiting and running request with `abort` and `message` (the engine is shutting
+        down); the caller makes sure no step runs meanwhile."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        self._fail_all(message, also=waiting)
+        self._release_finished()
 
     def _release_finished(self) -> None:
         finished = [seq_id for seq_id, s in self.running.items() if s.finish_reason is not None]
@@ -188,4 +222,5 @@ class Scheduler:
             self.runner.remove(finished)
             for seq_id in finished:
                 del self.running[seq_id]
+                self._ids.discard(seq_id)
             self.memory.after_finish()
