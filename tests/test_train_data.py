@@ -151,7 +151,8 @@ def test_preference_split_holds_out_a_fraction():
     "cls, data, message",
     [
         # SFT needs exactly one data source
-        (SFTTrainConfig, {"data": {"task": "arithmetic", "path": "x.jsonl"}}, "exactly one of data.path"),
+        (SFTTrainConfig, {"data": {"task": "arithmetic", "path": "x.jsonl"}}, "also set data.task=null"),
+        (SFTTrainConfig, {"data": {"task": None}}, "exactly one of data.path"),
         # ZeRO belongs to DeepSpeed
         (SFTTrainConfig, {"strategy": {"name": "ddp", "zero_stage": 2}}, "need strategy.name=deepspeed"),
         (SFTTrainConfig, {"strategy": {"name": "ddp", "cpu_shm_comm": True}}, "need strategy.name=deepspeed"),
