@@ -35,6 +35,17 @@ class ResolvedModel:
     dtype: torch.dtype
 
 
+def create_output_dir(out_dir: Path) -> Path:
+    """Create the folder a checkpoint is written to (before the work that fills it), or a ValueError naming it."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
+    except OSError as error:
+        raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
+    return out_dir
+
+
 def resolve_source(name: str) -> tuple[str, bool]:
     """Map a model name to a local directory or a hub id."""
     if name == TINY_MODEL_NAME:

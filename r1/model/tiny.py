@@ -255,14 +255,11 @@ def build_model(tokenizer, *, seed: int = 0):
 
 def build_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     """Build tokenizer and random-init model into `out_dir` (created if missing); returns `out_dir`."""
+    from r1.model import create_output_dir
+
     out_dir = Path(out_dir)
     # Created first, so that a path that cannot be a directory fails before the build.
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
-    except OSError as error:
-        raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
+    create_output_dir(out_dir)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
     tokenizer.save_pretrained(out_dir)

@@ -84,7 +84,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     The adapter, the base model's name and the output directory are checked before anything loads.
     With `base_model` given, an `adapter_dir` that is not a local path is left to peft (a hub id).
     """
-    from r1.model import resolve_source
+    from r1.model import create_output_dir, resolve_source
 
     adapter_dir = Path(adapter_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
@@ -94,12 +94,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     if out_dir.resolve() == adapter_dir.resolve():
         raise ValueError(f"--out {out_dir} is the adapter directory itself; the merged model would overwrite the "
                          "adapter: give another directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
-    except OSError as error:
-        raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
+    create_output_dir(out_dir)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
