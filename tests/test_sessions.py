@@ -391,12 +391,16 @@ def test_idle_ttl(make_backend):
 
 def test_opening_a_session_counts_as_activity(make_backend):
     # A turn opens the session, then generates; the session must not expire in between and lose
-    # the turn (append would find it gone).
+    # the turn (append would find it gone). A session idle for over half its TTL is refreshed by
+    # the open; a more recent one is not written (each write is a durable commit).
     clock = FakeClock()
     backend = make_backend(clock=clock)
     backend.open(SID, "key-a")
     backend.append(SID, "key-a", [user(1), assistant(1)])
-    clock.now += TTL_S - 1
+    stored_at = clock.now
+    clock.now += TTL_S / 2 - 1
+    assert backend.open(SID, "key-a").updated_at == stored_at  # recent: left as it is
+    clock.now += TTL_S / 2  # idle for TTL - 1: over half the TTL
     opened = backend.open(SID, "key-a", last=10)
     assert opened.messages == exchanges(1, 1) and opened.updated_at == clock.now
     clock.now += 2  # generating the reply
@@ -412,9 +416,10 @@ def test_opening_a_session_counts_as_activity(make_backend):
         raw = redis.Redis.from_url(backend.url, decode_responses=True)
         backend.open(OTHER_SID, "key-a")
         backend.append(OTHER_SID, "key-a", [user(1)])
-        raw.pexpire(f"r1:session:{{{OTHER_SID}}}:meta", 5)  # Redis's own expiry is refreshed by open too
-        backend.open(OTHER_SID, "key-a")
-        assert raw.pttl(f"r1:session:{{{OTHER_SID}}}:meta") > 1000
+        raw.pexpire(f"r1:session:{{{OTHER_SID}}}:meta", 3000)  # Redis's own expiry is refreshed by open too
+        clock.now += TTL_S / 2 + 1
+        assert not backend.open(OTHER_SID, "key-a").created
+        assert raw.pttl(f"r1:session:{{{OTHER_SID}}}:meta") > 50_000
         raw.close()
 
 

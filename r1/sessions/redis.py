@@ -8,8 +8,8 @@ Redis runs atomically (and that works on one Redis Cluster slot):
     r1:session:{id}:turns     list  the last 64 turn ids appended (makes retried appends no-ops)
 
 The idle TTL is checked against the backend's clock inside each script (so expiry is exact and
-testable) and enforced by `PEXPIRE` on all three keys, refreshed when a turn opens the session and
-on every append, so Redis frees idle sessions itself.
+testable) and enforced by `PEXPIRE` on all three keys, refreshed on every append and when a turn
+opens a session idle for over half its TTL, so Redis frees idle sessions itself.
 
 Durability is Redis's: an acknowledged write is in Redis's memory and its append-only file. Run Redis
 with `appendonly yes` and `appendfsync always` for the same guarantee as SQLite's synchronous=FULL
@@ -57,8 +57,8 @@ if not meta[1] then
   return {1, ARGV[2], ARGV[2], 0, {}}
 end
 if meta[1] ~= ARGV[1] then return {-1} end
-if ARGV[6] == '1' then
-  -- opening a session starts a turn: activity, so it cannot expire while the reply is generated
+if ARGV[6] == '1' and tonumber(meta[3]) + tonumber(ARGV[3]) / 2 < now then
+  -- a turn starting on a session idle for over half its TTL refreshes it (see SQLiteBackend.open)
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
   meta[3] = ARGV[2]

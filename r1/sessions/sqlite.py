@@ -170,10 +170,14 @@ class SQLiteBackend(BackendBase):
                 return Session(session_id, owner, now, now, 0, [], created=True)
             if row[0] != owner:
                 return None
-            # Opening a session starts a turn: it counts as activity, so the session cannot expire
-            # while the reply is generated (unless that takes the whole idle TTL).
-            db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
-            return Session(session_id, owner, row[1], now, self._count(db, session_id),
+            updated_at = row[2]
+            if self.needs_refresh(updated_at, now):
+                # A turn starting on a session idle for over half its TTL refreshes it, so the turn
+                # has at least half the TTL to finish before the session could expire under it. (Not
+                # at every open: each write is an fsync'd commit, and most turns follow recent ones.)
+                db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
+                updated_at = now
+            return Session(session_id, owner, row[1], updated_at, self._count(db, session_id),
                            self._read_messages(db, session_id, last))
 
         return self._write(body)

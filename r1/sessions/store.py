@@ -145,6 +145,10 @@ class BackendBase:
     def is_expired(self, updated_at: float, now: float) -> bool:
         return updated_at + self.idle_ttl_s < now
 
+    def needs_refresh(self, updated_at: float, now: float) -> bool:
+        """A turn opening this session refreshes its TTL: it has been idle for over half the TTL."""
+        return updated_at + self.idle_ttl_s / 2 < now
+
     def create(self, session_id: str, owner: str) -> bool:
         session = self.open(session_id, owner, last=0)  # type: ignore[attr-defined]
         return session is not None and session.created
