@@ -798,7 +798,8 @@ class SessionConfig(StrictModel):
     window_tokens: int | None = Field(default=None, ge=1)
     # Room kept for the reply when a request sets no max_tokens (at most half the context).
     reply_reserve_tokens: int = Field(default=1024, ge=1)
-    # A session without a turn (started or stored) for this long is gone (reads as missing, then removed).
+    # A session idle this long is gone (reads as missing, then removed). A stored turn refreshes it, and
+    # so does a turn starting after half of it (so every turn has at least half of it to finish).
     # At most 100 years: Redis keeps the TTL as an integer of milliseconds.
     idle_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0, le=100 * 365 * 24 * 3600.0)
     # Oldest messages beyond this are removed from storage.
