@@ -735,6 +735,11 @@ class SafetyRuleConfig(StrictModel):
                 raise ValueError(f"rule {self.id!r}: pattern {self.pattern!r} is not a valid regex: {error}") from None
         if self.max_digits is not None and self.max_digits < self.min_digits:
             raise ValueError(f"rule {self.id!r}: max_digits={self.max_digits} < min_digits={self.min_digits}")
+        if self.max_digits is None and self.luhn != "any":
+            # Whether an unbounded run passes a checksum changes with every digit that follows, so a
+            # stream could never emit any of it (and the check is quadratic in the run's length).
+            raise ValueError(f"rule {self.id!r}: max_digits=null (any run of min_digits or more) needs luhn=any; "
+                             "set max_digits (at most 64) to check the Luhn checksum")
         return self
 
 

@@ -235,3 +235,41 @@ def test_long_digit_chains_stream_like_check_with_a_bounded_context(default):
         verdict = default.check(text, "output")
         assert verdict.action == "redact"
         assert "".join(pieces) == verdict.text
+
+
+def _streamed(safety: SafetyFilter, text: str, size: int = 1) -> str:
+    stream = safety.stream("output")
+    return "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size)) + stream.flush()
+
+
+@pytest.mark.parametrize("rules, actions, text", [
+    # A block rule blocks only on a match that can no longer change: "Skyline" is not a word of "Skylines".
+    ([{"id": "proj", "kind": "keyword", "keywords": ["Skyline"], "output": "block"}], {}, "Skylines are nice"),
+    # "$" matched at the end of a chunk, not of the text.
+    ([{"id": "e", "kind": "regex", "pattern": r"EMP-\d{6}$", "output": "block"}], {}, "EMP-123456 more"),
+    # 16 Luhn-valid digits that a 17th turns into no card number.
+    ([], {"card_number": {"output": "block"}}, "41111111111111112"),
+    # A harmless mention of a secret keyword (the value is not final until it ends).
+    ([], {"secret": {"output": "block"}}, "密码 8-20位"),
+    # A lookbehind wider than the usual kept context.
+    ([{"id": "lb", "kind": "regex", "pattern": r"(?<=K" + "-" * 400 + r")\d{3}"}], {}, "K" + "-" * 400 + "123"),
+])
+def test_user_rules_stream_like_check(rules, actions, text):
+    safety = SafetyFilter(SafetyConfig(rules=rules, rule_actions=actions))
+    expected = safety.check(text, "output").text
+    for size in (1, 3, 8):
+        assert _streamed(safety, text, size) == expected, size
+
+
+@pytest.mark.parametrize("rule, message", [
+    # a keyword that normalizes to nothing (zero-width space, soft hyphen) would match everywhere
+    ({"id": "k", "kind": "keyword", "keywords": ["\u200b"]}, "empty once normalized"),
+    ({"id": "k", "kind": "secret", "keywords": ["pin"], "code_keywords": ["\u00ad"]}, "empty once normalized"),
+    # a max_match_chars below the pattern's own longest match: a stream would emit part of a match
+    ({"id": "e", "kind": "regex", "pattern": r"EMP-\d{6}", "max_match_chars": 3}, "shorter than the longest match"),
+    # a Luhn check on unbounded runs: never final in a stream, quadratic to check
+    ({"id": "acct", "kind": "card_number", "min_digits": 12, "max_digits": None, "luhn": "valid"}, "needs luhn=any"),
+])
+def test_user_rules_a_stream_cannot_honour_are_refused(rule, message):
+    with pytest.raises(ValueError, match=message):
+        SafetyFilter(SafetyConfig(rules=[rule]))

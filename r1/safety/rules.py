@@ -69,6 +69,9 @@ def compile_rule(config: SafetyRuleConfig, input_action: RuleAction | None = Non
     """Turn a rule config into a `Rule`; raise ValueError for patterns a stream cannot bound."""
     keywords = tuple(dict.fromkeys(fold_string(word.strip()) for word in config.keywords))
     code_keywords = tuple(dict.fromkeys(fold_string(word.strip()) for word in config.code_keywords))
+    if "" in keywords or "" in code_keywords:  # e.g. only zero-width characters or a lone combining mark
+        raise ValueError(f"rule {config.id!r}: a keyword is empty once normalized (NFKC, zero-width characters "
+                         "removed); give it visible characters")
     pattern = None
     hold_chars = 0
     if config.kind == "regex":
@@ -90,18 +93,51 @@ def compile_rule(config: SafetyRuleConfig, input_action: RuleAction | None = Non
     )
 
 
+def _lookbehind_chars(parsed) -> int:
+    """The widest lookbehind in a parsed pattern: text before a match that decides it, which a
+    stream's kept left context must reach back over."""
+    from re import _constants, _parser
+
+    widest = 0
+    stack = [parsed]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _parser.SubPattern):
+            for op, av in item.data:
+                if op in (_constants.ASSERT, _constants.ASSERT_NOT) and av[0] < 0:
+                    widest = max(widest, av[1].getwidth()[1])
+                stack.append(av)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return widest
+
+
 def _regex_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None) -> int:
-    # A stream must hold back the longest match plus one character of right context (\b, $).
+    # A stream must hold back the longest match plus one character of right context (\b, $); the
+    # hold also sizes the left context it keeps, which must cover any lookbehind.
+    from re import _parser  # the stdlib's own pattern parser (Python >= 3.11)
+
+    parsed = _parser.parse(pattern)
+    _, max_width = parsed.getwidth()
+    lookbehind = _lookbehind_chars(parsed)
+    if lookbehind > 4096:
+        raise ValueError(f"rule {rule_id!r}: pattern {pattern!r} looks behind {lookbehind} characters; at most 4096")
+    return lookbehind + _match_hold_chars(rule_id, pattern, max_match_chars, max_width)
+
+
+def _match_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None, max_width: int) -> int:
+    from re import _parser
+
     if max_match_chars is not None:
+        if max_width < _parser.MAXREPEAT and max_width > max_match_chars:
+            raise ValueError(f"rule {rule_id!r}: max_match_chars={max_match_chars} is shorter than the longest "
+                             f"match of {pattern!r} ({max_width} characters); a stream would emit part of it")
         return max_match_chars + 1
     if "(?=" in pattern or "(?!" in pattern:
         raise ValueError(
             f"rule {rule_id!r}: pattern uses lookahead; set max_match_chars to the longest span the "
             "match and its lookahead can cover"
         )
-    from re import _parser  # the stdlib's own pattern parser (Python >= 3.11)
-
-    _, max_width = _parser.parse(pattern).getwidth()
     if max_width >= _parser.MAXREPEAT or max_width > 4096:
         raise ValueError(
             f"rule {rule_id!r}: pattern {pattern!r} can match unboundedly long text; set max_match_chars "

@@ -110,17 +110,20 @@ class SafetyStream:
         base = len(self._context)
         norm = self._context + folded.norm
         hits = [h for h in dedupe(scanner.scan(norm, min_end=base)) if h.end > base]
-        blocking = [h for h in hits if scanner.actions[h.rule] == "block"]
+        cut = len(norm) if final else max(scanner.hold_start(norm), base)
+        # Snap the cut back to the start of an original character.
+        raw_cut = folded.to_raw(cut - base)
+        cut = base + folded.to_norm(raw_cut)
+        # Only a match that starts before the cut is final (the held-back text can still change the
+        # rest: "Skyline" may become "Skylines", 16 digits may gain a 17th); `check` of the whole
+        # text would block on exactly these.
+        blocking = [h for h in hits if scanner.actions[h.rule] == "block" and h.start < cut]
         if blocking:
             self._record(blocking, folded, base, len(norm))
             self._blocked = True
             self._buffer = ""
             self._context = ""
             return self._filter.block_message
-        cut = len(norm) if final else max(scanner.hold_start(norm), base)
-        # Snap the cut back to the start of an original character.
-        raw_cut = folded.to_raw(cut - base)
-        cut = base + folded.to_norm(raw_cut)
         if raw_cut == 0:
             return ""
         spans = redaction_spans(hits, scanner.actions, base, cut)
