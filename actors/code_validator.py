@@ -27,7 +27,7 @@ from actors import metrics
 from actors.tracing import setup_actor_tracing
 from r1.codecheck import Sandbox, Validation, validate_request
 from r1.config import CodeValidatorConfig, parse_config
-from r1.telemetry import inject_context, span
+from r1.telemetry import inject_context, span, untraced
 
 HEALTH_PROBE_EVERY_S = 60.0
 
@@ -76,7 +76,8 @@ class CodeValidatorDeployment:
         if time.monotonic() - self._last_probe < HEALTH_PROBE_EVERY_S:
             return
         self._last_probe = time.monotonic()
-        result = await asyncio.to_thread(self.sandbox.run_python, "print('ok')", timeout_s=30.0)
+        with untraced():  # not a trace per health check
+            result = await asyncio.to_thread(self.sandbox.run_python, "print('ok')", timeout_s=30.0)
         if result.status != "ok":
             raise RuntimeError(f"sandbox cannot run a trivial program: {result.reason}")
 

@@ -51,6 +51,8 @@ TRACEPARENT_HEADER = "traceparent"
 TRACE_ID_HEADER = "X-Trace-Id"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 _TRUE = {"1", "true", "yes", "on"}
+# Longer headers are ignored (OTel's propagator ignores them too).
+MAX_TRACEPARENT_CHARS = 512
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -316,7 +318,24 @@ def end_span(span_: Span | None, error: BaseException | None = None, *, end_ns: 
         span_.set_attributes(clean_attributes(attributes))
         if error is not None:
             _fail(span_, error)
+        status = attributes.get("http.status_code")
+        if isinstance(status, int) and status >= 500:  # a server error fails the span (4xx are the caller's)
+            span_.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
         span_.end(end_time=end_ns)
+
+
+@contextmanager
+def untraced() -> Iterator[None]:
+    """Spans started inside (and in threads or calls that copy this context) are not recorded: for
+    housekeeping such as health checks, which would otherwise add a one-span trace each time."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    ids = RandomIdGenerator()
+    unsampled = NonRecordingSpan(SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False,
+                                             trace_flags=TraceFlags(TraceFlags.DEFAULT)))
+    with trace.use_span(unsampled, end_on_exit=False):
+        yield
 
 
 @contextmanager
@@ -325,9 +344,11 @@ def use_span(span_: Span | None) -> Iterator[Span | None]:
 
     Calls inside then pass `inject_context()` and continue it. Do not hold it across a `yield`.
     """
-    if span_ is None or not span_.is_recording():
+    if span_ is None:
         yield span_
         return
+    # A non-recording span (the caller's traceparent said "not sampled") is made current too: the
+    # spans below then follow its decision, instead of each starting a trace of its own.
     with trace.use_span(span_, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         yield span_
 
@@ -344,9 +365,9 @@ def current_trace_id() -> str | None:
 
 def trace_id_from_traceparent(header: str | None) -> str | None:
     """The trace id of a W3C traceparent header; None when absent or malformed (never raises)."""
-    if not header or not isinstance(header, str):
+    if not header or not isinstance(header, str) or len(header) > MAX_TRACEPARENT_CHARS:
         return None
-    match = _TRACEPARENT.match(header.strip().lower())
+    match = _TRACEPARENT.match(header.strip())  # lower-case hex only, as W3C (and OTel's propagator) require
     if match is None:
         return None
     version, trace_id, span_id, _, rest = match.groups()

@@ -137,3 +137,30 @@ def test_chat_window():
     assert _window(history, 2) == history[-2:]
     assert _window(history, 0) == []  # no context (history[-0:] would be all of it)
     assert _window(history, 10) == history
+
+
+def test_api_keys_reach_the_replicas_only_as_digests(tmp_path, monkeypatch):
+    from cluster.serve.cli import replica_env_vars
+    from r1.serving.auth import KEY_DIGESTS_ENV, APIKeyChecker, key_id, load_key_digests
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# ops\nfile-key-123\n")
+    monkeypatch.setenv("R1_API_KEYS", "env-key-456")
+    monkeypatch.delenv(KEY_DIGESTS_ENV, raising=False)
+    digests = load_key_digests("R1_API_KEYS", str(keys_file))
+    env_vars = replica_env_vars(digests, {"HF_HUB_OFFLINE": "1", "R1_API_KEYS": "env-key-456"})
+    assert "env-key-456" not in str(env_vars) and "file-key-123" not in str(env_vars)  # Ray logs runtime envs
+    assert env_vars["HF_HUB_OFFLINE"] == "1"
+    # A replica that only has the digests accepts the keys, and names callers as before.
+    monkeypatch.delenv("R1_API_KEYS")
+    monkeypatch.setenv(KEY_DIGESTS_ENV, env_vars[KEY_DIGESTS_ENV])
+    checker = APIKeyChecker(load_key_digests("R1_API_KEYS", None))
+    assert checker.check("Bearer file-key-123") == key_id("file-key-123")
+    assert checker.check("Bearer env-key-456") == key_id("env-key-456")
+    from r1.serving.protocol import APIError
+
+    with pytest.raises(APIError, match="invalid API key"):
+        checker.check("Bearer other")
+    monkeypatch.setenv(KEY_DIGESTS_ENV, "not-a-digest")
+    with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
+        load_key_digests("R1_API_KEYS", None)

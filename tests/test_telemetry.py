@@ -57,7 +57,8 @@ def by_name(records: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("header,expected", [
     (GIVEN_TRACEPARENT, GIVEN_TRACE_ID),  # the W3C example header
-    (GIVEN_TRACEPARENT.upper(), GIVEN_TRACE_ID),  # hex case is not significant when reading
+    (GIVEN_TRACEPARENT.upper(), None),  # W3C allows lower-case hex only (OTel's propagator ignores it too)
+    (GIVEN_TRACEPARENT + "-" + "a" * 500, None),  # longer than 512 characters: ignored, as OTel does
     (f" {GIVEN_TRACEPARENT} ", GIVEN_TRACE_ID),  # surrounding whitespace from a hand-written header
     (f"01-{GIVEN_TRACE_ID}-{GIVEN_SPAN_ID}-01-extra", GIVEN_TRACE_ID),  # future versions may append fields
     (f"00-{GIVEN_TRACE_ID}-{GIVEN_SPAN_ID}-01-extra", None),  # version 00 has exactly four fields
@@ -255,6 +256,50 @@ def test_use_span_makes_a_started_span_current(trace_file):
     assert records["session.open"]["parent_id"] == records["request"]["span_id"]
     assert records["llm.generate"]["parent_id"] == records["request"]["span_id"]
     assert records["request"]["attributes"] == {"route": "chat", "http.status_code": 200}
+
+
+def test_an_unsampled_callers_request_records_nothing(trace_file):
+    # The caller's traceparent says "not sampled": the request span does not record, and neither
+    # do the spans below it (they used to start traces of their own, one per hop).
+    root = telemetry.start_span("request", {"traceparent": f"00-{GIVEN_TRACE_ID}-{GIVEN_SPAN_ID}-00"}, route="chat")
+    with telemetry.use_span(root):
+        with span("safety.check"):
+            pass
+        carrier = inject_context()
+    with span("llm.generate", carrier):
+        pass
+    telemetry.end_span(root, **{"http.status_code": 200})
+    with span("sampled"):
+        pass
+    assert [record["name"] for record in read_spans(trace_file)] == ["sampled"]
+
+
+def test_housekeeping_is_untraced(trace_file):
+    import threading
+
+    import contextvars
+
+    def in_thread() -> None:
+        with span("in.thread"):
+            pass
+
+    with telemetry.untraced():
+        with span("health.probe"):
+            pass
+        # asyncio.to_thread runs its function in a copy of the caller's context, like this:
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(in_thread,))
+        thread.start()
+        thread.join()
+    with span("request"):
+        pass
+    assert [record["name"] for record in read_spans(trace_file)] == ["request"]
+
+
+@pytest.mark.parametrize("status, expected", [(200, "UNSET"), (404, "UNSET"), (499, "UNSET"), (503, "ERROR")])
+def test_server_errors_fail_the_request_span(trace_file, status, expected):
+    root = telemetry.start_span("request", route="chat")
+    telemetry.end_span(root, **{"http.status_code": status})
+    assert read_spans(trace_file)[0]["status"] == expected
 
 
 def _write_spans(path: str, count: int) -> None:

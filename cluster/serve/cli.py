@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from r1.config import ServeConfig, apply_overrides, parse_config, read_yaml_file, set_values
+from r1.serving.auth import KEY_DIGESTS_ENV
 
 logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -82,12 +83,22 @@ def serve_config(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, Any]]
     return (set_values(config, flags, "command-line flags") if flags else config), http_options
 
 
+def replica_env_vars(key_digests: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables every replica and actor gets: the API keys only as digests (a runtime env's variables
+    are written to Ray's logs and shown on its dashboard), and HF_HUB_OFFLINE when set."""
+    environ = os.environ if environ is None else environ
+    env_vars = {k: v for k, v in environ.items() if k == "HF_HUB_OFFLINE"}
+    if key_digests:
+        env_vars[KEY_DIGESTS_ENV] = ",".join(key_digests)
+    return env_vars
+
+
 def run_serve(args: argparse.Namespace) -> int:
     config, http_options = serve_config(args)
 
-    from r1.serving.auth import load_api_keys
+    from r1.serving.auth import load_key_digests
 
-    keys = load_api_keys(config.api_keys_env, config.api_keys_file)
+    keys = load_key_digests(config.api_keys_env, config.api_keys_file)
     host = choose_host(args.host, http_options, bool(keys))
     port = args.port if args.port is not None else http_options.get("port", 8000)
     if not isinstance(port, int) or not 1 <= port <= 65535:
@@ -107,8 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     # Tracing settings (R1_TRACE_FILE, OTEL_*) travel to every replica and actor in the runtime env.
     ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
-             runtime_env=with_telemetry_env(
-                 {"env_vars": {k: v for k, v in os.environ.items() if k in (config.api_keys_env, "HF_HUB_OFFLINE")}}))
+             runtime_env=with_telemetry_env({"env_vars": replica_env_vars(keys)}))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name="r1", route_prefix="/", blocking=False)
     wait_ready(host, port, args.ready_timeout_s)

@@ -28,7 +28,7 @@ from r1.config import ServeConfig
 from r1.metrics import GenerationTimer
 from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
-from r1.serving.auth import APIKeyChecker, load_api_keys
+from r1.serving.auth import APIKeyChecker, load_key_digests
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -63,6 +63,9 @@ from r1.telemetry import (
 )
 
 logger = logging.getLogger("ray.serve")
+# The status a request that the client abandoned mid-stream is recorded with (nginx's convention;
+# the client already got 200 and never reads it).
+CLIENT_CLOSED_REQUEST = 499
 app = FastAPI(title="r1-cluster", description="OpenAI-compatible API for DeepSeek-R1-style reasoning models")
 
 
@@ -140,7 +143,7 @@ class OpenAIIngress:
         self.config = ServeConfig.model_validate(config)
         self.screen = Screening(safety, self.config.safety)
         self.tokenizer = load_tokenizer(self.config.model) if safety is not None else None  # to screen token-id prompts
-        self.auth = APIKeyChecker(load_api_keys(self.config.api_keys_env, self.config.api_keys_file))
+        self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
         self.created = int(time.time())
         self.sessions = None
         if self.config.sessions.enabled:
@@ -158,22 +161,22 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        try:
+        async def answer() -> Response:
             self.auth.check(request.headers.get("authorization"))
-        except APIError as error:
-            return error_response(error)
-        return JSONResponse(models_list(self.config.model_name, self.created))
+            return JSONResponse(models_list(self.config.model_name, self.created))
+
+        return await self._traced(request, "models", answer)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> Response:
-        try:
+        async def answer() -> Response:
             self.auth.check(request.headers.get("authorization"))
             if model_id != self.config.model_name:
                 raise APIError(404, f"model '{model_id}' does not exist; this server serves '{self.config.model_name}'",
                                param="model", code="model_not_found")
-        except APIError as error:
-            return error_response(error)
-        return JSONResponse(model_object(self.config.model_name, self.created))
+            return JSONResponse(model_object(self.config.model_name, self.created))
+
+        return await self._traced(request, "models", answer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -185,19 +188,41 @@ class OpenAIIngress:
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> Response:
-        try:
+        async def answer() -> Response:
             owner = self.auth.check(request.headers.get("authorization"))
             return JSONResponse(await self._session_client().history(session_id, owner))
-        except APIError as error:
-            return error_response(error)
+
+        return await self._traced(request, "sessions", answer)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str, request: Request) -> Response:
-        try:
+        async def answer() -> Response:
             owner = self.auth.check(request.headers.get("authorization"))
             return JSONResponse(await self._session_client().delete(session_id, owner))
-        except APIError as error:
-            return error_response(error)
+
+        return await self._traced(request, "sessions", answer)
+
+    async def _traced(self, request: Request, route: str, answer: Any) -> Response:
+        """A route other than generation: its own "request" span (continuing a traceparent) and a
+        count in the request metrics, like the model routes; APIError becomes its error response."""
+        started = time.monotonic()
+        root = start_span("request", request.headers, route=route)
+        try:
+            with use_span(root):
+                try:
+                    response = await answer()
+                except APIError as error:
+                    response = error_response(error)
+        except BaseException as error:
+            end_span(root, error)
+            metrics.record_request(route, 500, time.monotonic() - started)
+            raise
+        trace_id = trace_id_of(root) or trace_id_from_traceparent(request.headers.get(TRACEPARENT_HEADER))
+        if trace_id:
+            response.headers[TRACE_ID_HEADER] = trace_id
+        end_span(root, **{"http.status_code": response.status_code})
+        metrics.record_request(route, response.status_code, time.monotonic() - started)
+        return response
 
     def _session_client(self) -> SessionClient:
         if self.sessions is None:
@@ -416,6 +441,7 @@ class OpenAIIngress:
         root: Any, route: str,
     ) -> AsyncIterator[bytes]:
         status = 200  # HTTP already said 200; an error inside the stream is recorded with its own status
+        ended = False  # False in `finally`: the client went away before the stream's end
         model = self.config.model_name
         created = int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
@@ -452,7 +478,7 @@ class OpenAIIngress:
                         with use_span(root):  # no yield inside: the context is this task's own
                             reasoning, content = await choice.finish()
                     except APIError as error:
-                        status = error.status
+                        status, ended = error.status, True
                         yield sse(error.body())
                         return
                     if reasoning or content:
@@ -462,7 +488,7 @@ class OpenAIIngress:
                 try:
                     reasoning, content = await self._absorb(item, choice)
                 except APIError as error:
-                    status = error.status
+                    status, ended = error.status, True
                     yield sse(error.body())
                     return
                 if reasoning or content:
@@ -473,7 +499,7 @@ class OpenAIIngress:
                     with use_span(root):
                         await self.sessions.finish_turn(turn, "".join(choices[0].content))
                 except APIError as error:
-                    status = error.status
+                    status, ended = error.status, True
                     yield sse(error.body())
                     return
             if include_usage:
@@ -481,8 +507,12 @@ class OpenAIIngress:
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
                 yield sse(chunk)
+            ended = True
             yield sse("[DONE]")
         finally:
+            if not ended:  # the client disconnected (or the server is stopping): not a success
+                status = CLIENT_CLOSED_REQUEST
+                root.set_attribute("r1.cancelled", True)
             # Runs on normal end and when the client disconnects: stop generating for it.
             for task in tasks:
                 task.cancel()

@@ -33,30 +33,54 @@ def load_api_keys(env_var: str = "R1_API_KEYS", keys_file: str | None = None) ->
     return keys
 
 
+# `r1 serve` hands its keys to the replicas as SHA-256 digests in this variable (comma-separated hex)
+# rather than in plain text: a Ray runtime env's variables are written to Ray's logs and shown on its
+# dashboard.
+KEY_DIGESTS_ENV = "R1_API_KEY_DIGESTS"
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    return key_digest(key)[:16]
+
+
+def load_key_digests(env_var: str = "R1_API_KEYS", keys_file: str | None = None) -> list[str]:
+    """Digests of the keys `load_api_keys` finds, and those given in KEY_DIGESTS_ENV."""
+    digests = [key_digest(key) for key in load_api_keys(env_var, keys_file)]
+    for item in os.environ.get(KEY_DIGESTS_ENV, "").split(","):
+        item = item.strip().lower()
+        if item:
+            if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
+                raise ValueError(f"{KEY_DIGESTS_ENV} holds something that is not a SHA-256 hex digest")
+            digests.append(item)
+    return list(dict.fromkeys(digests))
 
 
 class APIKeyChecker:
-    def __init__(self, keys: list[str]):
-        self._keys = [k.encode("utf-8") for k in keys]
+    """Checks `Authorization: Bearer <key>` against the digests of the configured keys."""
+
+    def __init__(self, digests: list[str]):
+        self._digests = [bytes.fromhex(d) for d in digests]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def check(self, authorization: str | None) -> str | None:
         """Return the caller's key id (None when auth is off); raise APIError(401) otherwise."""
-        if not self._keys:
+        if not self._digests:
             return None
         if not authorization or not authorization.startswith("Bearer "):
             raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-        offered = authorization[len("Bearer "):].strip().encode("utf-8")
+        offered = hashlib.sha256(authorization[len("Bearer "):].strip().encode("utf-8")).digest()
         match = None
         # Compare against every key, without stopping early, so timing does not reveal which matched.
-        for key in self._keys:
-            if hmac.compare_digest(offered, key):
-                match = key
+        for digest in self._digests:
+            if hmac.compare_digest(offered, digest):
+                match = digest
         if match is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
-        return key_id(match.decode("utf-8"))
+        return match.hex()[:16]
