@@ -533,6 +533,29 @@ def test_a_request_without_traceparent_starts_its_own_trace(server, client, trac
     assert request["parent_id"] is None and request["attributes"]["route"] == "chat"
 
 
+def test_other_routes_continue_the_callers_trace(server, trace_file):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = httpx.get(f"{server}/v1/models", timeout=60,
+                         headers={"Authorization": f"Bearer {KEY}", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert response.status_code == 200 and response.headers["x-trace-id"] == trace_id
+    (request,) = spans_of(trace_file, trace_id, {"request"})
+    assert request["attributes"] == {"route": "models", "http.status_code": 200}
+    # An unsampled caller: nothing is recorded for its request, by any hop (each hop used to start
+    # a trace of its own). A sampled request sent right after it shows when the writes are in.
+    hops = {"safety.check", "session.open", "llm.generate", "session.append"}
+    roots_before = {s["span_id"] for s in read_spans(trace_file) if s["parent_id"] is None}
+    unsampled, marker = "5bf92f3577b34da6a3ce929d0e0e4736", "6bf92f3577b34da6a3ce929d0e0e4736"
+    for trace, flags in ((unsampled, "00"), (marker, "01")):
+        response = httpx.post(f"{server}/v1/chat/completions", timeout=120,
+                              headers={"Authorization": f"Bearer {KEY}", "traceparent": f"00-{trace}-00f067aa0ba902b7-{flags}"},
+                              json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0})
+        assert response.status_code == 200 and response.headers["x-trace-id"] == trace
+    spans_of(trace_file, marker, hops)
+    assert unsampled not in trace_file.read_text()
+    new_roots = [s["name"] for s in read_spans(trace_file) if s["parent_id"] is None and s["span_id"] not in roots_before]
+    assert not hops & set(new_roots), new_roots
+
+
 def scrape(port: int) -> dict[str, list[tuple[dict, float]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -564,6 +587,10 @@ def test_real_requests_show_up_in_the_prometheus_export(server, client, metrics_
         "sandbox runs": lambda s: total(s, "ray_r1_sandbox_runs_total") >= 1,
         "stored session turns": lambda s: total(s, "ray_r1_sessions_turns_total", outcome="stored") >= 1,
         "llm memory ratio": lambda s: 0 < total(s, "ray_r1_memory_utilization_ratio", component="llm_server") < 10,
+        "models route": lambda s: total(s, "ray_r1_requests_total", route="models", status="200") >= 1,
+        # test_client_disconnect_cancels_generation left a stream early: not counted as a success
+        "a client that left a stream": lambda s: total(s, "ray_r1_requests_total", route="completions",
+                                                       status="499") >= 1,
     }
     deadline = time.monotonic() + 120  # workers push their metrics to the node's exporter every few seconds
     while True:
