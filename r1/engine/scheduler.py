@@ -63,10 +63,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._waiting: deque[_Sequence] = deque()
         self._aborted: set[str] = set()
+        # Admitted sequences, from admission (before their prefill) until released from the runner.
         self.running: dict[str, _Sequence] = {}
-        # Ids of the requests in the engine, from submit until they finish (waiting, being
-        # prefilled, running); set.discard is atomic, so the engine thread drops ids without the lock.
-        self._ids: set[str] = set()
         self.num_steps = 0
 
     # -- called from any thread ------------------------------------------------------------
@@ -78,14 +76,13 @@ class Scheduler:
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
         )
         with self._lock:
-            if seq.seq_id in self._ids:
+            if seq.seq_id in self.running or any(other.seq_id == seq.seq_id for other in self._waiting):
                 raise ValueError(f"request id {seq.seq_id!r} is already in the engine; request ids must be unique")
             if len(self._waiting) >= self.config.max_queued_requests + self._free_slots():
                 raise EngineOverloaded(
                     f"the engine queue is full ({len(self._waiting)} waiting, {len(self.running)} running); retry later"
                 )
             self._waiting.append(seq)
-            self._ids.add(seq.seq_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -109,8 +106,6 @@ class Scheduler:
         try:
             if admitted:
                 logits = self.runner.add([s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted])
-                for seq in admitted:
-                    self.running[seq.seq_id] = seq
                 self._advance(admitted, logits)
             # Sequences that just finished (at their first token, or aborted) leave the runner's
             # batch before the decode step, which takes exactly the sequences still running.
@@ -120,8 +115,7 @@ class Scheduler:
                 logits = self.runner.step([s.seq_id for s in decoding], [s.output_ids[-1] for s in decoding])
                 self._advance(decoding, logits)
         except Exception as error:  # a model failure must end every affected stream, never hang it
-            # `admitted` left the queue but may not have reached `running` (a failed prefill).
-            self._fail_all(f"{type(error).__name__}: {error}", also=admitted)
+            self._fail_all(f"{type(error).__name__}: {error}")
             raise
         finally:
             self._release_finished()
@@ -137,7 +131,6 @@ class Scheduler:
             for seq in self._waiting:
                 if seq.seq_id in aborted:
                     self._finish(seq, "abort")
-                    self._ids.discard(seq.seq_id)
                 else:
                     kept.append(seq)
             self._waiting = kept
@@ -147,15 +140,19 @@ class Scheduler:
                 self._finish(seq, "abort")
 
     def _admit(self) -> list[_Sequence]:
+        """Move sequences from the queue into `running` (before their prefill: should it fail, they
+        end with the rest of `running`, and no moment passes where a request is in neither)."""
         admitted: list[_Sequence] = []
         budget = self.config.max_prefill_tokens
         with self._lock:
-            while self._waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
+            while self._waiting and len(self.running) < self.config.max_num_seqs:
                 prompt_len = len(self._waiting[0].request.prompt_token_ids)
                 # A prompt longer than the budget is prefilled alone rather than starved.
                 if admitted and prompt_len > budget:
                     break
-                admitted.append(self._waiting.popleft())
+                seq = self._waiting.popleft()
+                self.running[seq.seq_id] = seq
+                admitted.append(seq)
                 budget -= prompt_len
         return admitted
 
@@ -199,21 +196,19 @@ class Scheduler:
                 logger.info("request %s aborted: its consumer cannot take output (%s: %s)", seq.seq_id,
                             type(error).__name__, error)
 
-    def _fail_all(self, message: str, also: list[_Sequence] = ()) -> None:
-        """Abort every running sequence and those of `also` that never reached `running`."""
-        outside = [seq for seq in also if seq.seq_id not in self.running]
-        for seq in [*self.running.values(), *outside]:
+    def _fail_all(self, message: str) -> None:
+        for seq in self.running.values():
             if seq.finish_reason is None:
                 self._finish(seq, "abort", error=message)
-        for seq in outside:
-            self._ids.discard(seq.seq_id)
 
     def close(self, message: str) -> None:
         """End every waiting and running request with `abort` and `message` (the engine is shutting
         down); the caller makes sure no step runs meanwhile."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
-        self._fail_all(message, also=waiting)
+        for seq in waiting:
+            self._finish(seq, "abort", error=message)
+        self._fail_all(message)
         self._release_finished()
 
     def _release_finished(self) -> None:
@@ -222,5 +217,4 @@ class Scheduler:
             self.runner.remove(finished)
             for seq_id in finished:
                 del self.running[seq_id]
-                self._ids.discard(seq_id)
             self.memory.after_finish()
