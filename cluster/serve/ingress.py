@@ -161,7 +161,7 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        async def answer() -> Response:
+        async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
             return JSONResponse(models_list(self.config.model_name, self.created))
 
@@ -169,7 +169,7 @@ class OpenAIIngress:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> Response:
-        async def answer() -> Response:
+        async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
             if model_id != self.config.model_name:
                 raise APIError(404, f"model '{model_id}' does not exist; this server serves '{self.config.model_name}'",
@@ -188,7 +188,7 @@ class OpenAIIngress:
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> Response:
-        async def answer() -> Response:
+        async def answer(*_: Any) -> Response:
             owner = self.auth.check(request.headers.get("authorization"))
             return JSONResponse(await self._session_client().history(session_id, owner))
 
@@ -196,32 +196,35 @@ class OpenAIIngress:
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str, request: Request) -> Response:
-        async def answer() -> Response:
+        async def answer(*_: Any) -> Response:
             owner = self.auth.check(request.headers.get("authorization"))
             return JSONResponse(await self._session_client().delete(session_id, owner))
 
         return await self._traced(request, "sessions", answer)
 
     async def _traced(self, request: Request, route: str, answer: Any) -> Response:
-        """A route other than generation: its own "request" span (continuing a traceparent) and a
-        count in the request metrics, like the model routes; APIError becomes its error response."""
-        started = time.monotonic()
+        """One request = one trace and one count in the request metrics, on every route. The
+        "request" span continues an incoming traceparent, is current while `answer(root, timer)`
+        runs (every call inside passes `inject_context()`), and ends with the response, or with the
+        last byte of a streamed body (which ends it itself). An APIError becomes its error response."""
+        timer = GenerationTimer()
         root = start_span("request", request.headers, route=route)
         try:
             with use_span(root):
                 try:
-                    response = await answer()
+                    response = await answer(root, timer)
                 except APIError as error:
                     response = error_response(error)
         except BaseException as error:
             end_span(root, error)
-            metrics.record_request(route, 500, time.monotonic() - started)
+            metrics.record_request(route, 500, timer.elapsed_s())
             raise
         trace_id = trace_id_of(root) or trace_id_from_traceparent(request.headers.get(TRACEPARENT_HEADER))
         if trace_id:
             response.headers[TRACE_ID_HEADER] = trace_id
-        end_span(root, **{"http.status_code": response.status_code})
-        metrics.record_request(route, response.status_code, time.monotonic() - started)
+        if not isinstance(response, StreamingResponse):
+            end_span(root, **{"http.status_code": response.status_code})
+            metrics.record_request(route, response.status_code, timer.elapsed_s())
         return response
 
     def _session_client(self) -> SessionClient:
@@ -231,26 +234,8 @@ class OpenAIIngress:
 
     # -- the request path ------------------------------------------------------------------------
     async def _handle(self, request: Request, chat: bool) -> Response:
-        """One model request = one trace. The "request" span continues an incoming traceparent, is
-        current while the request is handled (every call below passes `inject_context()`), and ends
-        with the response, or with the last byte of a streamed body."""
         route = "chat" if chat else "completions"
-        timer = GenerationTimer()
-        root = start_span("request", request.headers, route=route)
-        trace_id = trace_id_of(root) or trace_id_from_traceparent(request.headers.get(TRACEPARENT_HEADER))
-        try:
-            with use_span(root):
-                response = await self._respond(request, chat, route, root, timer)
-        except BaseException as error:
-            end_span(root, error)
-            metrics.record_request(route, 500, timer.elapsed_s())
-            raise
-        if trace_id:
-            response.headers[TRACE_ID_HEADER] = trace_id
-        if not isinstance(response, StreamingResponse):  # a streamed body ends the span itself
-            end_span(root, **{"http.status_code": response.status_code})
-            metrics.record_request(route, response.status_code, timer.elapsed_s())
-        return response
+        return await self._traced(request, route, lambda root, timer: self._respond(request, chat, route, root, timer))
 
     async def _respond(self, request: Request, chat: bool, route: str, root: Any, timer: GenerationTimer) -> Response:
         turn = None
