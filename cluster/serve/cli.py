@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from r1.config import ServeConfig, apply_overrides, parse_config, read_yaml_file, set_values
-from r1.serving.auth import KEY_DIGESTS_ENV
+from r1.serving.auth import KEY_DIGESTS_ENV, load_key_digests
 
 logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -95,9 +95,6 @@ def replica_env_vars(key_digests: list[str], environ: dict[str, str] | None = No
 
 def run_serve(args: argparse.Namespace) -> int:
     config, http_options = serve_config(args)
-
-    from r1.serving.auth import load_key_digests
-
     keys = load_key_digests(config.api_keys_env, config.api_keys_file)
     host = choose_host(args.host, http_options, bool(keys))
     port = args.port if args.port is not None else http_options.get("port", 8000)

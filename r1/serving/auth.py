@@ -44,7 +44,12 @@ def key_digest(key: str) -> str:
 
 
 def key_id(key: str) -> str:
-    return key_digest(key)[:16]
+    return key_id_of_digest(key_digest(key))
+
+
+def key_id_of_digest(digest: str) -> str:
+    """The short, loggable name of a key (session ownership): its digest's first 16 hex digits."""
+    return digest[:16]
 
 
 def load_key_digests(env_var: str = "R1_API_KEYS", keys_file: str | None = None) -> list[str]:
@@ -83,4 +88,4 @@ class APIKeyChecker:
                 match = digest
         if match is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
-        return match.hex()[:16]
+        return key_id_of_digest(match.hex())
