@@ -10,7 +10,9 @@ no network (or HF_HUB_OFFLINE=1) an uncached id is an error that says how to pro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,14 @@ def create_output_dir(out_dir: Path) -> Path:
     except OSError as error:
         raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
     return out_dir
+
+
+def save_pretrained(model: Any, out_dir: Path, **kwargs: Any) -> None:
+    """`model.save_pretrained(out_dir)` with its stdout chatter sent to stderr: it imports DeepSpeed
+    when installed (through accelerate), whose logger prints its accelerator detection to stdout,
+    and stdout is for the calling command's own output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        model.save_pretrained(out_dir, **kwargs)
 
 
 def resolve_source(name: str) -> tuple[str, bool]:

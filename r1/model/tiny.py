@@ -20,8 +20,6 @@ BOS; the chat template writes it.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 TINY_MODEL_DIR = Path(__file__).parent.parent / "assets" / "r1-tiny"
@@ -255,7 +253,7 @@ def build_model(tokenizer, *, seed: int = 0):
 
 def build_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     """Build tokenizer and random-init model into `out_dir` (created if missing); returns `out_dir`."""
-    from r1.model import create_output_dir
+    from r1.model import create_output_dir, save_pretrained
 
     out_dir = Path(out_dir)
     # Created first, so that a path that cannot be a directory fails before the build.
@@ -263,10 +261,7 @@ def build_tiny(out_dir: Path, *, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
     tokenizer.save_pretrained(out_dir)
-    # save_pretrained imports DeepSpeed when it is installed (through accelerate), and DeepSpeed's
-    # logger prints its accelerator detection to stdout; stdout is for the caller's own output.
-    with contextlib.redirect_stdout(sys.stderr):
-        model.save_pretrained(out_dir, safe_serialization=True)
+    save_pretrained(model, out_dir, safe_serialization=True)
     # The weights are written through a private temporary file (mode 0600); the model ships inside
     # the package, so every file must be readable by whoever runs it.
     for name in (*_TOKENIZER_FILES, *_MODEL_FILES):

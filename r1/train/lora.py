@@ -9,9 +9,7 @@ This module does not quantize (no QLoRA) and does not pick target modules automa
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +82,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     The adapter, the base model's name and the output directory are checked before anything loads.
     With `base_model` given, an `adapter_dir` that is not a local path is left to peft (a hub id).
     """
-    from r1.model import create_output_dir, resolve_source
+    from r1.model import create_output_dir, resolve_source, save_pretrained
 
     adapter_dir = Path(adapter_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
@@ -101,10 +99,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
 
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     merged = load_adapter(base, adapter_dir, trainable=False).merge_and_unload()
-    # save_pretrained imports DeepSpeed when it is installed (through accelerate), and DeepSpeed's
-    # logger prints its accelerator detection to stdout; stdout is for the caller's own output.
-    with contextlib.redirect_stdout(sys.stderr):
-        merged.save_pretrained(out_dir)
+    save_pretrained(merged, out_dir)
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(source)
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(out_dir)
     return out_dir
