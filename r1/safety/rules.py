@@ -122,17 +122,11 @@ def _regex_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None) -
     lookbehind = _lookbehind_chars(parsed)
     if lookbehind > 4096:
         raise ValueError(f"rule {rule_id!r}: pattern {pattern!r} looks behind {lookbehind} characters; at most 4096")
-    return lookbehind + _match_hold_chars(rule_id, pattern, max_match_chars, max_width)
-
-
-def _match_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None, max_width: int) -> int:
-    from re import _parser
-
     if max_match_chars is not None:
         if max_width < _parser.MAXREPEAT and max_width > max_match_chars:
             raise ValueError(f"rule {rule_id!r}: max_match_chars={max_match_chars} is shorter than the longest "
                              f"match of {pattern!r} ({max_width} characters); a stream would emit part of it")
-        return max_match_chars + 1
+        return lookbehind + max_match_chars + 1
     if "(?=" in pattern or "(?!" in pattern:
         raise ValueError(
             f"rule {rule_id!r}: pattern uses lookahead; set max_match_chars to the longest span the "
@@ -143,7 +137,7 @@ def _match_hold_chars(rule_id: str, pattern: str, max_match_chars: int | None, m
             f"rule {rule_id!r}: pattern {pattern!r} can match unboundedly long text; set max_match_chars "
             "(the longest match you want streams to catch) or bound the repetition, e.g. {1,64}"
         )
-    return max(int(max_width), 1) + 1
+    return lookbehind + max(int(max_width), 1) + 1
 
 
 # --- card numbers -----------------------------------------------------------------------------
