@@ -193,7 +193,9 @@ def card_hits(norm: str, start: int, end: int, rules: list[tuple[int, Rule]], mi
     if not bounded:
         return out
     min_digits = min(rule.min_digits for _, rule in bounded)
-    max_digits = max(rule.max_digits if rule.max_digits is not None else total for _, rule in bounded)
+    # A rule without max_digits is luhn=any (SafetyRuleConfig refuses a checksum on unbounded runs)
+    # and took the branch above, so every rule here has its max_digits.
+    max_digits = max(rule.max_digits for _, rule in bounded)
     spans: dict[int, list[tuple[int, int]]] = {index: [] for index, _ in bounded}
     group_digits = [fold_string(norm[s:e]) for s, e in groups]
     # The widest window: max_digits digits, each pair of groups apart by at most the separators.
@@ -213,7 +215,7 @@ def card_hits(norm: str, start: int, end: int, rules: list[tuple[int, Rule]], mi
                 continue
             valid = None
             for index, rule in bounded:
-                if count < rule.min_digits or (rule.max_digits is not None and count > rule.max_digits):
+                if count < rule.min_digits or count > rule.max_digits:
                     continue
                 if rule.luhn != "any":
                     if valid is None:
