@@ -417,9 +417,17 @@ async def _last_delta(engine, prompt, sampling, request_id=None):
     return last
 
 
-def test_a_failed_prefill_ends_every_request_it_admitted(tiny, monkeypatch):
+@pytest.fixture
+def fresh_engine(tiny):
+    """An engine of its own (these tests break it, or shut it down), shut down afterwards."""
     model, tokenizer = tiny
     engine = TransformersEngine(model, tokenizer, EngineConfig())
+    yield engine
+    engine.shutdown()
+
+
+def test_a_failed_prefill_ends_every_request_it_admitted(fresh_engine, monkeypatch):
+    engine = fresh_engine
     add = engine.runner.add
 
     def failing_add(ids, prompts):  # stands in for an out-of-memory error in one prefill
@@ -434,19 +442,15 @@ def test_a_failed_prefill_ends_every_request_it_admitted(tiny, monkeypatch):
         return await asyncio.wait_for(asyncio.gather(
             _last_delta(engine, "1+1=", sampling), _last_delta(engine, [5] * 600, sampling)), timeout=60)
 
-    try:
-        finals = asyncio.run(both())  # the two are admitted in one step: neither may hang
-        assert [(d.finish_reason, "simulated out of memory" in d.error) for d in finals] == [("abort", True)] * 2
-        assert asyncio.run(_last_delta(engine, "1+1=", sampling)).finish_reason == "length"  # the engine goes on
-    finally:
-        engine.shutdown()
+    finals = asyncio.run(both())  # the two are admitted in one step: neither may hang
+    assert [(d.finish_reason, "simulated out of memory" in d.error) for d in finals] == [("abort", True)] * 2
+    assert asyncio.run(_last_delta(engine, "1+1=", sampling)).finish_reason == "length"  # the engine goes on
 
 
-def test_a_consumer_whose_loop_is_gone_loses_only_its_own_request(tiny):
+def test_a_consumer_whose_loop_is_gone_loses_only_its_own_request(fresh_engine):
     import threading
 
-    model, tokenizer = tiny
-    engine = TransformersEngine(model, tokenizer, EngineConfig())
+    engine = fresh_engine
     long_sampling = SamplingConfig(temperature=0, max_new_tokens=120, ignore_eos=True)
     result = {}
     runner = threading.Thread(target=lambda: result.update(last=asyncio.run(_last_delta(engine, "1+1=", long_sampling))))
@@ -458,46 +462,38 @@ def test_a_consumer_whose_loop_is_gone_loses_only_its_own_request(tiny):
             if count == 2:
                 break
 
-    try:
-        runner.start()
-        for _ in range(5):
-            asyncio.run(take_two())
-        runner.join(timeout=120)
-        assert (result["last"].finish_reason, result["last"].error) == ("length", None)
-        assert result["last"].usage.completion_tokens == 120
-    finally:
-        engine.shutdown()
+    runner.start()
+    for _ in range(5):
+        asyncio.run(take_two())
+    runner.join(timeout=120)
+    assert (result["last"].finish_reason, result["last"].error) == ("length", None)
+    assert result["last"].usage.completion_tokens == 120
 
 
-def test_generate_batch_and_a_stream_at_once(tiny):
+def test_generate_batch_and_a_stream_at_once(fresh_engine):
     import threading
 
-    model, tokenizer = tiny
-    engine = TransformersEngine(model, tokenizer, EngineConfig())
+    engine = fresh_engine
     sampling = SamplingConfig(temperature=0, max_new_tokens=40, ignore_eos=True)
     prompts = ["1+1=", "hello there", "Mia has 23 apples."]
-    try:
-        solo = [c.token_ids for c in engine.generate_batch(prompts, sampling)]
-        solo_stream = engine.generate_batch(["x y z"], sampling)[0].token_ids
-        result = {}
-        batch = threading.Thread(target=lambda: result.update(batch=engine.generate_batch(prompts, sampling)))
-        batch.start()  # steps inline in its thread ...
-        streamed = []
+    solo = [c.token_ids for c in engine.generate_batch(prompts, sampling)]
+    solo_stream = engine.generate_batch(["x y z"], sampling)[0].token_ids
+    result = {}
+    batch = threading.Thread(target=lambda: result.update(batch=engine.generate_batch(prompts, sampling)))
+    batch.start()  # steps inline in its thread ...
+    streamed = []
 
-        async def consume():  # ... while the stream starts the background thread
-            async for delta in engine.stream("x y z", sampling):
-                streamed.extend(delta.token_ids)
+    async def consume():  # ... while the stream starts the background thread
+        async for delta in engine.stream("x y z", sampling):
+            streamed.extend(delta.token_ids)
 
-        asyncio.run(asyncio.wait_for(consume(), timeout=120))
-        batch.join(timeout=120)
-        assert [c.token_ids for c in result["batch"]] == solo and streamed == solo_stream
-    finally:
-        engine.shutdown()
+    asyncio.run(asyncio.wait_for(consume(), timeout=120))
+    batch.join(timeout=120)
+    assert [c.token_ids for c in result["batch"]] == solo and streamed == solo_stream
 
 
-def test_shutdown_ends_in_flight_streams(tiny):
-    model, tokenizer = tiny
-    engine = TransformersEngine(model, tokenizer, EngineConfig())
+def test_shutdown_ends_in_flight_streams(fresh_engine):
+    engine = fresh_engine
 
     async def main():
         stream = asyncio.ensure_future(_last_delta(engine, "1+1=", SamplingConfig(temperature=0, max_new_tokens=500,
