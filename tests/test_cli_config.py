@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from r1.config import (
     ("sampling..x=1", "is not a key"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         apply_overrides(GenerateConfig(), [override])
 
 
@@ -98,7 +99,7 @@ def test_config_files_that_cannot_be_read_name_the_file(tmp_path):
 def test_malformed_serve_files_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "serve.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         read_serve_file(str(path))
 
 
