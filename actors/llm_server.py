@@ -9,6 +9,7 @@ ingress can answer with the right HTTP status before sending any body.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, AsyncIterator
 
 import torch
@@ -48,6 +49,11 @@ class LLMServer:
         # request id -> trace carrier; the sharded runner sends it along so each shard's span joins the request's trace
         self.carriers = RequestCarriers()
         self.engine = _build_engine(self.config, self.carriers)
+        # One-time costs (first kernels of each batch size on a GPU) are paid here, not by the first requests.
+        start = time.perf_counter()
+        self.engine.warmup()
+        self.warmup_s = time.perf_counter() - start
+        logger.info("LLMServer: the engine warmed up in %.2f s", self.warmup_s)
         self.engine.start()
         self.think_prefilled = self.engine.think_prefilled
         metrics.start_resource_reporter("llm_server", poll=lambda: metrics.record_engine_load(self.engine.stats()))
@@ -115,7 +121,8 @@ class LLMServer:
                 self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:
-        return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams}
+        return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams,
+                "warmup_s": self.warmup_s}
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -11,6 +11,12 @@
 #   ray_train_nccl_bf16 `r1 train sft` as a Ray Train job: 1 GPU worker, NCCL backend, bf16, 6 steps
 #   ray_train_grpo_ds   `r1 train grpo` with DeepSpeed ZeRO-2 on the GPU worker, bf16, 2 steps
 #   bench_training      bench/training.py (r1 GRPO vs TRL) on the GPU; informational, prints the ratio
+#   engine_cuda         r1's own (transformers) engine on the GPU, 64 arithmetic prompts at once:
+#                       fp32 greedy tokens vs one-sequence-at-a-time decoding with the model's own KV
+#                       cache (PASS >= 58/64 equal), bf16 and bf16 + torch.compile accuracy vs fp32's
+#                       (PASS within 0.1), tokens/s of each (after engine.warmup() and one untimed
+#                       batch; the first batch after the warm-up is printed too), a stop string and an abort
+#                       mid-stream freeing the request
 # GPU engines, each printed as SKIP when its package is not importable (FP8 ones also below sm_89):
 #   vllm_engine         engine=vllm through create_engine vs the transformers engine, greedy, r1-tiny:
 #                       share of equal texts (PASS >= 0.75: both bf16, but the kernels differ), a
@@ -21,6 +27,7 @@
 #   trtllm_fp8_engine   engine=trtllm quantization=fp8 (FP8 engine build, r1's offline calibration
 #                       text), as vllm_fp8_engine
 # NCCL cannot put two ranks on one GPU, so multi-rank NCCL needs a machine with >= 2 GPUs.
+# Each check is stopped after CHECK_TIMEOUT seconds (default 300) and then counts as failed.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -28,14 +35,15 @@ LOGS=${LOG_DIR:-$(mktemp -d)}
 RUNS=$(mktemp -d)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1-cluster/torch_extensions}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
 failed=0
 
 check() {
-  local name=$1; shift
-  if "$@" >"$LOGS/$name.log" 2>&1; then
-    echo "PASS $name"
+  local name=$1 start=$SECONDS; shift
+  if timeout -k 10 "$CHECK_TIMEOUT" "$@" >"$LOGS/$name.log" 2>&1; then
+    echo "PASS $name ($((SECONDS - start)) s)"
   else
-    echo "FAIL $name (log: $LOGS/$name.log)"
+    echo "FAIL $name after $((SECONDS - start)) s (log: $LOGS/$name.log)"
     tail -n 25 "$LOGS/$name.log" | sed 's/^/    /'
     failed=1
   fi
@@ -147,6 +155,97 @@ if __name__ == "__main__":
     sys.exit(main())
 EOF
 
+cat >"$RUNS/engine_cuda.py" <<'EOF'
+"""r1's own engine on the GPU: fp32 exactness, bf16 (and torch.compile) accuracy and speed."""
+import asyncio, sys, time
+import torch
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import create_engine
+from r1.tasks.arithmetic import generate_problems, is_correct
+
+@torch.inference_mode()
+def reference(model, ids, max_new_tokens, eos):
+    """Greedy decoding of one sequence alone with the model's own KV cache."""
+    out = model(torch.tensor([ids], device=model.device), use_cache=True)
+    tokens = []
+    for _ in range(max_new_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        if tokens[-1] in eos:
+            break
+        out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+async def stream_text(engine, prompt, sampling):
+    deltas = [d async for d in engine.stream(prompt, sampling)]
+    return "".join(d.text for d in deltas), deltas[-1]
+
+async def abort_frees(engine, prompt):
+    stream = engine.stream(prompt, SamplingConfig(temperature=0, max_new_tokens=512, ignore_eos=True))
+    for _ in range(3):
+        await anext(stream)
+    await stream.aclose()
+    for _ in range(1000):  # 10 s
+        if engine.stats()["running"] == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+def timed(engine, prompts, sampling, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = engine.generate_batch(prompts, sampling)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return outs, sum(len(c.token_ids) for c in outs) / (time.perf_counter() - start)
+
+def main():
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    problems = generate_problems(64, level=1, seed=0, split="test")
+    prompts = [[{"role": "user", "content": p.question}] for p in problems]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=96)
+    accuracy = lambda outs: sum(is_correct(c.text, p.answer) for c, p in zip(outs, problems)) / len(problems)
+    ok, results = True, {}
+    for label, dtype, compile_ in (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)):
+        engine = create_engine(ModelConfig(model="r1-tiny", device=device, dtype=dtype),
+                               EngineConfig(max_num_seqs=64, compile=compile_))
+        start = time.perf_counter()
+        engine.warmup()  # every decode batch size once (and compilation)
+        warm = time.perf_counter() - start
+        first_rate = timed(engine, prompts, greedy, device)[1]  # the first full batch still loads kernels
+        outs, rate = timed(engine, prompts, greedy, device)
+        results[label] = outs
+        print(f"RESULT engine {label}: accuracy {accuracy(outs):.3f}, {rate:.0f} tokens/s, 64 prompts at once "
+              f"(the first batch after the {warm:.1f} s warm-up: {first_rate:.0f} tokens/s)")
+        if label == "fp32":
+            eos = set(engine.stop_token_ids)
+            same = sum(
+                list(c.token_ids) == reference(engine.model, engine.make_request(p, greedy).prompt_token_ids, 96, eos)
+                for c, p in zip(outs, prompts))
+            print(f"RESULT engine fp32: batched greedy tokens equal to one-at-a-time decoding: {same}/64")
+            ok = ok and same >= 58
+        else:
+            ok = ok and accuracy(outs) >= accuracy(results["fp32"]) - 0.1
+        if label == "bf16":
+            full = outs[0].text
+            cut = full.find("</think>")
+            if cut >= 0:
+                text, last = asyncio.run(stream_text(engine, prompts[0], greedy.model_copy(update={"stop": ["</think>"]})))
+                print(f"RESULT engine bf16: stop string: finish={last.finish_reason}, text cut before it: {text == full[:cut]}")
+                ok = ok and text == full[:cut] and last.finish_reason == "stop"
+            freed = asyncio.run(abort_frees(engine, prompts[1]))
+            print(f"RESULT engine bf16: abort mid-stream frees the request: {freed}")
+            ok = ok and freed
+        engine.shutdown()
+        del engine
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return 0 if ok else 1
+
+if __name__ == "__main__":
+    sys.exit(main())
+EOF
+
 gpu_engine_check() {  # name module engine quantization
   local name=$1 module=$2
   if ! "$PY" -c "import $module" >/dev/null 2>&1; then
@@ -157,6 +256,7 @@ gpu_engine_check() {  # name module engine quantization
   grep -h "^RESULT\\|^SKIP" "$LOGS/$name.log" 2>/dev/null | sed 's/^/    /'
 }
 
+"$PY" -c "import sys, torch, transformers, ray, deepspeed; print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', '| transformers', transformers.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)" 2>&1 | tail -n 1
 check nccl_allreduce "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/nccl.py"
 check bf16_autocast_step "$PY" "$RUNS/step.py" ddp
 check deepspeed_zero2 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/step.py" deepspeed
@@ -165,13 +265,15 @@ check ray_train_nccl_bf16 "$PY" -m cluster.cli train sft --config ray_configs/tr
   --set "checkpoint={storage_path: $RUNS, run_name: gpu-sft, every_steps: 3}" --set progress_bar=false
 check ray_train_grpo_ds "$PY" -m cluster.cli train grpo --config ray_configs/train_tiny_grpo.yaml \
   --set "scaling={num_workers: 1, use_gpu: true}" --set precision=bf16 --set max_steps=2 \
-  --set "strategy={name: deepspeed, zero_stage: 2}" --set eval_num_problems=0 \
+  --set "model.model=$RUNS/gpu-sft/final" --set "strategy={name: deepspeed, zero_stage: 2}" --set eval_num_problems=0 \
   --set "checkpoint={storage_path: $RUNS, run_name: gpu-grpo, every_steps: 1}" --set progress_bar=false
-check bench_training "$PY" -m bench.training --device cuda --steps 3
-grep -h "ratio\|s/step" "$LOGS/bench_training.log" 2>/dev/null | sed 's/^/    /'
 for name in ray_train_nccl_bf16 ray_train_grpo_ds; do
   tail -n 2 "$LOGS/$name.log" | sed "s/^/    $name: /"
 done
+check engine_cuda "$PY" "$RUNS/engine_cuda.py"
+grep -h "^RESULT" "$LOGS/engine_cuda.log" 2>/dev/null | sed 's/^/    /'
+check bench_training "$PY" -m bench.training --device cuda --steps 3
+grep -h "ratio\|s/step" "$LOGS/bench_training.log" 2>/dev/null | sed 's/^/    /'
 gpu_engine_check vllm_engine vllm vllm none
 gpu_engine_check vllm_fp8_engine vllm vllm fp8
 gpu_engine_check trtllm_engine tensorrt_llm trtllm none

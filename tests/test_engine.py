@@ -537,3 +537,47 @@ def test_request_ids_must_be_unique(engine):
         return await first
 
     assert asyncio.run(asyncio.wait_for(both(), timeout=60)).finish_reason == "length"
+
+
+def _count_step_sizes(engine: TransformersEngine) -> list[int]:
+    """Record the batch size of every decode step the engine's runner takes from now on."""
+    sizes: list[int] = []
+    step = engine.runner.step
+
+    def counted(seq_ids, token_ids):
+        sizes.append(len(seq_ids))
+        return step(seq_ids, token_ids)
+
+    engine.runner.step = counted
+    return sizes
+
+
+def test_warmup_decodes_once_at_every_batch_size_then_leaves_the_engine_idle(tiny):
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=6))
+    try:
+        sizes = _count_step_sizes(engine)
+        engine.warmup(all_batch_sizes=True)
+        assert sizes == [6, 5, 4, 3, 2, 1]
+        assert engine.stats() == {"running": 0, "waiting": 0}
+        sizes.clear()
+        engine.warmup()  # on CPU the default is one short request
+        assert sizes == [1]
+        # The engine serves as before.
+        completion = engine.generate_batch(["1 + 1 ="], SamplingConfig(temperature=0, max_new_tokens=3, ignore_eos=True))[0]
+        assert len(completion.token_ids) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_warmup_fits_a_short_context(tiny):
+    # More slots than the context has room for tokens: warm-up requests stop at the context's end.
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=12), context_tokens=6)
+    try:
+        sizes = _count_step_sizes(engine)
+        engine.warmup(all_batch_sizes=True)
+        assert sizes[0] == 12 and sizes[-1] > 0
+        assert engine.stats() == {"running": 0, "waiting": 0}
+    finally:
+        engine.shutdown()

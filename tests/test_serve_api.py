@@ -351,13 +351,15 @@ def test_ingress_single_loop_reaches_only_the_ingress_replicas(server):
     assert flag not in environment("strict", "OpenAIIngress")  # ingress_single_loop: false
 
 
-def test_llm_server_cpu_threads(server):
+def test_llm_server_cpu_threads_and_warm_up(server):
     # Ray sets a fractional-CPU replica's OMP_NUM_THREADS to 1; engine.cpu_threads overrides it.
-    def threads(app: str) -> int:
-        return serve.get_deployment_handle("LLMServer", app_name=app).stats.remote().result(timeout_s=30)["cpu_threads"]
+    def stats(app: str) -> dict:
+        return serve.get_deployment_handle("LLMServer", app_name=app).stats.remote().result(timeout_s=30)
 
-    assert threads("main") == 1
-    assert threads("strict") == 2
+    assert stats("main")["cpu_threads"] == 1
+    assert stats("strict")["cpu_threads"] == 2
+    # Each replica ran the engine's warm-up before it took requests (the time it took, measured).
+    assert all(stats(app)["warmup_s"] > 0 for app in ("main", "strict"))
 
 
 def test_client_disconnect_cancels_generation(server):

@@ -48,6 +48,9 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def warmup(self) -> None:
+        """Pay one-time costs (first kernels, allocations) before the first real request."""
+
     def shutdown(self) -> None: ...
 
 
