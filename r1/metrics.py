@@ -30,6 +30,12 @@ MEMORY_UTILIZATION_MAX = 0.85
 COMPUTE_UTILIZATION_MIN = 0.70
 COMM_SHARE_MAX = 0.15
 
+# Resource-reporter components whose compute is the work (the model's forward passes): the compute
+# utilization alert watches these. The others (ingress, safety, session_store, code_validator) mostly
+# wait on I/O or on the model by design, so a low busy share there is no finding.
+COMPUTE_BOUND_COMPONENTS = ("llm_server", "model_shard", "train_worker")
+SERVICE_COMPONENTS = ("ingress", "safety", "session_store", "code_validator")
+
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -76,7 +82,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("r1_sandbox_runs_total", "counter", "Code validations, by result status.", ("status",)),
     MetricSpec("r1_sessions_turns_total", "counter", "Chat turns on sessions, by outcome.", ("outcome",)),
     # -- training --
-    MetricSpec("r1_train_tokens_per_second", "gauge", "Training throughput of the last step, per worker.",
+    MetricSpec("r1_train_tokens_per_second", "gauge", "Training throughput of the last step, all workers together (rank 0 records it).",
                ("trainer",)),
     MetricSpec("r1_train_step_seconds", "histogram", "Wall time of one training step.", ("trainer",), STEP_BUCKETS_S),
     MetricSpec("r1_train_comm_share_ratio", "gauge",

@@ -29,8 +29,10 @@ import yaml
 
 from r1.metrics import (
     COMM_SHARE_MAX,
+    COMPUTE_BOUND_COMPONENTS,
     COMPUTE_UTILIZATION_MIN,
     MEMORY_UTILIZATION_MAX,
+    SERVICE_COMPONENTS,
     exported_series,
     metric_names_in_promql,
 )
@@ -419,6 +421,31 @@ def test_alert_rules_encode_the_guides_thresholds(alert, metric, comparison):
     for text in rule["annotations"].values():
         for function in re.findall(r"\|\s*(\w+)", text):
             assert function in PROMETHEUS_TEMPLATE_FUNCTIONS, function
+
+
+def test_compute_alert_watches_the_compute_bound_components_and_prefers_gpu_utilization():
+    (rules,) = _of_kind("PrometheusRule")
+    rule = next(r for g in rules["spec"]["groups"] for r in g["rules"] if r.get("alert") == "R1ComputeUtilizationLow")
+    expr = rule["expr"]
+    selectors = re.findall(r"ray_r1_compute_utilization_ratio\{([^}]*)\}", expr)
+    assert len(selectors) == expr.count("ray_r1_compute_utilization_ratio") == 2  # no unfiltered use
+    devices = set()
+    for selector in selectors:
+        matchers = dict(re.findall(r'(\w+)=~?"([^"]*)"', selector))
+        # Not the ingress, safety filter, session store or code validator: they wait by design.
+        assert set(matchers["component"].split("|")) == set(COMPUTE_BOUND_COMPONENTS)
+        devices.add(matchers["device"])
+    assert devices == {"cuda.*", "cpu"}
+    # A component's CPU series counts only where it has no GPU series (a GPU process keeps ~1 core busy).
+    assert re.search(r'device=~"cuda\.\*"\}\[30m\]\)\)\s*or on \(ray_io_cluster, component\)', expr)
+
+
+def test_every_resource_reporter_component_is_classified_for_the_compute_alert():
+    sources = [path for folder in ("actors", "cluster", "r1") for path in (ROOT / folder).rglob("*.py")]
+    used = {name for path in sources
+            for name in re.findall(r'start_resource_reporter\(\s*"(\w+)"', path.read_text(encoding="utf-8"))}
+    assert used == set(COMPUTE_BOUND_COMPONENTS) | set(SERVICE_COMPONENTS)
+    assert not set(COMPUTE_BOUND_COMPONENTS) & set(SERVICE_COMPONENTS)
 
 
 # -- Ray cluster launcher ----------------------------------------------------------------------------------------

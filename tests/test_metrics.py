@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -339,3 +340,9 @@ def test_alert_rules_watch_the_three_indicators():
     for series in ("ray_r1_memory_utilization_ratio", "ray_r1_compute_utilization_ratio",
                    "ray_r1_train_comm_share_ratio"):
         assert series in text, f"no alert rule on {series}"
+
+
+def test_gpu_utilization_can_be_read():
+    # torch.cuda.utilization reads GPU utilization through pynvml (the nvidia-ml-py dependency);
+    # without it a GPU process would report no compute series at all.
+    assert importlib.util.find_spec("pynvml") is not None
