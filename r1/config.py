@@ -555,6 +555,7 @@ class GRPOPromptsConfig(StrictModel):
     # arithmetic: generated word problems (answer: the number); coding: r1.codecheck's coding tasks
     # (answer: their unit tests, for the code_tests reward).
     task: Literal["arithmetic", "coding"] | None = None
+    # How many task prompts (a prompts.path file is used whole).
     num_prompts: int = Field(default=2000, ge=1)
     levels: list[TaskLevel] = Field(default_factory=lambda: [2], min_length=1)
 

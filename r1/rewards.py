@@ -43,6 +43,20 @@ class FormatReward:
         return [1.0 if format_ok(text) else 0.0 for text in completions]
 
 
+def integer_answer(value: Any) -> int | None:
+    """`value` as the integer answer the accuracy reward compares with: an int, an integral float
+    (5.0) or a string of one ("-12"); None for anything else (4.7, True, None, "x")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and value.strip().isascii():
+        return int(value.strip())
+    return None
+
+
 class AccuracyReward:
     """1.0 when the answer after `</think>` equals the reference answer, else 0.0."""
 
@@ -58,7 +72,11 @@ class AccuracyReward:
 
         if len(answers) != len(completions):
             raise ValueError(f"got {len(answers)} answers for {len(completions)} completions")
-        return [1.0 if is_correct(text, int(answer)) else 0.0 for text, answer in zip(completions, answers)]
+        expected = [integer_answer(answer) for answer in answers]
+        wrong = next((answer for answer, value in zip(answers, expected) if value is None), None)
+        if wrong is not None or None in expected:
+            raise ValueError(f"the accuracy reward needs integer answers, got {wrong!r}")
+        return [1.0 if is_correct(text, value) else 0.0 for text, value in zip(completions, expected)]
 
 
 class RewardModelReward:

@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_eval_prints_accuracy_and_format_rate_as_json(capsys):
-    assert r1_main(["eval", "--model", "r1-tiny", "--num-problems", "4", "--level", "1", "2",
+    assert r1_main(["eval", "--model", "r1-tiny", "--num-problems", "4", "--level", "1", "2", "1",
                     "--max-new-tokens", "24", "--json"]) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [r["level"] for r in results] == [1, 2]
+    assert [r["level"] for r in results] == [1, 2]  # a level given twice is evaluated once
     for result in results:
         assert result["num_problems"] == 4
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["format_rate"] <= 1.0
@@ -92,3 +92,56 @@ def test_train_help_lists_the_stages(capsys):
         r1_main(["train", "--help"])
     out = capsys.readouterr().out
     assert all(stage in out for stage in ("sft", "reward", "grpo"))
+
+
+def test_train_checks_inputs_and_outputs_before_ray_starts(tmp_path, monkeypatch, capsys):
+    # Each of these used to fail inside a Ray Train worker, as a traceback after Ray's start-up (or,
+    # for the checkpoint of another stage, to "resume" it and ship the SFT model as GRPO's).
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/r1-runs here, whatever this machine trained before
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": 5}]}\n')
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is 2 + 3?"}\n')
+    (tmp_path / "metrics").mkdir()
+    state = tmp_path / "runs" / "exp" / "checkpoint_2026-01-01_00-00-00.000000"
+    state.mkdir(parents=True)
+    (state / "trainer_state.json").write_text('{"step": 2, "stage": "sft", "lora": null, "strategy": "ddp"}')
+    sft = ["train", "sft", "--set", "data.task=null"]
+    cases = [
+        (sft + ["--set", "data.path=data/chat.jsonl"], f"{tmp_path}/data/chat.jsonl:1: messages[0].content must be a string"),
+        (sft + ["--set", "data.path=data"], "is a directory, not a file; set data.path"),
+        (["train", "grpo", "--set", "prompts.task=null", "--set", "prompts.path=prompts.jsonl", "--set", "model.model=r1-tiny"],
+         "prompts.jsonl:1 needs an integer 'answer' for the accuracy reward"),
+        (["train", "grpo", "--config", str(REPO / "ray_configs" / "train_tiny_grpo.yaml")],
+         "model.model: model path ~/r1-runs/r1-tiny-sft/final does not exist"),
+        (["train", "sft", "--set", "metrics_path=metrics"], f"metrics_path {tmp_path}/metrics is a directory"),
+        (["train", "grpo", "--set", "model.model=r1-tiny", "--set", "checkpoint.storage_path=runs",
+          "--set", "checkpoint.run_name=exp"], "was written with stage = 'sft', this run has 'grpo'"),
+    ]
+    for argv, message in cases:
+        assert r1_main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not ray.is_initialized()
+
+
+def test_relative_paths_are_resolved_against_the_drivers_directory(tmp_path):
+    # Ray Train workers run elsewhere: a relative export_dir used to land in Ray's session folder.
+    from r1.config import GRPOTrainConfig, parse_config
+    from cluster.train.driver import resolve_paths
+
+    (tmp_path / "models" / "sft").mkdir(parents=True)
+    config = parse_config(GRPOTrainConfig, {
+        "model": {"model": "models/sft"}, "prompts": {"path": "p.jsonl"}, "metrics_path": "m.jsonl",
+        "checkpoint": {"storage_path": "runs", "export_dir": "exported"},
+        "grpo": {"rewards": [{"name": "reward_model", "model_path": "Org/reward-hub-id"}]},
+    })
+    resolved = resolve_paths("grpo", config, cwd=tmp_path)
+    assert resolved.model.model == str(tmp_path / "models" / "sft")  # a local directory
+    assert resolved.prompts.path == str(tmp_path / "p.jsonl")
+    assert resolved.metrics_path == str(tmp_path / "m.jsonl")
+    assert resolved.checkpoint.storage_path == str(tmp_path / "runs")
+    assert resolved.checkpoint.export_dir == str(tmp_path / "exported")
+    assert resolved.grpo.rewards[0].model_path == "Org/reward-hub-id"  # not a local directory: a hub id
+    assert resolve_paths("grpo", resolved, cwd=tmp_path / "models") == resolved  # absolute paths stay

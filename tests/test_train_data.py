@@ -97,6 +97,15 @@ def test_plain_text_corpus_is_blocked_with_every_token_a_target(tokenizer):
         ("data.csv", "a,b", r"must end in \.txt, \.md or \.jsonl"),  # unsupported file type
         ("data.jsonl", '{"messages": []}\nnot json\n', r"data.jsonl:2 is not valid JSON"),  # names the bad line
         ("data.jsonl", '{"prompt": "x"}\n', "exactly one of 'messages'"),  # neither chat nor text
+        # wrong shapes name the file, line and field instead of failing deep inside tokenization
+        ("data.jsonl", '{"text": "ok"}\n{"messages": "hi"}\n', r"data.jsonl:2: 'messages' must be a non-empty list"),
+        ("data.jsonl", '{"messages": [{"role": "user", "content": 5}]}\n', r"messages\[0\]\.content must be a string"),
+        ("data.jsonl", '{"messages": [{"content": "x"}]}\n', r"messages\[0\]\.role must be one of"),
+        ("data.jsonl", '{"messages": ["hi"]}\n', r"messages\[0\] must be an object"),
+        ("data.jsonl", '{"messages": [{"role": "user", "content": "q"}]}\n', "no assistant reply"),
+        ("data.jsonl", '{"text": ["a", "b"]}\n', "'text' must be a string, got list"),
+        ("data.jsonl", '\n\n', "has no records"),  # an empty file is not "truncated away"
+        ("data.txt", ' \n', "is empty"),
     ],
 )
 def test_bad_sft_files(tmp_path, filename, content, message):
@@ -190,3 +199,70 @@ def test_grpo_defaults_follow_the_paper_and_the_guide():
     grpo = GRPOTrainConfig().grpo
     assert (grpo.group_size, grpo.clip_eps, grpo.kl_beta, grpo.reward_temperature) == (8, 0.2, 0.001, 0.7)
     assert grpo.loss_aggregation == "token"
+
+
+def test_sft_file_errors_name_the_file_for_bytes_and_directories(tmp_path):
+    bad = tmp_path / "data.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2 is not UTF-8"):
+        load_sft_records(bad)
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"line one\nline \xff two\n")
+    with pytest.raises(ValueError, match=r"corpus.txt:2 is not UTF-8"):
+        load_sft_records(text)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match="is a directory, not a file; set data.path"):
+        load_sft_records(tmp_path / "dir.jsonl")
+
+
+@pytest.mark.parametrize("value, expected", [
+    (12, 12), (-3, -3), (5.0, 5), ("42", 42), (" -7 ", -7),
+    (4.7, None), (True, None), (None, None), ("4.7", None), ("x", None), ([1], None), ("٣", None),
+])
+def test_integer_answer(value, expected):
+    from r1.rewards import integer_answer
+
+    assert integer_answer(value) == expected
+
+
+def test_accuracy_reward_refuses_answers_it_cannot_compare():
+    from r1.rewards import AccuracyReward
+
+    reward = AccuracyReward()
+    assert reward(["</think> 5", "</think> 5"], answers=[5, "5"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="integer answers, got 4.7"):
+        reward(["</think> 4"], answers=[4.7])  # 4.7 used to be truncated to 4 and scored correct
+
+
+def test_prompt_files_need_integer_answers_for_the_accuracy_reward(tmp_path):
+    from r1.train.rollout import read_prompt_file
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "2 + 3?", "answer": 5}\n{"prompt": "What is 2 + 3?"}\n')
+    assert read_prompt_file(path) == [("2 + 3?", 5), ("What is 2 + 3?", None)]  # e.g. for a reward model
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2 needs an integer 'answer' for the accuracy reward, got None"):
+        read_prompt_file(path, need_integer_answers=True)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="has no records"):
+        read_prompt_file(path)
+
+
+def test_resuming_needs_a_checkpoint_written_by_a_run_like_this_one(tmp_path):
+    from r1.train.stage import STATE_FILE, check_resumable, checkpoint_facts, read_checkpoint_state
+
+    sft = parse_config(SFTTrainConfig, {"data": {"task": "arithmetic"}})
+    lora = parse_config(SFTTrainConfig, {"data": {"task": "arithmetic"}, "lora": {"enabled": True, "rank": 8}})
+    state = {"step": 4, **checkpoint_facts("sft", sft)}
+    check_resumable(state, tmp_path, "sft", sft)
+    check_resumable({"step": 4}, tmp_path, "sft", sft)  # written before the facts were recorded
+    with pytest.raises(ValueError, match="written with stage = 'sft', this run has 'grpo'"):
+        check_resumable(state, tmp_path, "grpo", sft)
+    with pytest.raises(ValueError, match="LoRA"):
+        check_resumable(state, tmp_path, "sft", lora)
+    smaller = lora.model_copy(update={"lora": lora.lora.model_copy(update={"rank": 4})})
+    with pytest.raises(ValueError, match="'rank': 8"):
+        check_resumable({"step": 4, **checkpoint_facts("sft", lora)}, tmp_path, "sft", smaller)
+    for content, message in (("{", "is damaged"), ('{"stage": "sft"}', "no step count"), ('{"step": -1}', "no step count")):
+        (tmp_path / STATE_FILE).write_text(content)
+        with pytest.raises(ValueError, match=message):
+            read_checkpoint_state(tmp_path)

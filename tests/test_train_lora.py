@@ -90,3 +90,69 @@ def test_merge_lora_cli_output_is_served_by_the_engine(adapter_dir, tmp_path, ca
 def test_merge_lora_refuses_a_plain_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a LoRA adapter directory"):
         merge_lora(resolve_source("r1-tiny")[0], tmp_path / "out")
+
+
+def test_merge_lora_keeps_a_reward_adapters_trained_score_head(tmp_path):
+    # A LoRA run of `r1 train reward` exports a SEQ_CLS adapter; merging must give the reward model
+    # (the score head trained beside the adapters), not a causal LM without it.
+    from transformers import AutoTokenizer
+
+    from r1.train.reward_model import load_reward_model, reward_model_from_base, score_texts
+
+    base_dir = resolve_source("r1-tiny")[0]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = apply_lora(reward_model_from_base(base_dir, tokenizer),
+                       TrainLoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), "SEQ_CLS")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    adapter = tmp_path / "reward-adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    with pytest.raises(ValueError, match="is a LoRA adapter; merge it first"):
+        load_reward_model(str(adapter))
+    texts = ["Mia has 3 pens. 3", "1 + 1 = 2"]
+    expected = score_texts(model.eval(), tokenizer, texts)
+    merged = merge_lora(adapter, tmp_path / "reward-merged")
+    reward_model, reward_tokenizer = load_reward_model(str(merged))
+    assert reward_model.config.architectures == ["Qwen2ForSequenceClassification"]
+    assert score_texts(reward_model, reward_tokenizer, texts) == pytest.approx(expected, abs=1e-4)
+
+
+def test_merge_lora_refuses_to_overwrite_the_base_or_a_model(adapter_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve_source("r1-tiny")[0], base)
+    before = (base / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="is the base model's directory"):
+        merge_lora(adapter_dir, base, base_model=str(base))
+    with pytest.raises(ValueError, match="already holds a model"):  # another model, named through a detour
+        merge_lora(adapter_dir, tmp_path / "elsewhere" / ".." / "base", base_model=resolve_source("r1-tiny")[0])
+    assert (base / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_merge_lora_with_a_missing_base_writes_nothing(adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match="base model"):
+        merge_lora(adapter_dir, out, base_model="no-such-base-model")
+    assert not out.exists()
+
+
+def test_target_modules_accept_what_peft_does_and_refuse_non_linear_modules():
+    from transformers import AutoModelForCausalLM
+
+    def build(targets):
+        model = AutoModelForCausalLM.from_pretrained(resolve_source("r1-tiny")[0], dtype=torch.float32)
+        return apply_lora(model, TrainLoraConfig(rank=2, target_modules=targets))
+
+    def adapted(model):
+        return {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+
+    assert adapted(build(["self_attn.q_proj"])) == {"q_proj"}  # a dotted suffix
+    assert adapted(build(["all-linear"])) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for target in ("mlp", "input_layernorm", "layers"):
+        with pytest.raises(ValueError, match=r"not Linear layers .* pick from this model's Linear layers: .*q_proj"):
+            build([target])

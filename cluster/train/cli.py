@@ -53,7 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
         return [
             evaluate_arithmetic(model, tokenizer, num_problems=args.num_problems, level=level, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
-            for level in args.level
+            for level in dict.fromkeys(args.level)  # each level once, in the order given
         ]
 
     results = evaluate_all(args.model)

@@ -141,14 +141,107 @@ def _pump(sink: Any, progress: _Progress, stop: threading.Event) -> None:
             logger.warning("could not fetch training metrics: %s", error)
 
 
+def _absolute(path: str, cwd: Path) -> str:
+    return str((cwd / Path(path).expanduser()).resolve())
+
+
+def resolve_paths(stage: str, config: Any, cwd: Path | None = None) -> Any:
+    """The config with its relative paths made absolute against the driver's working directory.
+
+    Ray Train workers run in a directory of their own, so a relative data path would name a missing
+    file there and a relative export_dir would put the model in Ray's session folder. `model.model`
+    and a reward model's `model_path` change only when they name a local directory (else they are
+    hub ids or the embedded r1-tiny)."""
+    cwd = cwd or Path.cwd()
+    data = config.model_dump()
+
+    def local_model(value: str) -> str:
+        return _absolute(value, cwd) if (cwd / Path(value).expanduser()).is_dir() else value
+
+    data["model"]["model"] = local_model(data["model"]["model"])
+    data["checkpoint"]["storage_path"] = _absolute(data["checkpoint"]["storage_path"], cwd)
+    for section, key in (("checkpoint", "export_dir"), ("data", "path"), ("prompts", "path")):
+        if section in data and data[section].get(key):
+            data[section][key] = _absolute(data[section][key], cwd)
+    if data.get("metrics_path"):
+        data["metrics_path"] = _absolute(data["metrics_path"], cwd)
+    for spec in data.get("grpo", {}).get("rewards", []):
+        if spec.get("model_path"):
+            spec["model_path"] = local_model(spec["model_path"])
+    return type(config).model_validate(data)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a rerun of `run_dir` resumes from: the one with the most finished steps."""
+    from r1.train.stage import STATE_FILE, read_checkpoint_step
+
+    found = []
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        try:
+            found.append((read_checkpoint_step(state.parent), state.parent.name, state.parent))
+        except ValueError:
+            continue  # a damaged one: Ray Train picks from its own records, the worker reports it
+    return max(found)[2] if found else None
+
+
+def preflight(stage: str, config: Any) -> None:
+    """Check, before Ray starts anything, what would otherwise fail inside a worker minutes later:
+    the input files (read and validated whole), the output paths, and that the checkpoint this run
+    would resume was written by a run like it. Raises ValueError naming the key or file."""
+    from r1.model import resolve_source
+    from r1.train.stage import check_resumable, read_checkpoint_state
+
+    try:
+        resolve_source(config.model.model)
+    except ValueError as error:
+        raise ValueError(f"model.model: {error}") from None
+    if stage in ("sft", "reward") and config.data.path:
+        if stage == "sft":
+            from r1.train.sft_data import load_sft_records
+
+            load_sft_records(config.data.path)
+        else:
+            from r1.train.reward_model import load_preferences
+
+            load_preferences(config.data.path)
+    if stage == "grpo":
+        if config.prompts.path:
+            from r1.train.rollout import read_prompt_file
+
+            read_prompt_file(config.prompts.path, any(spec.name == "accuracy" for spec in config.grpo.rewards))
+        for index, spec in enumerate(config.grpo.rewards):
+            if spec.model_path:
+                try:
+                    resolve_source(spec.model_path)
+                except ValueError as error:
+                    raise ValueError(f"grpo.rewards.{index}.model_path: {error}; point it at the export of "
+                                     "`r1 train reward`") from None
+    storage_path = Path(config.checkpoint.storage_path)
+    if storage_path.exists() and not storage_path.is_dir():
+        raise ValueError(f"checkpoint.storage_path {storage_path} is a file; set it to a directory")
+    for key, value in (("metrics_path", config.metrics_path), ("checkpoint.export_dir", config.checkpoint.export_dir)):
+        if value and Path(value).exists() and (Path(value).is_dir() == (key == "metrics_path")):
+            kind = "a directory" if key == "metrics_path" else "a file"
+            raise ValueError(f"{key} {value} is {kind}; set it to a {'file' if key == 'metrics_path' else 'directory'} path")
+    run_dir = storage_path / (config.checkpoint.run_name or f"r1-{stage}")
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is not None:
+        check_resumable(read_checkpoint_state(checkpoint), checkpoint, stage, config)
+
+
 def run_training(stage: str, config: Any, *, address: str | None = None) -> TrainingOutcome:
-    """Run one training stage to completion on Ray Train; raises if the run fails."""
+    """Run one training stage to completion on Ray Train; raises if the run fails.
+
+    Relative paths are resolved against this process's working directory and the inputs are
+    checked (`resolve_paths`, `preflight`) before Ray starts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.tracing import with_telemetry_env
     from r1.telemetry import config_from_env, end_span, inject_context, setup_tracing, start_span, trace_id_of
 
+    config = resolve_paths(stage, config)
+    preflight(stage, config)
     telemetry = config_from_env()
     setup_tracing(telemetry, service_name=f"{telemetry.service_name}-train-driver")
     if not ray.is_initialized():

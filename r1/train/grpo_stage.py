@@ -56,6 +56,7 @@ class GRPOStage(Stage):
             num_prompts=cfg.prompts.num_prompts,
             levels=cfg.prompts.levels,
             seed=cfg.seed,
+            need_integer_answers=any(spec.name == "accuracy" for spec in grpo.rewards),
         )
         self.items = shard(items, self.worker.rank, self.worker.world_size)
         self.reward = build_reward(grpo.rewards, device=str(self.device), code_validator=self.worker.code_validator)

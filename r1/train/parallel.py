@@ -107,6 +107,9 @@ class DDPStrategy:
             torch.save(state, directory / DDP_STATE_FILE)
 
     def load_state(self, directory: Path) -> None:
+        if not (directory / DDP_STATE_FILE).is_file():
+            raise ValueError(f"the checkpoint {directory} is incomplete: it has no {DDP_STATE_FILE} "
+                             "(or was written by strategy=deepspeed)")
         state = torch.load(directory / DDP_STATE_FILE, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

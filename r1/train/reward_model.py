@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from r1.train.sft_data import read_jsonl
+from r1.train.sft_data import check_input_file, read_jsonl_lines
 
 
 @dataclass
@@ -31,14 +31,13 @@ class PreferencePair:
 
 
 def load_preferences(path: str | Path) -> list[dict[str, str]]:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"preference file {path} does not exist; set data.path to a JSONL file")
-    records = read_jsonl(path)
-    for number, record in enumerate(records, start=1):
+    path = check_input_file(path, "preference file", "data.path")
+    lines = read_jsonl_lines(path)
+    for number, record in lines:
         missing = [key for key in ("prompt", "chosen", "rejected") if not isinstance(record.get(key), str)]
         if missing:
-            raise ValueError(f"{path}: record {number} needs string fields prompt, chosen, rejected; missing {missing}")
+            raise ValueError(f"{path}:{number} needs string fields prompt, chosen, rejected; missing {missing}")
+    records = [record for _, record in lines]
     if len(records) < 2:
         raise ValueError(f"{path} holds {len(records)} preference pairs; a reward model needs at least 2")
     return records
@@ -123,6 +122,9 @@ def load_reward_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not (Path(path).expanduser() / "config.json").exists():
+        if (Path(path).expanduser() / "adapter_config.json").exists():
+            raise ValueError(f"reward model {path} is a LoRA adapter; merge it first (`r1 model merge-lora --adapter "
+                             f"{path} --out DIR`) and point model_path at DIR")
         raise ValueError(f"reward model {path} has no config.json; point model_path at the export of `r1 train reward`")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:

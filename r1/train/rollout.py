@@ -23,7 +23,8 @@ import torch
 from r1.config import SamplingConfig
 from r1.engine.runner import cache_kwarg, left_pad
 from r1.train.grpo import token_log_probs
-from r1.train.sft_data import level_counts, read_jsonl
+from r1.rewards import integer_answer
+from r1.train.sft_data import check_input_file, level_counts, read_jsonl_lines
 
 
 @dataclass
@@ -52,11 +53,30 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer.encode(prompt, add_special_tokens=True))
 
 
+def read_prompt_file(path: str | Path, need_integer_answers: bool = False) -> list[tuple[str, Any]]:
+    """(prompt, answer) of each record of a prompt JSONL file; a bad record is a ValueError naming
+    the file and line. `need_integer_answers`: the accuracy reward is on, so every record needs an
+    integer "answer"."""
+    file = check_input_file(path, "prompt file", "prompts.path")
+    lines = read_jsonl_lines(file)
+    if not lines:
+        raise ValueError(f"prompt file {file} has no records (every line is blank)")
+    for number, record in lines:
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{file}:{number} needs a string 'prompt' (and an integer 'answer' for the accuracy reward)")
+        if need_integer_answers and integer_answer(record.get("answer")) is None:
+            raise ValueError(f"{file}:{number} needs an integer 'answer' for the accuracy reward, got {record.get('answer')!r}")
+    return [(record["prompt"], record.get("answer")) for _, record in lines]
+
+
 def load_prompt_items(
-    tokenizer: Any, *, path: str | None, task: str | None, num_prompts: int, levels: list[int], seed: int
+    tokenizer: Any, *, path: str | None, task: str | None, num_prompts: int, levels: list[int], seed: int,
+    need_integer_answers: bool = False,
 ) -> list[PromptItem]:
-    """Prompts from a JSONL file ({"prompt": str, "answer": ...}), the arithmetic task's train split,
-    or the coding tasks (answer: their unit tests), cycled up to `num_prompts`."""
+    """Prompts from a JSONL file ({"prompt": str, "answer": ...}; all its records), or `num_prompts`
+    of the arithmetic task's train split or of the coding tasks (answer: their unit tests, cycled).
+
+    `need_integer_answers` (the accuracy reward is on): every file record needs an integer "answer"."""
     if task == "coding":
         from r1.codecheck.tasks import CODING_TASKS
 
@@ -68,13 +88,9 @@ def load_prompt_items(
         for level, count in level_counts(num_prompts, levels).items():
             pairs.extend((p.question, p.answer) for p in generate_problems(count, level=level, seed=seed, split="train"))
     else:
-        if path is None or not Path(path).expanduser().exists():
-            raise ValueError(f"prompt file {path} does not exist; set prompts.path to a JSONL file")
-        records = read_jsonl(Path(path).expanduser())
-        for number, record in enumerate(records, start=1):
-            if not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}: record {number} needs a string 'prompt' (and an 'answer' for accuracy)")
-        pairs = [(r["prompt"], r.get("answer")) for r in records]
+        if path is None:
+            raise ValueError("set prompts.path to a JSONL file or prompts.task")
+        pairs = read_prompt_file(path, need_integer_answers)
     return [PromptItem(prompt=p, answer=a, prompt_ids=encode_prompt(tokenizer, p)) for p, a in pairs]
 
 

@@ -36,11 +36,41 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Objects of a JSONL file; a bad line is a ValueError naming the file and line."""
+def check_input_file(path: str | Path, what: str, key: str) -> Path:
+    """`path` (with ~ expanded) if it is a readable file; else a ValueError naming `what` and the config `key`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{what} {path} does not exist; set {key} to an existing file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is a directory, not a file; set {key} to a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    return path
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of `path`; undecodable bytes are a ValueError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not UTF-8, not
+    JSON or not an object is a ValueError naming the file and line."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number} is not UTF-8 text ({error.reason} at byte {error.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -49,24 +79,55 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number} is not valid JSON: {error}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number} must be a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((number, record))
     return records
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_sft_record(record: dict[str, Any], where: str) -> None:
+    """A ValueError naming `where` (file and record) unless `record` is {"text": str} or a chat
+    {"messages": [{"role": system|user|assistant, "content": str}, ...]} with an assistant reply."""
+    if not ("messages" in record) ^ ("text" in record):
+        raise ValueError(f"{where} needs exactly one of 'messages' (chat) or 'text' (plain text)")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+        return
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: messages[{index}] must be an object with 'role' and 'content', "
+                             f"got {type(message).__name__}")
+        if message.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{where}: messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: messages[{index}].content must be a string, "
+                             f"got {type(message.get('content')).__name__}")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"{where}: 'messages' has no assistant reply to learn from")
 
 
 def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
     """Records from a file: `.txt`/`.md` gives one {"text"} record; `.jsonl` gives its lines."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"SFT data file {path} does not exist; set data.path to a .txt or .jsonl file")
+    path = check_input_file(path, "SFT data file", "data.path")
     if path.suffix in (".txt", ".md"):
-        return [{"text": path.read_text(encoding="utf-8")}]
+        text = read_text_file(path)
+        if not text.strip():
+            raise ValueError(f"SFT data file {path} is empty")
+        return [{"text": text}]
     if path.suffix != ".jsonl":
         raise ValueError(f"SFT data file {path} must end in .txt, .md or .jsonl")
-    records = read_jsonl(path)
-    for number, record in enumerate(records, start=1):
-        if not ("messages" in record) ^ ("text" in record):
-            raise ValueError(f"{path}: record {number} needs exactly one of 'messages' (chat) or 'text' (plain text)")
-    return records
+    lines = read_jsonl_lines(path)
+    if not lines:
+        raise ValueError(f"SFT data file {path} has no records (every line is blank)")
+    for number, record in lines:
+        check_sft_record(record, f"{path}:{number}")
+    return [record for _, record in lines]
 
 
 def level_counts(total: int, levels: list[int]) -> dict[int, int]:

@@ -50,12 +50,49 @@ class WorkerInfo:
     code_validator: Any = None
 
 
-def read_checkpoint_step(directory: str | Path) -> int:
-    """The number of finished optimizer steps recorded in a checkpoint."""
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """`trainer_state.json` of a checkpoint: the finished steps and what wrote it (`checkpoint_facts`)."""
     path = Path(directory) / STATE_FILE
     if not path.exists():
         raise ValueError(f"{directory} is not a training checkpoint (no {STATE_FILE})")
-    return int(json.loads(path.read_text(encoding="utf-8"))["step"])
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"checkpoint state {path} is damaged: {error}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint state {path} is damaged: no step count")
+    return state
+
+
+def read_checkpoint_step(directory: str | Path) -> int:
+    """The number of finished optimizer steps recorded in a checkpoint."""
+    return read_checkpoint_state(directory)["step"]
+
+
+def checkpoint_facts(stage: str, config: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by a run: the stage, the LoRA shape, the strategy."""
+    lora = config.lora
+    return {
+        "stage": stage,
+        "lora": {"rank": lora.rank, "target_modules": sorted(lora.target_modules)} if lora.enabled else None,
+        "strategy": config.strategy.name,
+    }
+
+
+def check_resumable(state: dict[str, Any], directory: str | Path, stage: str, config: Any) -> None:
+    """A ValueError unless the checkpoint (its `state`) was written by a run like this one.
+
+    Resuming another stage's checkpoint (an SFT run's under the same run name, say) would skip its
+    steps and ship that model as this stage's; other LoRA shapes or strategies cannot load at all.
+    Checkpoints from before these facts were recorded carry only the step and pass."""
+    labels = {"stage": "stage", "lora": "LoRA (lora.enabled, lora.rank, lora.target_modules)", "strategy": "strategy.name"}
+    for key, value in checkpoint_facts(stage, config).items():
+        if key in state and state[key] != value:
+            raise ValueError(
+                f"the checkpoint {directory} was written with {labels[key]} = {state[key]!r}, this run has {value!r}; "
+                "resume it with the same settings, or start a new run (another checkpoint.run_name or storage_path)"
+            )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -92,7 +129,11 @@ class Stage:
         self.worker = worker
         self.device = worker.device
         self.resume_dir = Path(resume_dir) if resume_dir is not None else None
-        self.start_step = read_checkpoint_step(self.resume_dir) if self.resume_dir else 0
+        self.start_step = 0
+        if self.resume_dir is not None:
+            state = read_checkpoint_state(self.resume_dir)
+            check_resumable(state, self.resume_dir, self.name, config)
+            self.start_step = state["step"]
         # Phase timings with a "train.<phase>" span each (children of the worker's train.step span).
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None
         self.phases = StepPhases(sync=sync)
@@ -137,6 +178,8 @@ class Stage:
 
     def _build_module(self) -> torch.nn.Module:
         checkpoint_model = self.resume_dir / MODEL_DIR if self.resume_dir else None
+        if checkpoint_model is not None and not checkpoint_model.is_dir():
+            raise ValueError(f"the checkpoint {self.resume_dir} is incomplete: it has no {MODEL_DIR}/ directory")
         if not self.config.lora.enabled:
             return self.load_base(str(checkpoint_model) if checkpoint_model else self.base_source())
         base = self.load_base(self.base_source())
@@ -197,7 +240,7 @@ class Stage:
         self.save_model(directory / MODEL_DIR)
         self.strategy.save_state(directory, self.worker.rank)
         if self.worker.rank == 0:
-            state = {"step": step, "stage": self.name}
+            state = {"step": step, **checkpoint_facts(self.name, self.config)}
             (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         return self.worker.rank == 0 or self.strategy.owns_checkpoint_on_every_rank
 
