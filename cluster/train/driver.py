@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -219,10 +220,11 @@ def preflight(stage: str, config: Any) -> None:
     storage_path = Path(config.checkpoint.storage_path)
     if storage_path.exists() and not storage_path.is_dir():
         raise ValueError(f"checkpoint.storage_path {storage_path} is a file; set it to a directory")
-    for key, value in (("metrics_path", config.metrics_path), ("checkpoint.export_dir", config.checkpoint.export_dir)):
-        if value and Path(value).exists() and (Path(value).is_dir() == (key == "metrics_path")):
-            kind = "a directory" if key == "metrics_path" else "a file"
-            raise ValueError(f"{key} {value} is {kind}; set it to a {'file' if key == 'metrics_path' else 'directory'} path")
+    if config.metrics_path and Path(config.metrics_path).is_dir():
+        raise ValueError(f"metrics_path {config.metrics_path} is a directory; set it to a file path")
+    export = config.checkpoint.export_dir
+    if export and Path(export).exists() and not Path(export).is_dir():
+        raise ValueError(f"checkpoint.export_dir {export} is a file; set it to a directory path")
     run_dir = storage_path / (config.checkpoint.run_name or f"r1-{stage}")
     checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if checkpoint is not None:
@@ -233,15 +235,17 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     """Run one training stage to completion on Ray Train; raises if the run fails.
 
     Relative paths are resolved against this process's working directory and the inputs are
-    checked (`resolve_paths`, `preflight`) before Ray starts."""
+    checked (`resolve_paths`, `preflight`) before Ray starts; not through Ray Client (`ray://`
+    addresses), where this process's files are not the cluster's."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.tracing import with_telemetry_env
     from r1.telemetry import config_from_env, end_span, inject_context, setup_tracing, start_span, trace_id_of
 
-    config = resolve_paths(stage, config)
-    preflight(stage, config)
+    if not (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://"):
+        config = resolve_paths(stage, config)
+        preflight(stage, config)
     telemetry = config_from_env()
     setup_tracing(telemetry, service_name=f"{telemetry.service_name}-train-driver")
     if not ray.is_initialized():
