@@ -240,6 +240,12 @@ class GenerateConfig(StrictModel):
         return self
 
 
+def _over_defaults(defaults: dict[str, Any]) -> BeforeValidator:
+    """Merge a (partial) section given in YAML or --set over a field's own defaults, so that
+    `llm: {min_replicas: 3}` keeps the llm deployment's other settings instead of the class's."""
+    return BeforeValidator(lambda value: {**defaults, **value} if isinstance(value, dict) else value)
+
+
 class DeploymentConfig(StrictModel):
     """Replicas and resources of one Ray Serve deployment (maps onto Serve's autoscaling_config)."""
 
@@ -296,6 +302,13 @@ class ShardConfig(StrictModel):
     num_gpus: float | Literal["auto"] = "auto"
 
 
+# Each deployment's own defaults; a partial section in a config is merged over them.
+INGRESS_DEPLOYMENT: dict[str, Any] = {"num_cpus": 0.05, "target_ongoing_requests": 8}
+LLM_DEPLOYMENT: dict[str, Any] = {"num_cpus": 0.1, "target_ongoing_requests": 4}
+SAFETY_DEPLOYMENT: dict[str, Any] = {"num_cpus": 0.1, "target_ongoing_requests": 16, "max_ongoing_requests": 64,
+                                     "access_log": False}
+
+
 class ServeConfig(StrictModel):
     """The OpenAI-compatible Serve application (`ray_configs/serve.yaml` `args:`, `r1 serve`)."""
 
@@ -334,8 +347,10 @@ class ServeConfig(StrictModel):
     # message. Safe because the ingress never blocks its loop for long (the model runs in the LLM
     # server; the code-repair loop runs in a worker thread).
     ingress_single_loop: bool = True
-    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.05, target_ongoing_requests=8))
-    llm: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=4))
+    ingress: Annotated[DeploymentConfig, _over_defaults(INGRESS_DEPLOYMENT)] = Field(
+        default_factory=lambda: DeploymentConfig(**INGRESS_DEPLOYMENT))
+    llm: Annotated[DeploymentConfig, _over_defaults(LLM_DEPLOYMENT)] = Field(
+        default_factory=lambda: DeploymentConfig(**LLM_DEPLOYMENT))
     # Dialog sessions (SessionStore actors); classes defined further down in this module.
     sessions: SessionConfig = Field(default_factory=lambda: SessionConfig())
     # The SafetyFilter deployment screening input and output (fail-closed); null disables screening.
@@ -769,10 +784,8 @@ class SafetyConfig(StrictModel):
     timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
     # The SafetyFilter Serve deployment. A check takes micro- to milliseconds, so a replica
     # serves many requests at once on a tenth of a CPU.
-    deployment: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.1, target_ongoing_requests=16, max_ongoing_requests=64,
-                                                 access_log=False)
-    )
+    deployment: Annotated[DeploymentConfig, _over_defaults(SAFETY_DEPLOYMENT)] = Field(
+        default_factory=lambda: DeploymentConfig(**SAFETY_DEPLOYMENT))
 
     @field_validator("rules")
     @classmethod

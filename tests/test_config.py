@@ -78,3 +78,19 @@ def test_defaults_work_and_greedy_flag():
 def test_gpu_engine_on_cpu_is_an_error_naming_the_option():
     with pytest.raises(ValueError, match="engine=vllm needs a GPU"):
         GenerateConfig.model_validate({"model": {"device": "cpu"}, "engine": {"engine": "vllm"}})
+
+
+def test_a_partial_deployment_section_keeps_that_deployments_own_defaults():
+    # `safety.deployment: {min_replicas: 3}` used to rebuild the section from the class defaults,
+    # turning the SafetyFilter's per-call access log back on and halving its concurrency.
+    from r1.config import SafetyConfig, ServeConfig
+
+    serve = parse_config(ServeConfig, {"llm": {"min_replicas": 3}, "ingress": {"max_replicas": 4},
+                                       "safety": {"deployment": {"min_replicas": 3}}})
+    defaults = ServeConfig()
+    assert serve.llm == defaults.llm.model_copy(update={"min_replicas": 3})
+    assert serve.ingress == defaults.ingress.model_copy(update={"max_replicas": 4})
+    assert serve.safety.deployment == SafetyConfig().deployment.model_copy(update={"min_replicas": 3})
+    assert serve.safety.deployment.access_log is False and serve.safety.deployment.max_ongoing_requests == 64
+    # A value given still wins over the default it replaces.
+    assert parse_config(ServeConfig, {"llm": {"num_cpus": 0.5}}).llm.num_cpus == 0.5
