@@ -125,7 +125,10 @@ class LLMServer:
                 "warmup_s": self.warmup_s}
 
     def check_health(self) -> None:
-        if not self.engine.alive:
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()  # the decode loop, and a sharded engine's model shards
+        elif not self.engine.alive:
             raise RuntimeError("the engine's decode thread is not running")
 
     def __del__(self) -> None:

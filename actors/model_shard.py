@@ -78,6 +78,9 @@ class RemoteStage:
     def remove(self, seq_ids: list[str]) -> Any:
         return self.actor.remove.remote(seq_ids)
 
+    def ping(self) -> Any:
+        return self.actor.layers.remote()
+
 
 def resolve(ref: Any) -> Any:
     return ray.get(ref, timeout=SHARD_CALL_TIMEOUT_S)

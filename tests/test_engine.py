@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -579,5 +580,55 @@ def test_warmup_fits_a_short_context(tiny):
         engine.warmup(all_batch_sizes=True)
         assert sizes[0] == 12 and sizes[-1] > 0
         assert engine.stats() == {"running": 0, "waiting": 0}
+    finally:
+        engine.shutdown()
+
+
+def test_a_runner_that_cannot_remove_finished_rows_does_not_keep_them_running(fresh_engine, monkeypatch):
+    # A pipeline whose model shard died fails every call, `remove` included. The finished requests
+    # used to stay in `running`: each later step failed on them again (a busy loop) and new
+    # requests waited for slots that never freed.
+    engine = fresh_engine
+    monkeypatch.setattr(engine.runner, "step", lambda ids, tokens: (_ for _ in ()).throw(RuntimeError("shard died")))
+
+    def dead_remove(ids):
+        raise RuntimeError("shard died")
+
+    monkeypatch.setattr(engine.runner, "remove", dead_remove)
+    sampling = SamplingConfig(temperature=0, max_new_tokens=5)
+    first = asyncio.run(asyncio.wait_for(_last_delta(engine, "1+1=", sampling), timeout=60))
+    assert first.finish_reason == "abort" and "shard died" in first.error
+    steps = engine.scheduler.num_steps
+    time.sleep(0.5)
+    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.scheduler.num_steps == steps  # idle: no step is retried on the dead rows
+    # A new request is not left waiting: it fails at once too.
+    second = asyncio.run(asyncio.wait_for(_last_delta(engine, "2+2=", sampling), timeout=60))
+    assert second.finish_reason == "abort"
+
+
+def test_engine_health_reports_a_pipeline_stage_that_cannot_answer(tiny):
+    from r1.engine.pipeline import ModelStage, PipelineRunner
+
+    model, tokenizer = tiny
+    stages = [ModelStage.from_full_model(model, index, 2, tokenizer.pad_token_id) for index in range(2)]
+
+    class Unreachable:  # a remote stage whose actor is gone: its calls fail
+        def __init__(self, stage):
+            self.stage = stage
+
+        def __getattr__(self, name):
+            return getattr(self.stage, name)
+
+        def ping(self):
+            raise RuntimeError("the actor died")
+
+    runner = PipelineRunner([stages[0], Unreachable(stages[1])], model.config.vocab_size)
+    engine = TransformersEngine(None, tokenizer, EngineConfig(), runner=runner, context_tokens=256)
+    engine.start()
+    try:
+        with pytest.raises(RuntimeError, match="the actor died"):
+            engine.check_health()
+        PipelineRunner(stages, model.config.vocab_size).check_health()  # local stages always answer
     finally:
         engine.shutdown()

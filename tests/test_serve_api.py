@@ -605,3 +605,36 @@ def test_real_requests_show_up_in_the_prometheus_export(server, client, metrics_
     # Sane values: latencies are positive and no larger than the test's own timeouts.
     e2e_sum = total(series, "ray_r1_e2e_seconds_sum", route="chat")
     assert 0 < e2e_sum / total(series, "ray_r1_e2e_seconds_count", route="chat") < 300
+
+
+def test_a_dead_model_shard_fails_requests_fast_and_marks_its_replica_unhealthy(server):
+    # Last in the module: it breaks the sharded app. A killed ModelShard used to leave its requests
+    # in the scheduler, which failed on them at every step (a busy loop logging each failure) while
+    # new requests waited for their slots until the ingress timed them out.
+    import os
+    import signal
+
+    import ray
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{server}/sharded/v1/completions", json=body, headers=headers, timeout=120).status_code == 200
+    shards = replica_pids("ray::ModelShard")  # only the sharded app has shards
+    assert len(shards) == 2
+    os.kill(shards[1], signal.SIGKILL)
+    handle = serve.get_deployment_handle("LLMServer", app_name="sharded")
+    deadline = time.monotonic() + 60
+    while True:  # the replica notices the shard is gone on its next call to it
+        try:
+            handle.check_health.remote().result(timeout_s=30)
+        except (ray.exceptions.RayError, RuntimeError) as error:
+            assert "ModelShard" in str(error) or "actor" in str(error).lower(), error
+            break
+        assert time.monotonic() < deadline, "the replica still reports healthy with a dead shard"
+        time.sleep(0.5)
+    for _ in range(3):  # refused at once, again and again: not queued behind requests that can never finish
+        started = time.monotonic()
+        response = httpx.post(f"{server}/sharded/v1/completions", json=body, headers=headers, timeout=120)
+        assert response.status_code == 503, response.text
+        assert time.monotonic() - started < 30
+    assert serve.get_deployment_handle("LLMServer", app_name="sharded").stats.remote().result(timeout_s=30)["running"] == 0

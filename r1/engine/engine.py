@@ -397,6 +397,16 @@ class TransformersEngine:
     def stats(self) -> dict[str, int]:
         return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting()}
 
+    def check_health(self) -> None:
+        """Raise unless the engine can serve: its decode loop runs and its runner answers (a
+        pipeline's model shards are alive). The LLM server's health check, so Serve replaces a
+        replica whose shard died instead of leaving it to fail every request."""
+        if not self.alive:
+            raise RuntimeError("the engine's decode thread is not running")
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
     @torch.inference_mode()
     def warmup(self, all_batch_sizes: bool | None = None) -> None:
         """Run short requests so the first real ones do not pay one-time costs.

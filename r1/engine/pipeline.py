@@ -158,6 +158,13 @@ class PipelineRunner:
             out = stage.step(seq_ids, out)
         return self.resolve(out)
 
+    def check_health(self) -> None:
+        """Raise if a stage cannot answer (a remote stage whose actor died); local stages always can."""
+        for stage in self.stages:
+            ping = getattr(stage, "ping", None)
+            if ping is not None:
+                self.resolve(ping())
+
     def remove(self, seq_ids: list[str]) -> None:
         results = [stage.remove(seq_ids) for stage in self.stages]
         for result in results:

@@ -214,7 +214,12 @@ class Scheduler:
     def _release_finished(self) -> None:
         finished = [seq_id for seq_id, s in self.running.items() if s.finish_reason is not None]
         if finished:
-            self.runner.remove(finished)
+            # Forgotten first: a runner that cannot remove them (a dead model shard) must not keep
+            # them running, or every later step would fail on them again and new requests would
+            # wait for their slots forever.
             for seq_id in finished:
                 del self.running[seq_id]
-            self.memory.after_finish()
+            try:
+                self.runner.remove(finished)
+            finally:
+                self.memory.after_finish()
