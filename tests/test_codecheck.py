@@ -374,6 +374,31 @@ def test_repair_does_not_retry_sandbox_failures() -> None:
     assert len(outcome.attempts) == 1 and outcome.status == "error"
 
 
+def test_repair_does_not_retry_a_malformed_request() -> None:
+    generate = Scripted([FIXED])
+    malformed = Validation("error", 0, 0, ("request: tests[0] is empty; remove it or write an assert",), "request")
+    outcome = solve_with_repair(TASK, generate, tests=[""], max_repairs=3, validator=lambda code, tests: malformed)
+    assert len(outcome.attempts) == 1 and len(generate.calls) == 1
+
+
+def test_repair_stops_starting_work_once_asked_to() -> None:
+    from r1.codecheck.repair import RepairCancelled
+
+    stop = []
+    validations = []
+
+    def validator(code, tests):  # the client goes away during the first validation
+        validations.append(code)
+        stop.append(True)
+        return Validation("failed", 0, 1, ("tests: assert failed",), "tests")
+
+    generate = Scripted([WRONG])
+    with pytest.raises(RepairCancelled):
+        solve_with_repair(TASK, generate, tests=["assert add(2, 3) == 5"], max_repairs=5, validator=validator,
+                          should_stop=lambda: bool(stop))
+    assert len(generate.calls) == 1 and len(validations) == 1  # no repair round started after it
+
+
 def test_repair_generates_tests_when_none_are_given(sandbox: Sandbox) -> None:
     generate = Scripted([FIXED], tests_answer="```python\nassert add(2, 2) == 4\nassert add(-1, 1) == 0\n```")
     outcome = solve_with_repair(TASK, generate, validator=lambda code, tests: validate(code, tests, sandbox=sandbox))

@@ -400,6 +400,11 @@ def test_code_validation_runs_the_repair_loop_in_the_sandbox(server):
         ({"stream": True}, "stream"),  # the answer is only known after validation
         ({"n": 2}, "n"),  # one solution per request
         ({"max_repairs": 99}, "max_repairs"),  # beyond the allowed repairs
+        # Malformed tests are refused before any generation (they used to cost every repair round).
+        ({"tests": [""]}, "tests"),
+        ({"tests": ["assert ("]}, "tests"),
+        ({"tests": ["print(1)"]}, "tests"),  # checks nothing
+        ({"tests": []}, "tests"),
     ],
 )
 def test_code_validation_request_errors(server, extra, param):
@@ -407,6 +412,7 @@ def test_code_validation_request_errors(server, extra, param):
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+    assert "usage" not in response.json()  # nothing was generated
 
 
 def _post(server: str, path: str, body: dict) -> httpx.Response:

@@ -9,6 +9,7 @@ in a worker thread so its event loop stays free.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +73,14 @@ class HandleGenerator:
 
 def run_code_loop(llm: Any, validator: Any, task: str, tests: list[str] | str | None, sampling: SamplingConfig,
                   config: CodeCheckConfig, max_repairs: int | None, timeout_s: float,
-                  loop: asyncio.AbstractEventLoop) -> tuple[RepairOutcome, HandleGenerator]:
+                  loop: asyncio.AbstractEventLoop, cancelled: threading.Event | None = None,
+                  ) -> tuple[RepairOutcome, HandleGenerator]:
     """Blocking: run it in a worker thread. `loop` is the caller's event loop; the handles are called
-    there (an ingress with `ingress_single_loop` can call them nowhere else)."""
+    there (an ingress with `ingress_single_loop` can call them nowhere else). Once `cancelled` is set
+    (the client went away) no further generation or sandbox run starts."""
     generate = HandleGenerator(llm, sampling, timeout_s, loop)
     outcome = solve_with_repair(task, generate, tests=tests, config=config,
                                 validator=HandleValidator(validator, timeout_s, loop=loop),
-                                temperature=sampling.temperature, max_repairs=max_repairs)
+                                temperature=sampling.temperature, max_repairs=max_repairs,
+                                should_stop=cancelled.is_set if cancelled is not None else None)
     return outcome, generate

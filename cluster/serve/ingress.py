@@ -10,6 +10,7 @@ here answers 500 for a bad request, and every wait on the LLM server has a deadl
 import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -311,14 +312,30 @@ class OpenAIIngress:
                            "validation", param="stream")
         if parsed.n != 1:
             raise APIError(400, "code_validation supports n=1 only", param="n")
+        if parsed.tests is not None:
+            from r1.codecheck.harness import parse_tests
+
+            if not parsed.tests:
+                raise APIError(400, "tests is empty; give at least one test, or leave tests out and the model "
+                               "writes them", param="tests")
+            try:  # malformed tests are the request's fault: refused before any generation
+                parse_tests(parsed.tests)
+            except ValueError as error:
+                raise APIError(400, f"tests: {error}", param="tests") from None
         task = prompt[-1]["content"]
+        cancelled = threading.Event()
         with span("code.loop", max_repairs=parsed.max_repairs) as loop_span:
             # to_thread copies the context: generations and validations are children of code.loop.
-            outcome, generations = await asyncio.to_thread(
-                run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
-                self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
-                asyncio.get_running_loop(),  # the worker thread calls the handles on this loop
-            )
+            try:
+                outcome, generations = await asyncio.to_thread(
+                    run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
+                    self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
+                    asyncio.get_running_loop(),  # the worker thread calls the handles on this loop
+                    cancelled,
+                )
+            except asyncio.CancelledError:  # the client went away: start no more rounds
+                cancelled.set()
+                raise
             loop_span.set_attributes({"attempts": len(outcome.attempts), "status": outcome.status})
         last = generations.generations[-1]
         reasoning, content = await self.screen.output_text(last.reasoning), await self.screen.output_text(last.content)

@@ -11,7 +11,7 @@ from r1.codecheck.extract import extract_code, strip_reasoning
 from r1.codecheck.harness import TestResult, doctest_specs, parse_tests
 from r1.codecheck.isolation import Isolation
 from r1.codecheck.prompts import build_code_prompt, build_repair_prompt, build_test_prompt
-from r1.codecheck.repair import Attempt, RepairOutcome, solve_with_repair
+from r1.codecheck.repair import Attempt, RepairCancelled, RepairOutcome, solve_with_repair
 from r1.codecheck.reward import CodeTestReward, RewardResult
 from r1.codecheck.sandbox import RunResult, Sandbox, default_sandbox, run_python
 from r1.codecheck.syntax import SyntaxIssue, check_syntax
@@ -20,7 +20,7 @@ from r1.codecheck.testgen import generate_tests, parse_generated_tests
 from r1.codecheck.validate import Validation, validate, validate_request
 
 __all__ = [
-    "CODING_TASKS", "Attempt", "CodeTestReward", "CodingTask", "Isolation", "RepairOutcome", "RewardResult",
+    "CODING_TASKS", "Attempt", "CodeTestReward", "CodingTask", "Isolation", "RepairCancelled", "RepairOutcome", "RewardResult",
     "RunResult", "Sandbox", "SyntaxIssue", "TestResult", "Validation", "build_code_prompt", "build_repair_prompt",
     "build_test_prompt", "check_syntax", "default_sandbox", "doctest_specs", "extract_code", "generate_tests",
     "parse_generated_tests", "parse_tests", "run_python", "solve_with_repair", "strip_reasoning", "task_by_name",

@@ -21,6 +21,10 @@ from r1.config import CodeCheckConfig
 Validator = Callable[[str, Sequence[str] | str | None], Validation]
 
 
+class RepairCancelled(Exception):
+    """`solve_with_repair` stopped because `should_stop()` turned true (e.g. the client went away)."""
+
+
 @dataclass(frozen=True)
 class Attempt:
     number: int  # 1 = first generation, 2.. = repairs
@@ -58,14 +62,25 @@ def repair_temperature(temperature: float, config: CodeCheckConfig) -> float:
     return min(temperature, config.repair_temperature)
 
 
+def _stoppable(call: Callable, should_stop: Callable[[], bool]) -> Callable:
+    def checked(*args, **kwargs):
+        if should_stop():
+            raise RepairCancelled("the code-validation loop was cancelled")
+        return call(*args, **kwargs)
+
+    return checked
+
+
 def solve_with_repair(task: str, generate: Generate, *, tests: str | Sequence[str] | None = None,
                       config: CodeCheckConfig | None = None, validator: Validator | None = None,
                       temperature: float = 0.6, max_repairs: int | None = None,
-                      generate_missing_tests: bool = True) -> RepairOutcome:
+                      generate_missing_tests: bool = True, should_stop: Callable[[], bool] | None = None) -> RepairOutcome:
     """Write code for `task` with `generate`, validating and repairing until it passes.
 
     Without `tests`, the model writes them once the first syntactically valid attempt exists
-    (it needs the function's signature); doctests in the code are always run too.
+    (it needs the function's signature); doctests in the code are always run too. `should_stop`
+    is asked before every generation and validation; once it is true the loop raises
+    `RepairCancelled` instead of starting more work.
     """
     config = config or CodeCheckConfig()
     max_repairs = config.max_repairs if max_repairs is None else max_repairs
@@ -76,6 +91,8 @@ def solve_with_repair(task: str, generate: Generate, *, tests: str | Sequence[st
     if validator is None:
         def validator(code: str, tests_now: Sequence[str] | str | None) -> Validation:
             return validate(code, tests_now, config=config, test_origin=origin)
+    if should_stop is not None:
+        generate, validator = _stoppable(generate, should_stop), _stoppable(validator, should_stop)
     attempts: list[Attempt] = []
     prompt, current_temperature = build_code_prompt(task), temperature
     while True:
@@ -88,7 +105,8 @@ def solve_with_repair(task: str, generate: Generate, *, tests: str | Sequence[st
         validation = validator(code, used_tests)
         attempts.append(Attempt(len(attempts) + 1, current_temperature, code, validation))
         repairs_done = len(attempts) - 1
-        if validation.passed or validation.stage == "sandbox" or repairs_done >= max_repairs:
+        # No repair helps when the sandbox could not run, or when the request itself is malformed.
+        if validation.passed or validation.stage in ("sandbox", "request") or repairs_done >= max_repairs:
             break
         prompt = build_repair_prompt(task, code, validation)
         current_temperature = repair_temperature(temperature, config)
