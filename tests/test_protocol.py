@@ -166,3 +166,18 @@ def test_content_parts_other_than_text_are_400_naming_the_part(part, code):
     with pytest.raises(APIError) as error:
         chat_messages(request, ServeConfig())
     assert (error.value.status, error.value.param, error.value.code) == (400, "messages.1.content.1", code)
+
+
+@pytest.mark.parametrize("field, value, cls, param", [
+    ("stream", "no", CompletionRequest, "stream"),  # lax parsing read "no" as false, "yes" and 1 as true
+    ("stream", 1, ChatCompletionRequest, "stream"),
+    ("echo", "yes", CompletionRequest, "echo"),
+    ("code_validation", "yes", ChatCompletionRequest, "code_validation"),
+    ("stream_options", {"include_usage": "true"}, ChatCompletionRequest, "stream_options.include_usage"),
+])
+def test_switches_take_json_booleans_only(field, value, cls, param):
+    body = {"model": "m", "prompt": "p"} if cls is CompletionRequest else {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    with pytest.raises(APIError) as error:
+        parse_request(cls, {**body, field: value})
+    assert error.value.status == 400 and error.value.param == param
+    assert parse_request(cls, {**body, "stream": True}).stream is True
