@@ -29,6 +29,15 @@ def test_more_stages_than_layers_is_a_config_error():
         split_layers(4, 5)
 
 
+@pytest.mark.parametrize("engine", [{"quantization": "int8"}, {"compile": True}, {"prepack": True}])
+def test_serve_app_rejects_model_transforms_with_shards(engine):
+    # Refused when the app is built, not when a replica starts (Serve would retry it forever).
+    from cluster.serve.app import build_app
+
+    with pytest.raises(ValueError, match="not supported with pipeline_stages > 1"):
+        build_app({"pipeline_stages": 2, "engine": engine})
+
+
 def test_serve_app_rejects_too_many_stages():
     from cluster.serve.app import build_app
 

@@ -23,11 +23,14 @@ from r1.config import ServeConfig, parse_config
 
 
 def check_pipeline_stages(config: ServeConfig) -> None:
+    """Sharding settings that cannot work, refused when the app is built (not when a replica starts)."""
     if config.pipeline_stages == 1:
         return
+    from r1.engine.optimize import check_sharded_options
     from r1.engine.pipeline import split_layers
     from r1.model import load_model_config
 
+    check_sharded_options(config.engine)
     split_layers(load_model_config(config.model).num_hidden_layers, config.pipeline_stages)
 
 
