@@ -84,18 +84,10 @@ for step in range(3):
 print(strategy, "ok, peak memory MB", round(m["peak_memory_mb"], 1))
 EOF
 
-cat >"$RUNS/engine_check.py" <<'EOF'
-"""One GPU engine through r1's create_engine, against the transformers engine on r1-tiny."""
-import asyncio, sys, time
-import torch
-from r1.config import EngineConfig, ModelConfig, SamplingConfig
-from r1.engine import create_engine
-from r1.tasks.arithmetic import generate_problems, is_correct
-
-def run(engine, prompts, sampling):
-    start = time.perf_counter()
-    out = engine.generate_batch(prompts, sampling)
-    return out, sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+cat >"$RUNS/stream_checks.py" <<'EOF'
+"""Stream checks shared by the engine scripts below: a stop string, and an abort freeing its slot."""
+import asyncio
+from r1.config import SamplingConfig
 
 async def stream_text(engine, prompt, sampling):
     deltas = [d async for d in engine.stream(prompt, sampling)]
@@ -111,6 +103,33 @@ async def abort_frees(engine, prompt):
             return True
         await asyncio.sleep(0.01)
     return False
+
+def check_streams(engine, name, prompts, greedy, full):
+    """A stop string ends a stream with the text cut before it; an abort mid-stream frees the request."""
+    ok = True
+    cut = full.find("</think>")
+    if cut >= 0:
+        text, last = asyncio.run(stream_text(engine, prompts[0], greedy.model_copy(update={"stop": ["</think>"]})))
+        print(f"RESULT {name}: stop string: finish={last.finish_reason}, text cut before it: {text == full[:cut]}")
+        ok = text == full[:cut] and last.finish_reason == "stop"
+    freed = asyncio.run(abort_frees(engine, prompts[1]))
+    print(f"RESULT {name}: abort mid-stream frees the request: {freed}")
+    return ok and freed
+EOF
+
+cat >"$RUNS/engine_check.py" <<'EOF'
+"""One GPU engine through r1's create_engine, against the transformers engine on r1-tiny."""
+import sys, time
+import torch
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import create_engine
+from r1.tasks.arithmetic import generate_problems, is_correct
+from stream_checks import check_streams
+
+def run(engine, prompts, sampling):
+    start = time.perf_counter()
+    out = engine.generate_batch(prompts, sampling)
+    return out, sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
 
 def main():
     name, quantization = sys.argv[1], sys.argv[2]
@@ -138,16 +157,7 @@ def main():
         same = sum(a.text == b.text for a, b in zip(got, reference))
         print(f"RESULT {name}: greedy texts equal to the transformers engine's: {same}/{len(got)}")
         ok = same >= 0.75 * len(got)
-        full = got[0].text
-        cut = full.find("</think>")
-        if cut >= 0:
-            stop = greedy.model_copy(update={"stop": ["</think>"]})
-            text, last = asyncio.run(stream_text(engine, prompts[0], stop))
-            print(f"RESULT {name}: stop string: finish={last.finish_reason}, text cut before it: {text == full[:cut]}")
-            ok = ok and text == full[:cut] and last.finish_reason == "stop"
-        freed = asyncio.run(abort_frees(engine, prompts[1]))
-        print(f"RESULT {name}: abort mid-stream frees the request: {freed}")
-        ok = ok and freed
+        ok = check_streams(engine, name, prompts, greedy, got[0].text) and ok
     engine.shutdown()
     return 0 if ok else 1
 
@@ -157,11 +167,12 @@ EOF
 
 cat >"$RUNS/engine_cuda.py" <<'EOF'
 """r1's own engine on the GPU: fp32 exactness, bf16 (and torch.compile) accuracy and speed."""
-import asyncio, sys, time
+import sys, time
 import torch
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import create_engine
 from r1.tasks.arithmetic import generate_problems, is_correct
+from stream_checks import check_streams
 
 @torch.inference_mode()
 def reference(model, ids, max_new_tokens, eos):
@@ -174,21 +185,6 @@ def reference(model, ids, max_new_tokens, eos):
             break
         out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
     return tokens
-
-async def stream_text(engine, prompt, sampling):
-    deltas = [d async for d in engine.stream(prompt, sampling)]
-    return "".join(d.text for d in deltas), deltas[-1]
-
-async def abort_frees(engine, prompt):
-    stream = engine.stream(prompt, SamplingConfig(temperature=0, max_new_tokens=512, ignore_eos=True))
-    for _ in range(3):
-        await anext(stream)
-    await stream.aclose()
-    for _ in range(1000):  # 10 s
-        if engine.stats()["running"] == 0:
-            return True
-        await asyncio.sleep(0.01)
-    return False
 
 def timed(engine, prompts, sampling, device):
     if device == "cuda":
@@ -227,15 +223,7 @@ def main():
         else:
             ok = ok and accuracy(outs) >= accuracy(results["fp32"]) - 0.1
         if label == "bf16":
-            full = outs[0].text
-            cut = full.find("</think>")
-            if cut >= 0:
-                text, last = asyncio.run(stream_text(engine, prompts[0], greedy.model_copy(update={"stop": ["</think>"]})))
-                print(f"RESULT engine bf16: stop string: finish={last.finish_reason}, text cut before it: {text == full[:cut]}")
-                ok = ok and text == full[:cut] and last.finish_reason == "stop"
-            freed = asyncio.run(abort_frees(engine, prompts[1]))
-            print(f"RESULT engine bf16: abort mid-stream frees the request: {freed}")
-            ok = ok and freed
+            ok = check_streams(engine, "engine bf16", prompts, greedy, outs[0].text) and ok
         engine.shutdown()
         del engine
         if device == "cuda":
