@@ -8,6 +8,7 @@ ingress can answer with the right HTTP status before sending any body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -124,10 +125,12 @@ class LLMServer:
         return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams,
                 "warmup_s": self.warmup_s}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         check = getattr(self.engine, "check_health", None)
         if check is not None:
-            check()  # the decode loop, and a sharded engine's model shards
+            # The decode loop, and a sharded engine's model shards: pinging them waits on the
+            # shards (behind a step in progress), so off this replica's event loop.
+            await asyncio.to_thread(check)
         elif not self.engine.alive:
             raise RuntimeError("the engine's decode thread is not running")
 

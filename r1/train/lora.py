@@ -107,7 +107,9 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     source, is_local = resolve_source(base_model or adapter_base_model(adapter_dir))
     for name, path in (("the adapter directory", adapter_dir), ("the base model's directory", Path(source))):
         if out_dir.resolve() == path.resolve():
-            raise ValueError(f"--out {out_dir} is {name}; the merged model would overwrite it: give another directory")
+            raise ValueError(f"--out {out_dir} is {name} itself; the merged model would overwrite it: give another directory")
+    if out_dir.exists() and not out_dir.is_dir():  # before the minutes of loading, as create_output_dir would
+        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path")
     resolved = out_dir.resolve()
     if (resolved / "config.json").exists() or any((resolved / name).exists() for name in ADAPTER_WEIGHTS):
         raise ValueError(f"--out {out_dir} already holds a model; give a new or empty directory")
