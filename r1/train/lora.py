@@ -125,7 +125,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
         if task_type == "SEQ_CLS":
-            base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+            base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32,
+                                                                      local_files_only=is_local)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             base.config.pad_token_id = tokenizer.pad_token_id  # as `r1 train reward` sets it
