@@ -442,8 +442,9 @@ class OpenAIIngress:
         self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
         root: Any, route: str,
     ) -> AsyncIterator[bytes]:
-        status = 200  # HTTP already said 200; an error inside the stream is recorded with its own status
-        ended = False  # False in `finally`: the client went away before the stream's end
+        # What the request is recorded with, set when the stream ends: 200 (HTTP already said so), or
+        # an error's status sent inside the stream. Still None in `finally`: the client went away.
+        status: int | None = None
         model = self.config.model_name
         created = int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
@@ -480,7 +481,7 @@ class OpenAIIngress:
                         with use_span(root):  # no yield inside: the context is this task's own
                             reasoning, content = await choice.finish()
                     except APIError as error:
-                        status, ended = error.status, True
+                        status = error.status
                         yield sse(error.body())
                         return
                     if reasoning or content:
@@ -490,7 +491,7 @@ class OpenAIIngress:
                 try:
                     reasoning, content = await self._absorb(item, choice)
                 except APIError as error:
-                    status, ended = error.status, True
+                    status = error.status
                     yield sse(error.body())
                     return
                 if reasoning or content:
@@ -501,7 +502,7 @@ class OpenAIIngress:
                     with use_span(root):
                         await self.sessions.finish_turn(turn, "".join(choices[0].content))
                 except APIError as error:
-                    status, ended = error.status, True
+                    status = error.status
                     yield sse(error.body())
                     return
             if include_usage:
@@ -509,10 +510,10 @@ class OpenAIIngress:
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
                 yield sse(chunk)
-            ended = True
+            status = 200
             yield sse("[DONE]")
         finally:
-            if not ended:  # the client disconnected (or the server is stopping): not a success
+            if status is None:  # the client disconnected (or the server is stopping): not a success
                 status = CLIENT_CLOSED_REQUEST
                 root.set_attribute("r1.cancelled", True)
             # Runs on normal end and when the client disconnects: stop generating for it.
