@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ class FormatReward:
         return [1.0 if format_ok(text) else 0.0 for text in completions]
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def integer_answer(value: Any) -> int | None:
     """`value` as the integer answer the accuracy reward compares with: an int, an integral float
     (5.0) or a string of one ("-12"); None for anything else (4.7, True, None, "x")."""
@@ -52,8 +56,8 @@ def integer_answer(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and value.strip().isascii():
-        return int(value.strip())
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value)
     return None
 
 
@@ -73,9 +77,9 @@ class AccuracyReward:
         if len(answers) != len(completions):
             raise ValueError(f"got {len(answers)} answers for {len(completions)} completions")
         expected = [integer_answer(answer) for answer in answers]
-        wrong = next((answer for answer, value in zip(answers, expected) if value is None), None)
-        if wrong is not None or None in expected:
-            raise ValueError(f"the accuracy reward needs integer answers, got {wrong!r}")
+        for answer, value in zip(answers, expected):
+            if value is None:
+                raise ValueError(f"the accuracy reward needs integer answers, got {answer!r}")
         return [1.0 if is_correct(text, value) else 0.0 for text, value in zip(completions, expected)]
 
 

@@ -218,6 +218,8 @@ def test_sft_file_errors_name_the_file_for_bytes_and_directories(tmp_path):
 @pytest.mark.parametrize("value, expected", [
     (12, 12), (-3, -3), (5.0, 5), ("42", 42), (" -7 ", -7),
     (4.7, None), (True, None), (None, None), ("4.7", None), ("x", None), ([1], None), ("٣", None),
+    ("+-5", None), ("--5", None),  # these two used to pass the check and then raise in int()
+    ("5-", None),
 ])
 def test_integer_answer(value, expected):
     from r1.rewards import integer_answer
