@@ -37,12 +37,19 @@ class ResolvedModel:
     dtype: torch.dtype
 
 
+def check_output_dir(out_dir: Path) -> Path:
+    """A ValueError naming `out_dir` if it is an existing file (checked before long work that a
+    later `create_output_dir` would otherwise waste)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path")
+    return out_dir
+
+
 def create_output_dir(out_dir: Path) -> Path:
     """Create the folder a checkpoint is written to (before the work that fills it), or a ValueError naming it."""
+    check_output_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path") from None
     except OSError as error:
         raise ValueError(f"cannot create the output directory {out_dir}: {error.strerror}") from None
     return out_dir

@@ -99,7 +99,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     may not be the base model's or the adapter's directory, nor a directory that already holds a
     model. With `base_model` given, an `adapter_dir` that is not a local path is left to peft (a hub id).
     """
-    from r1.model import create_output_dir, resolve_source, save_pretrained
+    from r1.model import check_output_dir, create_output_dir, resolve_source, save_pretrained
 
     adapter_dir = Path(adapter_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
@@ -108,8 +108,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_model: str | N
     for name, path in (("the adapter directory", adapter_dir), ("the base model's directory", Path(source))):
         if out_dir.resolve() == path.resolve():
             raise ValueError(f"--out {out_dir} is {name} itself; the merged model would overwrite it: give another directory")
-    if out_dir.exists() and not out_dir.is_dir():  # before the minutes of loading, as create_output_dir would
-        raise ValueError(f"output directory {out_dir} is an existing file; give a directory path")
+    check_output_dir(out_dir)  # before the minutes of loading; the directory is made only once they succeed
     resolved = out_dir.resolve()
     if (resolved / "config.json").exists() or any((resolved / name).exists() for name in ADAPTER_WEIGHTS):
         raise ValueError(f"--out {out_dir} already holds a model; give a new or empty directory")
