@@ -84,10 +84,21 @@ for step in range(3):
 print(strategy, "ok, peak memory MB", round(m["peak_memory_mb"], 1))
 EOF
 
-cat >"$RUNS/stream_checks.py" <<'EOF'
-"""Stream checks shared by the engine scripts below: a stop string, and an abort freeing its slot."""
-import asyncio
+cat >"$RUNS/engine_checks.py" <<'EOF'
+"""Shared by the engine scripts below: timing a batch, a stop string, an abort freeing its slot."""
+import asyncio, time
+import torch
 from r1.config import SamplingConfig
+
+def timed(engine, prompts, sampling):
+    """The completions of one generate_batch call and its tokens/s (the GPU synchronized around it)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = engine.generate_batch(prompts, sampling)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return outs, sum(len(c.token_ids) for c in outs) / (time.perf_counter() - start)
 
 async def stream_text(engine, prompt, sampling):
     deltas = [d async for d in engine.stream(prompt, sampling)]
@@ -119,17 +130,12 @@ EOF
 
 cat >"$RUNS/engine_check.py" <<'EOF'
 """One GPU engine through r1's create_engine, against the transformers engine on r1-tiny."""
-import sys, time
+import sys
 import torch
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import create_engine
 from r1.tasks.arithmetic import generate_problems, is_correct
-from stream_checks import check_streams
-
-def run(engine, prompts, sampling):
-    start = time.perf_counter()
-    out = engine.generate_batch(prompts, sampling)
-    return out, sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+from engine_checks import check_streams, timed
 
 def main():
     name, quantization = sys.argv[1], sys.argv[2]
@@ -140,14 +146,14 @@ def main():
     prompts = [[{"role": "user", "content": p.question}] for p in problems]
     greedy = SamplingConfig(temperature=0, max_new_tokens=96)
     base = create_engine(ModelConfig(model="r1-tiny", device="cuda"), EngineConfig(max_num_seqs=64))
-    reference, base_rate = run(base, prompts, greedy)
+    reference, base_rate = timed(base, prompts, greedy)
     base.shutdown()
     del base
     torch.cuda.empty_cache()
     engine = create_engine(ModelConfig(model="r1-tiny"), EngineConfig(
         engine=name, quantization=quantization, max_num_seqs=64, gpu_memory_utilization=0.3))
     engine.generate_batch(prompts[:2], greedy)  # warm-up
-    got, rate = run(engine, prompts, greedy)
+    got, rate = timed(engine, prompts, greedy)
     accuracy = lambda outs: sum(is_correct(c.text, p.answer) for c, p in zip(outs, problems)) / len(problems)
     print(f"RESULT {name} {quantization}: accuracy {accuracy(got):.3f} (transformers {accuracy(reference):.3f}); "
           f"{rate:.0f} tokens/s (transformers {base_rate:.0f}), {len(prompts)} prompts at once")
@@ -172,7 +178,7 @@ import torch
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import create_engine
 from r1.tasks.arithmetic import generate_problems, is_correct
-from stream_checks import check_streams
+from engine_checks import check_streams, timed
 
 @torch.inference_mode()
 def reference(model, ids, max_new_tokens, eos):
@@ -185,15 +191,6 @@ def reference(model, ids, max_new_tokens, eos):
             break
         out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
     return tokens
-
-def timed(engine, prompts, sampling, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = engine.generate_batch(prompts, sampling)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return outs, sum(len(c.token_ids) for c in outs) / (time.perf_counter() - start)
 
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -208,8 +205,8 @@ def main():
         start = time.perf_counter()
         engine.warmup()  # every decode batch size once (and compilation)
         warm = time.perf_counter() - start
-        first_rate = timed(engine, prompts, greedy, device)[1]  # the first full batch still loads kernels
-        outs, rate = timed(engine, prompts, greedy, device)
+        first_rate = timed(engine, prompts, greedy)[1]  # the first full batch still loads kernels
+        outs, rate = timed(engine, prompts, greedy)
         results[label] = outs
         print(f"RESULT engine {label}: accuracy {accuracy(outs):.3f}, {rate:.0f} tokens/s, 64 prompts at once "
               f"(the first batch after the {warm:.1f} s warm-up: {first_rate:.0f} tokens/s)")
