@@ -126,13 +126,9 @@ class LLMServer:
                 "warmup_s": self.warmup_s}
 
     async def check_health(self) -> None:
-        check = getattr(self.engine, "check_health", None)
-        if check is not None:
-            # The decode loop, and a sharded engine's model shards: pinging them waits on the
-            # shards (behind a step in progress), so off this replica's event loop.
-            await asyncio.to_thread(check)
-        elif not self.engine.alive:
-            raise RuntimeError("the engine's decode thread is not running")
+        # The decode loop, and a sharded engine's model shards: pinging them waits on the shards
+        # (behind a step in progress), so off this replica's event loop.
+        await asyncio.to_thread(self.engine.check_health)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

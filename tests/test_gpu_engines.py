@@ -567,6 +567,10 @@ def test_a_package_failure_ends_the_request_with_an_error(facts):
             engine.generate_batch(["hello"], SamplingConfig(temperature=0, max_new_tokens=8))
         assert engine.stats() == {"running": 0, "waiting": 0}
         assert engine.alive
+        engine.check_health()  # one failed generation does not make the engine unhealthy ...
+        engine._backend_healthy = lambda: False  # ... the package reporting its engine dead does
+        with pytest.raises(RuntimeError, match="package's engine is not running"):
+            engine.check_health()
     finally:
         engine.shutdown()
 

@@ -48,6 +48,9 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def check_health(self) -> None:
+        """Raise unless the engine can serve (the Serve health check; it may block briefly)."""
+
     def warmup(self) -> None:
         """Pay one-time costs (first kernels, allocations) before the first real request."""
 

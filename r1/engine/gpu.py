@@ -455,6 +455,10 @@ class AsyncPackageEngine:
         """False once the engine loop died or the package reports its engine dead."""
         return self._closed or (self._thread.is_alive() and self._backend_healthy())
 
+    def check_health(self) -> None:
+        if not self.alive:
+            raise RuntimeError(f"the {self.name} engine's loop or the package's engine is not running")
+
     def shutdown(self) -> None:
         """Abort what is in flight, shut the package's engine down, stop the loop. Idempotent."""
         if self._closed:
