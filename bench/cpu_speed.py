@@ -59,7 +59,7 @@ from bench.contract import command_line, finish, ratio, target_note  # noqa: E40
 from bench.engine import build_100m, make_prompts  # noqa: E402
 from r1.config import EngineConfig, ModelConfig, SamplingConfig  # noqa: E402
 from r1.engine import TransformersEngine  # noqa: E402
-from r1.engine.optimize import Int8DynamicLinear, apply_engine_options  # noqa: E402
+from r1.engine.optimize import Int8DynamicLinear, apply_engine_options, prepack_unsupported  # noqa: E402
 from r1.model import load_model  # noqa: E402
 
 VARIANTS = {
@@ -562,6 +562,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     features = cpu_features()
     print(f"CPU: torch capability {features['torch_cpu_capability']}, AMX flags {features['amx_flags'] or 'none'}, "
           f"bf16 matmul kernel {features['bf16_matmul_kernel']}, {torch.get_num_threads()} thread(s)", flush=True)
+    # Variants this CPU cannot run (bf16 weight packing needs AVX-512 or AVX-NE-CONVERT) are left out, saying why.
+    unavailable = {v: reason for v in args.variants.split(",") if v and VARIANTS[v][1].prepack
+                   and (reason := prepack_unsupported(VARIANTS[v][0])) is not None}
+    for variant, reason in unavailable.items():
+        print(f"  {variant}: not run, this CPU cannot: {reason}", flush=True)
+    args.variants = ",".join(v for v in args.variants.split(",") if v and v not in unavailable)
     peaks_runs: dict[str, list[float]] = {d: [peak_matmul_gflops(d, args.peak_size, args.peak_tries)]
                                           for d in ("fp32", "bf16", "int8")}
     tiny, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))
@@ -576,6 +582,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     accuracy = tiny_accuracy(tiny, tokenizer, args) if args.eval_problems > 0 else None
     attention = attention_memory(args) if args.probe_batch > 0 else None
     result = build_result(args, argv, features, models, peaks, accuracy, attention, kv_growth)
+    result["notes"].extend(f"{variant} not measured: this CPU cannot run it ({reason})" for variant, reason in unavailable.items())
     result["raw"]["peak_runs_gflops"] = peaks_runs
     return result
 

@@ -12,6 +12,7 @@ benchmark (`bench/cpu_speed.py`) measures; the option itself uses inductor.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from r1.engine.optimize import (
     check_sharded_options,
     compile_decode,
     prepack_linear,
+    prepack_unsupported,
     quantize_int8,
 )
 from r1.tasks.arithmetic import generate_problems, is_correct
@@ -119,6 +121,21 @@ def test_quantize_int8_can_skip_nothing():
 
 
 # -- prepack ---------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_bf16_prepack_support_follows_the_cpu():
+    # oneDNN packs bf16 weights with AVX-512 BW/VL/DQ or AVX-NE-CONVERT only; an AVX2-only CPU refuses.
+    flags = cpu_flags()
+    able = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert prepack_unsupported(torch.float32) is None
+    assert (prepack_unsupported(torch.bfloat16) is None) == able, (prepack_unsupported(torch.bfloat16), sorted(flags))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_linears_compute_what_linear_does(dtype):
     torch.manual_seed(0)
@@ -127,6 +144,13 @@ def test_prepacked_linears_compute_what_linear_does(dtype):
     single = torch.randn(1, 1, 256, dtype=dtype)  # another batch than the one the weights were packed for
     with torch.inference_mode():
         expected, expected_single = model(x), model(single)
+        if prepack_unsupported(dtype) is not None:
+            # This CPU cannot pack bf16 weights: a clear refusal that leaves the model as it was.
+            with pytest.raises(ValueError, match="cannot pack bf16 weights on this machine.*dtype=fp32"):
+                prepack_linear(model)
+            assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear"]
+            torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+            return
         assert prepack_linear(model) == 2
         assert [type(m).__name__ for m in model] == ["PackedLinear", "ReLU", "PackedLinear"]
         got = model(x)

@@ -162,6 +162,7 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -
 # -- packed oneDNN Linear layers ------------------------------------------------------------------
 # The batch the weights are packed for (oneDNN picks its blocking from it); any batch still works.
 PREPACK_BATCH_HINT = 16
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 class PackedLinear(nn.Module):
@@ -191,14 +192,39 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def prepack_linear(model: nn.Module) -> int:
-    """Replace every nn.Linear with PackedLinear (in place); returns the count."""
+@functools.cache
+def prepack_unsupported(dtype: torch.dtype) -> str | None:
+    """Why oneDNN cannot pack `dtype` weights on this CPU, or None when it can.
+
+    oneDNN packs bf16 weights only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; an AVX2-only
+    CPU (many AMD EPYC and older Intel parts) refuses. Asked by packing a one-element weight once.
+    """
     if not torch.backends.mkldnn.is_available():
-        raise ValueError("engine.prepack=true needs torch built with oneDNN (mkldnn), which this torch is not")
+        return "torch here is built without oneDNN (mkldnn)"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(1, 1, dtype=dtype), 1)
+    except RuntimeError as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def prepack_linear(model: nn.Module) -> int:
+    """Replace every nn.Linear with PackedLinear (in place); returns the count.
+
+    Checks every layer first, so a model it refuses is left as it was."""
+    dtypes = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {module.weight.dtype}")
+        if isinstance(module, nn.Linear):
+            if module.weight.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {module.weight.dtype}")
+            dtypes.add(module.weight.dtype)
+    for dtype in sorted(dtypes, key=str):
+        reason = prepack_unsupported(dtype)
+        if reason is not None:
+            hint = " (use dtype=fp32 with prepack, or prepack=false)" if dtype == torch.bfloat16 else ""
+            raise ValueError(f"engine.prepack=true cannot pack {_DTYPE_NAMES[dtype]} weights on this machine: {reason}{hint}")
     return replace_linears(model, PackedLinear.from_linear)
+
 
 
 # -- torch.compile ----------------------------------------------------------------------------------
