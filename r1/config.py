@@ -259,6 +259,9 @@ class DeploymentConfig(StrictModel):
     max_queued_requests: int = Field(default=64, ge=-1)
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
+    # The window over which Serve averages in-flight requests before deciding (Serve's own default
+    # is 30 s); shorter reacts faster to load and to its end.
+    look_back_period_s: float = Field(default=15.0, gt=0)
     num_cpus: float = Field(default=0.1, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     health_check_period_s: float = Field(default=10.0, gt=0)
@@ -283,7 +286,7 @@ class DeploymentConfig(StrictModel):
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
-                "look_back_period_s": 15.0,
+                "look_back_period_s": self.look_back_period_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,

@@ -94,3 +94,14 @@ def test_a_partial_deployment_section_keeps_that_deployments_own_defaults():
     assert serve.safety.deployment.access_log is False and serve.safety.deployment.max_ongoing_requests == 64
     # A value given still wins over the default it replaces.
     assert parse_config(ServeConfig, {"llm": {"num_cpus": 0.5}}).llm.num_cpus == 0.5
+
+
+def test_autoscaling_settings_reach_serves_options():
+    from r1.config import ServeConfig
+
+    llm = parse_config(ServeConfig, {"llm": {"upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 6}}).llm
+    autoscaling = llm.serve_options()["autoscaling_config"]
+    assert (autoscaling["upscale_delay_s"], autoscaling["downscale_delay_s"], autoscaling["look_back_period_s"]) == (1, 4, 6)
+    assert ServeConfig().llm.serve_options()["autoscaling_config"]["look_back_period_s"] == 15
+    with pytest.raises(ValueError, match="look_back_period_s"):
+        parse_config(ServeConfig, {"llm": {"look_back_period_s": 0}})

@@ -133,6 +133,25 @@ DEFAULT_CASES = [
     (full_width("password: abc123"), full_width("password: ") + "[已隐藏]", {"secret"}),
     # card number and secret in one text
     (f"卡号{VISA}，密码是654321", "卡号[已隐藏]，密码是[已隐藏]", {"card_number", "secret"}),
+    # a code in digit groups is one value: no group is left showing
+    ("验证码为 384 920", "验证码为 [已隐藏]", {"secret"}),
+    ("密码：888 888，请牢记", "密码：[已隐藏]，请牢记", {"secret"}),
+    # CJK words before a colon, and a keyword with 码 appended
+    ("密码如下：abc123", "密码如下：[已隐藏]", {"secret"}),
+    ("CVV码：123", "CVV码：[已隐藏]", {"secret"}),
+    # a short aside in brackets before the colon
+    ("新密码（8位）：abc12345", "新密码（8位）：[已隐藏]", {"secret"}),
+    # the value on the next line
+    ("您的密码：\nabc123", "您的密码：\n[已隐藏]", {"secret"}),
+    # brackets around the value stay, the value goes
+    ("验证码【384920】", "验证码【[已隐藏]】", {"secret"}),
+    ("验证码（384920）", "验证码（[已隐藏]）", {"secret"}),
+    # SMS wordings: a qualified code keyword, a comma before it
+    ("384920是您的登录验证码，5分钟内有效", "[已隐藏]是您的登录验证码，5分钟内有效", {"secret"}),
+    ("384920，您的验证码", "[已隐藏]，您的验证码", {"secret"}),
+    # English labels of two words
+    ("OTP code: 123456", "OTP code: [已隐藏]", {"secret"}),
+    ("PIN number: 1234", "PIN number: [已隐藏]", {"secret"}),
 ]
 
 
@@ -171,6 +190,12 @@ HARMLESS = [
     "好的❤️，稍等……",
     # empty text
     "",
+    # a quantity with a space before its unit
+    "密码必须为 8-20 位，或 12-20 个字符",
+    # 密码 as a topic (cryptography), not a label
+    "密码学是computer science的分支，密码算法如AES-256",
+    # a price before a comma, with no code keyword after it
+    "价格是 100，谢谢",
 ]
 
 

@@ -99,6 +99,19 @@ def test_split_card_number_is_held_then_redacted(default):
     assert stream.action == "redact"
 
 
+def test_a_value_that_may_gain_a_group_or_a_unit_is_held(default):
+    # "384 " may become "384 920" (one value, one placeholder); "8-20 " may become "8-20 位" (a quantity).
+    stream = default.stream("output")
+    assert stream.feed("验证码为 384 ") == "验证码为 "
+    assert stream.feed("920，5分钟内有效") == "[已隐藏]，5分钟内有效"
+    assert stream.flush() == ""
+    stream = default.stream("output")
+    assert stream.feed("密码为 8-20 ") == "密码为 "
+    assert stream.feed("位") == "8-20 位"
+    assert stream.flush() == ""
+    assert stream.findings == ()
+
+
 def test_harmless_text_is_not_held(default):
     # Text that cannot start a finding streams through at once.
     stream = default.stream("output")
@@ -186,6 +199,8 @@ FRAGMENTS = [
     "密码", "密", "码", "是", "为", "：", ":", " ", "验证码", "您的", "abc", "123", "4111", "1111", "6222", "0212",
     "-", "－", ZW, "１", "，", "。", "password", "is", "OTP", "pin", "skyline", "天穹计划", "EMP-", "123456", "x",
     "信用卡", "8-20", "位", "\u3000", "'", "㍱", "ﬁ", "❤\ufe0f", "é", "\n",
+    # value grammar: digit groups, asides, openers, qualifiers, topics, units
+    "384 ", "92", "如下", "（新）", "【", "】", "(", "登录", "学", "个字符", "code", "CVV码", "口",
 ]
 
 

@@ -30,8 +30,10 @@ def server():
     with ray_serve(port):
         config = {
             "ingress": small_deployment(num_cpus=0.05, min_replicas=2, max_replicas=2),
-            # Scale on one in-flight request per replica, quickly up, a few seconds down.
-            "llm": small_deployment(num_cpus=0.1, target_ongoing_requests=1, upscale_delay_s=1.0, downscale_delay_s=4.0),
+            # Scale on one in-flight request per replica, quickly up, a few seconds down, judged over
+            # a short window.
+            "llm": small_deployment(num_cpus=0.1, target_ongoing_requests=1, upscale_delay_s=1.0, downscale_delay_s=4.0,
+                                    look_back_period_s=4.0),
             "engine": {"max_num_seqs": 16, "max_queued_requests": 64},
             "request_timeout_s": 120,
             "sessions": {"enabled": False},  # this module tests /v1/completions only

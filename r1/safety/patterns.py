@@ -88,48 +88,73 @@ _BRIDGE = "[^\\x00-\\x7f\u3000-\u303f\uff00-\uffef]"
 # ends the value: "验证码：384920，5分钟内有效"). A value does not start with a connector or quote
 # character, so where a value starts never depends on text that has not arrived yet.
 VALUE_CHAR = tolerant_class(_PRINTABLE - {","})
-_VALUE_START = tolerant_class(_PRINTABLE - set(",:=\"'"))
+_VALUE_START = tolerant_class(_PRINTABLE - set(",:=\"'([{<"))
 _CONNECTOR_SIGN = tolerant_class(":=")
-_QUOTE = char_class(set("\"'“‘「『") | {"\uff02", "\uff07"})
-# A value of digits separated by single spaces/dashes ("3 8 4 9 2 0").
-_SPACED_DIGITS = f"{DIGIT}(?:{tolerant_class(' -')}{DIGIT}){{3,}}+(?!{DIGIT})"
+# What may open a value: a quote or a bracket ("验证码【384920】", "PIN (1234)"). Not a value's own
+# first character, so where a value starts never depends on text that has not arrived yet.
+_OPENER = char_class(set("\"'“‘「『【〔〖（［(<[{") | {"\uff02", "\uff07"})
+# A short aside between a keyword and its connector: "密码（新）：…", "新密码(8位)：…".
+_ASIDE = "[(（][^()（）\n]{0,10}[)）]"
+# Spaces, then at most one line break and more spaces: "密码：\nabc123".
+_GAP = f"{SPACE}{{0,3}}(?:\r?\n{SPACE}{{0,3}})?"
+# Words that make a keyword a topic, not a secret's label: 密码学 (cryptography), 密码算法, ….
+_NOT_A_LABEL = "(?!学|算法|分析|体制|协议|技术|破译)"
+_DIGIT_SEPARATOR = tolerant_class(" -")
+# A value of digit groups separated by single spaces/dashes ("384 920", "3 8 4 9 2 0"): one value,
+# not a first group followed by text.
+_SPACED_DIGITS = f"{DIGIT}{{1,4}}+(?:{_DIGIT_SEPARATOR}{DIGIT}{{1,4}}+)++(?!{DIGIT})"
 # A value that contains a digit within its first 64 characters.
 _WITH_DIGIT = f"(?={VALUE_CHAR}{{0,63}}{DIGIT}){_VALUE_START}{VALUE_CHAR}{{2,}}+"
 _WEAK = "|".join(tolerant_word(w) for w in ("is", "was", "are"))
 # What may follow a secret keyword before its value:
 # - strong: a connector (是/为/成, ":" or "="), optionally after up to six CJK characters
-#   ("密码已经重置为abc123"); then any printable ASCII value (4+ characters, or 3 digits),
+#   ("密码已经重置为abc123", "密码如下：abc123", "CVV码：123") or a short aside in brackets
+#   ("密码（新）：abc123"), then spaces and at most one line break; then any printable ASCII value
+#   (4+ characters, or 3 digits),
 # - weak: English "is/was/are"; the value must contain a digit ("password is hunter2"),
 # - bare: nothing; the value must contain a digit ("验证码384920", "OTP 123456").
+# A quote or bracket may open the value in each case. Not after words that make the keyword a
+# topic (密码学, 密码算法).
 def value_grammar(tag: str = "") -> str:
     """VALUE_GRAMMAR with its value groups named strong{tag}, weak{tag}, bare{tag}."""
     return (
-        f"{SPACE}{{0,3}}(?:"
-        f"(?:{_BRIDGE}{{0,6}}?(?:是|为|成)了?{SPACE}{{0,2}}{_CONNECTOR_SIGN}?|{_CONNECTOR_SIGN}){SPACE}{{0,3}}{_QUOTE}?{SPACE}{{0,2}}"
+        f"{_NOT_A_LABEL}{SPACE}{{0,3}}(?:"
+        f"(?:{_BRIDGE}{{0,6}}?(?:是|为|成)了?{SPACE}{{0,2}}{_CONNECTOR_SIGN}?"
+        f"|{_BRIDGE}{{0,6}}?(?:{_ASIDE})?{SPACE}{{0,2}}{_CONNECTOR_SIGN})"
+        f"{_GAP}{_OPENER}?{SPACE}{{0,2}}"
         f"(?P<strong{tag}>{_SPACED_DIGITS}|{_VALUE_START}{VALUE_CHAR}{{2,}}+)"
-        f"|(?:{_WEAK}){SPACE}{{1,3}}{_QUOTE}?(?P<weak{tag}>{_SPACED_DIGITS}|{_WITH_DIGIT})"
-        f"|(?P<bare{tag}>{_SPACED_DIGITS}|{_WITH_DIGIT})"
+        f"|(?:{_WEAK}){SPACE}{{1,3}}{_OPENER}?(?P<weak{tag}>{_SPACED_DIGITS}|{_WITH_DIGIT})"
+        f"|{_OPENER}?(?P<bare{tag}>{_SPACED_DIGITS}|{_WITH_DIGIT})"
         ")"
     )
 
 
 VALUE_GRAMMAR = value_grammar()
 VALUE_AFTER_KEYWORD = re.compile(VALUE_GRAMMAR)
-# Longest distance from a keyword's end to its value's start allowed by the grammar above.
-SECRET_BRIDGE_MAX_CHARS = 24
-# A value token (optionally after spaced digits) at the end of a folded text: a secret value that
-# may still be growing (streams).
-TRAILING_TOKEN = re.compile(f"(?:[0-9][ \\-])*{VALUE_CHAR}*\\Z")
+# Longest distance from a keyword's end to its value's start allowed by the grammar above: spaces
+# (3), bridge (6), aside (12), spaces (2), connector (1), gap (3 + 2 + 3), opener (1), spaces (2).
+SECRET_BRIDGE_MAX_CHARS = 33
+# A value token (optionally after groups of spaced digits) at the end of a folded text: a secret
+# value that may still be growing (streams).
+TRAILING_TOKEN = re.compile(f"(?:[0-9]{{1,4}}[ \\-])*{VALUE_CHAR}*\\Z")
+# The separators after which a value of digit groups may still go on ("384 " before "920").
+DIGIT_SEPARATORS = frozenset(" -\u3000\uff0d")
 
 # The code before a code keyword: "384920是您的验证码", "384920（动态验证码）", "1234 is your OTP".
 _YOUR = tolerant_word("your")
+# What a code keyword may be qualified with: "384920是您的登录验证码", "…为您的注册验证码".
+CODE_QUALIFIERS = ("登录", "登陆", "注册", "支付", "交易", "身份", "安全", "绑定", "转账", "提现", "实名", "找回密码", "重置密码", "修改密码")
+_QUALIFIER = "|".join(CODE_QUALIFIERS)
+# Every proper prefix of a qualifier, and the qualifiers themselves (a stream's partial filler).
+_QUALIFIER_PARTIAL = "|".join(sorted({q[:n] for q in CODE_QUALIFIERS for n in range(1, len(q) + 1)}, key=len, reverse=True))
 CODE_FILLER = (
-    f"{SPACE}{{0,2}}[(\\[【（［]?{SPACE}{{0,2}}(?:是|为|{tolerant_word('is')})?{SPACE}?"
-    f"(?:您的|你的|您|你|{_YOUR})?{SPACE}?(?:本次)?(?:的)?(?:短信)?(?:动态)?"
+    f"{SPACE}{{0,2}}[(\\[【（［，,]?{SPACE}{{0,2}}(?:是|为|{tolerant_word('is')})?{SPACE}?"
+    f"(?:您的|你的|您|你|{_YOUR})?{SPACE}?(?:本次)?(?:的)?(?:{_QUALIFIER})?(?:的)?(?:短信)?(?:动态)?"
 )
 _CODE_FILLER_PARTIAL = (
-    f"{SPACE}{{0,2}}[(\\[【（［]?{SPACE}{{0,2}}(?:是|为|{tolerant_word('is')}|{tolerant_word('i')})?{SPACE}?"
-    f"(?:您的?|你的?|{_YOUR}|{tolerant_word('you')}|{tolerant_word('yo')}|{tolerant_word('y')})?{SPACE}?(?:本次?)?(?:的)?(?:短信?)?(?:动态?)?"
+    f"{SPACE}{{0,2}}[(\\[【（［，,]?{SPACE}{{0,2}}(?:是|为|{tolerant_word('is')}|{tolerant_word('i')})?{SPACE}?"
+    f"(?:您的?|你的?|{_YOUR}|{tolerant_word('you')}|{tolerant_word('yo')}|{tolerant_word('y')})?{SPACE}?(?:本次?)?(?:的)?"
+    f"(?:{_QUALIFIER_PARTIAL})?(?:的)?(?:短信?)?(?:动态?)?"
 )
 
 

@@ -26,8 +26,9 @@ GUIDE_KEYWORDS = ("信用卡", "密码", "验证码")
 
 SECRET_KEYWORDS = (
     "密码", "口令", "验证码", "校验码", "动态码", "动态密码", "确认码", "安全码", "交易密码", "支付密码",
-    "取款密码", "登录密码", "pin码", "pin", "password", "passwd", "passcode", "pwd", "otp", "one-time code",
-    "verification code", "security code", "auth code", "cvv", "cvv2", "cvc", "cvc2", "cvn",
+    "取款密码", "登录密码", "pin码", "pin", "pin code", "pin number", "password", "passwords", "passwd", "passcode",
+    "pwd", "otp", "otp code", "one-time code", "one-time password", "verification code", "security code", "auth code",
+    "access code", "cvv", "cvv2", "cvc", "cvc2", "cvn",
 )
 CODE_KEYWORDS = ("验证码", "校验码", "动态码", "动态密码", "确认码", "otp", "verification code")
 

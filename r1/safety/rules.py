@@ -31,16 +31,17 @@ from typing import Literal, NamedTuple
 
 from r1.config import SafetyRuleConfig
 from r1.safety.normalize import fold_char, fold_string
-from r1.safety.patterns import CARD_MAX_SEPARATORS, DIGIT_GROUP_RE, VALUE_AFTER_KEYWORD
+from r1.safety.patterns import CARD_MAX_SEPARATORS, DIGIT_GROUP_RE, DIGIT_SEPARATORS, VALUE_AFTER_KEYWORD
 
 Direction = Literal["input", "output"]
 RuleAction = Literal["block", "redact", "flag", "off"]
 DIRECTIONS: tuple[Direction, ...] = ("input", "output")
 
 _TRAILING_PUNCTUATION = ".,;:!?)]}>'\""
-# "8-20位": a quantity, not a value.
+# "8-20位", "8-20 个字符": a quantity, not a value.
 _QUANTITY_CHARS = "0123456789-~"
 _QUANTITY_UNITS = "位个次天秒分小字"
+_UNIT_GAP = " \t\u3000"
 SECRET_MIN_VALUE_CHARS = 4
 
 
@@ -272,11 +273,24 @@ def value_from_match(text: str, match: re.Match[str]) -> SecretValue | None:
     # Four characters at least; three when all digits (a CVV).
     if len(value) < SECRET_MIN_VALUE_CHARS and not (len(value) == 3 and value.isdigit()):
         return None
-    # A quantity ("8-20"): only digits, "-" and "~" (value is not empty here).
+    # A quantity ("8-20"): only digits, "-" and "~" (value is not empty here), before a unit,
+    # possibly after a space or two ("8-20 个字符").
     quantity = not value.strip(_QUANTITY_CHARS)
-    if quantity and token_end < len(text) and text[token_end] in _QUANTITY_UNITS:
+    length = len(text)
+    unit = token_end
+    while unit < length and unit - token_end < 2 and text[unit] in _UNIT_GAP:
+        unit += 1
+    if quantity and unit < length and text[unit] in _QUANTITY_UNITS:
         return None
     # At the very end of the text, a quantity-looking value may still turn into "8-20位" and
-    # spaced digits into something else ("3 8 4 9x"): not settled until more text arrives.
-    at_end = token_end == len(text)
-    return _new_secret_value(SecretValue, (start, end, token_end, not (at_end and (quantity or " " in value))))
+    # spaced digits into something else ("3 8 4 9x"); digits followed only by a separator may
+    # gain another group ("384 " before "920") or a unit after spaces: not settled until more
+    # text arrives. (Streams hold back what is not settled.)
+    if token_end == length:
+        settled = not (quantity or " " in value)
+    elif unit == length or text[token_end:] in DIGIT_SEPARATORS:
+        digit_groups = value[-1].isdigit() and not value.strip("0123456789 -")
+        settled = not ((digit_groups and text[token_end:] in DIGIT_SEPARATORS) or (quantity and unit == length))
+    else:
+        settled = True
+    return _new_secret_value(SecretValue, (start, end, token_end, settled))

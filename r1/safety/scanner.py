@@ -315,11 +315,14 @@ class Scanner:
                 keyword_end = start + size
                 value = secret_value(norm, keyword_end)
                 if value is not None:
-                    if value.token_end == length:
+                    if not value.settled:
+                        # A value the next text may still change ("8-20" before "位", "384 "
+                        # before "920") is held whole.
+                        hold = min(hold, value.start)
+                    elif value.token_end == length:
                         # A settled value is redacted as far as it goes; hold only what may
-                        # still be trailing punctuation. An unsettled one ("8-20" before "位")
-                        # is held whole.
-                        hold = min(hold, value.end if value.settled else value.start)
+                        # still be trailing punctuation.
+                        hold = min(hold, value.end)
                 elif token_start < length and token_start - keyword_end <= SECRET_BRIDGE_MAX_CHARS:
                     # A value may be arriving: the trailing token, or right after the keyword
                     # when the keyword is part of that token ("OTP-12", "pwd:ab").
