@@ -28,9 +28,16 @@ _COMMAND_MODULES = ["cluster.local", "cluster.serve.cli", "cluster.train.cli", "
 def _build_tiny(args: argparse.Namespace) -> int:
     from r1.model.tiny import build_tiny
 
-    path = build_tiny(args.out, seed=args.seed)
+    path = build_tiny(args.out, seed=args.seed, overwrite=args.overwrite)
     print(f"built r1-tiny in {path}")
     return 0
+
+
+def path_argument(value: str) -> str:
+    """An argparse type for paths: an empty string is an error, not the current directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory or file path")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build r1-tiny: a byte-level BPE tokenizer trained offline, a DeepSeek-R1 chat template and a "
         "small Qwen2 model with seeded random weights. The same seed gives byte-identical files.",
     )
-    tiny.add_argument("--out", required=True, help="output directory")
+    tiny.add_argument("--out", required=True, type=path_argument, help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    tiny.add_argument("--overwrite", action="store_true",
+                      help="replace a model already in --out (refused without it: its weights would be lost)")
     tiny.set_defaults(func=_build_tiny)
 
     for name in _COMMAND_MODULES:
@@ -82,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`r1 generate … | head -n1`): stop quietly, as shell tools do, and
+        # keep the interpreter's final flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

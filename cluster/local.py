@@ -12,6 +12,7 @@ import asyncio
 import sys
 from typing import TextIO
 
+from cluster.cli import path_argument
 from r1.config import GenerateConfig, apply_overrides, load_yaml, set_values
 from r1.reasoning import ReasoningParser
 
@@ -21,7 +22,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", help="YAML file with model, sampling and engine sections (keys as in --set)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set sampling.top_k=20 (repeatable)")
-    group.add_argument("--model", help="'r1-tiny' (embedded default), a local model directory, or a Hugging Face hub id")
+    group.add_argument("--model", type=path_argument, help="'r1-tiny' (embedded default), a local model directory, or a Hugging Face hub id")
     group.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the model (auto: GPU if present)")
     group.add_argument("--temperature", type=float,

@@ -103,3 +103,24 @@ def test_eval_errors_exit_2_before_evaluating(args, message):
     result = run("eval", "--num-problems", "2", *args)
     assert result.returncode == 2 and message in result.stderr
     assert "exact match" not in result.stdout
+
+
+def test_a_closed_output_pipe_ends_generate_quietly():
+    # `r1 generate … | head -n1`: the reader is gone before the answer is written.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen([R1, "generate", "--max-new-tokens", "8", "2 + 3 ="], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=300)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert process.returncode == 141
+
+
+def test_build_tiny_refuses_a_directory_that_holds_a_model(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    result = run("model", "build-tiny", "--out", str(out))
+    assert result.returncode == 2 and "already holds a model (config.json)" in result.stderr
+    assert "--overwrite" in result.stderr and (out / "config.json").read_text() == "{}"
+    assert run("model", "build-tiny", "--out", "").returncode == 2  # not the current directory

@@ -48,3 +48,14 @@ def test_load_errors_say_what_to_do(monkeypatch, config, message):
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         resolve(ModelConfig(model=str(tmp_path)))
+
+
+def test_damaged_weights_are_an_error_naming_the_model(tmp_path):
+    # A truncated download or a Git LFS pointer where model.safetensors should be.
+    import shutil
+
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match=f"could not load the model from {tmp_path / 'model'}: a weights file is damaged"):
+        load_model(ModelConfig(model=str(tmp_path / "model")))

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from cluster.cli import path_argument
 from r1.config import ServeConfig, apply_overrides, parse_config, read_yaml_file, set_values
 from r1.serving.auth import KEY_DIGESTS_ENV, load_key_digests
 
@@ -144,7 +145,7 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="Serve config file (ray_configs/serve.yaml) or a YAML mapping of ServeConfig keys")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set llm.max_replicas=4 (repeatable)")
-    parser.add_argument("--model", help="model to serve: r1-tiny, a local directory or a hub id")
+    parser.add_argument("--model", type=path_argument, help="model to serve: r1-tiny, a local directory or a hub id")
     parser.add_argument("--host", help=f"address to listen on (default {LOOPBACK}; other hosts need API keys)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-keys-file", help="file with one API key per line (also read: env R1_API_KEYS, comma-separated)")

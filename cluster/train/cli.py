@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from cluster.cli import path_argument
+
 _STAGE_HELP = {
     "sft": "supervised fine-tuning: causal-LM loss on plain text, or on assistant tokens of chat JSONL",
     "reward": "Bradley-Terry reward model on preference JSONL (prompt, chosen, rejected)",
@@ -112,7 +114,7 @@ def register(subparsers: Any) -> None:
         description="Greedy decoding on the held-out split of a task; prints exact-match accuracy and the rate of "
         "well-formed <think>...</think> answers.",
     )
-    evaluate.add_argument("--model", default="r1-tiny", help="model directory, hub id or r1-tiny (default r1-tiny)")
+    evaluate.add_argument("--model", default="r1-tiny", type=path_argument, help="model directory, hub id or r1-tiny (default r1-tiny)")
     evaluate.add_argument("--task", default="arithmetic", choices=["arithmetic"], help="task (default arithmetic)")
     evaluate.add_argument("--num-problems", type=int, default=200, help="held-out problems per level (default 200)")
     evaluate.add_argument("--level", type=int, nargs="+", default=[1], choices=[1, 2, 3],
@@ -134,7 +136,7 @@ def register_model_commands(model_subparsers: Any) -> None:
         description="Load the base model named in the adapter's adapter_config.json (or --base), merge the "
         "adapters into its weights and save a Hugging Face checkpoint the serving engine loads like any model.",
     )
-    merge.add_argument("--adapter", required=True, help="adapter directory (e.g. <run>/final of a LoRA run)")
-    merge.add_argument("--out", required=True, help="output directory for the merged model")
-    merge.add_argument("--base", help="base model, if not the one recorded in the adapter")
+    merge.add_argument("--adapter", required=True, type=path_argument, help="adapter directory (e.g. <run>/final of a LoRA run)")
+    merge.add_argument("--out", required=True, type=path_argument, help="output directory for the merged model")
+    merge.add_argument("--base", type=path_argument, help="base model, if not the one recorded in the adapter")
     merge.set_defaults(func=_merge_lora)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from r1.config import ModelConfig
 
@@ -151,6 +152,10 @@ def load_model(config: ModelConfig) -> tuple[Any, Any]:
     except ImportError as error:
         # e.g. attn_implementation=flash_attention_2 without the flash-attn package
         raise ValueError(f"attn_implementation={config.attn_implementation} is not usable here: {error}") from None
+    except SafetensorError as error:
+        # A truncated download, or a Git LFS pointer in place of the weights.
+        raise ValueError(f"could not load the model from {resolved.source}: a weights file is damaged or not "
+                         f"safetensors ({error}); download or copy it again") from None
     model.to(resolved.device)
     model.eval()
     if tokenizer.pad_token_id is None:

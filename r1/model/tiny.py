@@ -251,11 +251,18 @@ def build_model(tokenizer, *, seed: int = 0):
     return model
 
 
-def build_tiny(out_dir: Path, *, seed: int = 0) -> Path:
-    """Build tokenizer and random-init model into `out_dir` (created if missing); returns `out_dir`."""
+def build_tiny(out_dir: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build tokenizer and random-init model into `out_dir` (created if missing); returns `out_dir`.
+
+    A directory that already holds a model is refused unless `overwrite`: the untrained weights
+    would replace trained ones without a word."""
     from r1.model import create_output_dir, save_pretrained
 
     out_dir = Path(out_dir)
+    held = [name for name in _MODEL_FILES if (out_dir / name).is_file()]
+    if held and not overwrite:
+        raise ValueError(f"output directory {out_dir} already holds a model ({held[0]}); give a new or empty "
+                         "directory, or pass --overwrite to replace it with untrained weights")
     # Created first, so that a path that cannot be a directory fails before the build.
     create_output_dir(out_dir)
     tokenizer = build_tokenizer()
