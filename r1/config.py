@@ -8,7 +8,7 @@ error that names the key and lists the allowed ones instead of a silently ignore
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,18 +143,34 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
 
 
 def _model_at(model_cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config model at `loc`, stepping through optional sections, lists and the values of
+    mapping sections (`safety.rule_actions.<rule id>`)."""
     current: Any = model_cls
     for part in loc:
         if isinstance(part, int):
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) is dict:  # `part` is a key of a mapping section
+            current = get_args(current)[1]
+        else:
             return None
-        current = field.annotation
-        args = getattr(current, "__args__", None)
-        if args:  # Optional[Model] / list[Model]
-            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+        current = _section_type(current)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _section_type(annotation: Any) -> Any:
+    """Optional[X] / X | None -> X (a model or a mapping preferred); list[X] -> X."""
+    args = get_args(annotation)
+    if args and get_origin(annotation) not in (dict, list):
+        annotation = next((a for a in args if (isinstance(a, type) and issubclass(a, BaseModel)) or get_origin(a) is dict),
+                          annotation)
+    if get_origin(annotation) is list:
+        annotation = get_args(annotation)[0]
+    return annotation
 
 
 def parse_config(model_cls: type[M], data: Any, source: str = "config") -> M:
@@ -195,6 +211,11 @@ def set_values(config: M, values: dict[str, Any], source: str) -> M:
     Missing levels are created, so keys inside mapping fields work (`safety.rule_actions.card_number.input`)
     and a misspelt section is reported by validation with the allowed keys."""
     data = config.model_dump()
+    _set_dotted(data, values, source)
+    return parse_config(type(config), data, source=source)
+
+
+def _set_dotted(data: dict[str, Any], values: dict[str, Any], source: str) -> None:
     for key, value in values.items():
         target = data
         parts = key.split(".")
@@ -207,11 +228,10 @@ def set_values(config: M, values: dict[str, Any], source: str) -> M:
                 raise ValueError(f"{source}: {'.'.join(parts[:depth + 1])} is a value, not a section (in {key!r})")
             target = target[part]
         target[parts[-1]] = value
-    return parse_config(type(config), data, source=source)
 
 
-def apply_overrides(config: M, overrides: list[str]) -> M:
-    """Apply `key.sub=value` overrides (values parsed as YAML, so lists and mappings work too) and revalidate."""
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings as {dotted key: value}, values parsed as YAML (lists and mappings work too)."""
     values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -223,7 +243,27 @@ def apply_overrides(config: M, overrides: list[str]) -> M:
             problem = str(getattr(error, "problem", None) or error).strip()
             raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote it, "
                              f"e.g. --set \"{key}='...'\"") from None
-    return set_values(config, values, "--set overrides")
+    return values
+
+
+def apply_overrides(config: M, overrides: list[str]) -> M:
+    """Apply `key.sub=value` overrides (values parsed as YAML, so lists and mappings work too) and revalidate."""
+    return set_values(config, parse_overrides(overrides), "--set overrides")
+
+
+def load_config(model_cls: type[M], path: str | Path | None, overrides: list[str]) -> M:
+    """A config from a YAML file (or the defaults) with `--set` overrides, validated once, after
+    the overrides: a required key (a training run's `data.path`) may come from either."""
+    data = read_yaml_file(path) if path else {}
+    source = str(path) if path else "defaults"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid config in {source}: expected a mapping, got {type(data).__name__}")
+    if overrides:
+        _set_dotted(data, parse_overrides(overrides), "--set overrides")
+        source += " with --set overrides"
+    return parse_config(model_cls, data, source=source)
 
 
 class GenerateConfig(StrictModel):
@@ -624,6 +664,19 @@ class GRPOTrainConfig(TrainCommonConfig):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     # Held-out prompts scored greedily at the end (0 skips); reported as eval_accuracy / eval_format_rate.
     eval_num_problems: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _rewards_fit_the_task(self) -> GRPOTrainConfig:
+        # A task's answers are what its rewards check: numbers for arithmetic, unit tests for coding.
+        names = {reward.name for reward in self.grpo.rewards}
+        if self.prompts.task == "coding" and "accuracy" in names:
+            raise ValueError("grpo.rewards: the accuracy reward checks integer answers and prompts.task=coding "
+                             "answers with unit tests; use code_tests (e.g. --set 'grpo.rewards=[{name: format, "
+                             "weight: 0.5}, {name: code_tests, weight: 1.0}]')")
+        if self.prompts.task == "arithmetic" and "code_tests" in names:
+            raise ValueError("grpo.rewards: code_tests runs unit tests and prompts.task=arithmetic answers with "
+                             "numbers; use accuracy, or prompts.task=coding")
+        return self
 
 
 class CodeCheckConfig(StrictModel):

@@ -63,6 +63,9 @@ def test_a_bare_off_in_yaml_means_off(tmp_path):
     (SFTTrainConfig, "lora.target_modules=[]", "lora.target_modules"),
     # the default config trains on the arithmetic task: a file alone says what else to set
     (SFTTrainConfig, "data.path=/data/corpus.txt", "also set data.task=null"),
+    # coding prompts answer with unit tests: the default accuracy reward cannot score them
+    (GRPOTrainConfig, "prompts.task=coding", "the accuracy reward checks integer answers"),
+    (GRPOTrainConfig, "grpo.rewards=[{name: code_tests}]", "code_tests runs unit tests"),
 ])
 def test_train_configs_refuse_what_would_fail_in_the_workers(model, override, message):
     with pytest.raises(ValueError) as error:
@@ -165,3 +168,35 @@ def test_api_keys_reach_the_replicas_only_as_digests(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_DIGESTS_ENV, "not-a-digest")
     with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
         load_key_digests("R1_API_KEYS", None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a model directory that does not exist
+    (["--model", "/nonexistent/model"], "model.model: model path /nonexistent/model does not exist"),
+    # a misspelt rule id in the safety overrides, which only the SafetyFilter knows
+    (["--set", "safety.rule_actions.card_numbr.input=block"], "safety: rule_actions names unknown rule(s) ['card_numbr']"),
+])
+def test_serve_refuses_what_would_fail_in_a_replica_before_ray_starts(monkeypatch, capsys, argv, message):
+    import ray
+
+    from cluster.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init was reached")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_serve_ready_timeout_must_be_positive_and_finite(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--ready-timeout-s", value])
+    assert exit_info.value.code == 2 and "--ready-timeout-s" in capsys.readouterr().err
+
+
+def test_a_misspelt_key_inside_a_mapping_section_names_the_allowed_keys():
+    # safety.rule_actions maps rule ids to {input, output}: the key under a rule id is checked too.
+    with pytest.raises(ValueError, match="safety.rule_actions.card_number.inptu: unknown key; allowed keys: input, output"):
+        apply_overrides(ServeConfig(), ["safety.rule_actions.card_number.inptu=block"])

@@ -87,6 +87,18 @@ def test_set_overrides_nested_sections():
     assert (config.scaling.num_workers, config.scaling.use_gpu, config.lora.enabled) == (4, True, True)
 
 
+def test_a_required_key_may_come_from_set(tmp_path):
+    # The reward stage has no default data: --set alone, or a file without a data section plus
+    # --set, gives it (the overrides apply before validation, not after the defaults are checked).
+    assert str(load_train_config("reward", None, ["data.path=prefs.jsonl"]).data.path) == "prefs.jsonl"
+    partial = tmp_path / "reward.yaml"
+    partial.write_text("max_steps: 7\n")
+    config = load_train_config("reward", str(partial), ["data.path=prefs.jsonl"])
+    assert (config.max_steps, str(config.data.path)) == (7, "prefs.jsonl")
+    with pytest.raises(ValueError, match=f"(?s){partial} with --set overrides.*data: Field required"):
+        load_train_config("reward", str(partial), ["max_steps=8"])
+
+
 def test_train_help_lists_the_stages(capsys):
     with pytest.raises(SystemExit):
         r1_main(["train", "--help"])

@@ -84,6 +84,37 @@ def serve_config(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, Any]]
     return (set_values(config, flags, "command-line flags") if flags else config), http_options
 
 
+def preflight(config: ServeConfig, address: str) -> None:
+    """Checks that would otherwise fail inside a replica after Ray and Serve have started (a
+    replica that cannot start is retried until the ready timeout): the model's path and the safety
+    rules. A remote cluster (`ray://`) may see other paths, so the model is not checked there."""
+    if not address.startswith("ray://"):
+        from r1.model import resolve_source
+
+        try:
+            resolve_source(config.model.model)
+        except ValueError as error:
+            raise ValueError(f"model.model: {error}") from None
+    if config.safety is not None:
+        from r1.safety import SafetyFilter
+
+        try:
+            SafetyFilter.from_config(config.safety)
+        except ValueError as error:
+            raise ValueError(f"safety: {error}") from None
+
+
+def positive_seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (0 < seconds < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r}: use a finite number of seconds above 0")
+    return seconds
+
+
 def replica_env_vars(key_digests: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
     """Variables every replica and actor gets: the API keys only as digests (a runtime env's variables
     are written to Ray's logs and shown on its dashboard), and HF_HUB_OFFLINE when set."""
@@ -103,6 +134,10 @@ def run_serve(args: argparse.Namespace) -> int:
         source = "--port" if args.port is not None else f"http_options.port in {args.config}"
         raise ValueError(f"{source}={port!r} is not a TCP port; use 1-65535 (default 8000)")
 
+    # No address: start a fresh local cluster (never attach to an unrelated one by accident).
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    preflight(config, address)
+
     import ray
     from ray import serve
 
@@ -112,8 +147,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     setup_tracing(config_from_env())  # a bad tracing setting fails here, before anything starts
 
-    # No address: start a fresh local cluster (never attach to an unrelated one by accident).
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     # Tracing settings (R1_TRACE_FILE, OTEL_*) travel to every replica and actor in the runtime env.
     ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
              runtime_env=with_telemetry_env({"env_vars": replica_env_vars(keys)}))
@@ -149,8 +182,10 @@ def register(subparsers) -> None:
     parser.add_argument("--host", help=f"address to listen on (default {LOOPBACK}; other hosts need API keys)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-keys-file", help="file with one API key per line (also read: env R1_API_KEYS, comma-separated)")
-    parser.add_argument("--pipeline-stages", type=int, help="split the model into N ModelShard actors per replica")
+    parser.add_argument("--pipeline-stages", type=int,
+                        help="split the model into N ModelShard actors per replica (default 1: the whole model)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one (or set RAY_ADDRESS)")
-    parser.add_argument("--ready-timeout-s", type=float, default=600.0, help="how long to wait for the app to be healthy")
+    parser.add_argument("--ready-timeout-s", type=positive_seconds, default=600.0,
+                        help="how long to wait for the app to be healthy (default 600)")
     parser.add_argument("--verbose-ray", action="store_true", help="show Ray worker logs in this terminal")
     parser.set_defaults(func=run_serve)

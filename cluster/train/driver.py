@@ -61,11 +61,10 @@ class TrainingOutcome:
 
 
 def load_train_config(stage: str, path: str | None, overrides: list[str]) -> Any:
-    from r1.config import apply_overrides, load_yaml, parse_config
+    from r1.config import load_config
 
     cls = config_class(stage)
-    config = load_yaml(path, cls) if path else parse_config(cls, {}, source="defaults")
-    return apply_overrides(config, overrides) if overrides else config
+    return load_config(cls, path, overrides)
 
 
 class _Progress:
