@@ -119,6 +119,13 @@ class EngineConfig(StrictModel):
     # get many times slower, so raise it only up to cores / busy processes on the node.
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_a_gpu_engine(self) -> EngineConfig:
+        if self.engine == "transformers" and self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs engine=vllm or trtllm; the "
+                             "transformers engine splits a model across actors with pipeline_stages")
+        return self
+
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -185,13 +192,28 @@ def parse_config(model_cls: type[M], data: Any, source: str = "config") -> M:
         raise ValueError(format_validation_error(error, model_cls, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (YAML's own loader keeps the last
+    one, so a second `sampling:` section would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
     """The parsed YAML of a file; a ValueError naming the file for every way reading it can fail."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as stream:  # a file stream: YAML's error marks name the file
+            return yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ValueError(f"{what} {path} is not valid YAML: {error}") from None
     except UnicodeDecodeError as error:

@@ -98,6 +98,10 @@ def test_config_files_that_cannot_be_read_name_the_file(tmp_path):
     ("applications:\n  - args: [1]\n", "applications[0].args must be a mapping"),
     ("applications:\n  - args: {}\nhttp_options: x\n", "http_options must be a mapping"),
     ("model: [\n", "is not valid YAML"),
+    # a typo in http_options used to be dropped without a word
+    ("applications:\n  - args: {}\nhttp_options: {prot: 9000}\n", "http_options has unknown key(s) ['prot']"),
+    # a second section of the same name used to replace the first
+    ("model: {dtype: fp32}\nmodel: {device: cpu}\n", "duplicate key 'model'"),
 ])
 def test_malformed_serve_files_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "serve.yaml"
@@ -200,3 +204,10 @@ def test_a_misspelt_key_inside_a_mapping_section_names_the_allowed_keys():
     # safety.rule_actions maps rule ids to {input, output}: the key under a rule id is checked too.
     with pytest.raises(ValueError, match="safety.rule_actions.card_number.inptu: unknown key; allowed keys: input, output"):
         apply_overrides(ServeConfig(), ["safety.rule_actions.card_number.inptu=block"])
+
+
+def test_tensor_parallel_needs_a_gpu_engine():
+    # The transformers engine used to ignore it without a word.
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 needs engine=vllm or trtllm"):
+        apply_overrides(ServeConfig(), ["engine.tensor_parallel_size=4"])
+    assert apply_overrides(ServeConfig(), ["engine={engine: vllm, tensor_parallel_size: 4}"]).engine.tensor_parallel_size == 4

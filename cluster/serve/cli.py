@@ -26,6 +26,9 @@ from r1.serving.auth import KEY_DIGESTS_ENV, load_key_digests
 
 logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
+# Ray Serve's HTTPOptions (ray.serve.config): what a Serve config file's http_options may hold.
+HTTP_OPTION_KEYS = ("host", "port", "middlewares", "location", "num_cpus", "root_url", "root_path", "request_timeout_s",
+                    "keep_alive_timeout_s", "ssl_keyfile", "ssl_certfile", "ssl_keyfile_password", "ssl_ca_certs")
 
 
 def read_serve_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -43,6 +46,9 @@ def read_serve_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         for name, value in (("applications[0].args", app_args), ("http_options", http_options)):
             if not isinstance(value, dict):
                 raise ValueError(f"{path}: {name} must be a mapping, got {type(value).__name__}")
+        unknown = sorted(set(http_options) - set(HTTP_OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: http_options has unknown key(s) {unknown}; Ray Serve's are {', '.join(HTTP_OPTION_KEYS)}")
         return app_args, http_options
     return data, {}
 
@@ -130,7 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
     keys = load_key_digests(config.api_keys_env, config.api_keys_file)
     host = choose_host(args.host, http_options, bool(keys))
     port = args.port if args.port is not None else http_options.get("port", 8000)
-    if not isinstance(port, int) or not 1 <= port <= 65535:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         source = "--port" if args.port is not None else f"http_options.port in {args.config}"
         raise ValueError(f"{source}={port!r} is not a TCP port; use 1-65535 (default 8000)")
 
@@ -150,7 +156,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Tracing settings (R1_TRACE_FILE, OTEL_*) travel to every replica and actor in the runtime env.
     ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
              runtime_env=with_telemetry_env({"env_vars": replica_env_vars(keys)}))
-    serve.start(http_options={"host": host, "port": port})
+    # The file's other HTTP options (request_timeout_s, root_path, TLS, ...) apply as with `serve run`.
+    serve.start(http_options={**http_options, "host": host, "port": port})
     serve.run(build_app(config), name="r1", route_prefix="/", blocking=False)
     wait_ready(host, port, args.ready_timeout_s)
     print(f"r1-cluster is ready: http://{host}:{port}/v1 serving model '{config.model_name}' "
