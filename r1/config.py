@@ -29,6 +29,24 @@ class StrictModel(BaseModel):
     # that would surface far away (a Redis TTL that overflows, a timeout that never fires).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: Any) -> Any:
+        # Pydantic reads true as 1 for an int or float field: `max_new_tokens: true` is a mistake.
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            if bool not in _scalar_types(annotation) and _scalar_types(annotation) & {int, float}:
+                raise ValueError("expected a number, not true/false")
+        return value
+
+
+def _scalar_types(annotation: Any) -> set[Any]:
+    """The plain types a field accepts: {int} for `int`, {int, NoneType} for `int | None`."""
+    args = get_args(annotation)
+    if args and get_origin(annotation) not in (dict, list, Literal):
+        return {a for arg in args for a in _scalar_types(arg)}
+    return {annotation}
+
 
 class ModelConfig(StrictModel):
     """Which checkpoint to load and how."""
@@ -145,7 +163,7 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {message}")
         else:
-            lines.append(f"  {loc}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {loc}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return "\n".join(lines)
 
 

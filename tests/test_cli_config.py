@@ -211,3 +211,11 @@ def test_tensor_parallel_needs_a_gpu_engine():
     with pytest.raises(ValueError, match="tensor_parallel_size=4 needs engine=vllm or trtllm"):
         apply_overrides(ServeConfig(), ["engine.tensor_parallel_size=4"])
     assert apply_overrides(ServeConfig(), ["engine={engine: vllm, tensor_parallel_size: 4}"]).engine.tensor_parallel_size == 4
+
+
+@pytest.mark.parametrize("override", ["sampling.max_new_tokens=true", "sampling.temperature=false", "engine.cpu_threads=true"])
+def test_booleans_are_not_numbers(override):
+    # Pydantic alone reads true as 1 (max_new_tokens: true generated one token).
+    with pytest.raises(ValueError, match=r"expected a number, not true/false \(got (True|False)\)"):
+        apply_overrides(GenerateConfig(), [override])
+    assert apply_overrides(GenerateConfig(), ["engine.compile=true"]).engine.compile is True  # a real boolean field
