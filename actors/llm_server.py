@@ -57,7 +57,10 @@ class LLMServer:
         logger.info("LLMServer: the engine warmed up in %.2f s", self.warmup_s)
         self.engine.start()
         self.think_prefilled = self.engine.think_prefilled
-        metrics.start_resource_reporter("llm_server", poll=lambda: metrics.record_engine_load(self.engine.stats()))
+        # Compute utilization relative to the threads the engine runs on (Ray's OMP_NUM_THREADS for the
+        # replica's CPUs, or engine.cpu_threads), not the pod's cores: a busy replica reads ~1.
+        metrics.start_resource_reporter("llm_server", poll=lambda: metrics.record_engine_load(self.engine.stats()),
+                                        cores=torch.get_num_threads())
         self.active_streams = 0  # streams past their first token; they share the message budget
 
     def _window_s(self) -> float:

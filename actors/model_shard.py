@@ -43,7 +43,7 @@ class ModelShard:
         # One span per traced request in this stage: opened at prefill, ended when the sequence is removed.
         self.spans = SequenceSpans("model_shard.generate", stage_index=stage_index, num_stages=num_stages,
                                    first_layer=self.stage.layers.start, end_layer=self.stage.layers.stop)
-        metrics.start_resource_reporter("model_shard")
+        metrics.start_resource_reporter("model_shard", cores=torch.get_num_threads())  # its threads, as the LLM server
 
     def add(self, seq_ids: list[str], payload: Any, carriers: dict[str, dict[str, str]] | None = None) -> Any:
         self.spans.open(seq_ids, carriers, batch_size=len(seq_ids))

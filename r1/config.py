@@ -407,6 +407,9 @@ class ServeConfig(StrictModel):
     # API keys: from the env var R1_API_KEYS (comma-separated) and/or this file (one key per line).
     api_keys_file: str | None = None
     api_keys_env: str = "R1_API_KEYS"
+    # Refuse to start without API keys (an empty or unset R1_API_KEYS would otherwise serve an open
+    # API, with a warning): for deployments that listen beyond loopback, e.g. on Kubernetes.
+    require_api_keys: bool = False
     # Request limits (violations are 4xx that name the limit).
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_tokens_limit: int = Field(default=DEFAULT_MAX_NEW_TOKENS_CAP, ge=1)

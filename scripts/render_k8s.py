@@ -53,6 +53,14 @@ SERVE_OVERRIDES: list[tuple[str, Any, str]] = [
      "from the r1-secrets Secret (not optional), so the API always asks for a key"),
     ("applications.0.args.sessions.backend_url", f"redis://{REDIS}/0",
      "SessionStore actors run on any pod, so sessions live in Redis (k8s/redis.yaml, append-only, own volume)"),
+    ("applications.0.args.require_api_keys", True,
+     "the API listens on the pod IP: a blank R1_API_KEYS in the Secret makes the ingress refuse to start "
+     "instead of serving an open API"),
+    ("applications.0.args.code_validator.codecheck.isolation", "bwrap",
+     "requests' tests and the model's code are untrusted; in a pod the Ray processes all run as user ray, so "
+     "the rlimits fallback would run that code as the uid that can read RAY_AUTH_TOKEN and R1_API_KEYS from "
+     "/proc; the image ships bubblewrap, and a cluster that forbids unprivileged user namespaces fails the "
+     "CodeValidator at start (set code_validator: null there) rather than running code without isolation"),
 ]
 CPU_SERVE_OVERRIDES: list[tuple[str, Any, str]] = [
     ("applications.0.args.llm.num_cpus", 3,

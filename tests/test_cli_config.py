@@ -179,9 +179,13 @@ def test_api_keys_reach_the_replicas_only_as_digests(tmp_path, monkeypatch):
     (["--model", "/nonexistent/model"], "model.model: model path /nonexistent/model does not exist"),
     # a misspelt rule id in the safety overrides, which only the SafetyFilter knows
     (["--set", "safety.rule_actions.card_numbr.input=block"], "safety: rule_actions names unknown rule(s) ['card_numbr']"),
+    # keys required (as on Kubernetes) and none configured: not an open API
+    (["--set", "require_api_keys=true"], "require_api_keys is set and no API keys are configured"),
 ])
 def test_serve_refuses_what_would_fail_in_a_replica_before_ray_starts(monkeypatch, capsys, argv, message):
     import ray
+
+    monkeypatch.delenv("R1_API_KEYS", raising=False)
 
     from cluster.cli import main
 

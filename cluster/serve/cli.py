@@ -142,6 +142,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # No address: start a fresh local cluster (never attach to an unrelated one by accident).
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if config.require_api_keys and not keys:
+        raise ValueError(f"require_api_keys is set and no API keys are configured ({config.api_keys_env} is empty "
+                         "or unset and no api_keys_file)")
     preflight(config, address)
 
     import ray

@@ -145,6 +145,9 @@ class OpenAIIngress:
         self.screen = Screening(safety, self.config.safety)
         self.tokenizer = load_tokenizer(self.config.model) if safety is not None else None  # to screen token-id prompts
         self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
+        if not self.auth.enabled and self.config.require_api_keys:
+            raise ValueError(f"require_api_keys is set and no API keys are configured ({self.config.api_keys_env} is "
+                             "empty or unset and no api_keys_file): refusing to serve an open API")
         self.created = int(time.time())
         self.sessions = None
         if self.config.sessions.enabled:

@@ -57,7 +57,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(TORCH_EXTENSIONS_DIR).expanduser()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_actor_tracing("train-worker")
-    ray_metrics.start_resource_reporter("train_worker")  # memory and compute utilization gauges
+    # Memory and compute utilization gauges; compute relative to the worker's torch threads (Ray sets
+    # them to its reserved CPUs), not the node's cores, so a busy worker reads ~1.
+    import torch
+
+    ray_metrics.start_resource_reporter("train_worker", cores=torch.get_num_threads())
     trace = loop_config.get("trace")  # the driver's train.run span
     stage_name = loop_config["stage"]
     config = parse_config(config_class(stage_name), loop_config["config"], source=f"{stage_name} training config")
