@@ -282,15 +282,14 @@ def value_from_match(text: str, match: re.Match[str]) -> SecretValue | None:
         unit += 1
     if quantity and unit < length and text[unit] in _QUANTITY_UNITS:
         return None
-    # At the very end of the text, a quantity-looking value may still turn into "8-20位" and
-    # spaced digits into something else ("3 8 4 9x"); digits followed only by a separator may
-    # gain another group ("384 " before "920") or a unit after spaces: not settled until more
-    # text arrives. (Streams hold back what is not settled.)
+    # Whether text still to come may change the value (streams hold back what is not settled): at
+    # the very end, a quantity may become "8-20位" and spaced digits something else ("3 8 4 9x");
+    # before only a separator, digit groups may gain a group ("384 " before "920"), and before
+    # only spaces, a quantity its unit ("8-20 " before "位").
     if token_end == length:
         settled = not (quantity or " " in value)
-    elif unit == length or text[token_end:] in DIGIT_SEPARATORS:
-        digit_groups = value[-1].isdigit() and not value.strip("0123456789 -")
-        settled = not ((digit_groups and text[token_end:] in DIGIT_SEPARATORS) or (quantity and unit == length))
     else:
-        settled = True
+        grows = (token_end + 1 == length and text[token_end] in DIGIT_SEPARATORS and value[-1].isdigit()
+                 and not value.strip("0123456789 -"))
+        settled = not (grows or (quantity and unit == length))
     return _new_secret_value(SecretValue, (start, end, token_end, settled))
