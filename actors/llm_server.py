@@ -79,9 +79,13 @@ class LLMServer:
                 sampling = SamplingConfig.model_validate(body["sampling"])
                 request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
             except ValueError as error:
-                param = "max_tokens" if "max_new_tokens" in str(error) else ("messages" if body.get("chat") else "prompt")
+                message = str(error)
+                param = "max_tokens" if "max_new_tokens" in message else ("messages" if body.get("chat") else "prompt")
+                # Only a prompt or max_tokens beyond the context is a context-length error; an empty
+                # prompt or a token id outside the vocabulary is an invalid value.
+                code = "context_length_exceeded" if "context" in message else "invalid_value"
                 generate.set_attribute("http.status_code", 400)
-                yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param, code="context_length_exceeded")
+                yield self._error(400, message.replace("max_new_tokens", "max_tokens"), param=param, code=code)
                 return
             generate.set_attributes({"request_id": request.request_id, "prompt_tokens": len(request.prompt_token_ids),
                                      "max_new_tokens": request.max_new_tokens})

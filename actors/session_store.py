@@ -254,7 +254,21 @@ class SessionClient:
             return plan_turn(session, messages, window_messages=self.config.window_messages, token_budget=budget,
                              count_tokens=self.count_tokens)
         except ValueError as error:  # the chat template refused the messages (r1/chat_template.py)
+            if session.created:
+                await self._delete_quietly(session_id, owner or "")
             raise APIError(400, str(error), param="messages", code="invalid_value") from None
+
+    async def abandon(self, turn: Turn) -> None:
+        """A turn that stores nothing (refused, failed, or its client went away): delete the session
+        if this turn created it, so no empty session is left behind under an id nobody was given."""
+        if turn.created:
+            await self._delete_quietly(turn.session_id, turn.owner)
+
+    async def _delete_quietly(self, session_id: str, owner: str) -> None:
+        try:
+            await self._call(session_id, "delete", session_id, owner)
+        except APIError:  # the store is down: the empty session expires with its idle TTL
+            logger.info("could not delete the empty session %s… of a failed turn", session_id[:6])
 
     async def finish_turn(self, turn: Turn, reply: str) -> bool:
         """Store the turn's messages and the (screened) reply; False if the session was deleted meanwhile."""

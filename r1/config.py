@@ -61,6 +61,7 @@ class ModelConfig(StrictModel):
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_STOP_CHARS = 256
 
 
 # Temperatures below this decode greedily (see SamplingConfig.greedy).
@@ -92,6 +93,11 @@ class SamplingConfig(StrictModel):
             raise ValueError("stop strings must be non-empty")
         if len(stop) > 16:
             raise ValueError(f"at most 16 stop strings are allowed, got {len(stop)}")
+        # The detokenizer holds back text that may still become a stop string at every token, so
+        # their length bounds its work per token.
+        longest = max((len(s) for s in stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string is {longest} characters; at most {MAX_STOP_CHARS} are allowed")
         return stop
 
     @property

@@ -223,3 +223,17 @@ def test_booleans_are_not_numbers(override):
     with pytest.raises(ValueError, match=r"expected a number, not true/false \(got (True|False)\)"):
         apply_overrides(GenerateConfig(), [override])
     assert apply_overrides(GenerateConfig(), ["engine.compile=true"]).engine.compile is True  # a real boolean field
+
+
+def test_the_bearer_scheme_is_case_insensitive(monkeypatch):
+    from r1.serving.auth import APIKeyChecker, key_id, load_key_digests
+    from r1.serving.protocol import APIError
+
+    monkeypatch.setenv("R1_API_KEYS", "secret-key")
+    checker = APIKeyChecker(load_key_digests("R1_API_KEYS", None))
+    for header in ("Bearer secret-key", "bearer secret-key", "BEARER  secret-key "):
+        assert checker.check(header) == key_id("secret-key")
+    for header in ("Basic secret-key", "Bearer", "bearer ", "secret-key", None, "Bearer wrong"):
+        with pytest.raises(APIError) as error:
+            checker.check(header)
+        assert error.value.status == 401

@@ -13,6 +13,7 @@ from r1.serving.protocol import (
     choice_seed,
     decode_json,
     parse_request,
+    sampling_for,
     unsupported,
 )
 
@@ -181,3 +182,36 @@ def test_switches_take_json_booleans_only(field, value, cls, param):
         parse_request(cls, {**body, field: value})
     assert error.value.status == 400 and error.value.param == param
     assert parse_request(cls, {**body, "stream": True}).stream is True
+
+
+@pytest.mark.parametrize("cls, body, param", [
+    # booleans and strings are not numbers (lax parsing read true as 1.0 and "5" as 5)
+    (CompletionRequest, {"model": "m", "prompt": "x", "temperature": True}, "temperature"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "n": True}, "n"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "seed": "1"}, "seed"),
+    # a token id true is not token 1
+    (CompletionRequest, {"model": "m", "prompt": [True]}, "prompt"),
+    # a user message needs content (OpenAI refuses these too)
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user"}]}, "messages.0"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": None}]}, "messages.0"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": []}]}, "messages.0"),
+])
+def test_fields_take_their_json_type_only(cls, body, param):
+    with pytest.raises(APIError) as error:
+        parse_request(cls, body)
+    assert error.value.status == 400 and error.value.param.startswith(param), error.value.message
+
+
+def test_integers_are_numbers_and_an_assistant_may_have_no_content():
+    request = parse_request(ChatCompletionRequest, {"model": "m", "temperature": 1, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "again"}]})
+    assert request.temperature == 1.0
+
+
+def test_a_stop_string_longer_than_the_limit_is_400_naming_stop():
+    # The detokenizer checks every stop string's prefixes at every token: their length is bounded.
+    request = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "stop": ["y" * 257]})
+    with pytest.raises(APIError) as error:
+        sampling_for(request, ServeConfig())
+    assert error.value.status == 400 and error.value.param == "stop" and "at most 256" in error.value.message

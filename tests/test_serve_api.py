@@ -488,6 +488,29 @@ def test_safety_filter_that_cannot_answer_fails_closed(server, stream):
     assert "choices" not in response.text
 
 
+def test_a_prompt_beyond_the_context_is_refused_before_it_is_screened(server):
+    # ~1900 tokens of digits against r1-tiny's 1024: a 400 from the ingress, not the 503 of the
+    # fail-closed app's filter (screening such text costs time in proportion to it, for nothing).
+    body = {"model": MODEL, "prompt": "1 " * 1900, "max_tokens": 1}
+    response = _post(server, "/failclosed/v1/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    assert "more than the model's context of 1024 tokens" in error["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_without_reading_it_all(server):
+    # No Content-Length: the ingress stops reading once the body passes max_request_bytes (4096 here).
+    def chunks():
+        yield b'{"model": "r1-tiny", "prompt": "'
+        for _ in range(200):
+            yield b"x" * 1000
+    response = httpx.post(f"{server}/v1/completions", content=chunks(), timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 2}).status_code == 200
+
+
 TRACEPARENT_TRACE_ID, TRACEPARENT_SPAN_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
 

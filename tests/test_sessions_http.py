@@ -126,6 +126,38 @@ def test_bad_session_ids_are_400(env):
         assert response.json()["error"]["param"] == "session_id", bad_id
 
 
+def test_refused_turns_leave_no_session_and_streams_carry_the_new_id(env):
+    import sqlite3
+
+    base = deploy(env, shared_backend(env))
+    database = env["tmp"] / "shared.db"
+
+    def session_count() -> int:
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+    api = client(base)
+    before = session_count()
+    # Refused after the session was opened: by the chat template (a tool message with no call before
+    # it) and by the context (max_tokens beyond it). No id was handed out, so nothing may stay.
+    refused = [
+        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020},
+    ]
+    for extra in refused:
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": MODEL, **extra})
+        assert response.status_code == 400, response.text
+    wait_for(lambda: session_count() == before, 30, "the refused turns' sessions to be removed")
+    # A streamed turn that creates its session says its id in the stream too, not only in the header.
+    stream = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         stream=True, stream_options={"include_usage": True})
+    ids = {chunk.model_dump().get("session_id") for chunk in stream} - {None}
+    assert len(ids) == 1
+    assert history(base, ids.pop()).status_code == 200
+    assert session_count() == before + 1
+
+
 def test_concurrent_turns_on_one_session_are_all_stored(env):
     base = deploy(env, shared_backend(env))
     session_id, _ = turn(client(base), "first", None)

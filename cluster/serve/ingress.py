@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,7 @@ from cluster.serve.codegen import run_code_loop
 from cluster.serve.screening import OutputScreen, Screening
 from r1.config import ServeConfig
 from r1.metrics import GenerationTimer
-from r1.model import load_tokenizer
+from r1.model import context_length, load_model_config, load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests
 from r1.serving.protocol import (
@@ -143,12 +144,15 @@ class OpenAIIngress:
         self.code_validator = code_validator  # None when the server runs without code validation
         self.config = ServeConfig.model_validate(config)
         self.screen = Screening(safety, self.config.safety)
-        self.tokenizer = load_tokenizer(self.config.model) if safety is not None else None  # to screen token-id prompts
+        # To screen token-id prompts, and to refuse prompts that cannot fit before screening them.
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.context_tokens = context_length(SimpleNamespace(config=load_model_config(self.config.model)), self.tokenizer)
         self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
         if not self.auth.enabled and self.config.require_api_keys:
             raise ValueError(f"require_api_keys is set and no API keys are configured ({self.config.api_keys_env} is "
                              "empty or unset and no api_keys_file): refusing to serve an open API")
         self.created = int(time.time())
+        self._background: set[asyncio.Task] = set()  # session clean-ups of failed turns
         self.sessions = None
         if self.config.sessions.enabled:
             count_tokens, context_tokens = token_counting(self.config.model)  # tokenizer only, no weights
@@ -253,8 +257,10 @@ class OpenAIIngress:
                                param="model", code="model_not_found")
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
+            messages = chat_messages(parsed, self.config) if chat else None
+            await self._check_prompt_fits(messages if chat else parsed.prompt, "messages" if chat else "prompt")
             if chat:
-                prompt = await self.screen.input_messages(chat_messages(parsed, self.config))
+                prompt = await self.screen.input_messages(messages)
             elif isinstance(parsed.prompt, str):
                 prompt = await self.screen.input_text(parsed.prompt, "prompt")
             else:
@@ -263,7 +269,8 @@ class OpenAIIngress:
                 turn = await self.sessions.begin_turn(parsed.session_id, request.headers.get(SESSION_HEADER), owner,
                                                       prompt, sampling.max_new_tokens)
                 prompt = turn.prompt
-            elif parsed.session_id is not None:
+            elif parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
+                # The header form too: a session the client names must not be ignored without a word.
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
                                param="session_id")
             if chat and parsed.code_validation:
@@ -271,7 +278,11 @@ class OpenAIIngress:
             streams = [self._open(prompt, chat, sampling, index) for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
+            self._abandon(turn)
             return error_response(error)
+        except asyncio.CancelledError:  # the client went away
+            self._abandon(turn)
+            raise
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream()) for _ in streams]
@@ -291,7 +302,11 @@ class OpenAIIngress:
             if turn is not None:
                 await self.sessions.finish_turn(turn, "".join(choices[0].content))
         except APIError as error:
+            self._abandon(turn)
             return error_response(error)
+        except asyncio.CancelledError:
+            self._abandon(turn)
+            raise
         prompt_tokens = choices[0].prompt_tokens
         completion_tokens = sum(c.completion_tokens for c in choices)
         self._record_generation(route, root, choices)
@@ -360,15 +375,46 @@ class OpenAIIngress:
         return JSONResponse(chat_response(new_id("chatcmpl"), self.config.model_name, choices, usage, **extra),
                             headers=headers)
 
+    async def _check_prompt_fits(self, prompt: Any, param: str) -> None:
+        """Refuse a prompt longer than the model's context before it is screened: screening takes
+        time in proportion to the text, and nothing could be generated from this one (the LLM
+        server checks the exact prompt and max_tokens later). A token holds at least one byte of
+        text, so a prompt of at most `context` bytes fits and is not tokenized here."""
+        context = self.context_tokens
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            count = len(prompt)
+        else:
+            texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+            if sum(len(t) for t in texts) * 4 <= context or sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) <= context:
+                return
+            # Tokenized apart, then less one token per message for merges across their boundaries.
+            counts = await asyncio.to_thread(lambda: [len(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts])
+            count = sum(counts) - (len(texts) - 1)
+        if count > context:
+            raise APIError(400, f"the {param} is at least {count} tokens, more than the model's context of {context} "
+                           "tokens; shorten it", param=param, code="context_length_exceeded")
+
+    def _abandon(self, turn: Any) -> None:
+        """The request stores no exchange: remove the session it created, in the background (this
+        may run while the request is being cancelled)."""
+        if turn is not None and turn.created:
+            task = asyncio.create_task(self.sessions.abandon(turn))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _read_json(self, request: Request) -> Any:
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit} bytes", code="request_too_large")
-        return decode_json(raw)
+        # Read up to the limit and stop: a chunked upload declares no length, and reading it whole
+        # first would hold any amount of memory before the check.
+        received = bytearray()
+        async for chunk in request.stream():
+            received += chunk
+            if len(received) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        return decode_json(bytes(received))
 
     def _open(self, prompt: Any, chat: bool, sampling: Any, index: int) -> Any:
         if sampling.seed is not None and index:
@@ -462,9 +508,13 @@ class OpenAIIngress:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         try:
+            # A session's id goes in each choice's first chunk and in the usage chunk, as the
+            # non-streamed response carries it (and the X-Session-Id header for both).
+            extra = {"session_id": turn.session_id} if turn is not None else {}
             if chat:
                 for index in range(len(streams)):
-                    yield sse(chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}))
+                    yield sse({**chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}),
+                               **extra})
             open_streams = len(streams)
             held: tuple[int, Any] | None = None  # taken from the queue while merging, not yet handled
             while open_streams:
@@ -512,13 +562,15 @@ class OpenAIIngress:
                 usage = usage_dict(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
-                yield sse(chunk)
+                yield sse({**chunk, **extra})
             status = 200
             yield sse("[DONE]")
         finally:
             if status is None:  # the client disconnected (or the server is stopping): not a success
                 status = CLIENT_CLOSED_REQUEST
                 root.set_attribute("r1.cancelled", True)
+            if status != 200:
+                self._abandon(turn)
             # Runs on normal end and when the client disconnects: stop generating for it.
             for task in tasks:
                 task.cancel()

@@ -58,9 +58,14 @@ class IncrementalDetokenizer:
     def _held_back_for_stop(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of a stop string."""
         longest = 0
+        last = self.text[-1:]
+        if not last:
+            return 0
         for stop in self.stop:
             for length in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:length]):
+                # The prefix's last character must be the text's: a cheap test before the comparison
+                # (this runs at every token, over every length of every stop string).
+                if stop[length - 1] == last and self.text.endswith(stop[:length]):
                     longest = length
                     break
         return longest

@@ -78,9 +78,10 @@ class APIKeyChecker:
         """Return the caller's key id (None when auth is off); raise APIError(401) otherwise."""
         if not self._digests:
             return None
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():  # the scheme is case-insensitive (RFC 7235)
             raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-        offered = hashlib.sha256(authorization[len("Bearer "):].strip().encode("utf-8")).digest()
+        offered = hashlib.sha256(credentials.strip().encode("utf-8")).digest()
         match = None
         # Compare against every key, without stopping early, so timing does not reveal which matched.
         for digest in self._digests:

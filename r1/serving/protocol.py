@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from r1.config import SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
 
@@ -53,12 +53,22 @@ def _error_type(status: int) -> str:
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored (clients send newer OpenAI fields); known ones take their JSON type
+    # only: lax parsing read `"temperature": true` as 1.0, `"max_tokens": "5"` as 5 and a token id
+    # `true` as 1 (an integer is still a valid number).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        # Only an assistant message (one that called tools) may come without content, as in OpenAI's API.
+        if self.role != "assistant" and (self.content is None or self.content == []):
+            raise ValueError(f"a {self.role} message needs content: a string or a non-empty list of text parts")
+        return self
 
     def text(self, index: int = 0) -> str:
         """The message's text; a list of content parts must be text parts, joined by newlines (as vLLM
