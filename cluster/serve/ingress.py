@@ -395,8 +395,9 @@ class OpenAIIngress:
                            "tokens; shorten it", param=param, code="context_length_exceeded")
 
     def _abandon(self, turn: Any) -> None:
-        """The request stores no exchange: remove the session it created, in the background (this
-        may run while the request is being cancelled)."""
+        """The request stores no exchange and its client was not given the session's id: remove the
+        session it created, in the background (this may run while the request is being cancelled).
+        Not for streams: their first chunk has already handed the id out."""
         if turn is not None and turn.created:
             task = asyncio.create_task(self.sessions.abandon(turn))
             self._background.add(task)
@@ -569,8 +570,6 @@ class OpenAIIngress:
             if status is None:  # the client disconnected (or the server is stopping): not a success
                 status = CLIENT_CLOSED_REQUEST
                 root.set_attribute("r1.cancelled", True)
-            if status != 200:
-                self._abandon(turn)
             # Runs on normal end and when the client disconnects: stop generating for it.
             for task in tasks:
                 task.cancel()
