@@ -65,3 +65,28 @@ def untrained_tiny(tmp_path_factory) -> str:
     from r1.model.tiny import build_tiny
 
     return str(build_tiny(tmp_path_factory.mktemp("untrained-tiny")))
+
+
+# The run's verdict is final once pytest has reported it. The native libraries the tests load
+# (Ray's core worker, torch's and oneDNN's thread pools) still own threads at that point, and
+# finalizing the interpreter under them once crashed the process with SIGSEGV (exit 139) after a
+# full run in which every test had passed. So the process ends with pytest's own exit status, after
+# pytest's last report, without that finalization.
+_exit_status: int | None = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _exit_status is None:
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(_exit_status)
