@@ -149,11 +149,12 @@ def stop_session_actors(namespace: str = "r1-cluster") -> int:
     return killed
 
 
-def token_counting(model: ModelConfig) -> tuple[TokenCounter, int]:
-    """(count_tokens, context_tokens) for `model`, so the window respects its context; loads no weights."""
+def token_counting(model: ModelConfig, tokenizer: Any | None = None) -> tuple[TokenCounter, int]:
+    """(count_tokens, context_tokens) for `model`, so the window respects its context; loads no
+    weights, and no tokenizer when the caller has one."""
     from r1.model import context_length, load_model_config, load_tokenizer
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
     context_tokens = context_length(SimpleNamespace(config=load_model_config(model)), tokenizer)
     return chat_token_counter(tokenizer), context_tokens
 

@@ -300,13 +300,9 @@ def apply_overrides(config: M, overrides: list[str]) -> M:
 def load_config(model_cls: type[M], path: str | Path | None, overrides: list[str]) -> M:
     """A config from a YAML file (or the defaults) with `--set` overrides, validated once, after
     the overrides: a required key (a training run's `data.path`) may come from either."""
-    data = read_yaml_file(path) if path else {}
+    data = (read_yaml_file(path) if path else None) or {}
     source = str(path) if path else "defaults"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"invalid config in {source}: expected a mapping, got {type(data).__name__}")
-    if overrides:
+    if overrides and isinstance(data, dict):  # parse_config names a file that is not a mapping
         _set_dotted(data, parse_overrides(overrides), "--set overrides")
         source += " with --set overrides"
     return parse_config(model_cls, data, source=source)

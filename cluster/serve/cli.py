@@ -22,7 +22,7 @@ from typing import Any
 
 from cluster.cli import path_argument
 from r1.config import ServeConfig, apply_overrides, parse_config, read_yaml_file, set_values
-from r1.serving.auth import KEY_DIGESTS_ENV, load_key_digests
+from r1.serving.auth import KEY_DIGESTS_ENV, load_key_digests, refuse_open_api
 
 logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -142,9 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # No address: start a fresh local cluster (never attach to an unrelated one by accident).
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    if config.require_api_keys and not keys:
-        raise ValueError(f"require_api_keys is set and no API keys are configured ({config.api_keys_env} is empty "
-                         "or unset and no api_keys_file)")
+    refuse_open_api(config.require_api_keys, bool(keys), config.api_keys_env)
     preflight(config, address)
 
     import ray

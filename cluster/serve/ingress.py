@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -28,9 +27,9 @@ from cluster.serve.codegen import run_code_loop
 from cluster.serve.screening import OutputScreen, Screening
 from r1.config import ServeConfig
 from r1.metrics import GenerationTimer
-from r1.model import context_length, load_model_config, load_tokenizer
+from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
-from r1.serving.auth import APIKeyChecker, load_key_digests
+from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -146,17 +145,14 @@ class OpenAIIngress:
         self.screen = Screening(safety, self.config.safety)
         # To screen token-id prompts, and to refuse prompts that cannot fit before screening them.
         self.tokenizer = load_tokenizer(self.config.model)
-        self.context_tokens = context_length(SimpleNamespace(config=load_model_config(self.config.model)), self.tokenizer)
+        count_tokens, self.context_tokens = token_counting(self.config.model, self.tokenizer)  # no weights
         self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
-        if not self.auth.enabled and self.config.require_api_keys:
-            raise ValueError(f"require_api_keys is set and no API keys are configured ({self.config.api_keys_env} is "
-                             "empty or unset and no api_keys_file): refusing to serve an open API")
+        refuse_open_api(self.config.require_api_keys, self.auth.enabled, self.config.api_keys_env)
         self.created = int(time.time())
         self._background: set[asyncio.Task] = set()  # session clean-ups of failed turns
         self.sessions = None
         if self.config.sessions.enabled:
-            count_tokens, context_tokens = token_counting(self.config.model)  # tokenizer only, no weights
-            self.sessions = SessionClient(self.config.sessions, count_tokens=count_tokens, context_tokens=context_tokens)
+            self.sessions = SessionClient(self.config.sessions, count_tokens=count_tokens, context_tokens=self.context_tokens)
             self.sessions.start_actors()  # now, not inside the first requests that reach each partition
         if not self.auth.enabled:
             logger.warning("no API keys configured (%s / api_keys_file): the API is open to anyone who can reach it",

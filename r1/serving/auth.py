@@ -90,3 +90,11 @@ class APIKeyChecker:
         if match is None:
             raise APIError(401, "invalid API key", code="invalid_api_key")
         return key_id_of_digest(match.hex())
+
+
+def refuse_open_api(required: bool, keys_configured: bool, env_name: str) -> None:
+    """`require_api_keys`: a ValueError when keys are required and none are configured (checked by
+    `r1 serve` before Ray starts, and by the ingress replica, which `serve run` starts directly)."""
+    if required and not keys_configured:
+        raise ValueError(f"require_api_keys is set and no API keys are configured ({env_name} is empty or unset "
+                         "and no api_keys_file): refusing to serve an open API")
