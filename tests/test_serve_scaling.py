@@ -27,7 +27,10 @@ MODEL = "r1-tiny"
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    with ray_serve(port):
+    # Serve's routers and replicas report their load every 10 s by default; every second here, so
+    # the controller sees the load (and its end) within the test's seconds, not tens of seconds.
+    with ray_serve(port, env_vars={"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                                   "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}):
         config = {
             "ingress": small_deployment(num_cpus=0.05, min_replicas=2, max_replicas=2),
             # Scale on one in-flight request per replica, quickly up, a few seconds down, judged over
@@ -107,7 +110,9 @@ class Load:
 def test_llm_server_scales_up_under_load_and_back_down(server):
     assert running_replicas() == 2
     peak = 2
-    with Load(server, concurrency=8, max_tokens=300) as load:
+    # Three requests in flight at a target of one per replica ask for one more replica: starting
+    # one replica process on 2 busy cores takes ~25 s, starting six at once (8 requests) over a minute.
+    with Load(server, concurrency=3, max_tokens=300) as load:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and peak <= 2:
             peak = max(peak, running_replicas())
