@@ -63,30 +63,35 @@ class SafetyFilterDeployment:
         """`check` of several texts (e.g. every message of a chat request) in one call."""
         return [await self.check(text, direction, trace) for text in texts]
 
-    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output") -> dict[str, Any]:
+    async def stream_feed(self, state: dict[str, Any] | None, chunk: str, direction: str = "output",
+                          context: str = "") -> dict[str, Any]:
         """One step of a stream: {"text": safe to emit now, "state": pass to the next step,
-        "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one."""
+        "action": allow|redact|block so far, "rule_ids": rules seen so far}. state=None opens one,
+        with `context` (text shown before the stream, e.g. the prompt a completion continues)."""
         self._counts["requests:stream_feed"] += 1
-        return self._feed(state, chunk, direction)
+        return self._feed(state, chunk, direction, context)
 
-    def _feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
-        stream = self.filter.stream(direction) if state is None else self.filter.resume_stream(state)  # type: ignore[arg-type]
+    def _feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "") -> dict[str, Any]:
+        if state is None:
+            stream = self.filter.stream(direction, context)  # type: ignore[arg-type]
+        else:
+            stream = self.filter.resume_stream(state)
         seen = len(stream.findings)
         text = stream.feed(chunk)
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
         return {"text": text, "state": stream.to_state(), "action": stream.action, "rule_ids": list(stream.rule_ids)}
 
-    async def stream_feed_batch(self, steps: list[tuple[dict[str, Any] | None, str, str]]) -> list[dict[str, Any]]:
-        """`stream_feed` for many streams in one call: [(state, chunk, direction), ...] -> their replies.
+    async def stream_feed_batch(self, steps: list[tuple[dict[str, Any] | None, str, str, str]]) -> list[dict[str, Any]]:
+        """`stream_feed` for many streams in one call: [(state, chunk, direction, context), ...] -> their replies.
         The ingress sends every chunk that arrived while its previous call was in flight, so under
         load one call screens a step of all its streams instead of one call per stream."""
         self._counts["requests:stream_feed_batch"] += 1
-        return [self._feed_or_error(state, chunk, direction) for state, chunk, direction in steps]
+        return [self._feed_or_error(*step) for step in steps]
 
-    def _feed_or_error(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+    def _feed_or_error(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str) -> dict[str, Any]:
         """One step of a batch; a step that fails (e.g. a state made under other rules) fails alone."""
         try:
-            return self._feed(state, chunk, direction)
+            return self._feed(state, chunk, direction, context)
         except Exception as error:
             return {"error": type(error).__name__}
 
@@ -140,9 +145,9 @@ class SafetyClient:
         self.timeout_s = timeout_s
         self._feeds = _FeedBatcher(self)
 
-    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "") -> dict[str, Any]:
         """One `stream_feed` step, sent together with the other streams' steps that are waiting."""
-        return await self._feeds.feed(state, chunk, direction)
+        return await self._feeds.feed(state, chunk, direction, context)
 
     async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
         """Verdict dict of `text`; raises SafetyUnavailable when the filter does not answer."""
@@ -152,8 +157,9 @@ class SafetyClient:
         """Verdict dicts of `texts`, screened in one call."""
         return await self._call("check_many", texts, direction)
 
-    def stream(self, direction: str = "output") -> ScreenedStream:
-        return ScreenedStream(self, direction)
+    def stream(self, direction: str = "output", context: str = "") -> ScreenedStream:
+        """A stream screened through the deployment; `context` as in `SafetyFilter.stream`."""
+        return ScreenedStream(self, direction, context)
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
         # The caller's current span (the ingress's request span) continues in the deployment, except
@@ -172,17 +178,18 @@ class SafetyClient:
 class ScreenedStream:
     """One request's output stream screened through the deployment; keeps the state in memory."""
 
-    def __init__(self, client: SafetyClient, direction: str) -> None:
+    def __init__(self, client: SafetyClient, direction: str, context: str = "") -> None:
         self._client = client
         self._direction = direction
+        self._context = context  # sent with the first step only
         self._state: dict[str, Any] | None = None
         self.action = "allow"
         self.rule_ids: list[str] = []
 
     async def feed(self, chunk: str) -> str:
         """Text safe to emit now; raises SafetyUnavailable (emit nothing more, fail the request)."""
-        reply = await self._client.feed(self._state, chunk, self._direction)
-        self._state = reply["state"]
+        reply = await self._client.feed(self._state, chunk, self._direction, self._context)
+        self._state, self._context = reply["state"], ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         return reply["text"]
 
@@ -206,12 +213,12 @@ class _FeedBatcher:
 
     def __init__(self, client: SafetyClient) -> None:
         self._client = client
-        self._pending: list[tuple[tuple[Any, str, str], asyncio.Future]] = []
+        self._pending: list[tuple[tuple[Any, str, str, str], asyncio.Future]] = []
         self._sending = False
 
-    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str) -> dict[str, Any]:
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(((state, chunk, direction), future))
+        self._pending.append(((state, chunk, direction, context), future))
         if not self._sending:
             self._sending = True
             asyncio.get_running_loop().create_task(self._send())

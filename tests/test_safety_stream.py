@@ -288,3 +288,129 @@ def test_user_rules_stream_like_check(rules, actions, text):
 def test_user_rules_a_stream_cannot_honour_are_refused(rule, message):
     with pytest.raises(ValueError, match=message):
         SafetyFilter(SafetyConfig(rules=[rule]))
+
+
+# --- context: text shown before the stream (the prompt a completion continues) ------------------
+
+
+def _streamed_after(safety: SafetyFilter, context: str, text: str, sizes: list[int]) -> tuple[str, object]:
+    stream = safety.stream("output", context=context)
+    pieces, i = [], 0
+    for size in sizes:
+        if i >= len(text):
+            break
+        pieces.append(stream.feed(text[i : i + size]))
+        i += size
+    pieces.append(stream.feed(text[i:]))
+    pieces.append(stream.flush())
+    return "".join(pieces), stream
+
+
+@pytest.mark.parametrize("context, text, expected", [
+    # a keyword at the prompt's end qualifies the value the output starts with
+    ("my password: ", "hunter2 is it", "[已隐藏] is it"),
+    ("验证码是", "384920，请勿泄露", "[已隐藏]，请勿泄露"),
+    # a value the prompt began and the output finishes: only the output's part is replaced
+    ("password: hunt", "er2 then", "[已隐藏] then"),
+    # a card number the prompt began (8 digits) and the output finishes (8 more)
+    ("card 4111 1111 ", "1111 1111 ok", "[已隐藏] ok"),
+    # what is wholly in the prompt is not the stream's: it is neither repeated nor reported
+    (f"卡号 {VISA}。", "好的", "好的"),
+    # no context: the same value alone is not a secret
+    ("", "hunter2 is it", "hunter2 is it"),
+])
+def test_context_qualifies_the_start_of_the_stream(default, context, text, expected):
+    for sizes in ([1] * len(text), [3] * len(text), [len(text)]):
+        emitted, stream = _streamed_after(default, context, text, sizes)
+        assert emitted == expected, sizes
+        # Findings are this stream's, in its own offsets, for its own part of a span.
+        assert (stream.action == "redact") == ("[已隐藏]" in expected)
+        for finding in stream.findings:
+            assert 0 <= finding.start < finding.end <= len(text)
+
+
+def test_a_card_finished_in_the_stream_is_reported_from_its_start(default):
+    emitted, stream = _streamed_after(default, "card 4111 1111 ", "1111 1111 ok", [4, 5, 3])
+    assert emitted == "[已隐藏] ok"
+    assert [(f.rule_id, f.start) for f in stream.findings] == [("card_number", 0)]
+
+
+def test_context_survives_the_state_round_trip(default):
+    # The first step emits nothing (a value may still grow); the resumed stream still knows the context.
+    stream = default.stream("output", context="card 4111 1111 ")
+    assert stream.feed("1111 ") == ""
+    resumed = default.resume_stream(stream.to_state())
+    assert resumed.feed("1111 ok") + resumed.flush() == "[已隐藏] ok"
+    assert [f.rule_id for f in resumed.findings] == ["card_number"]
+
+
+def test_strict_blocks_a_keyword_split_between_context_and_stream(strict):
+    assert _streamed_after(strict, "我的密", "码很长", [1])[0] == strict.block_message
+    # A keyword wholly in the context was the input's to screen: the output alone is clean.
+    emitted, stream = _streamed_after(strict, "我的密码", "很长", [1])
+    assert emitted == "很长" and stream.action == "allow"
+
+
+def test_only_the_end_of_a_long_context_is_read(default):
+    # A megabyte of prompt: the stream folds and keeps only what can still combine with its text.
+    stream = default.stream("output", context="x " * 500_000 + "password: ")
+    assert stream.feed("abc123 ok") + stream.flush() == "[已隐藏] ok"
+    assert len(stream.to_state()["context"]) <= default.scanner("output").context_chars
+
+
+def _expected_after(safety: SafetyFilter, context: str, text: str) -> str | None:
+    """What a stream after `context` should emit: `check(context + text)`'s redactions, clipped to
+    `text`; None when the whole text blocks (the caller compares those separately)."""
+    verdict = safety.check(context + text, "output")
+    if verdict.action == "block":
+        return None
+    spans = []
+    for finding in verdict.findings:
+        start, end = max(finding.start, len(context)) - len(context), finding.end - len(context)
+        # A span's zero-width tail after a value the context showed is no text of the stream's.
+        if finding.action == "redact" and end > start and text[start:end].strip(ZW):
+            spans.append((start, end))
+    out, at = "", None
+    for start, end in sorted(spans):
+        if at is not None and start <= at:  # overlapping or touching spans are one replacement
+            at = max(at, end)
+            continue
+        out += text[at or 0 : start] + safety.redaction_text
+        at = end
+    return out + text[at or 0 :]
+
+
+@pytest.mark.parametrize("name", ["default", "strict"])
+def test_random_contexts_and_texts_match_check_of_both(name, request):
+    # Seeded property test: the stream after a context emits check(context + text)'s redactions of
+    # its own part; a block in check means a block finding reaching into the text, or one in the context.
+    safety = request.getfixturevalue(name)
+    rng = random.Random(20261130)
+    for _ in range(1500):
+        context = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12)))
+        # Zero-width characters right at the seam may land on either side of a span that crosses it
+        # (invisible either way; test_a_seam_of_zero_width_characters_shows_nothing covers them).
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12))).lstrip(ZW) or "x"
+        emitted, stream = _streamed_after(safety, context, text, [rng.randint(1, 6) for _ in range(len(text))])
+        expected = _expected_after(safety, context, text)
+        if expected is not None:
+            assert emitted == expected, (context, text)
+            continue
+        reaches = [f for f in safety.check(context + text, "output").findings if f.action == "block"
+                   and text[max(f.start - len(context), 0) : max(f.end - len(context), 0)].strip(ZW)]
+        if reaches:
+            assert emitted.endswith(safety.block_message) and stream.action == "block", (context, text)
+        else:  # the block was the context's alone: the text is screened as if it stood alone
+            assert stream.action != "block", (context, text)
+
+
+@pytest.mark.parametrize("context, text", [
+    ("验证码123", f"{ZW}6222 ok"),  # a code the context began, a zero-width character, more digits
+    ("password: abc", f"{ZW}123 ok"),
+    ("card 4111 1111 ", f"{ZW}1111 1111 ok"),
+])
+def test_a_seam_of_zero_width_characters_shows_nothing(default, context, text):
+    for sizes in ([1] * len(text), [len(text)]):
+        emitted, _ = _streamed_after(default, context, text, sizes)
+        # Whatever happens to the invisible character, no character of the value is shown.
+        assert emitted.replace(ZW, "") == "[已隐藏] ok", emitted

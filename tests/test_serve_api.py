@@ -30,6 +30,9 @@ OTHER_KEY = "test-key-2"
 MODEL = "r1-tiny"
 SMALL_SAFETY = small_deployment(min_replicas=1, max_replicas=2, num_cpus=0.02)
 LETTERS_RULE = {"id": "test_letters", "kind": "regex", "pattern": "[a-z]{2}", "input": "off", "output": "redact"}
+# Fires where an output digit follows "= ": r1-tiny continues "23 + 45 =" with " 68", so only output
+# screening that reads the prompt's end sees it.
+EQUALS_RULE = {"id": "test_equals_digit", "kind": "regex", "pattern": r"= \d", "input": "off", "output": "redact"}
 MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. How many apples does she have now?"}]
 
 
@@ -84,7 +87,7 @@ def server(tmp_path_factory, trace_file, metrics_port):
             # streaming and screening tests on /strict cover both ingress modes.
             serve.RunTarget(
                 build_app({**small, "engine": {**common["engine"], "cpu_threads": 2}, "ingress_single_loop": False,
-                           "safety": {"profile": "strict", "rules": [LETTERS_RULE], "timeout_s": 20,
+                           "safety": {"profile": "strict", "rules": [LETTERS_RULE, EQUALS_RULE], "timeout_s": 20,
                                       "deployment": SMALL_SAFETY}}),
                 name="strict", route_prefix="/strict",
             ),
@@ -477,6 +480,39 @@ def test_streamed_output_is_screened(server, tiny):
     assert not re.search("[a-z]{2}", text.replace("[已隐藏]", ""))
     if re.search("[a-z]{2}", unscreened):
         assert "[已隐藏]" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_output_is_screened_with_the_end_of_its_prompt(server, tiny, stream):
+    from r1.config import SafetyConfig, SamplingConfig
+    from r1.engine import TransformersEngine
+    from r1.safety import SafetyFilter
+
+    prompt = "23 + 45 ="
+    model, tokenizer = tiny
+    unscreened = TransformersEngine(model, tokenizer).generate_batch([prompt], SamplingConfig(temperature=0, max_new_tokens=6))[0].text
+    rules = SafetyFilter(SafetyConfig(profile="strict", rules=[LETTERS_RULE, EQUALS_RULE]))
+    expected = "".join(_screened(rules.stream("output", context=prompt), unscreened))
+    # The case this test is about: the prompt's "=" and the output's digit make the finding.
+    assert expected != "".join(_screened(rules.stream("output"), unscreened)), unscreened
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": stream}
+    if stream:
+        text = ""
+        with httpx.stream("POST", f"{server}/strict/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    text += "".join(choice["text"] for choice in json.loads(line[6:])["choices"])
+    else:
+        response = _post(server, "/strict/v1/completions", body)
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["text"]
+    assert text == expected and text.startswith(rules.redaction_text)
+
+
+def _screened(stream, text: str) -> list[str]:
+    return [stream.feed(text), stream.flush()]
 
 
 @pytest.mark.parametrize("stream", [False, True])

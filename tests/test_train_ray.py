@@ -95,8 +95,13 @@ def test_sft_two_workers_loss_falls_checkpoints_and_resumes(ray_cluster, untrain
     assert resumed.final_step == 10
 
 
+# Long enough that the kill lands mid-run (it comes once the step-2 checkpoint is registered, at about
+# step 4 here), short because every second step writes a checkpoint (~1.5 s each on 2 cores).
+MAX_STEPS_FT = 20
+
+
 def test_fault_tolerance_killed_worker_resumes_from_checkpoint(ray_cluster, untrained_tiny, tmp_path):
-    config = _sft_config(tmp_path, "sft-ft", untrained_tiny, max_steps=40)
+    config = _sft_config(tmp_path, "sft-ft", untrained_tiny, max_steps=MAX_STEPS_FT)
     config = config.model_copy(update={"failure": config.failure.model_copy(update={"max_failures": 2})})
     metrics_path = tmp_path / "sft-ft" / "metrics.jsonl"
     killed: dict = {}
@@ -135,18 +140,18 @@ def test_fault_tolerance_killed_worker_resumes_from_checkpoint(ray_cluster, untr
     killer.join(timeout=10)
 
     assert killed, "the worker was never killed"
-    assert killed["at_step"] < 40, "the run finished before the kill; the test proves nothing"
+    assert killed["at_step"] < MAX_STEPS_FT, "the run finished before the kill; the test proves nothing"
     records = _records(outcome.metrics_path)
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0]["start_step"] == 0
     restart = starts[1]
-    assert restart["resumed"] is True and killed["checkpoint_step"] <= restart["start_step"] < 40
+    assert restart["resumed"] is True and killed["checkpoint_step"] <= restart["start_step"] < MAX_STEPS_FT
     assert restart["start_step"] % 2 == 0  # a checkpoint step (every_steps=2)
     # After the restart the step counter continues from the checkpoint, not from 0.
     index = records.index(restart)
     after = [r["step"] for r in _steps(records[index:])]
-    assert after[0] == restart["start_step"] + 1 and after[-1] == 40
-    assert outcome.final_step == 40 and read_checkpoint_step(outcome.checkpoint_path) == 40
+    assert after[0] == restart["start_step"] + 1 and after[-1] == MAX_STEPS_FT
+    assert outcome.final_step == MAX_STEPS_FT and read_checkpoint_step(outcome.checkpoint_path) == MAX_STEPS_FT
 
 
 def _preferences(path: Path, count: int) -> Path:

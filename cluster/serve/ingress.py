@@ -67,6 +67,10 @@ logger = logging.getLogger("ray.serve")
 # The status a request that the client abandoned mid-stream is recorded with (nginx's convention;
 # the client already got 200 and never reads it).
 CLIENT_CLOSED_REQUEST = 499
+# How much of a completion's prompt's end goes to output screening as context: more than a filter
+# ever uses (four times its left-context window, under 66,000 characters even with the longest
+# match custom regex rules allow); every token is at least one character.
+CONTINUED_CHARS = 131072
 app = FastAPI(title="r1-cluster", description="OpenAI-compatible API for DeepSeek-R1-style reasoning models")
 
 
@@ -281,7 +285,8 @@ class OpenAIIngress:
             raise
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
-        choices = [_Choice(chat, think_prefilled, self.screen.output_stream()) for _ in streams]
+        context = "" if chat else self._continued_text(prompt)
+        choices = [_Choice(chat, think_prefilled, self.screen.output_stream(context)) for _ in streams]
         choices[0].timer = timer
         for choice, start in zip(choices, starts):
             choice.prompt_tokens = start["prompt_tokens"]
@@ -370,6 +375,13 @@ class OpenAIIngress:
             headers[SESSION_HEADER] = turn.session_id
         return JSONResponse(chat_response(new_id("chatcmpl"), self.config.model_name, choices, usage, **extra),
                             headers=headers)
+
+    def _continued_text(self, prompt: str | list[int]) -> str:
+        """The end of the text a completion continues, as output screening's context (a chat reply
+        is a new message after the template's role markers, so it gets none)."""
+        if isinstance(prompt, str):
+            return prompt[-CONTINUED_CHARS:]
+        return self.tokenizer.decode(prompt[-CONTINUED_CHARS:], skip_special_tokens=False)
 
     async def _check_prompt_fits(self, prompt: Any, param: str) -> None:
         """Refuse a prompt longer than the model's context before it is screened: screening takes

@@ -96,5 +96,7 @@ class Screening:
             return text
         return (await self._check(text, "output"))["text"]
 
-    def output_stream(self) -> OutputScreen:
-        return OutputScreen(self.client.stream("output") if self.client is not None else None)
+    def output_stream(self, context: str = "") -> OutputScreen:
+        """An output stream; `context` is text the output continues (a completion's prompt), screened
+        as context only, so a value completing a keyword or a number that the prompt began is redacted."""
+        return OutputScreen(self.client.stream("output", context) if self.client is not None else None)

@@ -110,11 +110,16 @@ class SafetyFilter:
             return _new_tuple(Verdict, ("redact", redact(text, spans, self.redaction_text), findings))
         return _new_tuple(Verdict, ("allow", text, findings))
 
-    def stream(self, direction: Direction = "output"):
-        """A hold-back stream screening text that arrives in chunks (see r1/safety/stream.py)."""
+    def stream(self, direction: Direction = "output", context: str = ""):
+        """A hold-back stream screening text that arrives in chunks (see r1/safety/stream.py).
+
+        `context` is text that comes right before the stream and has already been shown (the prompt
+        a completion continues): it is never emitted or redacted, but a keyword at its end qualifies
+        a value at the stream's start ("password: " … "hunter2"), and a card number that began in
+        it is still a card number."""
         from r1.safety.stream import SafetyStream
 
-        return SafetyStream(self, direction)
+        return SafetyStream(self, direction, context)
 
     def resume_stream(self, state: dict):
         """Rebuild a stream from `SafetyStream.to_state()` (stateless serving, see actors/safety.py)."""

@@ -10,7 +10,9 @@ for custom regexes the last `max_match_chars` characters. Nothing else is held, 
 streams through at once; the hold never exceeds what the longest possible match needs.
 
 Already-emitted text is kept (folded, bounded) as left context, so a keyword emitted earlier still
-qualifies the value that arrives later ("密码是" … "abc123").
+qualifies the value that arrives later ("密码是" … "abc123"). A stream can start with such context
+(`SafetyFilter.stream(context=prompt)`): text shown before it, such as the prompt a completion
+continues, which is screened as context only — never emitted, redacted or reported.
 
 Block rules (the `strict` profile): once a block finding appears, the stream emits
 `block_message` once and nothing after it; text emitted before was screened and clean, and held
@@ -38,12 +40,14 @@ _STATE_VERSION = 1
 class SafetyStream:
     """One output (or input) stream. Not thread-safe; one per request."""
 
-    def __init__(self, safety_filter: SafetyFilter, direction: Direction = "output"):
+    def __init__(self, safety_filter: SafetyFilter, direction: Direction = "output", context: str = ""):
         self._filter = safety_filter
         self._scanner = safety_filter.scanner(direction)
         self.direction = direction
         self._buffer = ""  # received, not yet emitted (original text)
-        self._context = ""  # folded tail of emitted text
+        # Folded tail of emitted text. Of a given context only the end can matter; a prompt can be long.
+        self._context = self._tail(fold(context[-4 * self._scanner.context_chars :]).norm) if context else ""
+        self._given_context = bool(context)  # until the first emission: findings may start in the context
         self._emitted_chars = 0  # original characters consumed (emitted or replaced)
         self._continuing = False  # the last piece ended inside a redacted span
         self._blocked = False
@@ -128,21 +132,30 @@ class SafetyStream:
             return ""
         spans = redaction_spans(hits, scanner.actions, base, cut)
         out, self._continuing = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text, self._continuing)
-        self._record([h for h in hits if base <= h.start < cut], folded, base, cut)
+        # A finding that starts in the given context (a card number the prompt began) is this
+        # stream's too, for its part here; later, context is emitted text whose findings are recorded.
+        self._record([h for h in hits if (base <= h.start or self._given_context) and h.start < cut], folded, base, cut)
+        self._given_context = False
         # Keep left context: a bounded tail, extended back to the trigger of any finding that
         # reaches the cut (a long secret value keeps its keyword in view). A card finding's trigger
         # is its own first digit, and the scan above enumerates only windows that can reach this
         # step's text, so a long chain of numbers ("1 2 3 4 …") is not kept, and rescanned on
         # every chunk, from its first digit.
-        context = norm[:cut]
-        keep_from = len(context) - scanner.context_chars
-        for hit in hits:
-            if hit.end >= cut:
-                keep_from = min(keep_from, hit.trigger)
-        self._context = context[max(keep_from, 0) :]
+        self._context = self._tail(norm[:cut], hits)
         self._buffer = self._buffer[raw_cut:]
         self._emitted_chars += raw_cut
         return out
+
+    def _tail(self, context: str, hits: list[Hit] | None = None) -> str:
+        """The left context to keep of `context` (folded text that ends at the cut): a bounded tail,
+        extended back to the trigger of any finding that reaches its end."""
+        if hits is None:
+            hits = self._scanner.scan(context)
+        keep_from = len(context) - self._scanner.context_chars
+        for hit in hits:
+            if hit.end >= len(context):
+                keep_from = min(keep_from, hit.trigger)
+        return context[max(keep_from, 0) :]
 
     def _record(self, hits, folded, base: int, cut: int) -> None:
         for hit in hits:
@@ -170,6 +183,7 @@ class SafetyStream:
             "direction": self.direction,
             "buffer": self._buffer,
             "context": self._context,
+            "given_context": self._given_context,
             "emitted_chars": self._emitted_chars,
             "continuing": self._continuing,
             "blocked": self._blocked,
@@ -186,6 +200,7 @@ class SafetyStream:
         stream = cls(safety_filter, state["direction"])
         stream._buffer = state["buffer"]
         stream._context = state["context"]
+        stream._given_context = state["given_context"]
         stream._emitted_chars = state["emitted_chars"]
         stream._continuing = state["continuing"]
         stream._blocked = state["blocked"]
@@ -206,9 +221,10 @@ def dedupe(hits: list[Hit]) -> list[Hit]:
     return unique
 
 
-def redaction_spans(hits: list[Hit], actions: list[str], low: int, high: int) -> list[tuple[int, int, bool, bool]]:
+def redaction_spans(hits: list[Hit], actions: list[str], low: int, high: int) -> list[tuple[int, int, bool, bool, bool]]:
     """Merged folded spans to redact, clipped to [low, high): (start, end, starts_at_low,
-    reaches_high). Overlapping and touching spans merge, so adjacent findings get one placeholder."""
+    reaches_high, starts_before_low). Overlapping and touching spans merge, so adjacent findings get
+    one placeholder."""
     spans = sorted((h.start, h.end) for h in hits if actions[h.rule] == "redact" and h.end > low and h.start < high)
     merged: list[list[int]] = []
     for start, end in spans:
@@ -216,11 +232,12 @@ def redaction_spans(hits: list[Hit], actions: list[str], low: int, high: int) ->
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    return [(max(s, low), min(e, high), s <= low, e >= high) for s, e in merged]
+    return [(max(s, low), min(e, high), s <= low, e >= high, s < low) for s, e in merged]
 
 
 def apply_redactions(
-    folded: Folded, spans: list[tuple[int, int, bool, bool]], norm_offset: int, raw_end: int, placeholder: str, continuing: bool
+    folded: Folded, spans: list[tuple[int, int, bool, bool, bool]], norm_offset: int, raw_end: int, placeholder: str,
+    continuing: bool,
 ) -> tuple[str, bool]:
     """folded.text[:raw_end] with the folded spans (shifted by norm_offset) replaced.
 
@@ -231,8 +248,10 @@ def apply_redactions(
     pieces: list[str] = []
     position = 0
     ends_inside = False
-    for start, end, starts_at_low, reaches_high in spans:
+    for start, end, starts_at_low, reaches_high, starts_before in spans:
         raw_start, raw_stop = folded.span_to_raw(start - norm_offset, end - norm_offset)
+        if starts_before:  # a span that began in the context covers this piece's leading zero-width characters
+            raw_start = 0
         pieces.append(text[position:raw_start])
         if not (continuing and starts_at_low):
             pieces.append(placeholder)
