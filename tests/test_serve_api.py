@@ -468,15 +468,8 @@ def test_streamed_output_is_screened(server, tiny):
     model, tokenizer = tiny
     unscreened = TransformersEngine(model, tokenizer).generate_batch([messages], SamplingConfig(temperature=0, max_new_tokens=40))[0].text
     body = {"model": MODEL, "messages": messages, "max_tokens": 40, "temperature": 0, "stream": True}
-    text = ""
-    with httpx.stream("POST", f"{server}/strict/v1/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {KEY}"}) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                for choice in chunk["choices"]:
-                    text += (choice["delta"].get("reasoning_content") or "") + (choice["delta"].get("content") or "")
+    text = _streamed_text(server, "/strict/v1/chat/completions", body,
+                          lambda choice: (choice["delta"].get("reasoning_content") or "") + (choice["delta"].get("content") or ""))
     assert not re.search("[a-z]{2}", text.replace("[已隐藏]", ""))
     if re.search("[a-z]{2}", unscreened):
         assert "[已隐藏]" in text
@@ -497,13 +490,7 @@ def test_completion_output_is_screened_with_the_end_of_its_prompt(server, tiny, 
     assert expected != "".join(_screened(rules.stream("output"), unscreened)), unscreened
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": stream}
     if stream:
-        text = ""
-        with httpx.stream("POST", f"{server}/strict/v1/completions", json=body, timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"}) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    text += "".join(choice["text"] for choice in json.loads(line[6:])["choices"])
+        text = _streamed_text(server, "/strict/v1/completions", body, lambda choice: choice["text"])
     else:
         response = _post(server, "/strict/v1/completions", body)
         assert response.status_code == 200, response.text
@@ -513,6 +500,18 @@ def test_completion_output_is_screened_with_the_end_of_its_prompt(server, tiny, 
 
 def _screened(stream, text: str) -> list[str]:
     return [stream.feed(text), stream.flush()]
+
+
+def _streamed_text(server: str, path: str, body: dict, text_of) -> str:
+    """POST a streaming request; the concatenated `text_of(choice)` of every chunk's choices."""
+    text = ""
+    with httpx.stream("POST", f"{server}{path}", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text += "".join(text_of(choice) for choice in json.loads(line[6:])["choices"])
+    return text
 
 
 @pytest.mark.parametrize("stream", [False, True])
