@@ -71,26 +71,35 @@ class SafetyFilterDeployment:
         self._counts["requests:stream_feed"] += 1
         return self._feed(state, chunk, direction, context)
 
-    def _feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "") -> dict[str, Any]:
+    def _open(self, state: dict[str, Any] | None, direction: str, context: str):
         if state is None:
-            stream = self.filter.stream(direction, context)  # type: ignore[arg-type]
-        else:
-            stream = self.filter.resume_stream(state)
+            return self.filter.stream(direction, context)  # type: ignore[arg-type]
+        return self.filter.resume_stream(state)
+
+    def _feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "") -> dict[str, Any]:
+        stream = self._open(state, direction, context)
         seen = len(stream.findings)
         text = stream.feed(chunk)
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
         return {"text": text, "state": stream.to_state(), "action": stream.action, "rule_ids": list(stream.rule_ids)}
 
-    async def stream_feed_batch(self, steps: list[tuple[dict[str, Any] | None, str, str, str]]) -> list[dict[str, Any]]:
-        """`stream_feed` for many streams in one call: [(state, chunk, direction, context), ...] -> their replies.
+    async def stream_feed_batch(
+        self, steps: list[tuple[dict[str, Any] | None, str, str, str, dict[str, str] | None]],
+    ) -> list[dict[str, Any]]:
+        """`stream_feed` for many streams in one call: [(state, chunk, direction, context, final), ...]
+        -> their replies. `final` is None for an ordinary step; for a stream's last step it is the
+        caller's trace carrier (may be empty), and the step is `stream_flush` after feeding the chunk.
         The ingress sends every chunk that arrived while its previous call was in flight, so under
         load one call screens a step of all its streams instead of one call per stream."""
         self._counts["requests:stream_feed_batch"] += 1
         return [self._feed_or_error(*step) for step in steps]
 
-    def _feed_or_error(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str) -> dict[str, Any]:
+    def _feed_or_error(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str,
+                       final: dict[str, str] | None) -> dict[str, Any]:
         """One step of a batch; a step that fails (e.g. a state made under other rules) fails alone."""
         try:
+            if final is not None:
+                return self._finish(self._open(state, direction, context), chunk, final or None)
             return self._feed(state, chunk, direction, context)
         except Exception as error:
             return {"error": type(error).__name__}
@@ -99,10 +108,14 @@ class SafetyFilterDeployment:
         """The last step: everything still held, screened; the reply carries no state."""
         # One span per screened stream (at its end), not one per chunk (`stream_feed` takes no trace):
         # a 4096-token reply would otherwise add thousands of spans.
+        self._counts["requests:stream_flush"] += 1
+        return self._finish(self.filter.resume_stream(state), "", trace)
+
+    def _finish(self, stream: Any, chunk: str, trace: dict[str, str] | None) -> dict[str, Any]:
+        """Feed the last chunk and flush: everything still held, screened; the reply carries no state."""
         with span("safety.stream", trace) as current:
-            stream = self.filter.resume_stream(state)
             seen = len(stream.findings)
-            text = stream.flush()
+            text = stream.feed(chunk) + stream.flush()
             current.set_attributes({"direction": stream.direction, "action": stream.action,
                                     "rule_ids": list(stream.rule_ids)})
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
@@ -145,9 +158,11 @@ class SafetyClient:
         self.timeout_s = timeout_s
         self._feeds = _FeedBatcher(self)
 
-    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "") -> dict[str, Any]:
-        """One `stream_feed` step, sent together with the other streams' steps that are waiting."""
-        return await self._feeds.feed(state, chunk, direction, context)
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str = "",
+                   final: dict[str, str] | None = None) -> dict[str, Any]:
+        """One `stream_feed` step (the last one, flushing, when `final` is a trace carrier), sent
+        together with the other streams' steps that are waiting."""
+        return await self._feeds.feed(state, chunk, direction, context, final)
 
     async def check(self, text: str, direction: str = "input") -> dict[str, Any]:
         """Verdict dict of `text`; raises SafetyUnavailable when the filter does not answer."""
@@ -201,6 +216,16 @@ class ScreenedStream:
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         return reply["text"]
 
+    async def finish(self, chunk: str) -> str:
+        """The last chunk and everything still held, screened, in one step (one call fewer than
+        `feed` then `flush`); the stream is done after it."""
+        if self._state is None and not chunk:
+            return ""
+        reply = await self._client.feed(self._state, chunk, self._direction, self._context, inject_context())
+        self._state, self._context = None, ""
+        self.action, self.rule_ids = reply["action"], reply["rule_ids"]
+        return reply["text"]
+
 
 class _FeedBatcher:
     """Groups the `stream_feed` steps of all streams of one event loop into `stream_feed_batch` calls.
@@ -213,12 +238,13 @@ class _FeedBatcher:
 
     def __init__(self, client: SafetyClient) -> None:
         self._client = client
-        self._pending: list[tuple[tuple[Any, str, str, str], asyncio.Future]] = []
+        self._pending: list[tuple[tuple[Any, str, str, str, dict[str, str] | None], asyncio.Future]] = []
         self._sending = False
 
-    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str) -> dict[str, Any]:
+    async def feed(self, state: dict[str, Any] | None, chunk: str, direction: str, context: str,
+                   final: dict[str, str] | None) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(((state, chunk, direction, context), future))
+        self._pending.append(((state, chunk, direction, context, final), future))
         if not self._sending:
             self._sending = True
             asyncio.get_running_loop().create_task(self._send())

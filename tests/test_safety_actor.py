@@ -127,6 +127,26 @@ def test_concurrent_streams_share_calls_and_match_check(handle):
     assert calls < steps
 
 
+def test_the_last_step_flushes_in_the_same_call(handle):
+    # What the ingress does at a stream's end: the last chunk and the held text in one batched step,
+    # after a prompt given as context; the same text as the library, and no separate flush call.
+    library = SafetyFilter.from_profile("default").stream("output", context="卡号 4111 1111 ")
+
+    async def scenario():
+        client = SafetyClient(handle, timeout_s=REPLY_DEADLINE_S)
+        stream = client.stream("output", context="卡号 4111 1111 ")
+        pieces = [await stream.feed("1111 "), await stream.finish("1111，密码是abc123")]
+        return "".join(pieces), stream.action
+
+    before = handle.stats.remote().result(timeout_s=REPLY_DEADLINE_S)["counts"]
+    streamed, action = asyncio.run(asyncio.wait_for(scenario(), REPLY_DEADLINE_S))
+    after = handle.stats.remote().result(timeout_s=REPLY_DEADLINE_S)["counts"]
+    assert streamed == library.feed("1111 ") + library.feed("1111，密码是abc123") + library.flush()
+    assert (streamed, action) == ("[已隐藏]，密码是[已隐藏]", "redact")
+    assert after["requests:stream_feed_batch"] - before.get("requests:stream_feed_batch", 0) == 2
+    assert after.get("requests:stream_flush", 0) == before.get("requests:stream_flush", 0)
+
+
 def test_a_failing_step_fails_only_its_stream(handle):
     # A bad state among concurrent steps: that stream fails closed, the others are screened.
     bad_state = _foreign_state()

@@ -115,6 +115,7 @@ class _Choice:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.finish_reason: str | None = None
+        self.finished = False  # the screen was flushed: the choice's text is complete
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
@@ -129,8 +130,11 @@ class _Choice:
         """Screen generated text, then split it; only screened text is kept or returned."""
         return self._split(await self.screen.feed(text))
 
-    async def finish(self) -> tuple[str, str]:
-        held_reasoning, held_content = self._split(await self.screen.flush())
+    async def finish(self, text: str = "") -> tuple[str, str]:
+        """Screen the last generated text with whatever the screen still holds (one call), split it,
+        and end the reasoning split."""
+        self.finished = True
+        held_reasoning, held_content = self._split(await self.screen.finish(text))
         reasoning, content = self.parser.finish() if self.parser else ("", "")
         self.reasoning.append(reasoning)
         self.content.append(content)
@@ -466,8 +470,7 @@ class OpenAIIngress:
             texts = []
             async for item in stream:
                 texts.append(self._count(item, choice))
-            await choice.feed("".join(texts))
-            await choice.finish()
+            await choice.finish("".join(texts))
 
         try:
             await asyncio.gather(*(one(s, c) for s, c in zip(streams, choices)))
@@ -491,10 +494,6 @@ class OpenAIIngress:
         if item["finish_reason"] is not None:
             choice.finish_reason = item["finish_reason"]
         return item["text"]
-
-    @classmethod
-    async def _absorb(cls, item: dict[str, Any], choice: _Choice) -> tuple[str, str]:
-        return await choice.feed(cls._count(item, choice))
 
     async def _stream_body(
         self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
@@ -539,19 +538,25 @@ class OpenAIIngress:
                 choice = choices[index]
                 if item is None:
                     open_streams -= 1
-                    try:
-                        with use_span(root):  # no yield inside: the context is this task's own
-                            reasoning, content = await choice.finish()
-                    except APIError as error:
-                        status = error.status
-                        yield sse(error.body())
-                        return
-                    if reasoning or content:
-                        yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+                    if not choice.finished:  # the stream ended without its last item
+                        try:
+                            with use_span(root):  # no yield inside: the context is this task's own
+                                reasoning, content = await choice.finish()
+                        except APIError as error:
+                            status = error.status
+                            yield sse(error.body())
+                            return
+                        if reasoning or content:
+                            yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
                     yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
                     continue
                 try:
-                    reasoning, content = await self._absorb(item, choice)
+                    text = self._count(item, choice)
+                    if item["finish_reason"] is None:
+                        reasoning, content = await choice.feed(text)
+                    else:  # the last item: its text and what the filter still holds, in one call
+                        with use_span(root):
+                            reasoning, content = await choice.finish(text)
                 except APIError as error:
                     status = error.status
                     yield sse(error.body())

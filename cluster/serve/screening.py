@@ -34,11 +34,12 @@ class OutputScreen:
         except SafetyUnavailable as error:
             raise _unavailable(error) from None
 
-    async def flush(self) -> str:
+    async def finish(self, text: str) -> str:
+        """The last generated text and whatever is still held, screened in one call."""
         if self._stream is None:
-            return ""
+            return text
         try:
-            return await self._stream.flush()
+            return await self._stream.finish(text)
         except SafetyUnavailable as error:
             raise _unavailable(error) from None
 
