@@ -495,6 +495,20 @@ class OpenAIIngress:
             choice.finish_reason = item["finish_reason"]
         return item["text"]
 
+    async def _screen_item(self, item: dict[str, Any] | None, choice: _Choice, root: Any) -> tuple[str, str]:
+        """Screen one stream item on its choice (None: the stream ended). The last item's text goes
+        with what the filter still holds, in one call."""
+        if item is None:
+            if choice.finished:
+                return "", ""
+            text = ""  # the stream ended without its last item
+        else:
+            text = self._count(item, choice)
+            if item["finish_reason"] is None:
+                return await choice.feed(text)
+        with use_span(root):  # the filter's span joins the request's trace
+            return await choice.finish(text)
+
     async def _stream_body(
         self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
         root: Any, route: str,
@@ -536,33 +550,17 @@ class OpenAIIngress:
                         break
                     item = _merged(item, other)
                 choice = choices[index]
-                if item is None:
-                    open_streams -= 1
-                    if not choice.finished:  # the stream ended without its last item
-                        try:
-                            with use_span(root):  # no yield inside: the context is this task's own
-                                reasoning, content = await choice.finish()
-                        except APIError as error:
-                            status = error.status
-                            yield sse(error.body())
-                            return
-                        if reasoning or content:
-                            yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
-                    yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
-                    continue
                 try:
-                    text = self._count(item, choice)
-                    if item["finish_reason"] is None:
-                        reasoning, content = await choice.feed(text)
-                    else:  # the last item: its text and what the filter still holds, in one call
-                        with use_span(root):
-                            reasoning, content = await choice.finish(text)
+                    reasoning, content = await self._screen_item(item, choice, root)
                 except APIError as error:
                     status = error.status
                     yield sse(error.body())
                     return
                 if reasoning or content:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+                if item is None:
+                    open_streams -= 1
+                    yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
             if turn is not None:
                 # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
                 try:
