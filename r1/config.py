@@ -300,7 +300,9 @@ def apply_overrides(config: M, overrides: list[str]) -> M:
 def load_config(model_cls: type[M], path: str | Path | None, overrides: list[str]) -> M:
     """A config from a YAML file (or the defaults) with `--set` overrides, validated once, after
     the overrides: a required key (a training run's `data.path`) may come from either."""
-    data = (read_yaml_file(path) if path else None) or {}
+    data = read_yaml_file(path) if path else None
+    if data is None:  # no file, or an empty one: the defaults
+        data = {}
     source = str(path) if path else "defaults"
     if overrides and isinstance(data, dict):  # parse_config names a file that is not a mapping
         _set_dotted(data, parse_overrides(overrides), "--set overrides")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1.config import GenerateConfig, ModelConfig, SamplingConfig, apply_overrides, load_yaml, parse_config
+from r1.config import GenerateConfig, ModelConfig, SamplingConfig, apply_overrides, load_config, load_yaml, parse_config
 
 
 @pytest.mark.parametrize(
@@ -58,6 +58,22 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         load_yaml(listy, GenerateConfig)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "0\n", '""\n', "- 1\n"])
+@pytest.mark.parametrize("overrides", [[], ["sampling.temperature=0.2"]])
+def test_a_config_file_that_is_no_mapping_is_refused_with_or_without_overrides(tmp_path, text, overrides):
+    # Empty-looking values ([], 0, "") are no mapping either: not the defaults.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(GenerateConfig, path, overrides)
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(GenerateConfig, path, ["sampling.temperature=0.2"]).sampling.temperature == 0.2
 
 
 def test_overrides_apply_and_validate():
