@@ -47,7 +47,6 @@ class SafetyStream:
         self._buffer = ""  # received, not yet emitted (original text)
         # Folded tail of emitted text. Of a given context only the end can matter; a prompt can be long.
         self._context = self._tail(fold(context[-4 * self._scanner.context_chars :]).norm) if context else ""
-        self._given_context = bool(context)  # until the first emission: findings may start in the context
         self._emitted_chars = 0  # original characters consumed (emitted or replaced)
         self._continuing = False  # the last piece ended inside a redacted span
         self._blocked = False
@@ -132,10 +131,11 @@ class SafetyStream:
             return ""
         spans = redaction_spans(hits, scanner.actions, base, cut)
         out, self._continuing = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text, self._continuing)
-        # A finding that starts in the given context (a card number the prompt began) is this
-        # stream's too, for its part here; later, context is emitted text whose findings are recorded.
-        self._record([h for h in hits if (base <= h.start or self._given_context) and h.start < cut], folded, base, cut)
-        self._given_context = False
+        # Before the first emission the context is the one given (a prompt): a finding that starts in
+        # it (a card number the prompt began) is this stream's too, for its part here. Later, the
+        # context is emitted text, whose findings were recorded when they were emitted.
+        first = self._emitted_chars == 0
+        self._record([h for h in hits if (base <= h.start or first) and h.start < cut], folded, base, cut)
         # Keep left context: a bounded tail, extended back to the trigger of any finding that
         # reaches the cut (a long secret value keeps its keyword in view). A card finding's trigger
         # is its own first digit, and the scan above enumerates only windows that can reach this
@@ -183,7 +183,6 @@ class SafetyStream:
             "direction": self.direction,
             "buffer": self._buffer,
             "context": self._context,
-            "given_context": self._given_context,
             "emitted_chars": self._emitted_chars,
             "continuing": self._continuing,
             "blocked": self._blocked,
@@ -200,7 +199,6 @@ class SafetyStream:
         stream = cls(safety_filter, state["direction"])
         stream._buffer = state["buffer"]
         stream._context = state["context"]
-        stream._given_context = state["given_context"]
         stream._emitted_chars = state["emitted_chars"]
         stream._continuing = state["continuing"]
         stream._blocked = state["blocked"]
