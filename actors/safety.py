@@ -209,12 +209,8 @@ class ScreenedStream:
         return reply["text"]
 
     async def flush(self) -> str:
-        if self._state is None:
-            return ""
-        reply = await self._client._call("stream_flush", self._state)
-        self._state = None
-        self.action, self.rule_ids = reply["action"], reply["rule_ids"]
-        return reply["text"]
+        """Everything still held, screened; the stream is done after it."""
+        return await self.finish("")
 
     async def finish(self, chunk: str) -> str:
         """The last chunk and everything still held, screened, in one step (one call fewer than

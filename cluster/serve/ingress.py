@@ -115,7 +115,6 @@ class _Choice:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.finish_reason: str | None = None
-        self.finished = False  # the screen was flushed: the choice's text is complete
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
@@ -133,7 +132,6 @@ class _Choice:
     async def finish(self, text: str = "") -> tuple[str, str]:
         """Screen the last generated text with whatever the screen still holds (one call), split it,
         and end the reasoning split."""
-        self.finished = True
         held_reasoning, held_content = self._split(await self.screen.finish(text))
         reasoning, content = self.parser.finish() if self.parser else ("", "")
         self.reasoning.append(reasoning)
@@ -499,7 +497,7 @@ class OpenAIIngress:
         """Screen one stream item on its choice (None: the stream ended). The last item's text goes
         with what the filter still holds, in one call."""
         if item is None:
-            if choice.finished:
+            if choice.finish_reason is not None:  # its last item flushed the screen
                 return "", ""
             text = ""  # the stream ended without its last item
         else:
