@@ -37,8 +37,8 @@ def custom() -> SafetyFilter:
     )
 
 
-def run(safety: SafetyFilter, chunks: list[str], direction: str = "output") -> tuple[list[str], object]:
-    stream = safety.stream(direction)  # type: ignore[arg-type]
+def run(safety: SafetyFilter, chunks: list[str], direction: str = "output", context: str = "") -> tuple[list[str], object]:
+    stream = safety.stream(direction, context=context)  # type: ignore[arg-type]
     pieces = [stream.feed(chunk) for chunk in chunks]
     pieces.append(stream.flush())
     return pieces, stream
@@ -294,15 +294,14 @@ def test_user_rules_a_stream_cannot_honour_are_refused(rule, message):
 
 
 def _streamed_after(safety: SafetyFilter, context: str, text: str, sizes: list[int]) -> tuple[str, object]:
-    stream = safety.stream("output", context=context)
-    pieces, i = [], 0
+    """`text` streamed after `context` in chunks of `sizes` (the rest as one last chunk)."""
+    chunks, i = [], 0
     for size in sizes:
         if i >= len(text):
             break
-        pieces.append(stream.feed(text[i : i + size]))
+        chunks.append(text[i : i + size])
         i += size
-    pieces.append(stream.feed(text[i:]))
-    pieces.append(stream.flush())
+    pieces, stream = run(safety, [*chunks, text[i:]], context=context)
     return "".join(pieces), stream
 
 
