@@ -37,7 +37,6 @@ from r1.engine import TransformersEngine
 from r1.model import load_model
 
 
-
 def overhead_note(label: str, overhead_ms: float, target_ms: float = 5.0) -> str:
     """The overhead target's line. A negative overhead is not a result: the stack cannot be faster
     than the engine it wraps, so the run's request-to-request spread exceeded the overhead."""
@@ -45,6 +44,7 @@ def overhead_note(label: str, overhead_ms: float, target_ms: float = 5.0) -> str
         return (f"{label}: {overhead_ms:.1f} ms (target ≤ {target_ms:g} ms): not resolved: negative, so this run's "
                 "spread between single requests is larger than the overhead (see the quartiles)")
     return target_note(label, overhead_ms, target_ms, at_least=False, unit="ms")
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
