@@ -6,4 +6,10 @@ bash scripts/setup.sh
 bash scripts/system_deps.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1-cluster/torch_extensions}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two xdist workers: see RAY_LANES in tests/conftest.py for how the modules are shared out
+# (R1_TEST_WORKERS=0 runs everything in this one process).
+workers=${R1_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadscope --no-loadscope-reorder "$@"

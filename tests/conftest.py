@@ -23,6 +23,7 @@ def tiny():
 # Seconds per test module (setup + call + teardown): a line as each module ends, and a ranked line
 # at the end of the run, so that even a cut-off CI log shows where the time went.
 _module_seconds: dict[str, float] = {}
+_counted: set[tuple[str, str]] = set()  # (test, phase): under xdist the controller can hear a report twice
 
 
 def _module(nodeid: str) -> str:
@@ -30,6 +31,9 @@ def _module(nodeid: str) -> str:
 
 
 def pytest_runtest_logreport(report):
+    if (report.nodeid, report.when) in _counted:
+        return
+    _counted.add((report.nodeid, report.when))
     module = _module(report.nodeid)
     _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
 
@@ -57,6 +61,49 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             "seconds per module: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in ranked)
         )
+
+
+# `scripts/test.sh` runs the suite on two pytest-xdist workers (`--dist loadscope`). A module is one
+# unit of work (its module-scoped fixtures are set up once), except that the modules that start Ray
+# clusters, Serve apps or training runs are split into two lanes, each one unit: the two lanes run
+# side by side, each lane's modules one after another, so at most two Ray clusters run at once.
+# Their start-ups import torch in one process after another, leaving a core idle about half the
+# time, which the other lane fills. A new module that starts Ray belongs in a lane. The lanes are
+# handed out first, then the other modules in file order.
+RAY_LANES = {
+    "ray-a": ("test_train_ray", "test_serve_cli", "test_submit", "test_safety_actor", "test_metrics"),
+    "ray-b": ("test_serve_api", "test_serve_scaling", "test_sessions_http", "test_session_actors",
+              "test_code_validator_actor", "test_telemetry"),
+}
+_LANE_OF = {module: lane for lane, modules in RAY_LANES.items() for module in modules}
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {lane: rank for rank, lane in enumerate(RAY_LANES)}
+    position = {module: rank for lane in RAY_LANES.values() for rank, module in enumerate(lane)}
+
+    def rank(item):
+        module = _module(item.nodeid)
+        lane = _LANE_OF.get(module)
+        return (0, order[lane], position[module]) if lane else (1, 0, 0)
+
+    items.sort(key=rank)  # stable: within a module, and among the other modules, the order stays
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        """loadscope with a lane (see RAY_LANES) as the unit for its modules, a module for the rest."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return _LANE_OF.get(module, nodeid.split("::", 1)[0])
+
+    return LaneScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

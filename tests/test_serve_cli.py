@@ -26,6 +26,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _start(command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    # Its own session: the Ray processes it starts share its process group, so `_stop` can sweep
+    # them without `ray stop`, which would also stop the cluster of a test running in parallel.
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=cwd,
+                                start_new_session=True)
+
+
 def _stop(process: subprocess.Popen, timeout_s: float = 90) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
@@ -34,7 +42,10 @@ def _stop(process: subprocess.Popen, timeout_s: float = 90) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=_env())
+    try:  # whatever of its cluster outlived it
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _chat(base: str) -> dict:
@@ -47,9 +58,7 @@ def _chat(base: str) -> dict:
 def test_r1_serve_prints_ready_and_serves_the_default_model(tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(BIN / "r1"), "serve", "--port", str(port), "--host", "0.0.0.0"],
-                                   stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    process = _start([str(BIN / "r1"), "serve", "--port", str(port), "--host", "0.0.0.0"], log, tmp_path)
     try:
         deadline = time.monotonic() + 300
         while "r1-cluster is ready" not in log.read_text() and time.monotonic() < deadline:
@@ -73,9 +82,7 @@ def test_serve_run_with_the_shipped_serve_yaml(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "serve_run.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(BIN / "serve"), "run", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=_env(), cwd=ROOT)
+    process = _start([str(BIN / "serve"), "run", str(path)], log, ROOT)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=300)
         reply = _chat(f"http://127.0.0.1:{port}")
