@@ -95,7 +95,7 @@ def redis_url():
 
 
 @pytest.mark.parametrize("session_id, valid", [
-    (new_session_id(), True),  # what the server makes
+    pytest.param(new_session_id(), True, id="server-made"),  # what the server makes (a fixed id: xdist workers collect alike)
     ("a" * 16, True),  # shortest allowed
     ("a" * 128, True),  # longest allowed
     ("a" * 15, False),  # too short to be unguessable by accident
