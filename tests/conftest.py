@@ -23,7 +23,6 @@ def tiny():
 # Seconds per test module (setup + call + teardown): a line as each module ends, and a ranked line
 # at the end of the run, so that even a cut-off CI log shows where the time went.
 _module_seconds: dict[str, float] = {}
-_counted: set[tuple[str, str]] = set()  # (test, phase): under xdist the controller can hear a report twice
 
 
 def _module(nodeid: str) -> str:
@@ -31,9 +30,6 @@ def _module(nodeid: str) -> str:
 
 
 def pytest_runtest_logreport(report):
-    if (report.nodeid, report.when) in _counted:
-        return
-    _counted.add((report.nodeid, report.when))
     module = _module(report.nodeid)
     _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
 
