@@ -9,7 +9,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1-cluster/torc
 # Two xdist workers: see RAY_LANES in tests/conftest.py for how the modules are shared out
 # (R1_TEST_WORKERS=0 runs everything in this one process).
 workers=${R1_TEST_WORKERS:-2}
-if [ "$workers" = 0 ]; then
-    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+parallel=()
+if [ "$workers" != 0 ]; then
+    parallel=(-n "$workers" --dist loadscope --no-loadscope-reorder)
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadscope --no-loadscope-reorder "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "${parallel[@]}" "$@"
