@@ -732,8 +732,14 @@ class CodeCheckConfig(StrictModel):
     # "auto": bubblewrap when it works here, else rlimits (+ a uid switch when root); the level
     # actually obtained is reported on every RunResult. "bwrap"/"rlimits" force one level.
     isolation: Literal["auto", "bwrap", "rlimits"] = "auto"
-    # Wall-clock budget of one sandbox run (a whole validation: start, import, all tests).
+    # Wall-clock budget of one sandbox run (a whole validation: import, all tests), counted from the
+    # program's start, so that a slow start on a busy host does not eat into it.
     timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    # Allowance for getting the program started: waiting for a free sandbox uid, the launcher and
+    # bubblewrap's namespaces (normally well under a second). Past it the run fails with
+    # `started: false` ("did not start"), which the repair loop and the GRPO reward treat as the
+    # sandbox's failure, not the program's.
+    start_timeout_s: float = Field(default=20.0, gt=0.0, le=600.0)
     # Address-space limit (RLIMIT_AS) of every process in the sandbox.
     memory_mb: int = Field(default=512, ge=64, le=65536)
     # stdout and stderr are each cut at this many bytes (the pipe is then closed).

@@ -360,3 +360,38 @@ def test_code_over_the_file_size_limit_never_reports_ok() -> None:
     small = Sandbox(_config(max_file_mb=1))
     result = small.run_python("# " + "a" * (2 << 20) + "\nprint(1)\n")
     assert (result.status, result.started) == ("error", False) and "max_file_mb" in result.reason
+
+
+def _slow_launcher(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every run's first process sleeps before it starts the sandbox, as on a host too busy to start one."""
+    from r1.codecheck import sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "LAUNCHER_SOURCE",
+                        f"import time; time.sleep({seconds})\n" + sandbox_module.LAUNCHER_SOURCE)
+
+
+@pytest.mark.parametrize("level", ["bwrap", "rlimits"])
+def test_a_slow_start_does_not_eat_the_programs_budget(level: str, sandbox: Sandbox, weak_sandbox: Sandbox,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen = sandbox if level == "bwrap" else weak_sandbox
+    chosen.plan()  # probed at full speed
+    _slow_launcher(monkeypatch, 2.5)
+    # 2.5 s to start, then 0.5 s of work: inside a 2 s budget only if the budget starts with the program.
+    result = chosen.run_python("import time\ntime.sleep(0.5)\nprint('done')\n", timeout_s=2.0)
+    assert (result.status, result.stdout) == ("ok", "done\n"), result.reason
+    assert result.duration_s >= 2.5  # the start really was slow
+
+
+def test_a_sandbox_that_does_not_start_in_its_allowance_fails_as_the_sandboxs_problem(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1.codecheck import validate
+
+    slow = Sandbox(_config(start_timeout_s=0.5))
+    slow.plan()
+    _slow_launcher(monkeypatch, 30)
+    result = slow.run_python("print('never')", timeout_s=30)
+    assert (result.status, result.started, result.stdout) == ("timeout", False, "")
+    assert "did not start within 0.5s (codecheck.start_timeout_s" in result.reason
+    # A validation reports it as the sandbox's failure (so the repair loop does not blame the code).
+    validation = validate("def f():\n    return 1\n", ["assert f() == 1"], sandbox=slow)
+    assert (validation.status, validation.stage) == ("error", "sandbox"), validation.errors

@@ -288,7 +288,7 @@ def head(tmp_path_factory):
         _wait_dashboard(dashboard, process, log, timeout_s=180)
         yield Head(dashboard, token, env, log)
     finally:
-        _stop_head(process, temp_dir)
+        _stop_head(process, temp_dir, keep_logs=log.parent / "ray-logs")
 
 
 def _wait_dashboard(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
@@ -306,9 +306,10 @@ def _wait_dashboard(url: str, process: subprocess.Popen, log: Path, timeout_s: f
     raise TimeoutError(f"the Ray dashboard at {url} did not come up within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop_head(process: subprocess.Popen, temp_dir: str) -> None:
+def _stop_head(process: subprocess.Popen, temp_dir: str, keep_logs: Path) -> None:
     # `ray start --block` shuts its node down on SIGTERM; whatever is left of it after the
-    # deadline (found by its temp dir; workers exit with their raylet) is killed.
+    # deadline (found by its temp dir; workers exit with their raylet) is killed. The node's logs
+    # (runtime env agent, job drivers) are kept next to head.log for a failure's post-mortem.
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -320,6 +321,12 @@ def _stop_head(process: subprocess.Popen, temp_dir: str) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
+            pass
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    if logs.is_dir():
+        try:
+            shutil.copytree(logs, keep_logs, ignore_dangling_symlinks=True, dirs_exist_ok=True)
+        except (OSError, shutil.Error):  # a file gone mid-copy; the rest is kept
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)
 

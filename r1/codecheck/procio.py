@@ -1,9 +1,15 @@
-"""Drive one sandboxed process tree: feed its input, read its outputs with caps, enforce the deadline.
+"""Drive one sandboxed process tree: feed its input, read its outputs with caps, enforce the deadlines.
 
 `pump` is the only place that touches the child's pipes. It does not decide anything about the
-result; it returns the bytes it read, which streams were cut, and whether the deadline hit.
-`kill` (given by the caller) must SIGKILL the whole tree; it is called once, as soon as the
-main process has exited or the deadline has passed, so leftovers holding pipes cannot stall it.
+result; it returns the bytes it read, which streams were cut, whether the program was seen to
+start and whether a deadline hit. `kill` (given by the caller) must SIGKILL the whole tree; it is
+called once, as soon as the main process has exited or a deadline has passed, so leftovers holding
+pipes cannot stall it.
+
+Two deadlines: starting the sandbox (the launcher, bubblewrap's namespaces) has until
+`start_deadline`, and the program's own budget, `run_s`, counts from the moment it is seen to
+start. So a host too busy to start processes quickly fails a run as "did not start" instead of
+eating the program's time, and a program gets the same budget however long its start took.
 """
 
 from __future__ import annotations
@@ -31,12 +37,18 @@ class Pumped:
     outputs: dict[str, bytearray]
     truncated: set[str]
     timed_out: bool
+    started: bool  # the start was seen (see `pump`); the program may still have failed after it
 
 
 def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | None, channel: dict[str, int],
-         status_read: int, channel_input: bytes | None, deadline: float, output_cap: int) -> Pumped:
-    """Feed stdin/channel input, read stdout/stderr/channel/status with caps, kill at the deadline.
+         status_read: int, channel_input: bytes | None, start_deadline: float, run_s: float,
+         start_marker: bytes | None, output_cap: int) -> Pumped:
+    """Feed stdin/channel input, read stdout/stderr/channel/status with caps, kill at a deadline.
 
+    The program counts as started when `start_marker` shows up in the status stream (bubblewrap's
+    "child-pid" line) or, with no marker, when the status pipe closes (its end is close-on-exec in
+    the launcher, so that is the program's exec). Until then the deadline is `start_deadline`;
+    from then on it is `run_s` seconds after the start was seen.
     Closes every parent-side fd it was given, kills the process tree and reaps the launcher.
     """
     selector = selectors.DefaultSelector()
@@ -75,6 +87,13 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
     exited_at = None
     swept = False
     timed_out = False
+    started = False
+    deadline = start_deadline
+
+    def mark_started() -> None:
+        nonlocal started, deadline
+        started = True
+        deadline = time.monotonic() + run_s
     while True:
         now = time.monotonic()
         if exited_at is None and pidfd is None and proc.poll() is not None:
@@ -120,9 +139,13 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
                     chunk = b""
                 if not chunk:
                     close(fd)
+                    if role == "status" and start_marker is None and not started:
+                        mark_started()
                     continue
                 room = caps[role] - len(outputs[role])
                 outputs[role] += chunk[:room]
+                if role == "status" and start_marker is not None and not started and start_marker in outputs[role]:
+                    mark_started()
                 if len(chunk) > room:
                     truncated.add(role)
                     if role in discarded:
@@ -141,4 +164,4 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
     proc.wait()
     if proc.stdin is not None and not stdin:
         proc.stdin.close()
-    return Pumped(outputs, truncated, timed_out)
+    return Pumped(outputs, truncated, timed_out, started)

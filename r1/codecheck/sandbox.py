@@ -173,7 +173,8 @@ class Sandbox:
         else:
             candidate = Plan("bwrap", interpreter, is_root, bwrap, kill)
             probe = self._run(candidate, {"main.py": b"print('sandbox-ok')"}, ["-c", MAIN_PRELUDE],
-                              timeout_s=30.0, memory_mb=max(256, config.memory_mb), stdin=None, channel_input=None)
+                              timeout_s=30.0, memory_mb=max(256, config.memory_mb), stdin=None, channel_input=None,
+                              start_timeout_s=max(30.0, config.start_timeout_s))
             if probe.status == "ok" and probe.stdout.strip() == "sandbox-ok":
                 return candidate
             reason = f"bubblewrap does not work here: {probe.reason or probe.stderr.strip()[-300:]}"
@@ -213,10 +214,15 @@ class Sandbox:
             private_tmp=bwrap, env_cleared=True, seccomp=False, interpreter=plan.interpreter, notes=plan.notes)
 
     def _run(self, plan: Plan, files: dict[str, bytes], python_args: list[str], *, timeout_s: float,
-             memory_mb: int, stdin: bytes | None, channel_input: bytes | None) -> RunResult:
+             memory_mb: int, stdin: bytes | None, channel_input: bytes | None,
+             start_timeout_s: float | None = None) -> RunResult:
+        # Waiting for a free uid and starting the sandbox share the start allowance; the program's
+        # `timeout_s` counts from its start (see procio.pump).
+        start_timeout_s = self.config.start_timeout_s if start_timeout_s is None else start_timeout_s
+        start_deadline = time.monotonic() + start_timeout_s
         lease = None
         if plan.switch_uid:
-            lease = self._pool.acquire(timeout_s=timeout_s)
+            lease = self._pool.acquire(timeout_s=start_timeout_s)
             if lease is None:
                 isolation = self._isolation(plan, -1, {})
                 return RunResult("error", None, "", "", False, isolation, started=False,
@@ -224,18 +230,20 @@ class Sandbox:
         try:
             uid = lease.uid if lease else os.getuid()
             if plan.level == "bwrap":
-                return self._run_in(plan, None, uid, files, python_args, timeout_s, memory_mb, stdin, channel_input)
+                return self._run_in(plan, None, uid, files, python_args, timeout_s, memory_mb, stdin, channel_input,
+                                    start_deadline, start_timeout_s)
             if plan.switch_uid:
                 iso.sweep_uid(uid, plan.kill)  # no pid namespace: clear anything a crashed caller left
             with iso.host_workdir(uid if plan.switch_uid else None) as workdir:
-                return self._run_in(plan, workdir, uid, files, python_args, timeout_s, memory_mb, stdin, channel_input)
+                return self._run_in(plan, workdir, uid, files, python_args, timeout_s, memory_mb, stdin, channel_input,
+                                    start_deadline, start_timeout_s)
         finally:
             if lease:
                 lease.release()
 
     def _run_in(self, plan: Plan, workdir: str | None, uid: int, files: dict[str, bytes],
                 python_args: list[str], timeout_s: float, memory_mb: int, stdin: bytes | None,
-                channel_input: bytes | None) -> RunResult:
+                channel_input: bytes | None, start_deadline: float, start_timeout_s: float) -> RunResult:
         rlimits, report = self._rlimits(plan, timeout_s, memory_mb)
         isolation = self._isolation(plan, uid, report)
         to_close: list[int] = []  # sandbox-side fds, closed in the parent once the child has them
@@ -289,7 +297,9 @@ class Sandbox:
             try:
                 pumped = pump(proc, lambda: _kill_tree(proc, plan, uid), stdin=stdin, channel=channel,
                               status_read=status_read, channel_input=channel_input,
-                              deadline=started_at + timeout_s, output_cap=self.config.max_output_bytes)
+                              start_deadline=start_deadline, run_s=timeout_s,
+                              start_marker=b'"child-pid"' if plan.level == "bwrap" else None,
+                              output_cap=self.config.max_output_bytes)
             except BaseException:
                 _kill_tree(proc, plan, uid)
                 proc.wait()
@@ -308,7 +318,7 @@ class Sandbox:
             if not reaped:
                 logger.warning("processes of sandbox uid %s outlived the run by %ss", uid, REAP_TIMEOUT_S)
             duration = time.monotonic() - started_at
-            return _result(plan, pumped, proc, isolation, duration, timeout_s, messages)
+            return _result(plan, pumped, proc, isolation, duration, timeout_s, messages, start_timeout_s)
         finally:
             for fd in to_close + parent_fds:
                 try:
@@ -349,7 +359,7 @@ def _status_messages(raw: bytes) -> list[dict]:
 
 
 def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.Isolation, duration_s: float,
-            timeout_s: float, messages: list[dict]) -> RunResult:
+            timeout_s: float, messages: list[dict], start_timeout_s: float) -> RunResult:
     stdout = pumped.outputs["stdout"].decode("utf-8", errors="replace")
     stderr = pumped.outputs["stderr"].decode("utf-8", errors="replace")
     truncated = bool(pumped.truncated & {"stdout", "stderr"})
@@ -362,8 +372,7 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
     if plan.level == "bwrap":
         if not any("child-pid" in m for m in messages):
             if pumped.timed_out:
-                return RunResult("timeout", None, started=False,
-                                 reason=f"sandbox did not start within {timeout_s}s", **common)
+                return RunResult("timeout", None, started=False, reason=_not_started(start_timeout_s), **common)
             return RunResult("error", None, started=False,
                              reason=f"sandbox failed to start: {stderr.strip()[-500:]}", **common)
         # Report the namespaces bubblewrap says it created, not the ones asked for (cgroup is
@@ -387,6 +396,9 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
     else:
         returncode = proc.returncode
         signum = -returncode if returncode is not None and returncode < 0 else None
+    if pumped.timed_out and not pumped.started:
+        return RunResult("timeout", returncode, signal=signum, started=False, reason=_not_started(start_timeout_s),
+                         **common)
     if pumped.timed_out:
         return RunResult("timeout", returncode, signal=signum,
                          reason=f"wall-clock limit of {timeout_s}s reached; process group killed", **common)
@@ -401,6 +413,11 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
     if returncode:
         return RunResult("error", returncode, reason=f"exited with code {returncode}", **common)
     return RunResult("ok", returncode, reason="exited with code 0", **common)
+
+
+def _not_started(start_timeout_s: float) -> str:
+    return (f"sandbox did not start within {start_timeout_s}s (codecheck.start_timeout_s, which also covers "
+            "waiting for a free sandbox uid); the host is too busy to start processes")
 
 
 _DEFAULT_SANDBOXES: dict[str, Sandbox] = {}
