@@ -1,4 +1,9 @@
-"""The `r1` command line, run as users run it (a subprocess, offline)."""
+"""The `r1` command line, run as users run it (a subprocess, offline).
+
+Commands that are refused before any work (exit 2 with a message) run in this process through
+`cluster.cli.main`, the function the `r1` script calls: a subprocess would only add the
+interpreter's start and imports to each (seconds apiece) and check the same code.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from cluster.cli import main as r1_main
 
 R1 = str(Path(sys.executable).parent / "r1")
 
@@ -64,10 +71,9 @@ def test_generate_hide_reasoning_and_raw():
         (["--set", "sampling.tempreature=0.1"], "unknown key"),  # a typo in an override
     ],
 )
-def test_generate_errors_exit_2_with_a_message(args, message):
-    result = run("generate", "hi", *args)
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_generate_errors_exit_2_with_a_message(args, message, capsys):
+    assert r1_main(["generate", "hi", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_chat_keeps_the_dialog_and_reads_stdin():
@@ -79,8 +85,12 @@ def test_chat_keeps_the_dialog_and_reads_stdin():
 
 
 def test_build_tiny_writes_the_shipped_tokenizer(tmp_path):
-    result = run("model", "build-tiny", "--out", str(tmp_path / "tiny"))
+    out = tmp_path / "tiny"
+    result = run("model", "build-tiny", "--out", str(out))
     assert result.returncode == 0, result.stderr
+    # A fresh process, so DeepSpeed (imported by save_pretrained when installed) logs its accelerator
+    # detection now: that goes to stderr, stdout holds only the command's own line.
+    assert result.stdout == f"built r1-tiny in {out}\n"
     shipped = Path(__file__).resolve().parent.parent / "r1" / "assets" / "r1-tiny"
     # The tokenizer is the shipped one byte for byte (training changes only the weights).
     assert (tmp_path / "tiny" / "tokenizer.json").read_bytes() == (shipped / "tokenizer.json").read_bytes()
@@ -99,10 +109,10 @@ def test_serve_with_a_port_outside_the_tcp_range_exits_2_before_starting_ray(por
     (["--max-new-tokens", "0"], "--max-new-tokens 0: use 1 or more"),  # was pydantic's raw text
     (["--baseline", "/nonexistent-model"], "--baseline /nonexistent-model: model path"),  # found before --model runs
 ])
-def test_eval_errors_exit_2_before_evaluating(args, message):
-    result = run("eval", "--num-problems", "2", *args)
-    assert result.returncode == 2 and message in result.stderr
-    assert "exact match" not in result.stdout
+def test_eval_errors_exit_2_before_evaluating(args, message, capsys):
+    assert r1_main(["eval", "--num-problems", "2", *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "exact match" not in captured.out
 
 
 def test_a_closed_output_pipe_ends_generate_quietly():
@@ -116,11 +126,14 @@ def test_a_closed_output_pipe_ends_generate_quietly():
     assert process.returncode == 141
 
 
-def test_build_tiny_refuses_a_directory_that_holds_a_model(tmp_path):
+def test_build_tiny_refuses_a_directory_that_holds_a_model(tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    result = run("model", "build-tiny", "--out", str(out))
-    assert result.returncode == 2 and "already holds a model (config.json)" in result.stderr
-    assert "--overwrite" in result.stderr and (out / "config.json").read_text() == "{}"
-    assert run("model", "build-tiny", "--out", "").returncode == 2  # not the current directory
+    assert r1_main(["model", "build-tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model (config.json)" in err
+    assert "--overwrite" in err and (out / "config.json").read_text() == "{}"
+    with pytest.raises(SystemExit) as exit_info:  # not the current directory (refused by the argument parser)
+        r1_main(["model", "build-tiny", "--out", ""])
+    assert exit_info.value.code == 2 and "--out: an empty path" in capsys.readouterr().err
