@@ -236,10 +236,11 @@ def _submit(client: Any, **kwargs: Any) -> str:
             time.sleep(1.0)
 
 
-async def _stream_logs(client: Any, job_id: str) -> None:
+async def _stream_logs(client: Any, job_id: str, streamed: list[int]) -> None:
     async for chunk in client.tail_job_logs(job_id):
         sys.stdout.write(chunk)
         sys.stdout.flush()
+        streamed[0] += len(chunk)
 
 
 def wait_final_status(client: Any, job_id: str, timeout_s: float) -> Any:
@@ -252,20 +253,47 @@ def wait_final_status(client: Any, job_id: str, timeout_s: float) -> Any:
     return status
 
 
-def _outcome(client: Any, job_id: str, status: Any) -> int:
+# A failed job's message shown in full when the job wrote no logs, up to this many lines.
+MESSAGE_MAX_LINES = 40
+# Ray's error when the node could not download the uploaded working dir from the GCS: the package
+# was deleted between its upload and the job's start (Ray's message says it may happen). The job
+# never ran, so submitting it again (which uploads the package again) is safe; done once.
+PACKAGE_LOST = "Failed to download runtime_env file package"
+# `follow`'s result for such a job when a resubmission is allowed.
+RESUBMIT = -1
+
+
+def _outcome(client: Any, job_id: str, status: Any, logs_streamed: bool, may_resubmit: bool = False) -> int:
     info = client.get_job_info(job_id)
-    # The message of a failed job repeats the last logs, already streamed above: keep its first line.
-    first_line = (info.message or "").strip().splitlines()[:1]
-    detail = f": {first_line[0]}" if status.value != "SUCCEEDED" and first_line else ""
+    lines = (info.message or "").strip().splitlines()
+    if may_resubmit and status.value == "FAILED" and not logs_streamed and PACKAGE_LOST in (info.message or ""):
+        _say(f"job {job_id} FAILED before it started: the cluster lost the uploaded working dir "
+             f"({next(line for line in lines if PACKAGE_LOST in line)[:200]}); submitting it once more")
+        return RESUBMIT
+    if status.value == "SUCCEEDED" or not lines:
+        detail = ""
+    elif logs_streamed:
+        # The message of a failed job repeats the last logs, already streamed above: keep its first line.
+        detail = f": {lines[0]}"
+    else:
+        # No logs (the job never started, e.g. its runtime env could not be set up): the message is
+        # the only place that says why, so it is shown whole (the end of it, if long).
+        shown = lines if len(lines) <= MESSAGE_MAX_LINES else ["...", *lines[-MESSAGE_MAX_LINES:]]
+        detail = ": " + "\n".join(shown)
     _say(f"job {job_id} {status.value}{detail}")
     return 0 if status.value == "SUCCEEDED" else 1
 
 
-def follow(client: Any, job_id: str) -> int:
-    """Stream the job's logs until it ends; the exit status is the job's. Ctrl-C stops the job."""
+def follow(client: Any, job_id: str, may_resubmit: bool = False) -> int:
+    """Stream the job's logs until it ends; the exit status is the job's. Ctrl-C stops the job.
+
+    With `may_resubmit`, a job that failed because its uploaded working dir was lost before it
+    started returns RESUBMIT instead (see PACKAGE_LOST).
+    """
+    streamed = [0]
     try:
         try:
-            asyncio.run(_stream_logs(client, job_id))
+            asyncio.run(_stream_logs(client, job_id, streamed))
         except RuntimeError as error:  # the log stream broke; the job itself may still be fine
             _say(f"log stream ended early ({error}); waiting for the job to finish")
         status = wait_final_status(client, job_id, timeout_s=float("inf"))
@@ -275,7 +303,7 @@ def follow(client: Any, job_id: str) -> int:
         status = wait_final_status(client, job_id, timeout_s=FINAL_STATUS_WAIT_S)
         _say(f"job {job_id} {status.value}")
         return 130
-    return _outcome(client, job_id, status)
+    return _outcome(client, job_id, status, logs_streamed=streamed[0] > 0, may_resubmit=may_resubmit)
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -289,13 +317,19 @@ def run_submit(args: argparse.Namespace) -> int:
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     os.environ["RAY_ADDRESS"] = address
     client = connect(address)
-    job_id = _submit(client, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id,
-                     metadata={"submitted_by": "r1 submit"})
-    _say(f"submitted {job_id} to {address}: {entrypoint}")
-    if args.no_follow:
-        _say(f"follow it with: ray job logs --follow --address {address} {job_id}")
-        return 0
-    return follow(client, job_id)
+    # A second submission needs an id of its own, so one given with --submission-id is never resubmitted.
+    attempts = 1 if args.submission_id else 2
+    for attempt in range(1, attempts + 1):
+        job_id = _submit(client, entrypoint=entrypoint, runtime_env=dict(runtime_env),
+                         submission_id=args.submission_id, metadata={"submitted_by": "r1 submit"})
+        _say(f"submitted {job_id} to {address}: {entrypoint}")
+        if args.no_follow:
+            _say(f"follow it with: ray job logs --follow --address {address} {job_id}")
+            return 0
+        code = follow(client, job_id, may_resubmit=attempt < attempts)
+        if code != RESUBMIT:
+            return code
+    raise AssertionError("unreachable: the last attempt never asks to resubmit")
 
 
 def register(subparsers: Any) -> None:

@@ -412,3 +412,21 @@ def test_a_wrong_token_is_refused_before_anything_is_uploaded(head, tmp_path):
     assert "refused the auth token" in result.stderr
     assert "submitted" not in result.stderr
 
+
+
+def test_a_job_whose_package_is_lost_is_resubmitted_once_then_says_why(head, tmp_path):
+    # A module package that the cluster does not hold fails as an uploaded package deleted too early
+    # would: the job never starts (so it writes no logs). r1 submit submits it once more; when that
+    # fails too, the reason (only in the job's status message) is shown whole.
+    runtime_env = tmp_path / "runtime_env.yaml"
+    missing = "gcs://_ray_pkg_00000000deadbeef.zip"
+    runtime_env.write_text(RUNTIME_ENV.read_text() + f"py_modules: ['{missing}']\n")
+    result = subprocess.run([str(BIN / "r1"), "submit", "--runtime-env", str(runtime_env), "eval", "--num-problems", "1"],
+                            capture_output=True, text=True, env=head.client_env(), cwd=ROOT, timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    first, second = [line.split()[3] for line in result.stderr.splitlines() if line.startswith("r1 submit: submitted ")]
+    assert first != second
+    assert f"job {first} FAILED before it started: the cluster lost the uploaded working dir" in result.stderr
+    final = result.stderr[result.stderr.index(f"job {second} FAILED"):]
+    assert "runtime_env setup failed" in final and missing in final, result.stderr[-4000:]
+    assert head.job_status(first) == head.job_status(second) == "FAILED"
