@@ -318,18 +318,18 @@ def run_submit(args: argparse.Namespace) -> int:
     os.environ["RAY_ADDRESS"] = address
     client = connect(address)
     # A second submission needs an id of its own, so one given with --submission-id is never resubmitted.
-    attempts = 1 if args.submission_id else 2
-    for attempt in range(1, attempts + 1):
+    may_resubmit = not args.submission_id
+    while True:
         job_id = _submit(client, entrypoint=entrypoint, runtime_env=dict(runtime_env),
                          submission_id=args.submission_id, metadata={"submitted_by": "r1 submit"})
         _say(f"submitted {job_id} to {address}: {entrypoint}")
         if args.no_follow:
             _say(f"follow it with: ray job logs --follow --address {address} {job_id}")
             return 0
-        code = follow(client, job_id, may_resubmit=attempt < attempts)
+        code = follow(client, job_id, may_resubmit=may_resubmit)
         if code != RESUBMIT:
             return code
-    raise AssertionError("unreachable: the last attempt never asks to resubmit")
+        may_resubmit = False
 
 
 def register(subparsers: Any) -> None:

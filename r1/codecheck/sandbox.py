@@ -417,7 +417,7 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
 
 def _not_started(start_timeout_s: float) -> str:
     return (f"sandbox did not start within {start_timeout_s}s (codecheck.start_timeout_s, which also covers "
-            "waiting for a free sandbox uid); the host is too busy to start processes")
+            "waiting for a free sandbox uid), e.g. on a host too busy to start processes")
 
 
 _DEFAULT_SANDBOXES: dict[str, Sandbox] = {}
