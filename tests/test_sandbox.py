@@ -325,6 +325,7 @@ def test_concurrent_runs_get_distinct_uids(sandbox: Sandbox) -> None:
 def test_run_python_basics(code: str, stdin: str | None, status: str, stdout: str) -> None:
     result = run_python(code, stdin=stdin, timeout_s=5, config=_config())
     assert (result.status, result.stdout) == (status, stdout)
+    assert 0 < result.start_s < result.duration_s  # the start is reported apart from the whole run
     if status == "error":
         assert result.returncode == 3
 
@@ -379,7 +380,7 @@ def test_a_slow_start_does_not_eat_the_programs_budget(level: str, sandbox: Sand
     # 2.5 s to start, then 0.5 s of work: inside a 2 s budget only if the budget starts with the program.
     result = chosen.run_python("import time\ntime.sleep(0.5)\nprint('done')\n", timeout_s=2.0)
     assert (result.status, result.stdout) == ("ok", "done\n"), result.reason
-    assert result.duration_s >= 2.5  # the start really was slow
+    assert result.start_s >= 2.5 and result.duration_s > result.start_s  # the start really was slow, and is reported
 
 
 def test_a_sandbox_that_does_not_start_in_its_allowance_fails_as_the_sandboxs_problem(
@@ -390,7 +391,7 @@ def test_a_sandbox_that_does_not_start_in_its_allowance_fails_as_the_sandboxs_pr
     slow.plan()
     _slow_launcher(monkeypatch, 30)
     result = slow.run_python("print('never')", timeout_s=30)
-    assert (result.status, result.started, result.stdout) == ("timeout", False, "")
+    assert (result.status, result.started, result.stdout, result.start_s) == ("timeout", False, "", None)
     assert "did not start within 0.5s (codecheck.start_timeout_s" in result.reason
     # A validation reports it as the sandbox's failure (so the repair loop does not blame the code).
     validation = validate("def f():\n    return 1\n", ["assert f() == 1"], sandbox=slow)

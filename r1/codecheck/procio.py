@@ -37,7 +37,7 @@ class Pumped:
     outputs: dict[str, bytearray]
     truncated: set[str]
     timed_out: bool
-    started: bool  # the start was seen (see `pump`); the program may still have failed after it
+    started_at: float | None  # when the start was seen (time.monotonic(), see `pump`); None if never
 
 
 def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | None, channel: dict[str, int],
@@ -87,13 +87,13 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
     exited_at = None
     swept = False
     timed_out = False
-    started = False
+    started_at = None
     deadline = start_deadline
 
     def mark_started() -> None:
-        nonlocal started, deadline
-        started = True
-        deadline = time.monotonic() + run_s
+        nonlocal started_at, deadline
+        started_at = time.monotonic()
+        deadline = started_at + run_s
     while True:
         now = time.monotonic()
         if exited_at is None and pidfd is None and proc.poll() is not None:
@@ -139,12 +139,12 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
                     chunk = b""
                 if not chunk:
                     close(fd)
-                    if role == "status" and start_marker is None and not started:
+                    if role == "status" and start_marker is None and started_at is None:
                         mark_started()
                     continue
                 room = caps[role] - len(outputs[role])
                 outputs[role] += chunk[:room]
-                if role == "status" and start_marker is not None and not started and start_marker in outputs[role]:
+                if role == "status" and start_marker is not None and started_at is None and start_marker in outputs[role]:
                     mark_started()
                 if len(chunk) > room:
                     truncated.add(role)
@@ -164,4 +164,4 @@ def pump(proc: subprocess.Popen, kill: Callable[[], None], *, stdin: bytes | Non
     proc.wait()
     if proc.stdin is not None and not stdin:
         proc.stdin.close()
-    return Pumped(outputs, truncated, timed_out, started)
+    return Pumped(outputs, truncated, timed_out, started_at)

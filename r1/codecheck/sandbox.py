@@ -61,6 +61,9 @@ class RunResult:
     truncated: bool
     isolation: iso.Isolation
     duration_s: float = 0.0
+    # Seconds from the run's first process until the sandbox was seen to start (bubblewrap's
+    # namespaces created, or the interpreter exec'd; start_timeout_s bounds it); None if it never did.
+    start_s: float | None = None
     signal: int | None = None
     reason: str = ""  # why the status is what it is, in words
     started: bool = True  # False: the sandbox itself failed to start (reason says why)
@@ -70,7 +73,7 @@ class RunResult:
     def to_dict(self) -> dict:
         return {"status": self.status, "returncode": self.returncode, "stdout": self.stdout, "stderr": self.stderr,
                 "truncated": self.truncated, "isolation": self.isolation.to_dict(), "duration_s": self.duration_s,
-                "signal": self.signal, "reason": self.reason, "started": self.started}
+                "start_s": self.start_s, "signal": self.signal, "reason": self.reason, "started": self.started}
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class Sandbox:
             result = self._run(plan, files, python_args, timeout_s=timeout_s, memory_mb=memory_mb,
                                stdin=stdin.encode() if isinstance(stdin, str) else stdin, channel_input=channel_input)
             current.set_attribute("status", result.status)
+            if result.start_s is not None:
+                current.set_attribute("start_s", result.start_s)
             return result
 
     # -- planning -----------------------------------------------------------------------------
@@ -318,7 +323,8 @@ class Sandbox:
             if not reaped:
                 logger.warning("processes of sandbox uid %s outlived the run by %ss", uid, REAP_TIMEOUT_S)
             duration = time.monotonic() - started_at
-            return _result(plan, pumped, proc, isolation, duration, timeout_s, messages, start_timeout_s)
+            start_s = None if pumped.started_at is None else round(pumped.started_at - started_at, 4)
+            return _result(plan, pumped, proc, isolation, duration, timeout_s, messages, start_timeout_s, start_s)
         finally:
             for fd in to_close + parent_fds:
                 try:
@@ -359,12 +365,12 @@ def _status_messages(raw: bytes) -> list[dict]:
 
 
 def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.Isolation, duration_s: float,
-            timeout_s: float, messages: list[dict], start_timeout_s: float) -> RunResult:
+            timeout_s: float, messages: list[dict], start_timeout_s: float, start_s: float | None) -> RunResult:
     stdout = pumped.outputs["stdout"].decode("utf-8", errors="replace")
     stderr = pumped.outputs["stderr"].decode("utf-8", errors="replace")
     truncated = bool(pumped.truncated & {"stdout", "stderr"})
     common = dict(stdout=stdout, stderr=stderr, truncated=truncated, isolation=isolation,
-                  duration_s=round(duration_s, 4), channel=bytes(pumped.outputs["channel"]),
+                  duration_s=round(duration_s, 4), start_s=start_s, channel=bytes(pumped.outputs["channel"]),
                   channel_truncated="channel" in pumped.truncated)
     launcher_error = next((m["launcher_error"] for m in messages if "launcher_error" in m), None)
     if launcher_error is not None:
@@ -396,7 +402,7 @@ def _result(plan: Plan, pumped: Pumped, proc: subprocess.Popen, isolation: iso.I
     else:
         returncode = proc.returncode
         signum = -returncode if returncode is not None and returncode < 0 else None
-    if pumped.timed_out and not pumped.started:
+    if pumped.timed_out and pumped.started_at is None:
         return RunResult("timeout", returncode, signal=signum, started=False, reason=_not_started(start_timeout_s),
                          **common)
     if pumped.timed_out:
