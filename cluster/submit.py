@@ -6,7 +6,8 @@ Wraps Ray's `JobSubmissionClient`: the working directory is uploaded as the job'
 (`ray_configs/runtime_env.yaml`: what to exclude, env vars), the entrypoint is `r1 <the command>`,
 the job's logs stream to stdout, and the exit status is the job's: 0 when it SUCCEEDED, 1 when it
 FAILED or was STOPPED, 130 after Ctrl-C (which stops the job). `--no-follow` returns right after
-submitting. Status lines go to stderr, prefixed `r1 submit:`.
+submitting. Status lines go to stderr, prefixed `r1 submit:`. A job that failed before it started
+because the cluster lost the uploaded working dir is submitted once more (see PACKAGE_LOST).
 
 Token authentication (Ray >= 2.52; `ray start` turns it on by itself when ~/.ray/auth_token exists):
 the token is sent when RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is set, when RAY_AUTH_MODE=token, or,
@@ -338,7 +339,9 @@ def register(subparsers: Any) -> None:
         help="run an r1 command as a Ray job on a running cluster",
         description="Submit `r1 <command>` as a Ray job: upload the working dir (runtime env from "
         f"{DEFAULT_RUNTIME_ENV}), follow the logs, exit 0 if the job SUCCEEDED and 1 otherwise. Ctrl-C stops "
-        "the job. Example: r1 submit --address http://127.0.0.1:8265 train grpo --config ray_configs/train_grpo.yaml",
+        "the job. A job that fails before it starts because the cluster lost the uploaded working dir is "
+        "submitted once more. Example: r1 submit --address http://127.0.0.1:8265 train grpo --config "
+        "ray_configs/train_grpo.yaml",
     )
     parser.add_argument("--address", help="Ray dashboard URL, or the cluster's GCS host:port that `ray start` prints "
                         f"(default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
