@@ -13,7 +13,10 @@ stack's ratios to the static batch and to the loop, and the pipeline overhead pe
 of the stack minus the engine's at concurrency 1). The overhead is also measured in pairs: each
 prompt through the stack and, right before or after it, through the engine on the served engine's
 torch threads; the median of the per-prompt differences does not move with the machine's speed
-between levels.
+between levels. The same pairs with 1-token requests measure the overhead's fixed part (HTTP, the
+proxy, screening, the session, the hops to the first token and the end), where the engine's own
+time is one prefill, so single requests spread far less: it is a lower bound on every request's
+overhead.
 
     python -m bench.serving [--concurrency 1,4,16] [--new-tokens 64] [--requests-per-level 32]
 """
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     latencies: dict[tuple[str, int], list[float]] = {}  # (method, concurrency) -> e2e seconds
     paired: list[float] = []  # stack - engine (served threads) e2e, per prompt, seconds
+    paired_fixed: list[float] = []  # the same for 1-token requests
 
     async def levels_async():
         async with httpx.AsyncClient(timeout=600) as http:
@@ -224,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                            served["cpu_threads"], sampling, chats)
                 rows.append(row)
                 paired.extend(differences)
+                one_token = SamplingConfig(temperature=0, max_new_tokens=1, ignore_eos=True)
+                _row, differences = await paired_with_stack(stack_request(http, url, 1), model, tokenizer,
+                                                            served["cpu_threads"], one_token, chats)
+                paired_fixed.extend(differences)
 
     from ray import serve
 
@@ -255,8 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
             low, mid, high = paired_quartiles_ms(paired)
             print(f"  paired with the engine on the served engine's {same['threads']} thread(s): median {mid:.1f} ms "
                   f"(quartiles {low:.1f} – {high:.1f} ms, {len(paired)} pairs)")
+        if paired_fixed:
+            low, mid, high = paired_quartiles_ms(paired_fixed)
+            print(f"  its fixed part (1-token requests, paired the same way): median {mid:.1f} ms "
+                  f"(quartiles {low:.1f} – {high:.1f} ms, {len(paired_fixed)} pairs)")
     serve.shutdown()
-    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired)
+    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed)
     return finish(result, args.json)
 
 
@@ -272,7 +284,7 @@ def paired_quartiles_ms(differences: list[float]) -> tuple[float, float, float]:
 
 def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
                     latencies: dict[tuple[str, int], list[float]], static_tok_s: float, overhead_ms: float | None,
-                    paired: list[float] | None = None) -> dict:
+                    paired: list[float] | None = None, paired_fixed: list[float] | None = None) -> dict:
     """The run as the bench JSON contract: the per-level table, the targets, and the data for the plots."""
     top = max(r["concurrency"] for r in rows if r["method"] == "stack")
     stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
@@ -299,6 +311,13 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                            f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
             notes.append(overhead_note("pipeline overhead per request at concurrency 1, paired with the engine on the "
                                        "served engine's threads", mid))
+        if paired_fixed:
+            low, mid, high = paired_quartiles_ms(paired_fixed)
+            checks.append([f"its fixed part: 1-token requests paired the same way (median of {len(paired_fixed)} "
+                           "pairs, quartiles); a lower bound on every request's overhead", "≤ 5 ms",
+                           f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
+            notes.append(overhead_note("the overhead's fixed part (1-token requests, paired), a lower bound on every "
+                                       "request's overhead", mid))
     throughput: dict[str, list[list[float]]] = {}
     for r in rows:
         throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
@@ -320,7 +339,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
         ],
         "series": {"throughput_vs_concurrency": throughput, "latency_cdf": cdf},
         "notes": notes,
-        "raw": {"rows": rows, "static_tok_s": static_tok_s, "paired_overhead_s": paired or []},
+        "raw": {"rows": rows, "static_tok_s": static_tok_s, "paired_overhead_s": paired or [],
+                "paired_fixed_overhead_s": paired_fixed or []},
     }
 
 
