@@ -413,7 +413,6 @@ def test_a_wrong_token_is_refused_before_anything_is_uploaded(head, tmp_path):
     assert "submitted" not in result.stderr
 
 
-
 def test_a_job_whose_package_is_lost_is_resubmitted_once_then_says_why(head, tmp_path):
     # A module package that the cluster does not hold fails as an uploaded package deleted too early
     # would: the job never starts (so it writes no logs). r1 submit submits it once more; when that
