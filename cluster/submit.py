@@ -28,6 +28,7 @@ import os
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,27 @@ def _default_excludes() -> list[str]:
     from ray._private import ray_constants
 
     return ray_constants.get_runtime_env_default_excludes()
+
+
+def snapshot_working_dir(runtime_env: dict[str, Any], into: Path) -> dict[str, Any]:
+    """`runtime_env` with its working dir packed once into a zip under `into`, the zip as working_dir.
+
+    Given a directory, Ray's client hashes it to name the package and then hashes it again to
+    upload it: a file that changes in between (a log being written in the working dir) makes the
+    job name a package that was never uploaded, and it fails before it starts ("Failed to download
+    runtime_env file package"). A zip is named and uploaded by the hash of its bytes: one snapshot,
+    one name. The zip is Ray's own package format (its `create_package`, with the same excludes,
+    .gitignore and .rayignore files), so the job sees the same files.
+    """
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    package = into / "working_dir.zip"
+    create_package(str(runtime_env["working_dir"]), package, include_gitignore=include_gitignore,
+                   include_parent_dir=False, excludes=_default_excludes() + list(runtime_env.get("excludes") or []),
+                   logger=logging.getLogger(__name__))
+    return {**runtime_env, "working_dir": str(package)}
 
 
 def _excluded_by_upload(path: Path, working_dir: Path, excludes: list[str]) -> Path | None:
@@ -257,8 +279,10 @@ def wait_final_status(client: Any, job_id: str, timeout_s: float) -> Any:
 # A failed job's message shown in full when the job wrote no logs, up to this many lines.
 MESSAGE_MAX_LINES = 40
 # Ray's error when the node could not download the uploaded working dir from the GCS: the package
-# was deleted between its upload and the job's start (Ray's message says it may happen). The job
-# never ran, so submitting it again (which uploads the package again) is safe; done once.
+# was deleted between its upload and the job's start (Ray's message says it may happen; the other
+# cause, a working dir that changed while Ray's client hashed it twice, `snapshot_working_dir`
+# rules out). The job never ran, so submitting it again (which uploads the package again) is safe;
+# done once.
 PACKAGE_LOST = "Failed to download runtime_env file package"
 # `follow`'s result for such a job when a resubmission is allowed.
 RESUBMIT = -1
@@ -321,8 +345,9 @@ def run_submit(args: argparse.Namespace) -> int:
     # A second submission needs an id of its own, so one given with --submission-id is never resubmitted.
     may_resubmit = not args.submission_id
     while True:
-        job_id = _submit(client, entrypoint=entrypoint, runtime_env=dict(runtime_env),
-                         submission_id=args.submission_id, metadata={"submitted_by": "r1 submit"})
+        with tempfile.TemporaryDirectory(prefix="r1-submit-") as scratch:
+            job_id = _submit(client, entrypoint=entrypoint, runtime_env=snapshot_working_dir(runtime_env, Path(scratch)),
+                             submission_id=args.submission_id, metadata={"submitted_by": "r1 submit"})
         _say(f"submitted {job_id} to {address}: {entrypoint}")
         if args.no_follow:
             _say(f"follow it with: ray job logs --follow --address {address} {job_id}")

@@ -95,6 +95,21 @@ def test_configs_the_job_would_not_find_are_refused(project, config, error):
         build_entrypoint(["train", "sft", "--config", config], project, excludes)
 
 
+def test_the_working_dir_is_uploaded_as_one_snapshot_with_the_upload_excludes(project, tmp_path):
+    import zipfile as zf
+
+    from cluster.submit import snapshot_working_dir
+
+    runtime_env = load_runtime_env(RUNTIME_ENV, project)
+    snapshot = snapshot_working_dir(runtime_env, tmp_path)
+    assert snapshot["working_dir"] == str(tmp_path / "working_dir.zip") and runtime_env["working_dir"] == str(project)
+    names = {name.rstrip("/") for name in zf.ZipFile(snapshot["working_dir"]).namelist()}
+    # What the job would find: the files Ray uploads from the directory, without runs/ (the runtime
+    # env's excludes), venv/ (Ray's default excludes) and scratch/ (the .gitignore).
+    assert {"ray_configs/ok.yaml", "sub/dir/config.yaml"} <= names
+    assert not {name for name in names if name.split("/")[0] in ("runs", "venv", "scratch")}
+
+
 @pytest.mark.parametrize("config", [
     "ray_configs/ok.yaml",
     "sub/dir/../../ray_configs/ok.yaml",  # ".." that stays inside the working dir is fine
