@@ -304,20 +304,19 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                        f"{overhead_ms:.0f} ms"])
         notes.append(overhead_note("pipeline overhead per request at concurrency 1", overhead_ms))
         same = next(r for r in rows if r["method"] == "engine_served_threads")
-        if paired:
-            low, mid, high = paired_quartiles_ms(paired)
-            checks.append([f"the same, paired per prompt with the engine on the served engine's {same['threads']} "
-                           f"torch thread(s) (median of {len(paired)} pairs, quartiles)", "≤ 5 ms",
-                           f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
-            notes.append(overhead_note("pipeline overhead per request at concurrency 1, paired with the engine on the "
-                                       "served engine's threads", mid))
-        if paired_fixed:
-            low, mid, high = paired_quartiles_ms(paired_fixed)
-            checks.append([f"its fixed part: 1-token requests paired the same way (median of {len(paired_fixed)} "
-                           "pairs, quartiles); a lower bound on every request's overhead", "≤ 5 ms",
-                           f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
-            notes.append(overhead_note("the overhead's fixed part (1-token requests, paired), a lower bound on every "
-                                       "request's overhead", mid))
+        pairs = [
+            (paired, f"the same, paired per prompt with the engine on the served engine's {same['threads']} torch "
+                     "thread(s) (median of {count} pairs, quartiles)",
+             "pipeline overhead per request at concurrency 1, paired with the engine on the served engine's threads"),
+            (paired_fixed, "its fixed part: 1-token requests paired the same way (median of {count} pairs, quartiles); "
+                           "a lower bound on every request's overhead",
+             "the overhead's fixed part (1-token requests, paired), a lower bound on every request's overhead"),
+        ]
+        for differences, check, note in pairs:
+            if differences:
+                low, mid, high = paired_quartiles_ms(differences)
+                checks.append([check.format(count=len(differences)), "≤ 5 ms", f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
+                notes.append(overhead_note(note, mid))
     throughput: dict[str, list[list[float]]] = {}
     for r in rows:
         throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
