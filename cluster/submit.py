@@ -98,6 +98,13 @@ def _default_excludes() -> list[str]:
     return ray_constants.get_runtime_env_default_excludes()
 
 
+def _include_gitignore() -> bool:
+    """Whether Ray's packaging honours .gitignore files (its RAY_RUNTIME_ENV_IGNORE_GITIGNORE)."""
+    from ray._private import ray_constants
+
+    return os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+
+
 def snapshot_working_dir(runtime_env: dict[str, Any], into: Path) -> dict[str, Any]:
     """`runtime_env` with its working dir packed once into a zip under `into`, the zip as working_dir.
 
@@ -108,12 +115,10 @@ def snapshot_working_dir(runtime_env: dict[str, Any], into: Path) -> dict[str, A
     one name. The zip is Ray's own package format (its `create_package`, with the same excludes,
     .gitignore and .rayignore files), so the job sees the same files.
     """
-    from ray._private import ray_constants
     from ray._private.runtime_env.packaging import create_package
 
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     package = into / "working_dir.zip"
-    create_package(str(runtime_env["working_dir"]), package, include_gitignore=include_gitignore,
+    create_package(str(runtime_env["working_dir"]), package, include_gitignore=_include_gitignore(),
                    include_parent_dir=False, excludes=_default_excludes() + list(runtime_env.get("excludes") or []),
                    logger=logging.getLogger(__name__))
     return {**runtime_env, "working_dir": str(package)}
@@ -124,10 +129,9 @@ def _excluded_by_upload(path: Path, working_dir: Path, excludes: list[str]) -> P
 
     Walks down from `working_dir` the way Ray's `_dir_travel` does, with the matchers Ray builds.
     """
-    from ray._private import ray_constants
     from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    include_gitignore = _include_gitignore()
     quiet = logging.getLogger(__name__)  # not Ray's logger, which says at INFO which ignore files it read
 
     def ignore_files(directory: Path) -> list[Any]:
