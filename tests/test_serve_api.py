@@ -63,8 +63,8 @@ def server(tmp_path_factory, trace_file, metrics_port):
         # Generous deadline: 2 shared cores, the filter must not time out by accident.
         "safety": {"timeout_s": 20, "deployment": SMALL_SAFETY},
         # Four apps share ray.init(num_cpus=2): keep every replica's CPU share small so all fit.
-        # A sandbox run's budget includes starting the sandbox, which on 2 saturated cores (the
-        # suite's other xdist worker runs beside this module) once took over the default 5 s.
+        # The program's own budget (harness and tests; starting the sandbox has start_timeout_s):
+        # more than the default 5 s, as the suite's other xdist worker saturates both cores.
         "code_validator": {"num_cpus": 0.05, "codecheck": {"timeout_s": 20.0}},
     }
     with ray_serve(port, env_vars={"R1_TRACE_FILE": str(trace_file)}, metrics_port=metrics_port):
