@@ -15,13 +15,13 @@ the runner's batched decode forward with every request running (one token per re
 
 Also measured: r1-tiny's arithmetic exact match (level 1, held-out split) for fp32 / bf16 / int8;
 peak memory of one batched prefill at a long context with SDPA and with eager attention (one child
-process per variant, see `attention_probe`); and the achieved batched-decode FLOP/s of the 100M
-model against the peak matmul throughput of the same dtype (best of a few 2048³ matmuls), measured
-right before and right after each of its runs: this kind of machine's speed drifts by up to 1.5x
-within minutes, so a step and a peak measured apart would mostly compare two machine states (the
-percentage against the run's best peak is shown too); and the 100M model's fp32 decode step at longer contexts with the engine's KV cache (grown in
-place, `GrowingLayer`) against transformers' concatenating cache, stepped alternately from one
-prefill (`--kv-contexts`).
+process per variant, see `attention_probe`); the achieved batched-decode FLOP/s of the 100M model
+against the peak matmul throughput of the same dtype (best of a few 2048³ matmuls), measured right
+before and right after each of its runs: this kind of machine's speed drifts by up to 1.5x within
+minutes, so a step and a peak measured apart would mostly compare two machine states (the
+percentage against the run's best peak is shown too); and the 100M model's fp32 decode step at
+longer contexts with the engine's KV cache (grown in place, `GrowingLayer`) against transformers'
+concatenating cache, stepped alternately from one prefill (`--kv-contexts`).
 
     python -m bench.cpu_speed [--models tiny,100m] [--repeats 3] [--threads 1] [--json PATH]
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import os
@@ -155,10 +156,9 @@ def peaked(dtype: str, args: argparse.Namespace, measure: Callable[[], dict[str,
            peaks: dict[str, list[float]]) -> dict[str, Any]:
     """`measure()` with the peak matmul throughput of `dtype` measured right before and right after it.
 
-    The result gets `peak_gflops`, the mean of the two. This machine's speed drifts by up to 1.5x
-    within minutes (other tenants), and a decode step is hit harder than a compute-bound matmul, so
-    a ratio of a step and a peak measured minutes apart mostly measures the drift. Both peaks are
-    also appended to `peaks[dtype]` (the run's best peak is reported too).
+    The result gets `peak_gflops`, the mean of the two. A shared machine's speed drifts by up to 1.5x
+    within minutes, so the ratio of a step and a peak measured minutes apart mostly measures the
+    drift. Both peaks are also appended to `peaks[dtype]` (the run's best peak is reported too).
     """
     before = peak_matmul_gflops(dtype, args.peak_size, args.peak_tries)
     result = measure()
@@ -224,8 +224,7 @@ def bench_model(name: str, base: nn.Module, tokenizer: Any, args: argparse.Names
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for _ in range(max(1, args.repeats)):
         for variant in variants:
-            def measure(variant: str = variant) -> dict[str, Any]:
-                return run_engine(models[variant], tokenizer, prompts, args.new_tokens)
+            measure = functools.partial(run_engine, models[variant], tokenizer, prompts, args.new_tokens)
             # The 100M model's decode is compared with the peak matmul: measured around each run.
             runs[variant].append(peaked(PEAK_DTYPE[variant], args, measure, peaks) if name == "100m" else measure())
     sweep = decode_sweep(models, tokenizer, args, peaks) if name == "100m" else []
@@ -257,9 +256,8 @@ def decode_sweep(models: dict[str, nn.Module], tokenizer: Any, args: argparse.Na
         for variant in SWEEP_VARIANTS:
             if variant not in models:
                 continue
-            runs = [peaked(PEAK_DTYPE[variant], args,
-                           lambda variant=variant: run_engine(models[variant], tokenizer, prompts, args.sweep_tokens), peaks)
-                    for _ in range(max(1, args.repeats))]
+            measure = functools.partial(run_engine, models[variant], tokenizer, prompts, args.sweep_tokens)
+            runs = [peaked(PEAK_DTYPE[variant], args, measure, peaks) for _ in range(max(1, args.repeats))]
             rows.append({"batch": batch, "variant": variant,
                          "step_ms": 1e3 * statistics.median(r["step_s"] for r in runs),
                          "step_ms_runs": [round(1e3 * r["step_s"], 2) for r in runs],
