@@ -98,6 +98,11 @@ def _default_excludes() -> list[str]:
     return ray_constants.get_runtime_env_default_excludes()
 
 
+def _upload_excludes(excludes: list[str]) -> list[str]:
+    """What Ray's packaging leaves out of the working dir: its default excludes, then the runtime env's."""
+    return _default_excludes() + list(excludes)
+
+
 def _include_gitignore() -> bool:
     """Whether Ray's packaging honours .gitignore files (its RAY_RUNTIME_ENV_IGNORE_GITIGNORE)."""
     from ray._private import ray_constants
@@ -119,7 +124,7 @@ def snapshot_working_dir(runtime_env: dict[str, Any], into: Path) -> dict[str, A
 
     package = into / "working_dir.zip"
     create_package(str(runtime_env["working_dir"]), package, include_gitignore=_include_gitignore(),
-                   include_parent_dir=False, excludes=_default_excludes() + list(runtime_env.get("excludes") or []),
+                   include_parent_dir=False, excludes=_upload_excludes(runtime_env.get("excludes") or []),
                    logger=logging.getLogger(__name__))
     return {**runtime_env, "working_dir": str(package)}
 
@@ -137,7 +142,7 @@ def _excluded_by_upload(path: Path, working_dir: Path, excludes: list[str]) -> P
     def ignore_files(directory: Path) -> list[Any]:
         return get_excludes_from_ignore_files(directory, include_gitignore=include_gitignore, logger=quiet)
 
-    matchers = [_get_excludes(working_dir, _default_excludes() + list(excludes)), *ignore_files(working_dir)]
+    matchers = [_get_excludes(working_dir, _upload_excludes(excludes)), *ignore_files(working_dir)]
     current = working_dir
     for part in path.relative_to(working_dir).parts:
         current = current / part
