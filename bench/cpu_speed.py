@@ -450,30 +450,26 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
         dtype = PEAK_DTYPE[variant]
         step_flops = [flops_per_token * batch / (ms / 1e3) / 1e9 for ms in step_ms_runs]
         paired = [100 * f / p for f, p in zip(step_flops, peak_runs)]
-        of_best = 100 * statistics.median(step_flops) / peaks[dtype]
-        e2e = [100 * flops_per_token * t / 1e9 / p for t, p in zip(tok_s_runs, peak_runs)] if tok_s_runs else []
-        spread = f"{min(paired):.1f} – {max(paired):.1f} %"
+        peak, flops, percent = statistics.median(peak_runs), statistics.median(step_flops), statistics.median(paired)
         e2e_flops = round(flops_per_token * statistics.median(tok_s_runs) / 1e9, 1) if tok_s_runs else "-"
+        row = [label, dtype, round(peak, 1), round(flops, 1)]
         if max(paired) > 100:
             # The big matmul ran slower than the decode's own: this CPU has no fast kernel for it
             # (bf16 or int8 without AVX-512/AMX), so the figure is no peak and no percentage is shown.
-            peak_rows.append([label, dtype, round(statistics.median(peak_runs), 1),
-                              round(statistics.median(step_flops), 1), "- (no peak)", "-", "-", e2e_flops, "-"])
+            peak_rows.append(row + ["- (no peak)", "-", "-", e2e_flops, "-"])
             if target:
                 notes.append(f"100M batched decode at batch {batch}, {variant}: not measurable on this CPU, whose "
-                             f"{args.peak_size}³ {dtype} matmul ({statistics.median(peak_runs):.1f} GFLOP/s) is slower "
-                             f"than the decode's own matmuls ({statistics.median(step_flops):.1f} GFLOP/s), so it is no "
-                             f"peak (no fast {dtype} GEMM kernel here)")
+                             f"{args.peak_size}³ {dtype} matmul ({peak:.1f} GFLOP/s) is slower than the decode's own "
+                             f"matmuls ({flops:.1f} GFLOP/s), so it is no peak (no fast {dtype} GEMM kernel here)")
             return
-        peak_rows.append([
-            label, dtype, round(statistics.median(peak_runs), 1), round(statistics.median(step_flops), 1),
-            f"{statistics.median(paired):.1f} %", spread, f"{of_best:.1f} %", e2e_flops,
-            f"{statistics.median(e2e):.1f} %" if e2e else "-",
-        ])
+        of_best = 100 * flops / peaks[dtype]
+        spread = f"{min(paired):.1f} – {max(paired):.1f} %"
+        e2e = [100 * flops_per_token * t / 1e9 / p for t, p in zip(tok_s_runs, peak_runs)] if tok_s_runs else []
+        peak_rows.append(row + [f"{percent:.1f} %", spread, f"{of_best:.1f} %", e2e_flops,
+                                f"{statistics.median(e2e):.1f} %" if e2e else "-"])
         if target:
             notes.append(target_note(f"100M batched decode at batch {batch}, {variant}, % of the {dtype} peak matmul "
-                                     "measured around the same runs (median)", statistics.median(paired),
-                                     DECODE_TARGET_PERCENT, unit="%")
+                                     "measured around the same runs (median)", percent, DECODE_TARGET_PERCENT, unit="%")
                          + f"; runs {spread}, {of_best:.1f} % of the run's best peak")
 
     for entry in models:
