@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -31,8 +32,6 @@ SHARD_CALL_TIMEOUT_S = 120.0
 class ModelShard:
     def __init__(self, model_config: dict[str, Any], stage_index: int, num_stages: int, pad_token_id: int,
                  cpu_threads: int | None = None):
-        import torch
-
         from r1.config import ModelConfig
 
         setup_actor_tracing("model-shard")
@@ -47,11 +46,11 @@ class ModelShard:
 
     def add(self, seq_ids: list[str], payload: Any, carriers: dict[str, dict[str, str]] | None = None) -> Any:
         self.spans.open(seq_ids, carriers, batch_size=len(seq_ids))
-        return self.stage.add(seq_ids, payload)
+        return to_host(self.stage.add(seq_ids, payload))
 
     def step(self, seq_ids: list[str], payload: Any) -> Any:
         self.spans.count_step(seq_ids)
-        return self.stage.step(seq_ids, payload)
+        return to_host(self.stage.step(seq_ids, payload))
 
     def remove(self, seq_ids: list[str]) -> None:
         self.stage.remove(seq_ids)
@@ -59,6 +58,17 @@ class ModelShard:
 
     def layers(self) -> tuple[int, int]:
         return self.stage.layers.start, self.stage.layers.stop
+
+
+def to_host(output: Any) -> Any:
+    """A stage's output as it leaves the shard's process: its tensors on the CPU.
+
+    A pickled CUDA tensor is rebuilt on a GPU by whoever unpickles it: the replica, which samples on
+    the CPU and holds no GPU, could not, and the next shard moves its input to its own device anyway.
+    """
+    if isinstance(output, dict):
+        return {key: to_host(value) for key, value in output.items()}
+    return output.cpu() if isinstance(output, torch.Tensor) else output
 
 
 class RemoteStage:

@@ -17,6 +17,11 @@
 #                       (PASS within 0.1), tokens/s of each (after engine.warmup() and one untimed
 #                       batch; the first batch after the warm-up is printed too), a stop string and an abort
 #                       mid-stream freeing the request
+#   serve_gpu           `r1 serve` with its LLM-server replicas on the GPU (fp32, 0.25 GPU each), then with
+#                       pipeline_stages=2 (ModelShard actors on the GPU): 16 concurrent greedy chat
+#                       completions through the stock openai client vs the in-process engine's (PASS >= 14/16
+#                       equal, reasoning_content split), a stream equal to its non-streamed answer with usage,
+#                       and GPU memory grown by the replicas' CUDA contexts
 # GPU engines, each printed as SKIP when its package is not importable (FP8 ones also below sm_89):
 #   vllm_engine         engine=vllm through create_engine vs the transformers engine, greedy, r1-tiny:
 #                       share of equal texts (PASS >= 0.75: both bf16, but the kernels differ), a
@@ -231,6 +236,114 @@ if __name__ == "__main__":
     sys.exit(main())
 EOF
 
+cat >"$RUNS/serve_check.py" <<'EOF'
+"""`r1 serve` on the GPU over HTTP with the stock openai client: unsharded, then pipeline_stages=2."""
+import concurrent.futures, os, signal, subprocess, sys, threading, time
+import openai, torch
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import create_engine
+from r1.reasoning import split_reasoning
+from r1.tasks.arithmetic import generate_problems
+
+PORT, MAX_TOKENS = 8011, 96
+
+def used_mb(device):
+    if device != "cuda":
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+def start(device, gpus, stages, log):
+    """`r1 serve` in its own process group; returns it once it printed its ready line (or raises)."""
+    sets = {"model.device": device, "model.dtype": "fp32", "code_validator": "null", "pipeline_stages": stages,
+            "llm.min_replicas": 2, "llm.num_gpus": gpus if stages == 1 else 0, "shards.num_gpus": gpus}
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(PORT), "--ready-timeout-s", "150"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ready = threading.Event()
+    def pump():
+        for line in proc.stdout:
+            log.write(line)
+            if "is ready" in line:
+                ready.set()
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 170
+    while not ready.wait(1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"r1 serve did not get ready (exit code {proc.poll()}); see its log")
+    return proc
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
+
+def ask(client, prompt):
+    r = client.chat.completions.create(model="r1-tiny", messages=prompt, temperature=0, max_tokens=MAX_TOKENS)
+    c = r.choices[0]
+    return (c.message.model_extra.get("reasoning_content") or "", c.message.content or ""), r.usage.completion_tokens
+
+def ask_stream(client, prompt):
+    reasoning, content, usage = [], [], None
+    for chunk in client.chat.completions.create(model="r1-tiny", messages=prompt, temperature=0, max_tokens=MAX_TOKENS,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            reasoning.append(choice.delta.model_extra.get("reasoning_content") or "")
+            content.append(choice.delta.content or "")
+    return ("".join(reasoning), "".join(content)), usage
+
+def main():
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    gpus = 0.25 if device == "cuda" else 0
+    problems = generate_problems(16, level=1, seed=1, split="test")
+    prompts = [[{"role": "user", "content": p.question}] for p in problems]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=MAX_TOKENS)
+    engine = create_engine(ModelConfig(model="r1-tiny", device=device, dtype="fp32"), EngineConfig(max_num_seqs=16))
+    expected = [(split_reasoning(c.text, engine.think_prefilled), len(c.token_ids))
+                for c in engine.generate_batch(prompts, greedy)]
+    engine.shutdown()
+    del engine
+    ok = True
+    for stages in (1, 2):
+        name = f"serve pipeline_stages={stages}"
+        before = used_mb(device)
+        with open(os.path.join(os.environ.get("R1_CHECK_LOGS", "."), f"serve_{stages}.log"), "w") as log:
+            started = time.monotonic()
+            proc = start(device, gpus, stages, log)
+            try:
+                ready_s = time.monotonic() - started
+                grown = used_mb(device) - before
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+                models = [m.id for m in client.models.list()]
+                with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+                    got = list(pool.map(lambda p: ask(client, p), prompts))
+                same = sum(g == e for g, e in zip(got, expected))
+                streamed = ask_stream(client, prompts[0])
+            finally:
+                stop(proc)
+        has_reasoning = all(g[0][0] for g in got)
+        print(f"RESULT {name}: ready in {ready_s:.0f} s, GPU memory +{grown:.0f} MB, models {models}; "
+              f"{same}/{len(prompts)} concurrent greedy chat completions equal to the in-process engine's "
+              f"(reasoning_content and content split, completion_tokens); reasoning_content in all: {has_reasoning}; "
+              f"a stream equals its non-streamed answer with usage: {streamed == got[0]}")
+        # Two replicas (a CUDA context each, hundreds of MB) or four stages: GPU memory must grow.
+        on_gpu = device != "cuda" or grown >= 2 * stages * 100
+        ok = ok and on_gpu and same >= len(prompts) - 2 and has_reasoning and streamed == got[0] and models == ["r1-tiny"]
+    return 0 if ok else 1
+
+if __name__ == "__main__":
+    sys.exit(main())
+EOF
+
 gpu_engine_check() {  # name module engine quantization
   local name=$1 module=$2
   if ! "$PY" -c "import $module" >/dev/null 2>&1; then
@@ -257,6 +370,8 @@ for name in ray_train_nccl_bf16 ray_train_grpo_ds; do
 done
 check engine_cuda "$PY" "$RUNS/engine_cuda.py"
 grep -h "^RESULT" "$LOGS/engine_cuda.log" 2>/dev/null | sed 's/^/    /'
+check serve_gpu env R1_CHECK_LOGS="$LOGS" "$PY" "$RUNS/serve_check.py"
+grep -h "^RESULT" "$LOGS/serve_gpu.log" 2>/dev/null | sed 's/^/    /'
 check bench_training "$PY" -m bench.training --device cuda --steps 3
 grep -h "ratio\|s/step" "$LOGS/bench_training.log" 2>/dev/null | sed 's/^/    /'
 gpu_engine_check vllm_engine vllm vllm none
