@@ -8,6 +8,8 @@
 #   nccl_allreduce      torch.distributed NCCL process group (torchrun, world size 1), all-reduce on the GPU
 #   bf16_autocast_step  one SFT step of r1-tiny on the GPU under bf16 autocast (r1.train.precision)
 #   deepspeed_zero2     one SFT step through r1's DeepSpeed strategy, ZeRO stage 2, bf16 (torchrun)
+#   lora_bf16_step      SFT steps of r1-tiny with LoRA adapters on the GPU, bf16: only the adapters train, all move
+#   reward_bf16_step    Bradley-Terry reward-model steps on the GPU, bf16, on generated preference pairs
 #   ray_train_nccl_bf16 `r1 train sft` as a Ray Train job: 1 GPU worker, NCCL backend, bf16, 6 steps
 #   ray_train_grpo_ds   `r1 train grpo` with DeepSpeed ZeRO-2 on the GPU worker, bf16, 2 steps
 #   bench_training      bench/training.py (r1 GRPO vs TRL) on the GPU; informational, prints the ratio
@@ -67,26 +69,57 @@ dist.destroy_process_group()
 EOF
 
 cat >"$RUNS/step.py" <<'EOF'
-import math, sys, torch
-from r1.config import parse_config, SFTTrainConfig
+"""Three training steps of r1-tiny in one process on the GPU, bf16: SFT (ddp or deepspeed), SFT with
+LoRA adapters, or the Bradley-Terry reward model. R1_CHECK_DEVICE=cpu runs it without a GPU."""
+import json, math, os, sys, tempfile
+import torch
+from r1.config import RewardTrainConfig, SFTTrainConfig, parse_config
+from r1.tasks.arithmetic import generate_problems
+from r1.train.reward_stage import RewardStage
 from r1.train.sft import SFTStage
 from r1.train.stage import WorkerInfo
-strategy = sys.argv[1]
-cfg = {"model": {"model": "r1-tiny"}, "precision": "bf16", "scaling": {"use_gpu": True, "num_workers": 1},
+variant = sys.argv[1]  # ddp | deepspeed | lora | reward
+device = torch.device(os.environ.get("R1_CHECK_DEVICE", "cuda"), 0)
+cfg = {"model": {"model": "r1-tiny"}, "precision": "bf16", "scaling": {"use_gpu": device.type == "cuda", "num_workers": 1},
        "data": {"task": "arithmetic", "num_examples": 64, "max_seq_len": 128}, "batch_size_per_worker": 8, "max_steps": 3}
-if strategy == "deepspeed":
+if variant == "deepspeed":
     import torch.distributed as dist
     dist.init_process_group("nccl")
     cfg["strategy"] = {"name": "deepspeed", "zero_stage": 2}
-stage = SFTStage(parse_config(SFTTrainConfig, cfg), WorkerInfo(device=torch.device("cuda", 0)))
-with stage.strategy.autocast():
-    logits = stage.strategy.model(input_ids=torch.tensor([[0, 2, 5]], device="cuda")).logits
-assert logits.dtype == torch.bfloat16, logits.dtype
+if variant == "lora":
+    cfg["lora"] = {"enabled": True}
+if variant == "reward":
+    # Preference pairs: the right answer after the reasoning is chosen over a wrong one.
+    prefs = os.path.join(tempfile.mkdtemp(), "prefs.jsonl")
+    with open(prefs, "w") as f:
+        for p in generate_problems(64, level=1, seed=0, split="train"):
+            answer = int(p.answer)
+            f.write(json.dumps({"prompt": p.question, "chosen": f"{p.question} = {answer}</think>{answer}",
+                                "rejected": f"{p.question} = {answer + 7}</think>{answer + 7}"}) + "\n")
+    cfg["data"] = {"path": prefs, "eval_fraction": 0.25}
+    stage = RewardStage(parse_config(RewardTrainConfig, cfg), WorkerInfo(device=device))
+else:
+    stage = SFTStage(parse_config(SFTTrainConfig, cfg), WorkerInfo(device=device))
+module = stage.strategy.module
+trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+if variant != "reward":
+    with stage.strategy.autocast():
+        logits = stage.strategy.model(input_ids=torch.tensor([[0, 2, 5]], device=device)).logits
+    assert logits.dtype == torch.bfloat16, logits.dtype
 for step in range(3):
     m = stage.run_step(step)
     assert math.isfinite(m["loss"]), m
     print({k: round(v, 4) for k, v in m.items()})
-print(strategy, "ok, peak memory MB", round(m["peak_memory_mb"], 1))
+moved = sum(not torch.equal(p.detach(), trainable[n]) for n, p in module.named_parameters() if n in trainable)
+total = sum(1 for _ in module.parameters())
+print(f"{variant}: {len(trainable)} of {total} parameter tensors trainable, {moved} changed by the steps")
+if variant == "deepspeed":  # bf16 weights: an update below bf16's resolution can leave a tensor as it was
+    assert moved > 0, moved
+else:
+    assert moved == len(trainable) > 0, (moved, len(trainable))
+if variant == "lora":
+    assert all("lora_" in n for n in trainable) and len(trainable) < total, sorted(trainable)[:4]
+print(variant, "ok, peak memory MB", round(m["peak_memory_mb"], 1))
 EOF
 
 cat >"$RUNS/engine_checks.py" <<'EOF'
@@ -358,6 +391,8 @@ gpu_engine_check() {  # name module engine quantization
 check nccl_allreduce "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/nccl.py"
 check bf16_autocast_step "$PY" "$RUNS/step.py" ddp
 check deepspeed_zero2 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$RUNS/step.py" deepspeed
+check lora_bf16_step "$PY" "$RUNS/step.py" lora
+check reward_bf16_step "$PY" "$RUNS/step.py" reward
 check ray_train_nccl_bf16 "$PY" -m cluster.cli train sft --config ray_configs/train_tiny_sft.yaml \
   --set "scaling={num_workers: 1, use_gpu: true}" --set precision=bf16 --set max_steps=6 \
   --set "checkpoint={storage_path: $RUNS, run_name: gpu-sft, every_steps: 3}" --set progress_bar=false
