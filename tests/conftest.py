@@ -10,6 +10,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Where several xdist workers share the cores (scripts/test.sh runs two on two cores), torch in a
+# worker and in the processes it starts computes on one thread: two threads per process on cores the
+# other worker keeps busy made the in-process model tests about 1.7 times slower (their threads wait
+# on each other). Set before torch is imported, so it applies here and is inherited by `r1`
+# subprocesses and by the Ray clusters the tests start (whose workers would get one thread for a
+# fractional CPU anyway); `tests.serve_helpers.ray_serve` leaves the setting to Ray.
+SHARED_CORES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+if SHARED_CORES:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from contextlib import contextmanager
@@ -50,9 +51,17 @@ def ray_serve(port: int, num_cpus: int = 2, env_vars: dict[str, str] | None = No
     from ray import serve
 
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}},
-             **extra)
+    # The cluster's processes inherit this process's environment. Without the OMP_NUM_THREADS that
+    # tests/conftest.py sets for shared cores, Ray gives each replica its own (its reserved CPUs,
+    # 1 for a fractional num_cpus), as it does in production.
+    threads = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}},
+                 **extra)
+    finally:
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield

@@ -39,7 +39,11 @@ def server():
                                     look_back_period_s=4.0),
             "engine": {"max_num_seqs": 16, "max_queued_requests": 64},
             "request_timeout_s": 120,
-            "sessions": {"enabled": False},  # this module tests /v1/completions only
+            # This module tests /v1/completions only: no sessions, no sandbox, one filter replica
+            # (fewer processes starting and idling beside the replicas under test).
+            "sessions": {"enabled": False},
+            "code_validator": None,
+            "safety": {"deployment": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.02)},
         }
         serve.run(build_app(config), name=APP, route_prefix="/")
         base = f"http://127.0.0.1:{port}"

@@ -71,42 +71,26 @@ def _sft_config(storage: Path, run_name: str, model: Path, max_steps: int) -> SF
     ))
 
 
-def test_sft_two_workers_loss_falls_checkpoints_and_resumes(ray_cluster, untrained_tiny, tmp_path):
-    outcome = run_training("sft", _sft_config(tmp_path, "sft", untrained_tiny, max_steps=8))
-    steps = _steps(_records(outcome.metrics_path))
-    assert [s["step"] for s in steps] == list(range(1, 9))
-    # A fresh model on a fixed seed: the loss must fall over 8 steps.
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
-    for key in ("tokens_per_s", "step_time_s", "peak_memory_mb", "comm_s", "lr", "grad_norm"):
-        assert steps[-1][key] > 0, key
-    # Two gloo workers all-reduce gradients, so some (but not all) of a step is communication.
-    assert 0 < steps[-1]["comm_share"] < 1
-    assert steps[-1]["num_tokens"] > steps[-1]["num_target_tokens"] > 0  # prompt tokens carry no loss
-    assert read_checkpoint_step(outcome.checkpoint_path) == 8
-    assert (Path(outcome.checkpoint_path) / MODEL_DIR / "model.safetensors").exists()
-    assert (outcome.export_dir / "config.json").exists() and (outcome.export_dir / "tokenizer.json").exists()
-
-    # Starting the same run name again continues at step 8 instead of starting over.
-    resumed = run_training("sft", _sft_config(tmp_path, "sft", untrained_tiny, max_steps=10))
-    records = _records(resumed.metrics_path)
-    starts = [r for r in records if r.get("event") == "start"]
-    assert starts[-1] == {**starts[-1], "resumed": True, "start_step": 8}
-    assert [s["step"] for s in _steps(records)][-2:] == [9, 10]
-    assert resumed.final_step == 10
-
-
 # Long enough that the kill lands mid-run (it comes once the step-2 checkpoint is registered, at about
 # step 4 here), short because every second step writes a checkpoint (~1.5 s each on 2 cores).
 MAX_STEPS_FT = 20
 
 
-def test_fault_tolerance_killed_worker_resumes_from_checkpoint(ray_cluster, untrained_tiny, tmp_path):
-    config = _sft_config(tmp_path, "sft-ft", untrained_tiny, max_steps=MAX_STEPS_FT)
-    config = config.model_copy(update={"failure": config.failure.model_copy(update={"max_failures": 2})})
-    metrics_path = tmp_path / "sft-ft" / "metrics.jsonl"
-    killed: dict = {}
+def _ft_config(storage: Path, model: str, max_steps: int) -> SFTTrainConfig:
+    config = _sft_config(storage, "sft-ft", model, max_steps=max_steps)
+    return config.model_copy(update={"failure": config.failure.model_copy(update={"max_failures": 2})})
 
-    snapshot_path = tmp_path / "sft-ft" / "checkpoint_manager_snapshot.json"
+
+@pytest.fixture(scope="module")
+def sft_run(ray_cluster, untrained_tiny, tmp_path_factory) -> dict:
+    """One SFT run of MAX_STEPS_FT steps in which rank 1 is killed once a checkpoint is registered.
+
+    Three tests read it (training itself, the restart after the kill, and starting the run again), so
+    the module pays for one run instead of three."""
+    storage = tmp_path_factory.mktemp("sft")
+    metrics_path = storage / "sft-ft" / "metrics.jsonl"
+    snapshot_path = storage / "sft-ft" / "checkpoint_manager_snapshot.json"
+    killed: dict = {}
 
     def registered_step() -> int:
         """The step of the latest checkpoint the Ray Train controller has registered (0 if none)."""
@@ -136,9 +120,28 @@ def test_fault_tolerance_killed_worker_resumes_from_checkpoint(ray_cluster, untr
 
     killer = threading.Thread(target=kill_rank_1_after_a_checkpoint, daemon=True)
     killer.start()
-    outcome = run_training("sft", config)  # raises if the run ends in an error
+    outcome = run_training("sft", _ft_config(storage, untrained_tiny, MAX_STEPS_FT))  # raises if the run ends in an error
     killer.join(timeout=10)
+    return {"outcome": outcome, "killed": killed, "storage": storage, "model": untrained_tiny}
 
+
+def test_sft_two_workers_loss_falls_and_checkpoints(sft_run):
+    outcome = sft_run["outcome"]
+    steps = _steps(_records(outcome.metrics_path))
+    assert steps[0]["step"] == 1 and steps[-1]["step"] == MAX_STEPS_FT
+    # A fresh model on a fixed seed: the loss must fall over the run.
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    for key in ("tokens_per_s", "step_time_s", "peak_memory_mb", "comm_s", "lr", "grad_norm"):
+        assert steps[-1][key] > 0, key
+    # Two gloo workers all-reduce gradients, so some (but not all) of a step is communication.
+    assert 0 < steps[-1]["comm_share"] < 1
+    assert steps[-1]["num_tokens"] > steps[-1]["num_target_tokens"] > 0  # prompt tokens carry no loss
+    assert (Path(outcome.checkpoint_path) / MODEL_DIR / "model.safetensors").exists()
+    assert (outcome.export_dir / "config.json").exists() and (outcome.export_dir / "tokenizer.json").exists()
+
+
+def test_fault_tolerance_killed_worker_resumes_from_checkpoint(sft_run):
+    outcome, killed = sft_run["outcome"], sft_run["killed"]
     assert killed, "the worker was never killed"
     assert killed["at_step"] < MAX_STEPS_FT, "the run finished before the kill; the test proves nothing"
     records = _records(outcome.metrics_path)
@@ -152,6 +155,17 @@ def test_fault_tolerance_killed_worker_resumes_from_checkpoint(ray_cluster, untr
     after = [r["step"] for r in _steps(records[index:])]
     assert after[0] == restart["start_step"] + 1 and after[-1] == MAX_STEPS_FT
     assert outcome.final_step == MAX_STEPS_FT and read_checkpoint_step(outcome.checkpoint_path) == MAX_STEPS_FT
+
+
+def test_starting_a_finished_run_again_continues_from_its_last_checkpoint(sft_run):
+    # Starting the same run name again continues at its last step instead of starting over.
+    resumed = run_training("sft", _ft_config(sft_run["storage"], sft_run["model"], MAX_STEPS_FT + 2))
+    records = _records(resumed.metrics_path)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 3 and starts[-1] == {**starts[-1], "resumed": True, "start_step": MAX_STEPS_FT}
+    assert [s["step"] for s in _steps(records)][-2:] == [MAX_STEPS_FT + 1, MAX_STEPS_FT + 2]
+    assert resumed.final_step == MAX_STEPS_FT + 2
+    assert read_checkpoint_step(resumed.checkpoint_path) == MAX_STEPS_FT + 2
 
 
 def _preferences(path: Path, count: int) -> Path:
