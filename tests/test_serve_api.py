@@ -59,7 +59,9 @@ def server(tmp_path_factory, trace_file, metrics_port):
         "ingress": small_deployment(num_cpus=0.05),
         "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
         # Generous deadlines: on 2 shared cores a new SessionStore actor process can take a while to start.
-        "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db", "call_timeout_s": 120},
+        # Two SessionStore partitions rather than four: two processes fewer (tests/test_sessions_http.py covers them).
+        "sessions": {"backend_url": f"sqlite:///{tmp_path_factory.mktemp('sessions')}/sessions.db", "call_timeout_s": 120,
+                     "num_partitions": 2},
         # Generous deadline: 2 shared cores, the filter must not time out by accident.
         "safety": {"timeout_s": 20, "deployment": SMALL_SAFETY},
         # Four apps share ray.init(num_cpus=2): keep every replica's CPU share small so all fit.
