@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from contextlib import contextmanager
@@ -11,10 +12,25 @@ from typing import Any, Iterator
 import httpx
 
 
+# Ports the kernel hands out itself (a bind to port 0, every outgoing connection) come from its
+# ephemeral range (32768-60999 on Linux), and Ray's workers listen on 10002-19999. A port taken from
+# either range can be grabbed by the other xdist worker's Ray cluster between this check and the
+# bind that uses it (a Serve proxy once failed to bind so); one from between them cannot.
+_TEST_PORTS = range(20000, 32768)
+_port_choice = random.Random()  # its own generator: tests that seed `random` are not disturbed
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, outside the ranges the kernel and Ray pick from."""
+    for _ in range(500):
+        port = _port_choice.choice(_TEST_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_TEST_PORTS.start}-{_TEST_PORTS.stop - 1}")
 
 
 def small_deployment(**overrides: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -19,6 +18,7 @@ import ray
 from actors.session_store import SessionClient, actor_name, actor_options, stop_session_actors
 from r1.config import SessionConfig
 from r1.serving.protocol import APIError
+from tests.serve_helpers import free_port
 
 KEY_A, KEY_B = "key-id-a", "key-id-b"
 CALL_TIMEOUT_S = 60.0  # generous: actor processes start slowly on a loaded 2-core machine
@@ -38,12 +38,6 @@ def exchanges(first: int, last: int) -> list[dict[str, str]]:
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ The Redis cases run against a real `redis-server` started for this module on a f
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +28,7 @@ from r1.sessions import (
 )
 from r1.sessions.redis import RedisBackend
 from r1.sessions.sqlite import SQLiteBackend
+from tests.serve_helpers import free_port
 
 SID = "session-0123456789abcdef"
 OTHER_SID = "session-fedcba9876543210"
@@ -56,12 +56,6 @@ class FakeClock:
 
 
 # -- a real redis-server -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,8 @@ def _ft_config(storage: Path, model: str, max_steps: int) -> SFTTrainConfig:
 def sft_run(ray_cluster, untrained_tiny, tmp_path_factory) -> dict:
     """One SFT run of MAX_STEPS_FT steps in which rank 1 is killed once a checkpoint is registered.
 
-    Three tests read it (training itself, the restart after the kill, and starting the run again), so
-    the module pays for one run instead of three."""
+    The training test and the fault-tolerance test read this run, and the start-again test continues
+    it, so the module runs two SFT jobs where separate tests ran three."""
     storage = tmp_path_factory.mktemp("sft")
     metrics_path = storage / "sft-ft" / "metrics.jsonl"
     snapshot_path = storage / "sft-ft" / "checkpoint_manager_snapshot.json"
