@@ -150,10 +150,13 @@ def test_fault_tolerance_killed_worker_resumes_from_checkpoint(sft_run):
     restart = starts[1]
     assert restart["resumed"] is True and killed["checkpoint_step"] <= restart["start_step"] < MAX_STEPS_FT
     assert restart["start_step"] % 2 == 0  # a checkpoint step (every_steps=2)
-    # After the restart the step counter continues from the checkpoint, not from 0.
+    # Each attempt reports every step once, in order; after the restart the step counter continues
+    # from the checkpoint, not from 0.
     index = records.index(restart)
+    before = [r["step"] for r in _steps(records[:index])]
     after = [r["step"] for r in _steps(records[index:])]
-    assert after[0] == restart["start_step"] + 1 and after[-1] == MAX_STEPS_FT
+    assert before == list(range(1, len(before) + 1)) and len(before) >= killed["checkpoint_step"]
+    assert after == list(range(restart["start_step"] + 1, MAX_STEPS_FT + 1))
     assert outcome.final_step == MAX_STEPS_FT and read_checkpoint_step(outcome.checkpoint_path) == MAX_STEPS_FT
 
 
