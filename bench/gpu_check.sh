@@ -13,6 +13,9 @@
 #   ray_train_nccl_bf16 `r1 train sft` as a Ray Train job: 1 GPU worker, NCCL backend, bf16, 6 steps
 #   ray_train_grpo_ds   `r1 train grpo` with DeepSpeed ZeRO-2 on the GPU worker, bf16, 2 steps
 #   bench_training      bench/training.py (r1 GRPO vs TRL) on the GPU; informational, prints the ratio
+#   first_batch         bench/first_batch.py: r1's engine's first 64-prompt batches after each warm-up, fp32
+#                       and bf16, each in a fresh process, with the first batch's slowest steps and
+#                       (after the sweep) its top operators; informational
 #   engine_cuda         r1's own (transformers) engine on the GPU, 64 arithmetic prompts at once:
 #                       fp32 greedy tokens vs one-sequence-at-a-time decoding with the model's own KV
 #                       cache (PASS >= 58/64 equal), bf16 and bf16 + torch.compile accuracy vs fp32's
@@ -35,6 +38,7 @@
 #                       text), as vllm_fp8_engine
 # NCCL cannot put two ranks on one GPU, so multi-rank NCCL needs a machine with >= 2 GPUs.
 # Each check is stopped after CHECK_TIMEOUT seconds (default 300) and then counts as failed.
+# ONLY="name name ..." runs only the checks named (e.g. ONLY="lora_bf16_step first_batch").
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -43,10 +47,14 @@ RUNS=$(mktemp -d)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/r1-cluster/torch_extensions}
 CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
+ONLY=${ONLY:-}
 failed=0
+
+selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
 check() {
   local name=$1 start=$SECONDS; shift
+  selected "$name" || return 0
   if timeout -k 10 "$CHECK_TIMEOUT" "$@" >"$LOGS/$name.log" 2>&1; then
     echo "PASS $name ($((SECONDS - start)) s)"
   else
@@ -379,6 +387,7 @@ EOF
 
 gpu_engine_check() {  # name module engine quantization
   local name=$1 module=$2
+  selected "$name" || return 0
   if ! "$PY" -c "import $module" >/dev/null 2>&1; then
     echo "SKIP $name (package not installed: $module)"
     return
@@ -401,7 +410,7 @@ check ray_train_grpo_ds "$PY" -m cluster.cli train grpo --config ray_configs/tra
   --set "model.model=$RUNS/gpu-sft/final" --set "strategy={name: deepspeed, zero_stage: 2}" --set eval_num_problems=0 \
   --set "checkpoint={storage_path: $RUNS, run_name: gpu-grpo, every_steps: 1}" --set progress_bar=false
 for name in ray_train_nccl_bf16 ray_train_grpo_ds; do
-  tail -n 2 "$LOGS/$name.log" | sed "s/^/    $name: /"
+  [ -f "$LOGS/$name.log" ] && tail -n 2 "$LOGS/$name.log" | sed "s/^/    $name: /"
 done
 check engine_cuda "$PY" "$RUNS/engine_cuda.py"
 grep -h "^RESULT" "$LOGS/engine_cuda.log" 2>/dev/null | sed 's/^/    /'
@@ -409,6 +418,8 @@ check serve_gpu env R1_CHECK_LOGS="$LOGS" "$PY" "$RUNS/serve_check.py"
 grep -h "^RESULT" "$LOGS/serve_gpu.log" 2>/dev/null | sed 's/^/    /'
 check bench_training "$PY" -m bench.training --device cuda --steps 3
 grep -h "ratio\|s/step" "$LOGS/bench_training.log" 2>/dev/null | sed 's/^/    /'
+check first_batch "$PY" -m bench.first_batch --device cuda --profile
+grep -h "^RESULT\\|^FAILED\\|^ *Self CUDA time\\|^ *Self CPU time" "$LOGS/first_batch.log" 2>/dev/null | sed 's/^/    /'
 gpu_engine_check vllm_engine vllm vllm none
 gpu_engine_check vllm_fp8_engine vllm vllm fp8
 gpu_engine_check trtllm_engine tensorrt_llm trtllm none

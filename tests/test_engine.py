@@ -584,6 +584,32 @@ def test_warmup_fits_a_short_context(tiny):
         engine.shutdown()
 
 
+def test_a_full_batch_warmup_decodes_padded_prompts_and_fits_a_short_context(tiny):
+    model, tokenizer = tiny
+    for context, longest in ((None, 96), (6, 2)):
+        engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=4), context_tokens=context)
+        try:
+            sizes = _count_step_sizes(engine)
+            engine.warmup(all_batch_sizes=True, full_batch=True)
+            # The sweep (4, 3, 2, 1), then the full batch of four rows for `longest` new tokens.
+            assert sizes[:4] == [4, 3, 2, 1] and sizes[4:] == [4] * (longest - 1), (context, sizes)
+            assert engine.stats() == {"running": 0, "waiting": 0}
+        finally:
+            engine.shutdown()
+
+
+def test_engine_attention_runs_without_cudnn_on_cuda_and_leaves_the_setting_as_it_was():
+    from r1.engine.runner import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(torch.device("cuda", 0)):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_a_runner_that_cannot_remove_finished_rows_does_not_keep_them_running(fresh_engine, monkeypatch):
     # A pipeline whose model shard died fails every call, `remove` included. The finished requests
     # used to stay in `running`: each later step failed on them again (a busy loop) and new

@@ -408,17 +408,20 @@ class TransformersEngine:
             check()
 
     @torch.inference_mode()
-    def warmup(self, all_batch_sizes: bool | None = None) -> None:
-        """Run short requests so the first real ones do not pay one-time costs.
+    def warmup(self, all_batch_sizes: bool | None = None, full_batch: bool | None = None) -> None:
+        """Run requests shaped like real ones so the first real ones do not pay one-time costs.
 
         `all_batch_sizes` (default: on CUDA) decodes once at every batch size from `max_num_seqs`
         down to 1, in `max_num_seqs` steps: request i stops after i + 2 tokens, so the batch shrinks
-        by one row a step. On a GPU a batch size's first step otherwise pays for loading and
-        choosing its kernels: r1-tiny in fp32 on an H200 ran its first 64-prompt batch at 1.4k
-        tokens/s with no warm-up, 3.6k after one short request and 7.6k after this sweep (about
-        10k once warm). In bf16 the first batch stayed near 1k tokens/s after either warm-up, so
-        the sweep does not cover every first-use cost (BENCHMARKS.md, "GPU check"). On CPU the
-        default is one short request.
+        by one row a step. `full_batch` (default: on CUDA) then decodes one full batch of prompts
+        of different lengths (rows left-padded, attention with a real padding mask, as with real
+        traffic) for up to 96 tokens. On CPU the default is one short request.
+
+        On a GPU the first steps at a new shape pay for loading and choosing kernels and for the
+        allocator's growth. r1-tiny on an H200, first 64-prompt batch after each warm-up, in
+        tokens/s (bench/first_batch.py; about 11k once warm): fp32 1.3k with none, 6.3k after the
+        sweep, 10.9k after the sweep and the full batch; bf16 2.2k, 5.4k and 9.9k. Both together
+        took 1.2-1.4 s there (BENCHMARKS.md, "GPU check").
         """
         if all_batch_sizes is None:
             all_batch_sizes = self.device.type == "cuda"
@@ -426,3 +429,10 @@ class TransformersEngine:
         longest = max(1, self.context_tokens - 1)
         sampling = [SamplingConfig(temperature=0, max_new_tokens=min(i + 2, longest), ignore_eos=True) for i in range(count)]
         self.generate_batch([[0]] * count, sampling)
+        if full_batch is None:
+            full_batch = self.device.type == "cuda"
+        if full_batch:
+            longest_prompt = max(1, min(32, self.context_tokens // 2))
+            prompts = [[0] * (1 + i % longest_prompt) for i in range(self.config.max_num_seqs)]
+            new_tokens = max(1, min(96, self.context_tokens - longest_prompt - 1))
+            self.generate_batch(prompts, SamplingConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True))

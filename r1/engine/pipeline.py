@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from r1.engine.runner import BatchedKVCache, cache_kwarg, left_pad, new_cache
+from r1.engine.runner import BatchedKVCache, attention_kernels, cache_kwarg, left_pad, new_cache
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -94,9 +94,10 @@ class ModelStage:
             kwargs["input_ids"] = inputs
         else:
             kwargs["inputs_embeds"] = inputs.to(self.device, self.dtype)
-        if self.last:
-            return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
-        return self.model.model(**kwargs).last_hidden_state
+        with attention_kernels(self.device):
+            if self.last:
+                return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+            return self.model.model(**kwargs).last_hidden_state
 
     @torch.inference_mode()
     def add(self, seq_ids: list[str], payload: Any) -> Any:

@@ -24,7 +24,9 @@ protocol in `actors/`, using `BatchedKVCache` and `forward_with_cache` from this
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +43,31 @@ class ModelRunner(Protocol):
     def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor: ...
 
     def remove(self, seq_ids: list[str]) -> None: ...
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a forward pass of the engine runs in: on CUDA, SDPA without cuDNN's backend.
+
+    cuDNN's attention builds an execution plan for every new shape, and decoding changes the key
+    length at every step. On an H200 (torch 2.11, cuDNN chosen for half-precision attention with
+    a padding mask) that cost about 8 ms of CPU per layer and step: r1-tiny in bf16 decoded its
+    first 64-prompt batch at ~40 ms a step against ~4 ms in fp32, which never reaches cuDNN
+    (`bench/first_batch.py`, BENCHMARKS.md "GPU check"). The flash and memory-efficient kernels
+    have no per-shape set-up. On CPU nothing changes.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return _without_cudnn_attention()
+
+
+@contextlib.contextmanager
+def _without_cudnn_attention() -> Iterator[None]:
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def cache_kwarg(model: Any) -> str:
@@ -211,7 +238,8 @@ class LocalModelRunner:
 
     def _forward(self, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
-        out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
+        with attention_kernels(self.device):
+            out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     @torch.inference_mode()
