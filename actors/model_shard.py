@@ -136,7 +136,8 @@ def build_sharded_engine(config: ServeConfig, tokenizer: Any, actors: list[Any] 
     model_config = load_model_config(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     actors = actors or start_shards(config, pad_id)
-    runner = PipelineRunner([RemoteStage(a, carriers) for a in actors], model_config.vocab_size, resolve=resolve)
+    runner = PipelineRunner([RemoteStage(a, carriers) for a in actors], model_config.vocab_size, resolve=resolve,
+                            on_gpu=shard_gpus(config) > 0)
     engine = TransformersEngine(
         None, tokenizer, config.engine, runner=runner, context_tokens=context_length(model_config, tokenizer),
         stop_ids=stop_token_ids(None, tokenizer, load_generation_config(config.model)),

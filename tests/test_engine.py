@@ -658,3 +658,22 @@ def test_engine_health_reports_a_pipeline_stage_that_cannot_answer(tiny):
         PipelineRunner(stages, model.config.vocab_size).check_health()  # local stages always answer
     finally:
         engine.shutdown()
+
+
+def test_a_pipeline_on_gpus_gets_the_gpu_warmup(tiny):
+    # The engine of a sharded model holds no model and sees only the CPU; its stages' GPUs decide.
+    from r1.engine.pipeline import ModelStage, PipelineRunner
+
+    model, tokenizer = tiny
+    stages = [ModelStage.from_full_model(model, index, 2, tokenizer.pad_token_id) for index in range(2)]
+    for on_gpu in (False, True):
+        runner = PipelineRunner(stages, model.config.vocab_size, on_gpu=on_gpu)
+        engine = TransformersEngine(None, tokenizer, EngineConfig(max_num_seqs=3), runner=runner, context_tokens=8)
+        try:
+            sizes = _count_step_sizes(engine)
+            engine.warmup()
+            # On GPUs: the sweep (3, 2, 1), then the padded full batch (an 8-token context: prompts of
+            # up to 4 tokens, 3 new tokens, i.e. 2 decode steps after the prefill).
+            assert sizes == ([3, 2, 1, 3, 3] if on_gpu else [1]), (on_gpu, sizes)
+        finally:
+            engine.shutdown()

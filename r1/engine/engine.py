@@ -415,7 +415,8 @@ class TransformersEngine:
         down to 1, in `max_num_seqs` steps: request i stops after i + 2 tokens, so the batch shrinks
         by one row a step. `full_batch` (default: on CUDA) then decodes one full batch of prompts
         of different lengths (rows left-padded, attention with a real padding mask, as with real
-        traffic) for up to 96 tokens. On CPU the default is one short request.
+        traffic) for up to 96 tokens. On CPU the default is one short request. A pipeline whose
+        stages run on GPUs counts as on a GPU (`PipelineRunner.on_gpu`).
 
         On a GPU the first steps at a new shape pay for loading and choosing kernels and for the
         allocator's growth. r1-tiny on an H200, first 64-prompt batch after each warm-up, in
@@ -423,14 +424,15 @@ class TransformersEngine:
         sweep, 10.9k after the sweep and the full batch; bf16 2.2k, 5.4k and 9.9k. Both together
         took 1.2-1.4 s there (BENCHMARKS.md, "GPU check").
         """
+        on_gpu = self.device.type == "cuda" or getattr(self.runner, "on_gpu", False)
         if all_batch_sizes is None:
-            all_batch_sizes = self.device.type == "cuda"
+            all_batch_sizes = on_gpu
         count = self.config.max_num_seqs if all_batch_sizes else 1
         longest = max(1, self.context_tokens - 1)
         sampling = [SamplingConfig(temperature=0, max_new_tokens=min(i + 2, longest), ignore_eos=True) for i in range(count)]
         self.generate_batch([[0]] * count, sampling)
         if full_batch is None:
-            full_batch = self.device.type == "cuda"
+            full_batch = on_gpu
         if full_batch:
             longest_prompt = max(1, min(32, self.context_tokens // 2))
             prompts = [[0] * (1 + i % longest_prompt) for i in range(self.config.max_num_seqs)]

@@ -140,12 +140,16 @@ class PipelineRunner:
     last stage's output into a tensor (identity locally, `ray.get` for actor stages).
     """
 
-    def __init__(self, stages: list[Any], vocab_size: int, resolve: Callable[[Any], torch.Tensor] = lambda x: x):
+    def __init__(self, stages: list[Any], vocab_size: int, resolve: Callable[[Any], torch.Tensor] = lambda x: x,
+                 on_gpu: bool = False):
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         self.stages = stages
         self.vocab_size = vocab_size
         self.resolve = resolve
+        # The stages run on GPUs (the engine itself, holding no model, sees only the CPU): the
+        # engine's warm-up then covers every batch size and a padded full batch, as on a GPU.
+        self.on_gpu = on_gpu
 
     def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor:
         out: Any = prompts
