@@ -198,3 +198,21 @@ def test_render_only_rebuilds_from_the_stored_results(tmp_path):
 def test_only_rejects_unknown_benchmarks():
     with pytest.raises(SystemExit, match="--only: unknown benchmark.*engine"):
         bench_all.main(["--only", "engine,nope"])
+
+
+def test_first_batch_script_times_each_warmup_in_its_own_process():
+    # bench/first_batch.py otherwise runs only in the GPU check; on CPU it must still run end to end.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.first_batch", "--device", "cpu", "--dtypes", "fp32", "--warmups", "short",
+         "--batches", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [(r["dtype"], r["warmup"]) for r in results] == [("fp32", "short")], done.stdout[-2000:]
+    for r in results:
+        assert len(r["tokens_per_s"]) == 1 and r["tokens_per_s"][0] > 0
+        assert r["first_prefill_rows"] and sum(r["first_prefill_rows"]) == 64
+        assert r["first_decode_steps"] > 0 and len(r["first_decode_slowest"]) == min(8, r["first_decode_steps"])
+    assert results[0]["warmup_s"] > 0
+    bad = subprocess.run([sys.executable, "-m", "bench.first_batch", "--warmups", "cold"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--warmups: unknown warm-up 'cold'" in bad.stderr
