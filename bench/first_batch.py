@@ -120,10 +120,13 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
+    warmups = args.warmups.split(",")
+    for warmup in warmups:
+        if warmup not in WARMUPS:
+            parser.error(f"--warmups: unknown warm-up {warmup!r}; choose from {', '.join(WARMUPS)}")
+    failed = 0
     for dtype in args.dtypes.split(","):
-        for warmup in args.warmups.split(","):
-            if warmup not in WARMUPS:
-                parser.error(f"--warmups: unknown warm-up {warmup!r}; choose from {', '.join(WARMUPS)}")
+        for warmup in warmups:
             cmd = [sys.executable, "-m", "bench.first_batch", "--child", "--device", args.device, "--dtype", dtype,
                    "--warmup", warmup, "--batches", str(args.batches)]
             if args.profile and warmup == "sweep":
@@ -131,9 +134,10 @@ def main() -> int:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             sys.stdout.write(done.stdout)
             if done.returncode:
+                failed += 1
                 print(f"FAILED {dtype} {warmup} (exit {done.returncode}):\n{done.stderr[-3000:]}")
             sys.stdout.flush()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def test_only_rejects_unknown_benchmarks():
         bench_all.main(["--only", "engine,nope"])
 
 
-def test_first_batch_script_times_each_warmup_in_its_own_process():
+def test_first_batch_script_runs_on_cpu_and_reports_where_the_first_batch_went():
     # bench/first_batch.py otherwise runs only in the GPU check; on CPU it must still run end to end.
     done = subprocess.run(
         [sys.executable, "-m", "bench.first_batch", "--device", "cpu", "--dtypes", "fp32", "--warmups", "short",
