@@ -435,6 +435,9 @@ class TransformersEngine:
             full_batch = on_gpu
         if full_batch:
             longest_prompt = max(1, min(32, self.context_tokens // 2))
-            prompts = [[0] * (1 + i % longest_prompt) for i in range(self.config.max_num_seqs)]
+            # Distinct prompts (a different first token per row), so the prefill has as many rows as
+            # real traffic's: identical prompts are prefilled once.
+            vocab = self.runner.vocab_size
+            prompts = [[i % vocab] + [0] * (i % longest_prompt) for i in range(self.config.max_num_seqs)]
             new_tokens = max(1, min(96, self.context_tokens - longest_prompt - 1))
             self.generate_batch(prompts, SamplingConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True))
