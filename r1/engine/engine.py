@@ -415,8 +415,8 @@ class TransformersEngine:
         down to 1, in `max_num_seqs` steps: request i stops after i + 2 tokens, so the batch shrinks
         by one row a step. `full_batch` (default: on CUDA) then decodes one full batch of prompts
         of different lengths (rows left-padded, attention with a real padding mask, as with real
-        traffic) for up to 96 tokens. On CPU the default is one short request. A pipeline whose
-        stages run on GPUs counts as on a GPU (`PipelineRunner.on_gpu`).
+        traffic) for up to 96 tokens. On CPU the default is one short request. The runner says where
+        the model runs (`on_gpu`: a pipeline's stages may be on GPUs while the engine is not).
 
         On a GPU the first steps at a new shape pay for loading and choosing kernels and for the
         allocator's growth. r1-tiny on an H200, first 64-prompt batch after each warm-up, in
@@ -424,7 +424,7 @@ class TransformersEngine:
         sweep, 10.9k after the sweep and the full batch; bf16 2.2k, 5.4k and 9.9k. Both together
         took 1.2-1.4 s there (BENCHMARKS.md, "GPU check").
         """
-        on_gpu = self.device.type == "cuda" or getattr(self.runner, "on_gpu", False)
+        on_gpu = self.runner.on_gpu
         if all_batch_sizes is None:
             all_batch_sizes = on_gpu
         count = self.config.max_num_seqs if all_batch_sizes else 1

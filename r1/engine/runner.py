@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 class ModelRunner(Protocol):
     vocab_size: int
+    on_gpu: bool  # the model runs on GPUs (the engine's warm-up then covers every shape it can)
 
     def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor: ...
 
@@ -225,6 +226,7 @@ class LocalModelRunner:
     def __init__(self, model: Any, pad_token_id: int = 0, growing_cache: bool | None = None):
         self.model = model
         self.device = next(model.parameters()).device
+        self.on_gpu = self.device.type == "cuda"
         self.pad_token_id = pad_token_id
         self.vocab_size = model.config.vocab_size
         self.kv = BatchedKVCache()
