@@ -19,6 +19,7 @@ Informational: it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -73,19 +74,16 @@ def child(args) -> None:
     for batch in range(args.batches):
         problems = generate_problems(64, level=1, seed=batch, split="test")
         prompts = [[{"role": "user", "content": p.question}] for p in problems]
-        profiler = None
-        if args.profile and batch == 0:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                              ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
-            profiler.__enter__()
+        profiling = args.profile and batch == 0
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         log.clear()
-        sync()
-        start = time.perf_counter()
-        outs = engine.generate_batch(prompts, greedy)
-        sync()
-        elapsed = time.perf_counter() - start
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
+        with torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext() as profiler:
+            sync()
+            start = time.perf_counter()
+            outs = engine.generate_batch(prompts, greedy)
+            sync()
+            elapsed = time.perf_counter() - start
+        if profiling:
             for key in ("self_cpu_time_total",) + (("self_cuda_time_total",) if cuda else ()):
                 print(f"--- first batch, top operators by {key}")
                 print(profiler.key_averages().table(sort_by=key, row_limit=15))
