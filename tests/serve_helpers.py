@@ -64,6 +64,7 @@ def ray_serve(port: int, num_cpus: int = 2, env_vars: dict[str, str] | None = No
     `env_vars` reach every worker; `metrics_port` is where Ray's Prometheus export listens.
     """
     import ray
+    from cluster.ray_start import init_ray
     from ray import serve
 
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
@@ -72,7 +73,7 @@ def ray_serve(port: int, num_cpus: int = 2, env_vars: dict[str, str] | None = No
     # 1 for a fractional num_cpus), as it does in production.
     threads = os.environ.pop("OMP_NUM_THREADS", None)
     try:
-        ray.init(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
+        init_ray(address="local", num_cpus=num_cpus, namespace="r1-tests", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}},
                  **extra)
     finally:

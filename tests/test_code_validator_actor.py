@@ -13,6 +13,7 @@ import ray
 from ray import serve
 
 from actors.code_validator import HandleValidator, build_code_validator
+from cluster.ray_start import init_ray
 from r1.codecheck import CodeTestReward, solve_with_repair
 from r1.config import CodeCheckConfig, CodeValidatorConfig
 
@@ -24,7 +25,7 @@ GOOD = "def add(a, b):\n    return a + b\n"
 
 @pytest.fixture(scope="module")
 def handle():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = CodeValidatorConfig(
         codecheck=CodeCheckConfig(timeout_s=20.0, memory_mb=256, max_processes=16),
         num_cpus=0.1, min_replicas=1, max_replicas=1, target_ongoing_requests=2, max_ongoing_requests=4,

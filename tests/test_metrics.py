@@ -243,10 +243,11 @@ def scrape_r1(port: int, deadline_s: float) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def exported():
     import ray
+    from cluster.ray_start import init_ray
 
     port = free_port()
     # address="local": a fresh cluster of our own, even when another Ray cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=port)
     try:
         recorder = ray.remote(num_cpus=0)(recorder_class()).remote()

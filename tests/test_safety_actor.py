@@ -10,6 +10,7 @@ import ray
 from ray import serve
 
 from actors.safety import SafetyClient, SafetyUnavailable, build_safety_filter
+from cluster.ray_start import init_ray
 from r1.config import DeploymentConfig, SafetyConfig
 from r1.safety import SafetyFilter
 
@@ -20,7 +21,7 @@ CARD = "4111 1111 1111 1111"
 
 @pytest.fixture(scope="module")
 def handle():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = SafetyConfig(
         deployment=DeploymentConfig(num_cpus=0.1, min_replicas=1, max_replicas=1, target_ongoing_requests=4, max_ongoing_requests=8)
     )

@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from actors.session_store import SessionClient, actor_name, actor_options, stop_session_actors
+from cluster.ray_start import init_ray
 from r1.config import SessionConfig
 from r1.serving.protocol import APIError
 from tests.serve_helpers import free_port
@@ -69,7 +70,7 @@ def redis_url():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -263,7 +264,7 @@ def test_sessions_survive_restarting_everything(configs):
     kinds = ("sqlite", "redis")
     session_ids = {kind: run(dialog(SessionClient(configs[kind]), None, KEY_A, 1, 3))[0] for kind in kinds}
     ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for kind in kinds:
         fresh = SessionClient(configs[kind])
         assert run(fresh.history(session_ids[kind], KEY_A))["messages"] == exchanges(1, 3), kind

@@ -394,13 +394,14 @@ def hop_class() -> type:
 
 def test_trace_crosses_ray_actors(trace_file):
     import ray
+    from cluster.ray_start import init_ray
 
     from actors.tracing import with_telemetry_env
 
     runtime_env = with_telemetry_env({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     assert runtime_env["env_vars"]["R1_TRACE_FILE"] == str(trace_file)
     # address="local": a fresh cluster of our own, even when another Ray cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
     try:
         remote_hop = ray.remote(num_cpus=0)(hop_class())

@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from cluster.cli import main as r1_main
+from cluster.ray_start import init_ray
 from cluster.train.driver import load_train_config, run_training
 from r1.config import GRPOTrainConfig, RewardTrainConfig, SFTTrainConfig, parse_config
 from r1.trace_file import read_spans
@@ -36,7 +37,7 @@ def trace_file(tmp_path_factory):
 def ray_cluster(trace_file):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/r1-cluster/torch_extensions").expanduser()))
     # Every worker traces into one file (the driver only in the test that sets R1_TRACE_FILE for itself).
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    init_ray(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"R1_TRACE_FILE": str(trace_file)}})
     yield
     ray.shutdown()

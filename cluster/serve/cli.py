@@ -149,13 +149,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from actors.tracing import with_telemetry_env
+    from cluster.ray_start import init_ray
     from cluster.serve.app import build_app
     from r1.telemetry import config_from_env, setup_tracing
 
     setup_tracing(config_from_env())  # a bad tracing setting fails here, before anything starts
 
     # Tracing settings (R1_TRACE_FILE, OTEL_*) travel to every replica and actor in the runtime env.
-    ray.init(address=address, namespace="r1", log_to_driver=args.verbose_ray,
+    init_ray(address=address, namespace="r1", log_to_driver=args.verbose_ray,
              runtime_env=with_telemetry_env({"env_vars": replica_env_vars(keys)}))
     # The file's other HTTP options (request_timeout_s, root_path, TLS, ...) apply as with `serve run`.
     serve.start(http_options={**http_options, "host": host, "port": port})

@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 
+from cluster.ray_start import init_ray
 from cluster.train.worker import config_class, export_dir, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def run_training(stage: str, config: Any, *, address: str | None = None) -> Trai
     setup_tracing(telemetry, service_name=f"{telemetry.service_name}-train-driver")
     if not ray.is_initialized():
         # Tracing settings reach the workers through the runtime env (they do not inherit ours).
-        ray.init(address=address, runtime_env=with_telemetry_env(None, telemetry))
+        init_ray(address=address, runtime_env=with_telemetry_env(None, telemetry))
     run_name = config.checkpoint.run_name or f"r1-{stage}"
     storage_path = Path(config.checkpoint.storage_path).expanduser().resolve()
     run_dir = storage_path / run_name
