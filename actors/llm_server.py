@@ -54,7 +54,12 @@ class LLMServer:
         start = time.perf_counter()
         self.engine.warmup()
         self.warmup_s = time.perf_counter() - start
-        logger.info("LLMServer: the engine warmed up in %.2f s", self.warmup_s)
+        # Where the model runs decides the r1 engine's warm-up (a pipeline's stages may be on GPUs
+        # while this replica is not); the external GPU engines warm up their own way.
+        runner = getattr(self.engine, "runner", None)
+        kind = "" if runner is None else (" (model on a GPU: every batch size, then a full batch)" if runner.on_gpu
+                                          else " (model on the CPU: one short request)")
+        logger.info("LLMServer: the engine warmed up in %.2f s%s", self.warmup_s, kind)
         self.engine.start()
         self.think_prefilled = self.engine.think_prefilled
         # Compute utilization relative to the threads the engine runs on (Ray's OMP_NUM_THREADS for the

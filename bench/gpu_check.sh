@@ -279,7 +279,7 @@ EOF
 
 cat >"$RUNS/serve_check.py" <<'EOF'
 """`r1 serve` on the GPU over HTTP with the stock openai client: unsharded, then pipeline_stages=2."""
-import concurrent.futures, os, signal, subprocess, sys, threading, time
+import concurrent.futures, glob, os, signal, subprocess, sys, threading, time
 import openai, torch
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import create_engine
@@ -326,6 +326,14 @@ def stop(proc):
             proc.wait(10)
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
 
+def warm_up_lines():
+    """The LLM server replicas' warm-up log lines of the running Ray session ("... warmed up in ...")."""
+    found = []
+    for path in glob.glob("/tmp/ray/session_latest/logs/serve/replica_*LLMServer*.log"):
+        with open(path, errors="replace") as f:
+            found += sorted({line.split(" -- ", 1)[-1].strip() for line in f if "warmed up in" in line})
+    return found
+
 def ask(client, prompt):
     r = client.chat.completions.create(model="r1-tiny", messages=prompt, temperature=0, max_tokens=MAX_TOKENS)
     c = r.choices[0]
@@ -369,16 +377,21 @@ def main():
                     got = list(pool.map(lambda p: ask(client, p), prompts))
                 same = sum(g == e for g, e in zip(got, expected))
                 streamed = ask_stream(client, prompts[0])
+                warmups = warm_up_lines()
             finally:
                 stop(proc)
         has_reasoning = all(g[0][0] for g in got)
+        # Each LLM server replica says how it warmed up; with the model (or every stage) on the GPU
+        # that is the GPU warm-up (every batch size, then a full batch), sharded or not.
+        print(f"RESULT {name}: warm-ups {warmups}")
+        gpu_warm_up = len(warmups) >= 2 and all(("on a GPU" in w) == (device == "cuda") for w in warmups)
         print(f"RESULT {name}: ready in {ready_s:.0f} s, GPU memory +{grown:.0f} MB, models {models}; "
               f"{same}/{len(prompts)} concurrent greedy chat completions equal to the in-process engine's "
               f"(reasoning_content and content split, completion_tokens); reasoning_content in all: {has_reasoning}; "
               f"a stream equals its non-streamed answer with usage: {streamed == got[0]}")
         # Two replicas (a CUDA context each, hundreds of MB) or four stages: GPU memory must grow.
         on_gpu = device != "cuda" or grown >= 2 * stages * 100
-        ok = ok and on_gpu and same >= len(prompts) - 2 and has_reasoning and streamed == got[0] and models == ["r1-tiny"]
+        ok = ok and on_gpu and gpu_warm_up and same >= len(prompts) - 2 and has_reasoning and streamed == got[0] and models == ["r1-tiny"]
     return 0 if ok else 1
 
 if __name__ == "__main__":
