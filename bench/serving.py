@@ -16,7 +16,10 @@ torch threads; the median of the per-prompt differences does not move with the m
 between levels. The same pairs with 1-token requests measure the overhead's fixed part (HTTP, the
 proxy, screening, the session, the hops to the first token and the end), where the engine's own
 time is one prefill, so single requests spread far less: it is a lower bound on every request's
-overhead.
+overhead. Last, Ray Serve's own floor for that path: an app with no model and no r1 code (an
+ingress like the stack's that answers JSON, one that first calls another deployment, one that
+streams one item from another deployment as SSE: the stack's path to the LLM server, empty),
+timed in interleaved rounds on the same machine in the same run.
 
     python -m bench.serving [--concurrency 1,4,16] [--new-tokens 64] [--requests-per-level 32]
 """
@@ -165,7 +168,86 @@ def loop_level(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -
     return records, time.perf_counter() - start_all
 
 
-def start_stack(port: int, overrides: list[str]) -> None:
+FLOOR_APP, FLOOR_ROUTE = "serve_floor", "/serve-floor"
+# what each floor request goes through, in the order they are timed within a round
+FLOOR_KINDS = {
+    "json": "HTTP → proxy → ingress, JSON reply",
+    "call": "the same + one call to another deployment",
+    "stream": "the same + one item streamed from another deployment, SSE (the stack's path, empty)",
+}
+
+
+def start_floor(single_loop: bool) -> None:
+    """Deploy Ray Serve's floor app next to the stack: an ingress set up like the stack's (FastAPI,
+    fractional CPU, the single event loop when the stack's ingress has it) and a deployment it
+    calls, with nothing in either: no model, no screening, no session, no r1 code."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from ray import serve
+
+    from cluster.serve.app import SINGLE_LOOP_ENV_VARS, with_env_vars
+
+    api = FastAPI()
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.05})
+    class FloorTokens:
+        async def one(self) -> str:
+            return "0"
+
+        async def stream(self, count: int):
+            for index in range(count):
+                yield str(index)
+
+    actor_options = {"num_cpus": 0.05}
+    if single_loop:
+        actor_options = with_env_vars(actor_options, SINGLE_LOOP_ENV_VARS)
+
+    @serve.deployment(num_replicas=1, ray_actor_options=actor_options)
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        @api.post("/json")
+        async def json_reply(self) -> dict:
+            return {"token": "0"}
+
+        @api.post("/call")
+        async def call(self) -> dict:
+            return {"token": await self.tokens.one.remote()}
+
+        @api.post("/stream")
+        async def stream(self) -> StreamingResponse:
+            items = self.tokens.options(stream=True).stream.remote(1)
+
+            async def events():
+                async for item in items:
+                    yield f"data: {item}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+    serve.run(FloorIngress.bind(FloorTokens.bind()), name=FLOOR_APP, route_prefix=FLOOR_ROUTE)
+
+
+async def time_floor(http: httpx.AsyncClient, base_url: str, rounds: int) -> dict[str, list[float]]:
+    """Seconds per request of each floor kind, over `rounds` interleaved rounds (after two untimed)."""
+    times: dict[str, list[float]] = {kind: [] for kind in FLOOR_KINDS}
+    for index in range(rounds + 2):
+        for kind in FLOOR_KINDS:
+            start = time.perf_counter()
+            async with http.stream("POST", f"{base_url}{FLOOR_ROUTE}/{kind}") as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"the Serve floor app answered {response.status_code} to /{kind}")
+                async for _ in response.aiter_lines():
+                    pass
+            if index >= 2:
+                times[kind].append(time.perf_counter() - start)
+    return times
+
+
+def start_stack(port: int, overrides: list[str]):
+    """Start Ray and Serve and deploy the stack (one replica each); returns its ServeConfig."""
     import ray
     from ray import serve
 
@@ -177,8 +259,10 @@ def start_stack(port: int, overrides: list[str]) -> None:
     one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
     from r1.config import ServeConfig, apply_overrides, parse_config
 
-    config = parse_config(ServeConfig, {"ingress": one_replica, "llm": one_replica, "engine": {"max_num_seqs": 64}})
-    serve.run(build_app(apply_overrides(config, overrides).model_dump()), name="bench")
+    config = apply_overrides(parse_config(ServeConfig, {"ingress": one_replica, "llm": one_replica,
+                                                        "engine": {"max_num_seqs": 64}}), overrides)
+    serve.run(build_app(config.model_dump()), name="bench")
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -200,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  add_special_tokens=False) for c in chats]
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
 
-    start_stack(args.port, args.set)
+    config = start_stack(args.port, args.set)
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []
@@ -236,6 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     asyncio.run(levels_async())
+    # Ray Serve's floor, while the stack is idle (its replicas stay up, as they would).
+    start_floor(config.ingress_single_loop)
+
+    async def floor_async() -> dict[str, list[float]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await time_floor(http, f"http://127.0.0.1:{args.port}", args.requests_per_level)
+
+    floor = asyncio.run(floor_async())
+    serve.delete(FLOOR_APP)
     loop_records, loop_elapsed = loop_level(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
     rows.append(summarize("loop", 1, loop_records, loop_elapsed))
     latencies["loop", 1] = sorted(r["e2e"] for r in loop_records)
@@ -267,8 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
             low, mid, high = paired_quartiles_ms(paired_fixed)
             print(f"  its fixed part (1-token requests, paired the same way): median {mid:.1f} ms "
                   f"(quartiles {low:.1f} – {high:.1f} ms, {len(paired_fixed)} pairs)")
+    for kind, label in FLOOR_KINDS.items():
+        low, mid, high = paired_quartiles_ms(floor[kind])
+        print(f"Ray Serve's floor, {label}: median {mid:.1f} ms (quartiles {low:.1f} – {high:.1f} ms)")
     serve.shutdown()
-    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed)
+    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed, floor)
     return finish(result, args.json)
 
 
@@ -284,7 +380,8 @@ def paired_quartiles_ms(differences: list[float]) -> tuple[float, float, float]:
 
 def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
                     latencies: dict[tuple[str, int], list[float]], static_tok_s: float, overhead_ms: float | None,
-                    paired: list[float] | None = None, paired_fixed: list[float] | None = None) -> dict:
+                    paired: list[float] | None = None, paired_fixed: list[float] | None = None,
+                    floor: dict[str, list[float]] | None = None) -> dict:
     """The run as the bench JSON contract: the per-level table, the targets, and the data for the plots."""
     top = max(r["concurrency"] for r in rows if r["method"] == "stack")
     stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
@@ -317,6 +414,15 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                 low, mid, high = paired_quartiles_ms(differences)
                 checks.append([check.format(count=len(differences)), "≤ 5 ms", f"{mid:.0f} ms ({low:.0f} – {high:.0f})"])
                 notes.append(overhead_note(note, mid))
+    floor_rows = []
+    if floor:
+        # Not targets: what Ray Serve itself costs for the stack's path on this machine, with nothing in it.
+        for kind, label in FLOOR_KINDS.items():
+            low, mid, high = paired_quartiles_ms(floor[kind])
+            floor_rows.append([label, f"{mid:.1f} ms", f"{low:.1f} – {high:.1f} ms", len(floor[kind])])
+        mid = paired_quartiles_ms(floor["stream"])[1]
+        notes.append(f"Ray Serve's floor for the stack's path (HTTP, the proxy, an ingress, one streamed deployment "
+                     f"hop; no model, no r1 code): median {mid:.1f} ms, against the ≤ 5 ms overhead target")
     throughput: dict[str, list[list[float]]] = {}
     for r in rows:
         throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
@@ -335,11 +441,12 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
              "columns": ["method", "conc", "tok/s", "TTFT p50", "TPOT p50", "e2e p50", "e2e p99", "errors"],
              "rows": table},
             {"title": "targets", "columns": ["check", "target", "measured"], "rows": checks},
-        ],
+        ] + ([{"title": "Ray Serve's own floor in the same run: requests through Serve with no model and no r1 code",
+               "columns": ["request", "median", "quartiles", "requests"], "rows": floor_rows}] if floor_rows else []),
         "series": {"throughput_vs_concurrency": throughput, "latency_cdf": cdf},
         "notes": notes,
         "raw": {"rows": rows, "static_tok_s": static_tok_s, "paired_overhead_s": paired or [],
-                "paired_fixed_overhead_s": paired_fixed or []},
+                "paired_fixed_overhead_s": paired_fixed or [], "serve_floor_s": floor or {}},
     }
 
 
