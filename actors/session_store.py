@@ -235,6 +235,15 @@ class SessionClient:
     async def begin_turn(self, body_session_id: Any, header_session_id: str | None, owner: str | None,
                          messages: Sequence[Message], max_new_tokens: int | None = None) -> Turn:
         """Open (or create) the request's session and plan the prompt. 400 bad id/messages, 404 not yours."""
+        session = await self.open_session(body_session_id, header_session_id, owner, messages)
+        return await self.plan(session, messages, max_new_tokens)
+
+    async def open_session(self, body_session_id: Any, header_session_id: str | None, owner: str | None,
+                           messages: Sequence[Message]) -> Session:
+        """`begin_turn`'s first half: check the id and the messages' shape, then open (or create) the
+        session. 400 bad id/messages, 404 not yours. It sends the store no message text, so the
+        ingress runs it alongside the input screening and plans the screened messages after; a
+        request refused in between gives the session to `abandon_session`."""
         try:
             session_id = resolve_session_id(body_session_id, header_session_id)
         except ValueError as error:
@@ -247,6 +256,12 @@ class SessionClient:
         session = await self._call(session_id, "open", session_id, owner or "", self.config.window_messages)
         if session is None:
             raise _not_found(session_id)
+        return session
+
+    async def plan(self, session: Session, messages: Sequence[Message], max_new_tokens: int | None = None) -> Turn:
+        """`begin_turn`'s second half: the turn for `messages` on the opened `session` (its history
+        window and the prompt). 400 if the chat template refuses them (a session this request
+        created is removed first)."""
         budget = None
         if self.count_tokens is not None:
             budget = prompt_token_budget(self.context_tokens, max_new_tokens, window_tokens=self.config.window_tokens,
@@ -254,10 +269,14 @@ class SessionClient:
         try:
             return plan_turn(session, messages, window_messages=self.config.window_messages, token_budget=budget,
                              count_tokens=self.count_tokens)
-        except ValueError as error:  # the chat template refused the messages (r1/chat_template.py)
-            if session.created:
-                await self._delete_quietly(session_id, owner or "")
+        except ValueError as error:  # bad messages, or the chat template refused them (r1/chat_template.py)
+            await self.abandon_session(session)
             raise APIError(400, str(error), param="messages", code="invalid_value") from None
+
+    async def abandon_session(self, session: Session) -> None:
+        """An opened session whose turn stores nothing: delete it if the open created it."""
+        if session.created:
+            await self._delete_quietly(session.session_id, session.owner)
 
     async def abandon(self, turn: Turn) -> None:
         """A turn that stores nothing (refused, failed, or its client went away): delete the session

@@ -20,6 +20,7 @@ from r1.model import load_tokenizer
 from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_for, wait_http_ok
 
 KEY, OTHER_KEY = "session-key-a", "session-key-b"
+BLOCKED_WORD = "forbidden-word"
 MODEL = "r1-tiny"
 
 
@@ -30,7 +31,10 @@ def app_config(keys_file, backend_url: str) -> dict:
         "llm": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.1),
         "sessions": {"backend_url": backend_url, "num_partitions": 2, "call_timeout_s": 120},
         # One filter replica and no sandbox: fewer processes to start on each of this module's deploys.
-        "safety": {"deployment": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.02)},
+        "safety": {"deployment": small_deployment(min_replicas=1, max_replicas=1, num_cpus=0.02),
+                   # input screening that refuses a turn (the default profile only redacts)
+                   "rules": [{"id": "test_refusal", "kind": "keyword", "keywords": [BLOCKED_WORD],
+                              "input": "block", "output": "redact"}]},
         "code_validator": None,
     }
 
@@ -139,23 +143,46 @@ def test_refused_turns_leave_no_session_and_streams_carry_the_new_id(env):
     api = client(base)
     before = session_count()
     # Refused after the session was opened: by the chat template (a tool message with no call before
-    # it) and by the context (max_tokens beyond it). No id was handed out, so nothing may stay.
+    # it) and by the context (max_tokens beyond it). Refused while it is being opened (the open runs
+    # alongside these checks): by the prompt's length and by the input screening. No id was handed
+    # out, so nothing may stay.
     refused = [
-        {"messages": [{"role": "tool", "content": "x"}]},
-        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020},
+        ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020}, None),
+        ({"messages": [{"role": "user", "content": "1 " * 2000}]}, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": f"say {BLOCKED_WORD}"}]}, "sensitive_content"),
     ]
-    for extra in refused:
+    for extra, code in refused:
         response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
                               json={"model": MODEL, **extra})
         assert response.status_code == 400, response.text
+        assert code is None or response.json()["error"]["code"] == code, response.text
     wait_for(lambda: session_count() == before, 30, "the refused turns' sessions to be removed")
     # A streamed turn that creates its session says its id in the stream too, not only in the header.
     stream = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                          stream=True, stream_options={"include_usage": True})
     ids = {chunk.model_dump().get("session_id") for chunk in stream} - {None}
     assert len(ids) == 1
-    assert history(base, ids.pop()).status_code == 200
+    session_id = ids.pop()
+    stored = history(base, session_id).json()["messages"]
     assert session_count() == before + 1
+    # A refused turn on an existing session leaves it as it was: not removed, nothing stored.
+    for extra in ({"content": f"say {BLOCKED_WORD}"}, {"content": "1 " * 2000}):
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": MODEL, "session_id": session_id, "messages": [{"role": "user", **extra}]})
+        assert response.status_code == 400, response.text
+    time.sleep(1)  # a wrongful removal would run in the background after the answer
+    assert history(base, session_id).json()["messages"] == stored
+    assert session_count() == before + 1
+    # The open's own errors still come after the checks': someone else's session is 404, but a
+    # refused input on it is the refusal, as when the session was opened after the screening.
+    def as_other(text: str) -> httpx.Response:
+        return httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {OTHER_KEY}"},
+                          json={"model": MODEL, "session_id": session_id, "messages": [{"role": "user", "content": text}]})
+
+    assert as_other("hi").status_code == 404
+    response = as_other(f"say {BLOCKED_WORD}")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "sensitive_content", response.text
 
 
 def test_concurrent_turns_on_one_session_are_all_stored(env):

@@ -260,16 +260,29 @@ class OpenAIIngress:
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             messages = chat_messages(parsed, self.config) if chat else None
-            await self._check_prompt_fits(messages if chat else parsed.prompt, "messages" if chat else "prompt")
-            if chat:
-                prompt = await self.screen.input_messages(messages)
-            elif isinstance(parsed.prompt, str):
-                prompt = await self.screen.input_text(parsed.prompt, "prompt")
-            else:
-                prompt = await self.screen.input_token_ids(parsed.prompt, self.tokenizer)
+            opening = None
             if chat and self.sessions is not None:
-                turn = await self.sessions.begin_turn(parsed.session_id, request.headers.get(SESSION_HEADER), owner,
-                                                      prompt, sampling.max_new_tokens)
+                # Opening the session sends the store no message text and needs nothing from the
+                # checks below, so it runs alongside them (one hop fewer before the model); the
+                # screened messages are planned into it after. Its errors come after the checks'.
+                opening = asyncio.ensure_future(self.sessions.open_session(
+                    parsed.session_id, request.headers.get(SESSION_HEADER), owner, messages))
+            try:
+                await self._check_prompt_fits(messages if chat else parsed.prompt, "messages" if chat else "prompt")
+                if chat:
+                    prompt = await self.screen.input_messages(messages)
+                elif isinstance(parsed.prompt, str):
+                    prompt = await self.screen.input_text(parsed.prompt, "prompt")
+                else:
+                    prompt = await self.screen.input_token_ids(parsed.prompt, self.tokenizer)
+                # Shielded: a client that goes away now must not cancel the open halfway (a session
+                # it created would stay behind); _drop_opening removes that session once it is open.
+                session = await asyncio.shield(opening) if opening is not None else None
+            except BaseException:
+                self._drop_opening(opening)
+                raise
+            if session is not None:
+                turn = await self.sessions.plan(session, prompt, sampling.max_new_tokens)
                 prompt = turn.prompt
             elif parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
                 # The header form too: a session the client names must not be ignored without a word.
@@ -412,6 +425,24 @@ class OpenAIIngress:
             task = asyncio.create_task(self.sessions.abandon(turn))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _drop_opening(self, opening: asyncio.Future | None) -> None:
+        """The request failed before its turn was planned: once its session open has ended, remove the
+        session if that open created it (in the background), and consume the open's own error (the
+        request already fails with the first one)."""
+        if opening is None:
+            return
+
+        def opened(future: asyncio.Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            task = asyncio.ensure_future(self.sessions.abandon_session(future.result()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._background.add(opening)
+        opening.add_done_callback(self._background.discard)
+        opening.add_done_callback(opened)
 
     async def _read_json(self, request: Request) -> Any:
         limit = self.config.max_request_bytes
