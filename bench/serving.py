@@ -19,7 +19,8 @@ time is one prefill, so single requests spread far less: it is a lower bound on 
 overhead. Last, Ray Serve's own floor for that path: an app with no model and no r1 code (an
 ingress like the stack's that answers JSON, one that first calls another deployment, one that
 streams one item from another deployment as SSE: the stack's path to the LLM server, empty),
-timed in interleaved rounds on the same machine in the same run.
+timed in interleaved rounds on the same machine in the same run; then once more on a fresh local
+Ray with Serve's experimental direct ingress (no proxy), which shows what the proxy costs.
 
     python -m bench.serving [--concurrency 1,4,16] [--new-tokens 64] [--requests-per-level 32]
 """
@@ -177,7 +178,7 @@ FLOOR_KINDS = {
 }
 
 
-def start_floor(single_loop: bool) -> None:
+def start_floor(single_loop: bool, route_prefix: str = FLOOR_ROUTE) -> None:
     """Deploy Ray Serve's floor app next to the stack: an ingress set up like the stack's (FastAPI,
     fractional CPU, the single event loop when the stack's ingress has it) and a deployment it
     calls, with nothing in either: no model, no screening, no session, no r1 code."""
@@ -227,7 +228,7 @@ def start_floor(single_loop: bool) -> None:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-    serve.run(FloorIngress.bind(FloorTokens.bind()), name=FLOOR_APP, route_prefix=FLOOR_ROUTE)
+    serve.run(FloorIngress.bind(FloorTokens.bind()), name=FLOOR_APP, route_prefix=route_prefix)
 
 
 async def time_floor(http: httpx.AsyncClient, base_url: str, rounds: int) -> dict[str, list[float]]:
@@ -236,7 +237,7 @@ async def time_floor(http: httpx.AsyncClient, base_url: str, rounds: int) -> dic
     for index in range(rounds + 2):
         for kind in FLOOR_KINDS:
             start = time.perf_counter()
-            async with http.stream("POST", f"{base_url}{FLOOR_ROUTE}/{kind}") as response:
+            async with http.stream("POST", f"{base_url}/{kind}") as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"the Serve floor app answered {response.status_code} to /{kind}")
                 async for _ in response.aiter_lines():
@@ -246,14 +247,59 @@ async def time_floor(http: httpx.AsyncClient, base_url: str, rounds: int) -> dic
     return times
 
 
-def start_stack(port: int, overrides: list[str]):
-    """Start Ray and Serve and deploy the stack (one replica each); returns its ServeConfig."""
+DIRECT_INGRESS_PORTS = range(30000, 30100)  # Ray Serve's default range for direct-ingress HTTP servers
+
+
+def time_direct_ingress_floor(single_loop: bool, rounds: int) -> dict[str, list[float]]:
+    """The floor app again, on a fresh local Ray with Serve's experimental direct ingress
+    (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy; the ingress replica serves HTTP itself, on a
+    port of its own from 30000 up). The difference to the floor above is what the proxy costs."""
     import ray
     from ray import serve
 
-    from cluster.serve.app import build_app
+    from cluster.ray_start import init_ray
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's controller and replicas, started below
+    try:
+        init_ray(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        serve.start()
+        start_floor(single_loop, route_prefix="/")
+        port = None
+        for candidate in DIRECT_INGRESS_PORTS:
+            try:
+                if httpx.post(f"http://127.0.0.1:{candidate}/json", timeout=5).status_code == 200:
+                    port = candidate
+                    break
+            except httpx.HTTPError:
+                continue
+        if port is None:
+            raise RuntimeError(f"no direct-ingress HTTP server answered on ports {DIRECT_INGRESS_PORTS.start}–"
+                               f"{DIRECT_INGRESS_PORTS.stop - 1}")
+
+        async def timed() -> dict[str, list[float]]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await time_floor(http, f"http://127.0.0.1:{port}", rounds)
+
+        return asyncio.run(timed())
+    finally:
+        del os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"]
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+def start_stack(port: int, overrides: list[str], proxy: str = "serve"):
+    """Start Ray and Serve and deploy the stack (one replica each) behind `proxy` (as `r1 serve
+    --proxy`); returns its ServeConfig."""
+    from ray import serve
+
+    from cluster.ray_start import init_ray
+    from cluster.serve.app import build_app
+    from cluster.serve.cli import haproxy_env
+
+    if proxy == "haproxy":
+        os.environ.update(haproxy_env("local"))
+    init_ray(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
@@ -273,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the served config, e.g. --set safety=null --set sessions.enabled=false")
+    parser.add_argument("--proxy", choices=("serve", "haproxy"), default="serve",
+                        help="what takes the stack's HTTP requests, as `r1 serve --proxy` (the Serve floor is "
+                             "measured behind the same; the direct-ingress floor only with the default)")
     parser.add_argument("--json", help="also write the results (bench/contract.py format) to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -284,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  add_special_tokens=False) for c in chats]
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
 
-    config = start_stack(args.port, args.set)
+    config = start_stack(args.port, args.set, args.proxy)
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []
@@ -325,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     async def floor_async() -> dict[str, list[float]]:
         async with httpx.AsyncClient(timeout=60) as http:
-            return await time_floor(http, f"http://127.0.0.1:{args.port}", args.requests_per_level)
+            return await time_floor(http, f"http://127.0.0.1:{args.port}{FLOOR_ROUTE}", args.requests_per_level)
 
     floor = asyncio.run(floor_async())
     serve.delete(FLOOR_APP)
@@ -364,7 +413,21 @@ def main(argv: list[str] | None = None) -> dict:
         low, mid, high = paired_quartiles_ms(floor[kind])
         print(f"Ray Serve's floor, {label}: median {mid:.1f} ms (quartiles {low:.1f} – {high:.1f} ms)")
     serve.shutdown()
-    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed, floor)
+    import ray
+
+    ray.shutdown()
+    if args.proxy == "haproxy":  # HAProxy's files, in a folder of this run's own
+        import shutil
+
+        shutil.rmtree(os.environ.pop("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"), ignore_errors=True)
+    direct = {} if args.proxy == "haproxy" else time_direct_ingress_floor(config.ingress_single_loop,
+                                                                        args.requests_per_level)
+    for kind, label in FLOOR_KINDS.items() if direct else ():
+        low, mid, high = paired_quartiles_ms(direct[kind])
+        print(f"the same without Serve's proxy (direct ingress), {label}: median {mid:.1f} ms "
+              f"(quartiles {low:.1f} – {high:.1f} ms)")
+    result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed, floor,
+                             direct)
     return finish(result, args.json)
 
 
@@ -381,7 +444,8 @@ def paired_quartiles_ms(differences: list[float]) -> tuple[float, float, float]:
 def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list[dict],
                     latencies: dict[tuple[str, int], list[float]], static_tok_s: float, overhead_ms: float | None,
                     paired: list[float] | None = None, paired_fixed: list[float] | None = None,
-                    floor: dict[str, list[float]] | None = None) -> dict:
+                    floor: dict[str, list[float]] | None = None,
+                    direct_floor: dict[str, list[float]] | None = None) -> dict:
     """The run as the bench JSON contract: the per-level table, the targets, and the data for the plots."""
     top = max(r["concurrency"] for r in rows if r["method"] == "stack")
     stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
@@ -419,10 +483,18 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
         # Not targets: what Ray Serve itself costs for the stack's path on this machine, with nothing in it.
         for kind, label in FLOOR_KINDS.items():
             low, mid, high = paired_quartiles_ms(floor[kind])
-            floor_rows.append([label, f"{mid:.1f} ms", f"{low:.1f} – {high:.1f} ms", len(floor[kind])])
+            row = [label, f"{mid:.1f} ms", f"{low:.1f} – {high:.1f} ms"]
+            if direct_floor:
+                low, mid, high = paired_quartiles_ms(direct_floor[kind])
+                row += [f"{mid:.1f} ms", f"{low:.1f} – {high:.1f} ms"]
+            floor_rows.append(row + [len(floor[kind])])
         mid = paired_quartiles_ms(floor["stream"])[1]
         notes.append(f"Ray Serve's floor for the stack's path (HTTP, the proxy, an ingress, one streamed deployment "
                      f"hop; no model, no r1 code): median {mid:.1f} ms, against the ≤ 5 ms overhead target")
+        if direct_floor:
+            direct_mid = paired_quartiles_ms(direct_floor["stream"])[1]
+            notes.append(f"the same path without Serve's proxy (experimental direct ingress, a fresh Ray in the same "
+                         f"run): median {direct_mid:.1f} ms, so the proxy costs about {mid - direct_mid:.0f} ms of it")
     throughput: dict[str, list[list[float]]] = {}
     for r in rows:
         throughput.setdefault(METHOD_LABELS[r["method"]], []).append([r["concurrency"], round(r["tok_s"], 1)])
@@ -437,16 +509,21 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                     f"left-padded static `generate` batch of {top} requests, same prompts, same run.",
         "tables": [
             {"title": f"r1-tiny, {args.requests_per_level} requests per level × {args.new_tokens} new tokens"
-                      + (f", overrides {' '.join(args.set)}" if args.set else ""),
+                      + (f", overrides {' '.join(args.set)}" if args.set else "")
+                      + (", behind HAProxy (`--proxy haproxy`)" if getattr(args, "proxy", "serve") == "haproxy" else ""),
              "columns": ["method", "conc", "tok/s", "TTFT p50", "TPOT p50", "e2e p50", "e2e p99", "errors"],
              "rows": table},
             {"title": "targets", "columns": ["check", "target", "measured"], "rows": checks},
         ] + ([{"title": "Ray Serve's own floor in the same run: requests through Serve with no model and no r1 code",
-               "columns": ["request", "median", "quartiles", "requests"], "rows": floor_rows}] if floor_rows else []),
+               "columns": ["request", "median", "quartiles"]
+                          + (["median, no proxy (direct ingress)", "quartiles, no proxy"] if direct_floor else [])
+                          + ["requests"],
+               "rows": floor_rows}] if floor_rows else []),
         "series": {"throughput_vs_concurrency": throughput, "latency_cdf": cdf},
         "notes": notes,
         "raw": {"rows": rows, "static_tok_s": static_tok_s, "paired_overhead_s": paired or [],
-                "paired_fixed_overhead_s": paired_fixed or [], "serve_floor_s": floor or {}},
+                "paired_fixed_overhead_s": paired_fixed or [], "serve_floor_s": floor or {},
+                "serve_floor_direct_ingress_s": direct_floor or {}},
     }
 
 

@@ -277,3 +277,40 @@ def test_ray_is_started_once_more_only_after_its_start_up_race(monkeypatch, capl
     with pytest.raises(ConnectionError, match="could not reach"):
         init_ray(address="ray://x:10001")
     assert len(calls) == 1
+
+
+def test_haproxy_mode_environment_and_its_errors(tmp_path):
+    from cluster.serve.cli import HAPROXY_ENV, haproxy_env
+
+    # A cluster r1 serve starts: Serve's two switches, and HAProxy's files in a folder of its own
+    # (Ray's defaults are fixed paths under /tmp, shared by every cluster on the machine).
+    import shutil
+
+    env, other = haproxy_env("local", {}), haproxy_env("local", {})
+    try:
+        assert {k: env[k] for k in HAPROXY_ENV} == HAPROXY_ENV
+        folder = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+        assert folder.is_dir() and folder.name.startswith("r1-haproxy-")
+        assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent == folder
+        assert Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent == folder
+        assert other["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder)  # one per server
+    finally:
+        for made in (env, other):
+            shutil.rmtree(made["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+    # Joining a cluster: its processes must have been started with the switches; nothing to set here.
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_ENABLE_HA_PROXY=1"):
+        haproxy_env("127.0.0.1:6379", {})
+    assert haproxy_env("127.0.0.1:6379", dict(HAPROXY_ENV)) == {}
+    # A binary that is not one.
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    with pytest.raises(ValueError, match="is not an executable haproxy binary"):
+        haproxy_env("local", {"RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable)})
+
+
+def test_serve_proxy_flag():
+    args = build_parser().parse_args(["serve"])
+    assert args.proxy == "serve"
+    assert build_parser().parse_args(["serve", "--proxy", "haproxy"]).proxy == "haproxy"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--proxy", "nginx"])

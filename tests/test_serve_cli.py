@@ -19,19 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     env.pop("R1_API_KEYS", None)
-    return env
+    return {**env, **extra}
 
 
-def _start(command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+def _start(command: list[str], log: Path, cwd: Path, **env: str) -> subprocess.Popen:
     # Its own session: the Ray processes it starts share its process group, so `_stop` can sweep
     # them without `ray stop`, which would also stop the cluster of a test running in parallel.
     with open(log, "w") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=cwd,
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(**env), cwd=cwd,
                                 start_new_session=True)
+
+
+def _wait_for_line(process: subprocess.Popen, log: Path, line: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while line not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {line!r} within {timeout_s:.0f}s: " + log.read_text()[-3000:]
+        time.sleep(1)
+    return log.read_text()
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 90) -> None:
@@ -89,3 +98,46 @@ def test_serve_run_with_the_shipped_serve_yaml(tmp_path):
         assert reply["choices"][0]["finish_reason"] in {"stop", "length"}
     finally:
         _stop(process)
+
+
+def test_r1_serve_behind_haproxy(tmp_path):
+    # Ray Serve's HAProxy mode: no Python proxy; the two ingress replicas serve HTTP themselves and
+    # HAProxy on the port balances over them. The same API, auth and streaming through it.
+    import tempfile
+
+    import openai
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    folders = set(Path(tempfile.gettempdir()).glob("r1-haproxy-*"))
+    process = _start([str(BIN / "r1"), "serve", "--proxy", "haproxy", "--port", str(port)], log, tmp_path,
+                     R1_API_KEYS="haproxy-key")
+    try:
+        text = _wait_for_line(process, log, "r1-cluster is ready")
+        assert f"http://127.0.0.1:{port}/v1" in text and "HAProxy in front of the ingress replicas" in text, text[-3000:]
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        refused = httpx.get(f"{base}/v1/models", timeout=30)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="haproxy-key", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "1 + 1?"}]
+        reply = client.chat.completions.create(model="r1-tiny", messages=messages, max_tokens=12, temperature=0)
+        chunks = list(client.chat.completions.create(model="r1-tiny", messages=messages, max_tokens=12, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        streamed = "".join((c.delta.model_extra.get("reasoning_content") or "") + (c.delta.content or "")
+                           for chunk in chunks for c in chunk.choices)
+        message = reply.choices[0].message
+        assert streamed == (message.model_extra.get("reasoning_content") or "") + (message.content or "")
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens >= 1
+        # HAProxy listens on the port (not Serve's proxy), with its files in a folder of this server's own.
+        import psutil
+
+        listeners = {c.pid for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+        assert [psutil.Process(pid).name() for pid in listeners] == ["haproxy"]
+        assert set(Path(tempfile.gettempdir()).glob("r1-haproxy-*")) - folders
+    finally:
+        _stop(process)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    # Its own HAProxy files were removed with it.
+    assert not set(Path(tempfile.gettempdir()).glob("r1-haproxy-*")) - folders
