@@ -100,6 +100,28 @@ def test_serve_run_with_the_shipped_serve_yaml(tmp_path):
         _stop(process)
 
 
+# Run against a server: open a long stream, read its first event, close it; the LLM servers'
+# running requests must fall to 0 (the engine stopped generating for it).
+DISCONNECT_CHECK = """
+import sys, time
+import httpx, ray
+from ray import serve
+address, base = sys.argv[1], sys.argv[2]
+ray.init(address=address, namespace="r1", log_to_driver=False)
+handle = serve.get_deployment_handle("LLMServer", app_name="r1")
+running = lambda: max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(6))  # both replicas
+body = {"model": "r1-tiny", "prompt": "1", "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}
+with httpx.Client(timeout=60, headers={"Authorization": "Bearer haproxy-key"}) as client:
+    with client.stream("POST", base + "/v1/completions", json=body) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+        print("generating while streaming:", running(), flush=True)
+deadline = time.monotonic() + 60
+while running() and time.monotonic() < deadline:
+    time.sleep(0.5)
+print("cancelled after the client left" if not running() else "still generating", flush=True)
+"""
+
+
 def test_r1_serve_behind_haproxy(tmp_path):
     # Ray Serve's HAProxy mode: no Python proxy; the two ingress replicas serve HTTP themselves and
     # HAProxy on the port balances over them. The same API, auth and streaming through it.
@@ -129,6 +151,12 @@ def test_r1_serve_behind_haproxy(tmp_path):
         message = reply.choices[0].message
         assert streamed == (message.model_extra.get("reasoning_content") or "") + (message.content or "")
         assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens >= 1
+        # A client that goes away cancels its generation: HAProxy closes the replica's connection.
+        address = next(line.split()[3] for line in text.splitlines() if line.startswith("Ray cluster at "))
+        check = subprocess.run([sys.executable, "-c", DISCONNECT_CHECK, address, base], capture_output=True, text=True,
+                               timeout=240, env=_env(RAY_AUTH_MODE="token"), cwd=tmp_path)
+        assert check.returncode == 0 and "generating while streaming: 1" in check.stdout, check.stdout + check.stderr
+        assert "cancelled after the client left" in check.stdout, check.stdout + check.stderr
         # HAProxy listens on the port (not Serve's proxy), with its files in a folder of this server's own.
         import psutil
 

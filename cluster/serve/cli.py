@@ -209,6 +209,14 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={**http_options, "host": host, "port": port})
     serve.run(build_app(config), name="r1", route_prefix="/", blocking=False)
     wait_ready(host, port, args.ready_timeout_s)
+    try:
+        gcs_address = ray.get_runtime_context().gcs_address
+    except Exception:  # Ray Client (ray://) does not say
+        gcs_address = None
+    if gcs_address:
+        # Joining by address sends the token only with RAY_AUTH_MODE=token (address "auto" finds it alone).
+        print(f"Ray cluster at {gcs_address} (e.g. `RAY_AUTH_MODE=token ray status --address {gcs_address}`)",
+              flush=True)
     proxy = ", HAProxy in front of the ingress replicas" if args.proxy == "haproxy" else ""
     print(f"r1-cluster is ready: http://{host}:{port}/v1 serving model '{config.model_name}' "
           f"({'API keys required' if keys else 'no API keys: loopback only'}{proxy}). Ctrl-C stops it.", flush=True)
