@@ -109,8 +109,9 @@ from ray import serve
 address, base = sys.argv[1], sys.argv[2]
 ray.init(address=address, namespace="r1", log_to_driver=False)
 handle = serve.get_deployment_handle("LLMServer", app_name="r1")
-running = lambda: max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(6))  # both replicas
+running = lambda: handle.stats.remote().result(timeout_s=30)["running"]  # the server's one LLM replica
 body = {"model": "r1-tiny", "prompt": "1", "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}
+print("idle before the stream:", running(), flush=True)  # also sets up the handle's router (seconds, the first time)
 with httpx.Client(timeout=60, headers={"Authorization": "Bearer haproxy-key"}) as client:
     with client.stream("POST", base + "/v1/completions", json=body) as response:
         next(line for line in response.iter_lines() if line.startswith("data: "))
@@ -132,7 +133,10 @@ def test_r1_serve_behind_haproxy(tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
     folders = set(Path(tempfile.gettempdir()).glob("r1-haproxy-*"))
-    process = _start([str(BIN / "r1"), "serve", "--proxy", "haproxy", "--port", str(port)], log, tmp_path,
+    # One LLM server replica (the ingress keeps its two behind HAProxy): Serve routes a stats call to
+    # the least busy replica, so with two it would never reach the one generating.
+    process = _start([str(BIN / "r1"), "serve", "--proxy", "haproxy", "--port", str(port),
+                      "--set", "llm.min_replicas=1", "--set", "llm.max_replicas=1"], log, tmp_path,
                      R1_API_KEYS="haproxy-key")
     try:
         text = _wait_for_line(process, log, "r1-cluster is ready")
@@ -155,7 +159,8 @@ def test_r1_serve_behind_haproxy(tmp_path):
         address = next(line.split()[3] for line in text.splitlines() if line.startswith("Ray cluster at "))
         check = subprocess.run([sys.executable, "-c", DISCONNECT_CHECK, address, base], capture_output=True, text=True,
                                timeout=240, env=_env(RAY_AUTH_MODE="token"), cwd=tmp_path)
-        assert check.returncode == 0 and "generating while streaming: 1" in check.stdout, check.stdout + check.stderr
+        assert check.returncode == 0 and "idle before the stream: 0" in check.stdout, check.stdout + check.stderr
+        assert "generating while streaming: 1" in check.stdout, check.stdout + check.stderr
         assert "cancelled after the client left" in check.stdout, check.stdout + check.stderr
         # HAProxy listens on the port (not Serve's proxy), with its files in a folder of this server's own.
         import psutil
