@@ -243,7 +243,7 @@ class SessionClient:
         """`begin_turn`'s first half: check the id and the messages' shape, then open (or create) the
         session. 400 bad id/messages, 404 not yours. It sends the store no message text, so the
         ingress runs it alongside the input screening and plans the screened messages after; a
-        request refused in between gives the session to `abandon_session`."""
+        request refused in between gives the session to `abandon`."""
         try:
             session_id = resolve_session_id(body_session_id, header_session_id)
         except ValueError as error:
@@ -270,19 +270,15 @@ class SessionClient:
             return plan_turn(session, messages, window_messages=self.config.window_messages, token_budget=budget,
                              count_tokens=self.count_tokens)
         except ValueError as error:  # bad messages, or the chat template refused them (r1/chat_template.py)
-            await self.abandon_session(session)
+            await self.abandon(session)
             raise APIError(400, str(error), param="messages", code="invalid_value") from None
 
-    async def abandon_session(self, session: Session) -> None:
-        """An opened session whose turn stores nothing: delete it if the open created it."""
-        if session.created:
-            await self._delete_quietly(session.session_id, session.owner)
-
-    async def abandon(self, turn: Turn) -> None:
-        """A turn that stores nothing (refused, failed, or its client went away): delete the session
-        if this turn created it, so no empty session is left behind under an id nobody was given."""
-        if turn.created:
-            await self._delete_quietly(turn.session_id, turn.owner)
+    async def abandon(self, opened: Session | Turn) -> None:
+        """A turn that stores nothing (refused, failed, or its client went away), given as its opened
+        session or as the planned turn: delete the session if this turn created it, so no empty
+        session is left behind under an id nobody was given."""
+        if opened.created:
+            await self._delete_quietly(opened.session_id, opened.owner)
 
     async def _delete_quietly(self, session_id: str, owner: str) -> None:
         try:

@@ -155,7 +155,7 @@ class OpenAIIngress:
         self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
         refuse_open_api(self.config.require_api_keys, self.auth.enabled, self.config.api_keys_env)
         self.created = int(time.time())
-        self._background: set[asyncio.Task] = set()  # session clean-ups of failed turns
+        self._background: set[asyncio.Future] = set()  # session clean-ups of failed turns (see _keep)
         self.sessions = None
         if self.config.sessions.enabled:
             self.sessions = SessionClient(self.config.sessions, count_tokens=count_tokens, context_tokens=self.context_tokens)
@@ -422,9 +422,13 @@ class OpenAIIngress:
         session it created, in the background (this may run while the request is being cancelled).
         Not for streams: their first chunk has already handed the id out."""
         if turn is not None and turn.created:
-            task = asyncio.create_task(self.sessions.abandon(turn))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._keep(asyncio.ensure_future(self.sessions.abandon(turn)))
+
+    def _keep(self, future: asyncio.Future) -> None:
+        """Hold a background clean-up (or the open it waits on) until it is done, so it is not
+        garbage-collected halfway."""
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     def _drop_opening(self, opening: asyncio.Future | None) -> None:
         """The request failed before its turn was planned: once its session open has ended, remove the
@@ -436,12 +440,9 @@ class OpenAIIngress:
         def opened(future: asyncio.Future) -> None:
             if future.cancelled() or future.exception() is not None:
                 return
-            task = asyncio.ensure_future(self.sessions.abandon_session(future.result()))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._keep(asyncio.ensure_future(self.sessions.abandon(future.result())))
 
-        self._background.add(opening)
-        opening.add_done_callback(self._background.discard)
+        self._keep(opening)
         opening.add_done_callback(opened)
 
     async def _read_json(self, request: Request) -> Any:
