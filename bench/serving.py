@@ -288,17 +288,13 @@ def time_direct_ingress_floor(single_loop: bool, rounds: int) -> dict[str, list[
             ray.shutdown()
 
 
-def start_stack(port: int, overrides: list[str], proxy: str = "serve"):
-    """Start Ray and Serve and deploy the stack (one replica each) behind `proxy` (as `r1 serve
-    --proxy`); returns its ServeConfig."""
+def start_stack(port: int, overrides: list[str]):
+    """Start Ray and Serve and deploy the stack (one replica each); returns its ServeConfig. Serve
+    runs in HAProxy mode when this process's environment says so (`haproxy_env`)."""
     from ray import serve
 
     from cluster.ray_start import init_ray
     from cluster.serve.app import build_app
-    from cluster.serve.cli import haproxy_env
-
-    if proxy == "haproxy":
-        os.environ.update(haproxy_env("local"))
     init_ray(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -333,7 +329,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  add_special_tokens=False) for c in chats]
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
 
-    config = start_stack(args.port, args.set, args.proxy)
+    from cluster.serve.cli import haproxy_env, remove_haproxy_files
+
+    haproxy = haproxy_env("local") if args.proxy == "haproxy" else {}  # as `r1 serve --proxy haproxy`
+    os.environ.update(haproxy)
+    config = start_stack(args.port, args.set)
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
     engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []
@@ -416,10 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     ray.shutdown()
-    if args.proxy == "haproxy":  # HAProxy's files, in a folder of this run's own
-        import shutil
-
-        shutil.rmtree(os.environ.pop("RAY_SERVE_HAPROXY_SERVER_STATE_BASE"), ignore_errors=True)
+    remove_haproxy_files(haproxy)
     direct = {} if args.proxy == "haproxy" else time_direct_ingress_floor(config.ingress_single_loop,
                                                                         args.requests_per_level)
     for kind, label in FLOOR_KINDS.items() if direct else ():

@@ -163,6 +163,14 @@ def haproxy_env(address: str, environ: dict[str, str] | None = None) -> dict[str
     return {**HAPROXY_ENV, **{k: v for k, v in files.items() if k not in environ}}
 
 
+def remove_haproxy_files(env: dict[str, str]) -> None:
+    """Remove the folder `haproxy_env` made for a server's HAProxy files (`env`: what it returned),
+    once that server's Ray has stopped. A folder the caller chose itself is left alone."""
+    folder = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def replica_env_vars(key_digests: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
     """Variables every replica and actor gets: the API keys only as digests (a runtime env's variables
     are written to Ray's logs and shown on its dashboard), and HF_HUB_OFFLINE when set."""
@@ -186,11 +194,8 @@ def run_serve(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     refuse_open_api(config.require_api_keys, bool(keys), config.api_keys_env)
     preflight(config, address)
-    haproxy_folder = None
-    if args.proxy == "haproxy":
-        env = haproxy_env(address)
-        os.environ.update(env)
-        haproxy_folder = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+    haproxy = haproxy_env(address) if args.proxy == "haproxy" else {}
+    os.environ.update(haproxy)
 
     import ray
     from ray import serve
@@ -231,8 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("shutting down ...", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
-        if haproxy_folder:
-            shutil.rmtree(haproxy_folder, ignore_errors=True)
+        remove_haproxy_files(haproxy)
     return 0
 
 
