@@ -582,13 +582,23 @@ def test_sqlite_database_is_private(tmp_path):
 def test_sqlite_bad_files_are_clear_errors_without_leaks(tmp_path, make_path, reason):
     import os
 
+    def open_files():  # fd -> what it points at; other threads of this worker may close theirs meanwhile
+        found = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed while listing
+                pass
+        return found
+
     path = make_path(tmp_path)
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_files()
     for _ in range(5):
         with pytest.raises(ValueError, match="cannot open the session database") as error:
             SQLiteBackend(path)
         assert str(path) in str(error.value) and reason in str(error.value)
-    assert len(os.listdir("/proc/self/fd")) == before  # each failed open closed its connection
+    opened = {fd: target for fd, target in open_files().items() if before.get(fd) != target}
+    assert not opened  # each failed open closed its connection
 
 
 def test_sqlite_failed_write_raises_its_own_error(tmp_path):
