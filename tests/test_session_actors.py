@@ -7,8 +7,6 @@ Every wait is bounded (the client's call deadline, thread joins). Redis cases us
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 
@@ -19,7 +17,7 @@ from actors.session_store import SessionClient, actor_name, actor_options, stop_
 from cluster.ray_start import init_ray
 from r1.config import SessionConfig
 from r1.serving.protocol import APIError
-from tests.serve_helpers import free_port
+from tests.serve_helpers import free_port, redis_server
 
 KEY_A, KEY_B = "key-id-a", "key-id-b"
 CALL_TIMEOUT_S = 60.0  # generous: actor processes start slowly on a loaded 2-core machine
@@ -43,29 +41,8 @@ def run(coroutine):
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; install it (apt-get install redis-server, or scripts/system_deps.sh)")
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("redis-server did not start within 10 s")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    client.close()
-    process.kill()
-    process.wait(timeout=10)
+    with redis_server("--appendonly", "no") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,8 @@ The Redis cases run against a real `redis-server` started for this module on a f
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -28,7 +26,7 @@ from r1.sessions import (
 )
 from r1.sessions.redis import RedisBackend
 from r1.sessions.sqlite import SQLiteBackend
-from tests.serve_helpers import free_port
+from tests.serve_helpers import redis_server
 
 SID = "session-0123456789abcdef"
 OTHER_SID = "session-fedcba9876543210"
@@ -60,29 +58,8 @@ class FakeClock:
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; install it (apt-get install redis-server, or scripts/system_deps.sh)")
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("redis-server did not start within 10 s")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    client.close()
-    process.kill()
-    process.wait(timeout=10)
+    with redis_server("--appendonly", "no") as url:
+        yield url
 
 
 # -- ids, partitions, urls -------------------------------------------------------------------------

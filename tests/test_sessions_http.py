@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 
 import httpx
@@ -17,7 +15,7 @@ from actors.session_store import ACTOR_NAME_PREFIX, SessionClient, stop_session_
 from cluster.serve.app import build_app
 from r1.config import ModelConfig, SessionConfig
 from r1.model import load_tokenizer
-from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_for, wait_http_ok
+from tests.serve_helpers import free_port, ray_serve, redis_server, small_deployment, wait_for, wait_http_ok
 
 KEY, OTHER_KEY = "session-key-a", "session-key-b"
 BLOCKED_WORD = "forbidden-word"
@@ -234,24 +232,8 @@ def test_sessions_survive_an_app_restart_sqlite(env):
 
 @pytest.fixture
 def redis_url(tmp_path):
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (scripts/system_deps.sh installs it)"
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    import redis
-
-    while True:
-        try:
-            redis.Redis(port=port).ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.2)
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=30)
+    with redis_server("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)) as url:
+        yield url
 
 
 def test_sessions_survive_an_app_restart_redis(env, redis_url):
