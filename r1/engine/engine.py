@@ -18,7 +18,7 @@ import logging
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Union
 
 import torch
@@ -118,6 +118,32 @@ class Mailboxes:
             if mailbox is None:
                 mailbox = self._by_loop[loop] = Mailbox(loop)
             return mailbox
+
+    async def stream(
+        self, request: Request, submit: Callable[[Request, Any], None], abort: Callable[[str], None], coalesce: bool,
+    ) -> AsyncIterator[Delta]:
+        """An engine's `stream` for a made request: `submit(request, emit)` it with an `emit` that
+        posts to the running loop's mailbox, yield its deltas, and `abort(request_id)` it when the
+        consumer leaves before the last one.
+
+        `coalesce`: deltas that piled up while the consumer was busy come as one (fewer, larger
+        messages when each costs a network hop; a fast consumer still gets one per token)."""
+        mailbox = self.get(asyncio.get_running_loop())
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        submit(request, lambda delta: mailbox.post(queue, delta))
+        finished = False
+        try:
+            while True:
+                delta = await queue.get()
+                while coalesce and delta.finish_reason is None and not queue.empty():
+                    delta = delta.followed_by(queue.get_nowait())
+                finished = delta.finish_reason is not None
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                abort(request.request_id)
 
 
 _REQUEST_IDS = itertools.count()
@@ -320,34 +346,16 @@ class TransformersEngine:
         with self._wakeup:
             self._wakeup.notify_all()
 
-    async def stream(
+    def stream(
         self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None,
         coalesce: bool = False,
     ) -> AsyncIterator[Delta]:
-        """Stream deltas for one request; leaving the loop early aborts the request.
-
-        `coalesce`: deltas that piled up while the consumer was busy come as one (fewer, larger
-        messages when each costs a network hop; a fast consumer still gets one per token).
-        """
+        """Stream deltas for one request; leaving the loop early aborts the request. A bad prompt
+        raises ValueError here; a full queue raises EngineOverloaded at the first delta.
+        `coalesce`: see `Mailboxes.stream`."""
         request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
         self.start()
-        mailbox = self._mailboxes.get(asyncio.get_running_loop())
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.submit(request, lambda delta: mailbox.post(queue, delta))
-        finished = False
-        try:
-            while True:
-                delta = await queue.get()
-                while coalesce and delta.finish_reason is None and not queue.empty():
-                    delta = delta.followed_by(queue.get_nowait())
-                if delta.finish_reason is not None:
-                    finished = True
-                yield delta
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request.request_id)
+        return self._mailboxes.stream(request, self.submit, self.abort, coalesce)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)

@@ -397,31 +397,14 @@ class AsyncPackageEngine:
     def start(self) -> None:
         """Nothing to start: the engine loop runs from construction (kept for the LLM server)."""
 
-    async def stream(
+    def stream(
         self, prompt: Prompt | Request, sampling: SamplingConfig | None = None, request_id: str | None = None,
         coalesce: bool = False,
     ) -> AsyncIterator[Delta]:
-        """Stream deltas for one request; leaving the loop early aborts the request.
-
-        `coalesce`: deltas that piled up while the consumer was busy come as one.
-        """
+        """Stream deltas for one request; leaving the loop early aborts the request (see
+        `TransformersEngine.stream`)."""
         request = prompt if isinstance(prompt, Request) else self.make_request(prompt, sampling or SamplingConfig(), request_id)
-        mailbox = self._mailboxes.get(asyncio.get_running_loop())
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.submit(request, lambda delta: mailbox.post(queue, delta))
-        finished = False
-        try:
-            while True:
-                delta = await queue.get()
-                while coalesce and delta.finish_reason is None and not queue.empty():
-                    delta = delta.followed_by(queue.get_nowait())
-                finished = delta.finish_reason is not None
-                yield delta
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request.request_id)
+        return self._mailboxes.stream(request, self.submit, self.abort, coalesce)
 
     # -- blocking API ----------------------------------------------------------------------------
     def generate_batch(
