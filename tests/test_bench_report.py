@@ -216,3 +216,20 @@ def test_first_batch_script_runs_on_cpu_and_reports_where_the_first_batch_went()
     bad = subprocess.run([sys.executable, "-m", "bench.first_batch", "--warmups", "cold"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--warmups: unknown warm-up 'cold'" in bad.stderr
+
+
+def test_serving_cpu_counts_each_process_by_its_label():
+    import os
+    import time
+
+    from bench.serving_cpu import cpu_seconds, used_between
+
+    before = cpu_seconds()
+    assert (os.getpid(), "benchmark client") in before
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn CPU in this process only
+        pass
+    used = used_between(before, cpu_seconds())
+    assert used["benchmark client"] >= 0.15
+    # A process that appeared meanwhile counts whole; one that is gone counts nothing.
+    assert used_between({(1, "a"): 2.0, (2, "b"): 1.0}, {(1, "a"): 2.5, (3, "b"): 0.25}) == {"a": 0.5, "b": 0.25}
