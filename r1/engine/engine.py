@@ -13,6 +13,7 @@ feeds them to the `Scheduler`, and exposes two ways to get results:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -25,6 +26,7 @@ import torch
 
 from r1.chat_template import render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
+from r1.engine.openmp import release_thread_pool
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
 from r1.engine.types import Completion, Delta, Request
@@ -306,6 +308,10 @@ class TransformersEngine:
 
     # -- streaming API (background decode thread) ------------------------------------------
     def start(self) -> None:
+        """Start the decode thread (idempotent). From here on the model runs there, so the calling
+        thread gives back its OpenMP workers, which would otherwise halve the decode thread's speed
+        (r1/engine/openmp.py); a later torch call in it builds them again."""
+        release_thread_pool()
         with self._wakeup:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -329,12 +335,19 @@ class TransformersEngine:
             self.scheduler.step()
 
     def _loop(self) -> None:
+        stepped = False
         while True:
             with self._wakeup:
+                if stepped and not self._stopping and not self.scheduler.has_work():
+                    # Idle: give back this thread's OpenMP workers, so that they do not slow
+                    # another thread's torch work meanwhile (r1/engine/openmp.py).
+                    release_thread_pool()
+                    stepped = False
                 while not self._stopping and not self.scheduler.has_work():
                     self._wakeup.wait(timeout=1.0)
                 if self._stopping:
                     return
+            stepped = True
             try:
                 self._step()
             except Exception:  # the scheduler already ended the affected streams with an error
@@ -373,25 +386,43 @@ class TransformersEngine:
 
         background = self._thread is not None and self._thread.is_alive()
         with self._inline_lock:
-            for request in requests:
-                self._submit_waiting_for_room(request, collect, background)
-            if not background:
+            if background:
+                self._submit_together(requests, collect)
+            else:
+                for request in requests:
+                    self._submit_waiting_for_room(request, collect)
                 # Steps run here; should a stream start the background thread meanwhile, the step
                 # lock keeps the two from stepping at once.
                 while not batch.done() and self.scheduler.has_work():
                     self._step()
         return batch.wait()
 
-    def _submit_waiting_for_room(self, request: Request, emit: Any, background: bool) -> None:
+    def _submit_waiting_for_room(self, request: Request, emit: Any) -> None:
         while True:
             try:
                 self.submit(request, emit)
                 return
             except EngineOverloaded:
-                if background:
-                    threading.Event().wait(0.01)
-                else:
-                    self._step()
+                self._step()
+
+    def _submit_together(self, requests: list[Request], emit: Any) -> None:
+        """Hand a batch to the running decode thread so that it joins at one step, as when the
+        caller steps itself: no step runs between two of its submissions while they fit, so the
+        same batch after the same `torch.manual_seed` draws the same tokens. When the queue is
+        full, the rest waits for room."""
+        remaining = collections.deque(requests)
+        while remaining:
+            with self._step_lock:
+                while remaining:
+                    try:
+                        self.scheduler.submit(remaining[0], emit)
+                    except EngineOverloaded:
+                        break
+                    remaining.popleft()
+            with self._wakeup:
+                self._wakeup.notify_all()
+            if remaining:
+                threading.Event().wait(0.01)
 
     @property
     def think_prefilled(self) -> bool:
