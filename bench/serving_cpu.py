@@ -26,10 +26,12 @@ from bench.serving import run_level, stack_request, start_stack
 
 
 def process_label(process: psutil.Process, me: int) -> str | None:
-    """A stable name for a process of the stack (None: not one of them)."""
+    """A stable name for a process of the stack (None: not one of them). A Ray worker's title
+    names the method it runs at the moment ("ray::ServeController.listen_for_change"): the class
+    part is kept."""
     name = process.name() or ""
     if name.startswith("ray::"):
-        return name[len("ray::"):]
+        return name[len("ray::"):].split(".")[0]
     if process.pid == me:
         return "benchmark client"
     command = " ".join(process.cmdline())
@@ -39,8 +41,8 @@ def process_label(process: psutil.Process, me: int) -> str | None:
     return None
 
 
-def cpu_seconds() -> dict[tuple[int, str], float]:
-    """(pid, label) -> CPU seconds so far, for every process of the stack on this machine."""
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds so far), for every process of the stack on this machine."""
     seconds = {}
     me = os.getpid()
     for process in psutil.process_iter():
@@ -48,17 +50,18 @@ def cpu_seconds() -> dict[tuple[int, str], float]:
             label = process_label(process, me)
             if label is not None:
                 times = process.cpu_times()
-                seconds[(process.pid, label)] = times.user + times.system
+                seconds[process.pid] = (label, times.user + times.system)
         except psutil.Error:  # gone meanwhile
             pass
     return seconds
 
 
-def used_between(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]) -> collections.Counter:
-    """CPU seconds per label between two `cpu_seconds()` readings (a process started meanwhile counts whole)."""
+def used_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> collections.Counter:
+    """CPU seconds per label between two `cpu_seconds()` readings, matched by pid (a process
+    started meanwhile counts whole, under its later label)."""
     used: collections.Counter = collections.Counter()
-    for key, total in after.items():
-        used[key[1]] += total - before.get(key, 0.0)
+    for pid, (label, total) in after.items():
+        used[label] += total - before.get(pid, (label, 0.0))[1]
     return used
 
 
