@@ -4,7 +4,8 @@ torch runs the parallel part of a CPU kernel on an OpenMP team that belongs to t
 called it, and every thread that ever did keeps its team's workers, idle, until it exits. GNU
 OpenMP (the runtime torch's Linux wheels ship) counts the workers of every team; once there are
 more of them than CPUs, a worker waiting for the next parallel region spins 100 times instead of
-300,000 before it sleeps, so each of the hundreds of small kernels in a decode step pays for
+300,000 before it sleeps (GOMP_SPINCOUNT in its manual; setting that variable does not change the
+throttled count), so each of the hundreds of small kernels in a decode step pays for
 putting workers to sleep and waking them. So the model ran at about half speed on the engine's
 decode thread whenever the thread that loaded, warmed up or benchmarked it had run a parallel
 kernel first (r1-tiny, 16 sequences, 2 threads on 2 cores: ~3,000 against ~5,500 tokens/s; with
