@@ -179,3 +179,14 @@ def test_health_check_and_stats(handle):
     assert stats["profile"] == "default" and stats["counts"]["input:card_number"] >= 1
     # Only rule ids and counts: no text in the replica's stats.
     assert all("卡" not in key for key in stats["counts"])
+
+
+def test_a_cluster_started_by_init_ray_gives_serves_proxy_time_to_start(handle):
+    # The value Serve's code reads in the cluster's processes (its controller among them).
+    @ray.remote(num_cpus=0)
+    def proxy_ready_check_timeout_s() -> float:
+        from ray.serve._private.constants import PROXY_READY_CHECK_TIMEOUT_S
+
+        return PROXY_READY_CHECK_TIMEOUT_S
+
+    assert ray.get(proxy_ready_check_timeout_s.remote(), timeout=REPLY_DEADLINE_S) == 30.0
