@@ -335,19 +335,16 @@ class TransformersEngine:
             self.scheduler.step()
 
     def _loop(self) -> None:
-        stepped = False
         while True:
             with self._wakeup:
-                if stepped and not self._stopping and not self.scheduler.has_work():
+                if not self._stopping and not self.scheduler.has_work():
                     # Idle: give back this thread's OpenMP workers, so that they do not slow
                     # another thread's torch work meanwhile (r1/engine/openmp.py).
                     release_thread_pool()
-                    stepped = False
-                while not self._stopping and not self.scheduler.has_work():
-                    self._wakeup.wait(timeout=1.0)
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._wakeup.wait(timeout=1.0)
                 if self._stopping:
                     return
-            stepped = True
             try:
                 self._step()
             except Exception:  # the scheduler already ended the affected streams with an error
@@ -386,43 +383,33 @@ class TransformersEngine:
 
         background = self._thread is not None and self._thread.is_alive()
         with self._inline_lock:
-            if background:
-                self._submit_together(requests, collect)
-            else:
-                for request in requests:
-                    self._submit_waiting_for_room(request, collect)
+            self._submit_batch(requests, collect, step_when_full=not background)
+            if not background:
                 # Steps run here; should a stream start the background thread meanwhile, the step
                 # lock keeps the two from stepping at once.
                 while not batch.done() and self.scheduler.has_work():
                     self._step()
         return batch.wait()
 
-    def _submit_waiting_for_room(self, request: Request, emit: Any) -> None:
-        while True:
-            try:
-                self.submit(request, emit)
-                return
-            except EngineOverloaded:
-                self._step()
-
-    def _submit_together(self, requests: list[Request], emit: Any) -> None:
-        """Hand a batch to the running decode thread so that it joins at one step, as when the
-        caller steps itself: no step runs between two of its submissions while they fit, so the
-        same batch after the same `torch.manual_seed` draws the same tokens. When the queue is
-        full, the rest waits for room."""
+    def _submit_batch(self, requests: list[Request], emit: Any, step_when_full: bool) -> None:
+        """Submit a batch so that it joins at one step: no step runs between two of its submissions
+        while they fit, so the same batch after the same `torch.manual_seed` draws the same tokens
+        whoever steps. When the queue is full, the caller steps itself (`step_when_full`) or waits
+        for the decode thread to make room."""
         remaining = collections.deque(requests)
         while remaining:
             with self._step_lock:
                 while remaining:
                     try:
-                        self.scheduler.submit(remaining[0], emit)
+                        self.submit(remaining[0], emit)
                     except EngineOverloaded:
                         break
                     remaining.popleft()
-            with self._wakeup:
-                self._wakeup.notify_all()
             if remaining:
-                threading.Event().wait(0.01)
+                if step_when_full:
+                    self._step()
+                else:
+                    threading.Event().wait(0.01)
 
     @property
     def think_prefilled(self) -> bool:
