@@ -156,6 +156,67 @@ def test_growing_kv_cache_gives_the_logits_of_a_concatenating_cache(tiny, monkey
         assert torch.equal(a, b), f"step {step} differs"
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_steps_build_the_attention_mask_transformers_would_build(attn):
+    # A decode step hands the model a 4D mask built from the batch's padding (transformers would
+    # build it from the 2D mask on every forward, at a tenth of r1-tiny's step): the logits must be
+    # those of transformers' own mask, through merges (new padding), removals (trimmed columns)
+    # and a batch left without padding (no mask at all, as transformers gives SDPA).
+    from r1.config import ModelConfig
+    from r1.engine.runner import LocalModelRunner
+    from r1.model import load_model
+
+    model, tokenizer = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32", attn_implementation=attn))
+    prompts = [tokenizer.encode(p, add_special_tokens=True) for p in PROMPTS[:4]]
+    assert len({len(p) for p in prompts}) == 4, "prompts of different lengths, so the batch has padding"
+    results, masks = [], []
+    for kind in (attn, None):
+        runner = LocalModelRunner(model, pad_token_id=0)
+        assert runner._mask_kind == attn
+        runner._mask_kind = kind  # None: the 2D mask, for transformers to expand
+        seen = []
+        forward = runner._forward
+        runner._forward = lambda **kwargs: (seen.append(kwargs["attention_mask"]), forward(**kwargs))[1]
+        first = runner.add(["a", "b"], prompts[:2]).argmax(-1).tolist()
+        logits, tokens = _decode(runner, 5, first, ["a", "b"])
+        late = runner.add(["c", "d"], prompts[2:]).argmax(-1).tolist()
+        more, tokens = _decode(runner, 5, tokens + late, ["a", "b", "c", "d"])
+        runner.remove(["a", "b", "d"])  # "c" alone: its padding columns are trimmed
+        rest, _ = _decode(runner, 3, [tokens[2]], ["c"])
+        results.append(logits + more + rest)
+        masks.append(seen)
+    built, expanded = results
+    for step, (a, b) in enumerate(zip(built, expanded)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {step} differs"
+    decode_masks = [m for m in masks[0] if m is None or m.dim() == 4]
+    assert len(decode_masks) == 13  # every decode step got a built mask (prefills keep the 2D one)
+    assert all(m is not None and m.shape[1:3] == (1, 1) for m in decode_masks[:10])
+    assert decode_masks[10:] == [None, None, None]  # no padding left
+    expected_dtype = torch.bool if attn == "sdpa" else torch.float32
+    assert decode_masks[0].dtype == expected_dtype
+    assert all(m.dim() == 2 for m in masks[1])
+
+
+def test_decode_mask_is_left_to_transformers_where_it_differs_by_layer_or_is_compiled(tiny):
+    import copy
+
+    from r1.engine.runner import decode_mask_kind
+
+    model, _ = tiny
+    assert decode_mask_kind(model) == "sdpa"
+    sliding = copy.deepcopy(model)
+    sliding.config.layer_types = ["sliding_attention"] + sliding.config.layer_types[1:]
+    assert decode_mask_kind(sliding) is None
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert decode_mask_kind(flash) is None
+    compiled = copy.deepcopy(model)
+    forward = compiled.forward
+    compiled.forward = lambda *args, **kwargs: forward(*args, **kwargs)
+    compiled.forward.r1_compiled = True
+    assert decode_mask_kind(compiled) is None
+
+
 def test_growing_kv_cache_writes_decode_steps_into_its_buffer(tiny):
     # A decode step must not copy the cache: the keys stay in the same storage until the spare
     # positions run out, and then the buffer grows by at least a quarter of what it holds.

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from r1.engine.runner import BatchedKVCache, attention_kernels, cache_kwarg, left_pad, new_cache
+from r1.engine.runner import (BatchedKVCache, attention_kernels, cache_kwarg, decode_attention_mask, decode_mask_kind,
+                              left_pad, new_cache)
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -81,6 +82,7 @@ class ModelStage:
         self.dtype = next(self.model.parameters()).dtype
         self.kv = BatchedKVCache()
         self._cache_kwarg = cache_kwarg(self.model.model)
+        self._mask_kind = decode_mask_kind(self.model)
 
     @classmethod
     def from_full_model(cls, model: Any, stage_index: int, num_stages: int, pad_token_id: int = 0, copy_model: bool = True) -> ModelStage:
@@ -88,7 +90,7 @@ class ModelStage:
         source = copy.deepcopy(model) if copy_model else model
         return cls(source, ranges[stage_index], stage_index == 0, stage_index == num_stages - 1, pad_token_id)
 
-    def _run(self, inputs: Any, mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _run(self, inputs: Any, mask: torch.Tensor | None, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": True, self._cache_kwarg: cache}
         if self.first:
             kwargs["input_ids"] = inputs
@@ -126,7 +128,7 @@ class ModelStage:
             inputs = torch.empty_like(hidden)
             inputs[rows] = hidden
         mask, position_ids = self.kv.extend_for_step()
-        out = self._run(inputs, mask, position_ids, self.kv.cache)
+        out = self._run(inputs, decode_attention_mask(mask, self._mask_kind, self.dtype), position_ids, self.kv.cache)
         return out[rows]
 
     def remove(self, seq_ids: list[str]) -> None:
