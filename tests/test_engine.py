@@ -582,6 +582,73 @@ def test_closed_loops_do_not_stay_alive(engine):
     assert len(engine._mailboxes._by_loop) <= 1
 
 
+def test_a_deferred_mailbox_delivers_a_batch_of_deltas_in_one_drain_when_woken():
+    import threading
+
+    from r1.engine.engine import Inbox, Mailbox
+    from r1.engine.types import Delta
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        mailbox = Mailbox(loop, deferred=True)
+        drains = []
+        drain = mailbox._drain
+        mailbox._drain = lambda: (drains.append(len(mailbox._items)), drain())[1]
+        inboxes = [Inbox(), Inbox()]
+        producer = threading.Thread(target=lambda: [mailbox.post(inboxes[i % 2], Delta("r", [i], str(i)))
+                                                    for i in range(6)])
+        producer.start()
+        producer.join(timeout=30)
+        await asyncio.sleep(0.05)
+        assert drains == [] and not inboxes[0].deltas  # posted, not delivered: nobody woke the loop
+        threading.Thread(target=mailbox.wake).start()
+        for _ in range(100):
+            if drains:
+                break
+            await asyncio.sleep(0.01)
+        assert drains == [6]
+        assert [d.token_ids[0] for d in inboxes[0].deltas] == [0, 2, 4]
+        assert [d.token_ids[0] for d in inboxes[1].deltas] == [1, 3, 5]
+        mailbox.wake()  # nothing left: no drain
+        await asyncio.sleep(0.05)
+        assert drains == [6]
+        return mailbox
+
+    mailbox = asyncio.run(scenario())
+    with pytest.raises(RuntimeError, match="gone"):  # its loop closed: the scheduler aborts the request
+        mailbox.post(Inbox(), Delta("r", [1], "x"))
+
+
+def test_streams_wake_their_loop_once_per_batch_of_tokens(fresh_engine):
+    # 16 streams decoding together: each batch of tokens (a prefill's first tokens, a decode
+    # step's tokens) reaches the consumers' loop in one drain, where waking the loop on the first
+    # delta drained about ten times a step.
+    from r1.engine.engine import Mailbox
+
+    engine = fresh_engine
+    drains, forwards = [], []
+    drain, add, step = Mailbox._drain, engine.runner.add, engine.runner.step
+    engine.runner.add = lambda *args: (forwards.append("prefill"), add(*args))[1]
+    engine.runner.step = lambda *args: (forwards.append("decode"), step(*args))[1]
+    sampling = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
+
+    async def one(prompt):
+        return [d async for d in engine.stream(prompt, sampling)]
+
+    async def run():
+        return await asyncio.gather(*(one(p) for p in PROMPTS + PROMPTS[:7]))
+
+    try:
+        Mailbox._drain = lambda self: (drains.append(len(self._items)), drain(self))[1]
+        streams = asyncio.run(run())
+    finally:
+        Mailbox._drain = drain
+    assert all(sum(len(d.token_ids) for d in deltas) == 24 for deltas in streams)
+    assert sum(drains) == sum(len(deltas) for deltas in streams)  # every delta, each delivered once
+    assert len(drains) <= len(forwards)
+    assert max(drains) == 16  # a step's deltas travel together
+
+
 def test_a_tiny_temperature_decodes_greedily(engine):
     greedy = engine.generate_batch(["1+1="], SamplingConfig(temperature=0, max_new_tokens=6))[0].token_ids
     tiny_t = engine.generate_batch(["1+1="], SamplingConfig(temperature=1e-39, max_new_tokens=6, seed=0))[0].token_ids

@@ -87,33 +87,54 @@ class Inbox:
 
 
 class Mailbox:
-    """Hands deltas from the decode thread to one asyncio loop in batches.
+    """Hands deltas from the producing thread to one asyncio loop in batches.
 
     Every running sequence emits a delta per decode step; waking the loop once per delta costs a
-    self-pipe write and an epoll round trip each, on the cores the model runs on. The first delta
-    after a drain schedules one drain; the rest of the step's deltas ride along.
+    self-pipe write and an epoll round trip each, on the cores the model runs on. Immediately
+    (`deferred=False`), the first delta after a drain schedules one drain and the rest ride along
+    while it waits. Deferred, nothing is scheduled until the producer calls `wake()` when its batch
+    of deltas is complete: the engine's decode loop does so after each batch of tokens, so a step of
+    16 sequences wakes the loop once. Immediate delivery woke it about ten times a step, since the
+    loop drained as soon as the first delta came and each of the step's later ones found it idle.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deferred: bool = False) -> None:
         # Weak: `Mailboxes` keys its mailboxes by loop weakly, and a strong reference here would keep
         # every loop that ever streamed (and its mailbox) alive.
         self._loop = weakref.ref(loop)
+        self._deferred = deferred
         self._items: list[tuple[Inbox, Delta]] = []
         self._lock = threading.Lock()
         self._scheduled = False
 
     def post(self, inbox: Inbox, delta: Delta) -> None:
+        """Queue a delta; raises RuntimeError when the loop is gone (nobody is listening any more:
+        the scheduler then aborts the request)."""
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the event loop is gone")
         with self._lock:
             self._items.append((inbox, delta))
-            if self._scheduled:
+            if self._scheduled or self._deferred:
                 return
             self._scheduled = True
+        self._schedule()
+
+    def wake(self) -> None:
+        """Schedule a drain of what was posted, if nothing is scheduled yet."""
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        self._schedule()
+
+    def _schedule(self) -> None:
         try:
             loop = self._loop()
             if loop is None:
                 raise RuntimeError("the event loop is gone")
             loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: nobody is listening any more (the scheduler aborts the request)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
             with self._lock:
                 self._items.clear()
                 self._scheduled = False
@@ -127,18 +148,31 @@ class Mailbox:
 
 
 class Mailboxes:
-    """One `Mailbox` per asyncio loop that streams from an engine (weakly held: a closed loop goes)."""
+    """One `Mailbox` per asyncio loop that streams from an engine (weakly held: a closed loop goes).
+    `deferred`: the producer calls `wake()` when a batch of deltas is complete (see `Mailbox`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        self._deferred = deferred
 
     def get(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         with self._lock:
             mailbox = self._by_loop.get(loop)
             if mailbox is None:
-                mailbox = self._by_loop[loop] = Mailbox(loop)
+                mailbox = self._by_loop[loop] = Mailbox(loop, self._deferred)
             return mailbox
+
+    def wake(self) -> None:
+        """Deliver what was posted to every loop (one drain each); a loop that closed meanwhile
+        loses its deltas, whose requests abort at their next post."""
+        with self._lock:
+            mailboxes = list(self._by_loop.values())
+        for mailbox in mailboxes:
+            try:
+                mailbox.wake()
+            except RuntimeError:
+                pass
 
     async def stream(
         self, request: Request, submit: Callable[[Request, Any], None], abort: Callable[[str], None], coalesce: bool,
@@ -302,11 +336,12 @@ class TransformersEngine:
         self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0)
         self.context_tokens = context_tokens or context_length(model, tokenizer)
         self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
-        self.scheduler = Scheduler(self.runner, tokenizer, self.config, self.device)
+        # asyncio loop -> its mailbox. Deferred: the scheduler wakes the loops once per batch of
+        # tokens it emitted (one cross-thread wakeup per loop and step, not one per token).
+        self._mailboxes = Mailboxes(deferred=True)
+        self.scheduler = Scheduler(self.runner, tokenizer, self.config, self.device, on_emitted=self._mailboxes.wake)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        # asyncio loop -> its mailbox: about one cross-thread wakeup per decode step, not one per token.
-        self._mailboxes = Mailboxes()
         self._stopping = False
         self._inline_lock = threading.Lock()
         # One scheduler step at a time, whoever runs it: the background loop or generate_batch's caller.

@@ -54,8 +54,12 @@ class _Sequence:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer: Any, config: EngineConfig, device: torch.device):
+    def __init__(self, runner: ModelRunner, tokenizer: Any, config: EngineConfig, device: torch.device,
+                 on_emitted: Callable[[], None] | None = None):
+        """`on_emitted()` is called after each batch of deltas (a step's first tokens, its decoded
+        tokens, a step's aborts and failures), so that consumers can be woken once per batch."""
         self.runner = runner
+        self._on_emitted = on_emitted or (lambda: None)
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
@@ -101,12 +105,13 @@ class Scheduler:
 
     # -- called from the engine loop only --------------------------------------------------
     def step(self) -> None:
-        self._drop_aborted()
+        self._drop_aborted()  # their deltas go out with the step's
         admitted = self._admit()
         try:
             if admitted:
                 logits = self.runner.add([s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted])
                 self._advance(admitted, logits)
+                self._on_emitted()  # first tokens go out before the decode step
             # Sequences that just finished (at their first token, or aborted) leave the runner's
             # batch before the decode step, which takes exactly the sequences still running.
             self._release_finished()
@@ -118,6 +123,7 @@ class Scheduler:
             self._fail_all(f"{type(error).__name__}: {error}")
             raise
         finally:
+            self._on_emitted()
             self._release_finished()
         self.num_steps += 1
         self.memory.after_step(self.num_steps)
@@ -209,6 +215,7 @@ class Scheduler:
         for seq in waiting:
             self._finish(seq, "abort", error=message)
         self._fail_all(message)
+        self._on_emitted()
         self._release_finished()
 
     def _release_finished(self) -> None:
