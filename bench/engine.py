@@ -7,9 +7,10 @@ other; the script prints tokens/s and our ratio to each baseline.
 
     python -m bench.engine [--num-requests 16] [--new-tokens 64] [--models tiny,100m] [--repeats 5]
 
-Each method runs `--repeats` times, interleaved (static, loop, engine, static, ...), and the median
+Each method runs `--repeats` times, interleaved (static, engine, loop, static, ...), and the median
 tokens/s is reported: a single run of the tiny model takes a fraction of a second, and one run's
-ratio swings by ±40 % with scheduler noise on a small machine.
+ratio swings by ±40 % with scheduler noise on a small machine. Each round's own ratios (the engine
+against the baselines run right before and after it) are reported too, as their median and range.
 """
 
 from __future__ import annotations
@@ -140,14 +141,20 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"model": name, "params_m": round(params, 1), "threads": torch.get_num_threads()}
         runs: dict[str, list[float]] = {"static": [], "loop": [], "engine": []}
         for _ in range(max(1, args.repeats)):
+            # The engine runs between the two baselines, so that each round's ratios compare runs
+            # seconds apart (this machine's speed drifts by tens of per cent within minutes).
             runs["static"].append(bench_static(model, tokenizer, prompts, args.new_tokens))
-            runs["loop"].append(bench_loop(model, tokenizer, prompts, args.new_tokens))
             runs["engine"].append(bench_engine(model, tokenizer, prompts, args.new_tokens))
+            runs["loop"].append(bench_loop(model, tokenizer, prompts, args.new_tokens))
         for method, values in runs.items():
             row[f"{method}_tok_s"] = statistics.median(values)
             row[f"{method}_runs"] = [round(v, 1) for v in values]
         row["vs_static"] = row["engine_tok_s"] / row["static_tok_s"]
         row["vs_loop"] = row["engine_tok_s"] / row["loop_tok_s"]
+        for baseline in ("static", "loop"):
+            paired = [e / b for e, b in zip(runs["engine"], runs[baseline])]
+            row[f"vs_{baseline}_paired"] = statistics.median(paired)
+            row[f"vs_{baseline}_paired_runs"] = [round(r, 3) for r in paired]
         results.append(row)
         print(
             f"{name:5s} ({params:.1f}M params, {args.num_requests} requests x {args.new_tokens} tokens): "
@@ -160,15 +167,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 def contract_result(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> dict:
     """The run as the bench JSON contract: one table of medians and ratios, the targets as notes."""
+    def paired(r: dict, baseline: str) -> str:
+        runs = r[f"vs_{baseline}_paired_runs"]
+        return f"{ratio(r[f'vs_{baseline}_paired'])} ({ratio(min(runs))} – {ratio(max(runs))})"
+
     table_rows = [
         [MODEL_LABELS.get(r["model"], r["model"]), f"{r['params_m']} M", round(r["engine_tok_s"]),
-         round(r["static_tok_s"]), round(r["loop_tok_s"]), ratio(r["vs_static"]), ratio(r["vs_loop"])]
+         round(r["static_tok_s"]), round(r["loop_tok_s"]), ratio(r["vs_static"]), ratio(r["vs_loop"]),
+         paired(r, "static"), paired(r, "loop")]
         for r in results
     ]
     notes = []
     for r in results:
         label = MODEL_LABELS.get(r["model"], r["model"])
         notes.append(target_note(f"engine / static batch, {label}", r["vs_static"], 1.0))
+        notes.append(target_note(f"engine / static batch, {label}, median of the rounds' paired ratios",
+                                 r["vs_static_paired"], 1.0))
         notes.append(target_note(f"engine / loop, {label}", r["vs_loop"], 5.0))
     threads = results[0]["threads"] if results else torch.get_num_threads()
     return {
@@ -180,7 +194,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, results: l
         "tables": [{
             "title": f"tokens/s, median of {max(1, args.repeats)} interleaved runs per method, "
                      f"{args.num_requests} requests × {args.new_tokens} new tokens, {threads} torch threads",
-            "columns": ["model", "params", "engine", "static batch", "loop", "engine / static", "engine / loop"],
+            "columns": ["model", "params", "engine", "static batch", "loop", "engine / static", "engine / loop",
+                        "engine / static, per round: median (range)", "engine / loop, per round: median (range)"],
             "rows": table_rows,
         }],
         "series": {},

@@ -141,6 +141,22 @@ def test_sandbox_main_returns_what_it_writes(tmp_path):
     assert all(len(v) == 2 for v in result["series"]["latency_cdf"].values())
 
 
+def test_engine_bench_reports_each_rounds_ratios(tmp_path):
+    from bench import engine
+
+    result = engine.main(["--models", "tiny", "--repeats", "2", "--num-requests", "4", "--new-tokens", "4",
+                          "--json", str(tmp_path / "engine.json")])
+    assert validate(result) == []
+    (raw,) = result["raw"]
+    for baseline in ("static", "loop"):
+        per_round = [e / b for e, b in zip(raw["engine_runs"], raw[f"{baseline}_runs"])]
+        assert raw[f"vs_{baseline}_paired_runs"] == pytest.approx(per_round, rel=1e-2)
+        assert min(per_round) <= raw[f"vs_{baseline}_paired"] <= max(per_round)
+    (row,) = result["tables"][0]["rows"]
+    assert len(row) == len(result["tables"][0]["columns"]) == 9
+    assert any("median of the rounds' paired ratios" in note for note in result["notes"])
+
+
 def run_bench_all(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench.all", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, check=False)
