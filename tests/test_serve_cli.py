@@ -114,7 +114,10 @@ body = {"model": "r1-tiny", "prompt": "1", "max_tokens": 900, "temperature": 0, 
 print("idle before the stream:", running(), flush=True)  # also sets up the handle's router (seconds, the first time)
 with httpx.Client(timeout=60, headers={"Authorization": "Bearer haproxy-key"}) as client:
     with client.stream("POST", base + "/v1/completions", json=body) as response:
-        next(line for line in response.iter_lines() if line.startswith("data: "))
+        # Kept in a name: a generator over iter_lines() closes it when collected, and that closes
+        # the connection, so the server would see the client leave before the check below.
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
         print("generating while streaming:", running(), flush=True)
 deadline = time.monotonic() + 60
 while running() and time.monotonic() < deadline:
