@@ -689,6 +689,26 @@ def test_the_decode_thread_yields_once_on_waking_so_a_burst_is_admitted_together
     assert sum(size for kind, size in events if kind == "prefill") == 3 * len(PROMPTS)
 
 
+def test_the_detokenizer_decodes_through_the_rust_backend_as_the_tokenizer_would(tiny):
+    # The fast path (the tokenizer's Rust backend) must hand out exactly the pieces the tokenizer's
+    # own decode gives: multi-byte characters split across tokens, special tokens skipped, stop strings.
+    from r1.engine.detok import IncrementalDetokenizer
+
+    _, tokenizer = tiny
+    texts = ["忘记密码怎么办？我的验证码是 123456。", "Mia has 23 apples 🍎🍏 and 7 pears.",
+             "<think>12 + 7 = 19</think>\nThe answer is 19."]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=True) + [tokenizer.eos_token_id] + tokenizer.encode(" 下一句")
+        for stop in ([], ["19"], ["验证码"]):
+            fast, plain = IncrementalDetokenizer(tokenizer, stop), IncrementalDetokenizer(tokenizer, stop)
+            assert fast._backend_decode is not None
+            plain._backend_decode = None
+            pieces = [([d.add(t) for t in ids] + [d.finish()]) for d in (fast, plain)]
+            assert pieces[0] == pieces[1], (text, stop)
+            if not stop:
+                assert "".join(pieces[0]) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def test_a_tiny_temperature_decodes_greedily(engine):
     greedy = engine.generate_batch(["1+1="], SamplingConfig(temperature=0, max_new_tokens=6))[0].token_ids
     tiny_t = engine.generate_batch(["1+1="], SamplingConfig(temperature=1e-39, max_new_tokens=6, seed=0))[0].token_ids

@@ -13,6 +13,10 @@ from typing import Any
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, stop: list[str] | None = None):
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust backend decodes as its `decode` does (no clean-up of spaces asked
+        # for here) at a third of the cost: two decodes per token of every stream, at every step.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = getattr(backend, "decode", None) if backend is not None else None
         self.stop = list(stop or [])
         self.token_ids: list[int] = []
         self._prefix_offset = 0
@@ -22,6 +26,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
