@@ -16,7 +16,8 @@ the runner's batched decode forward with every request running (one token per re
 Also measured: r1-tiny's arithmetic exact match (level 1, held-out split) for fp32 / bf16 / int8;
 peak memory of one batched prefill at a long context with SDPA and with eager attention (one child
 process per variant, see `attention_probe`); the achieved batched-decode FLOP/s of the 100M model
-against the peak matmul throughput of the same dtype (best of a few 2048³ matmuls), measured right
+against the peak matmul throughput of the same dtype (best of a few 2048³ matmuls, each with
+torch's default GEMM and with oneDNN's packed Linear, the faster counting), measured right
 before and right after each of its runs: this kind of machine's speed drifts by up to 1.5x within
 minutes, so a step and a peak measured apart would mostly compare two machine states (the
 percentage against the run's best peak is shown too); and the 100M model's fp32 decode step at
@@ -123,19 +124,28 @@ def bf16_matmul_kernel() -> str:
 
 def peak_matmul_gflops(dtype: str, size: int, tries: int) -> float:
     """Best GFLOP/s (GOP/s for int8) of one size x size x size matmul over `tries` runs, fewer when they
-    take more than PEAK_BUDGET_S together (bf16 without AVX-512 kernels: about a minute per matmul)."""
+    take more than PEAK_BUDGET_S together (bf16 without AVX-512 kernels: about a minute per matmul).
+
+    fp32 and bf16 take the faster of two kernels: torch's default GEMM (`a @ b`) and oneDNN's Linear
+    on a packed weight (what `prepack: true` runs). On an AMD EPYC with AVX-512, torch's default
+    fp32 GEMM reached 111 GFLOP/s on one core and oneDNN's 216 (`tests/test_bench_cpu_speed.py`
+    checks the peak is the faster one), so the default alone understated the core's peak by half
+    and let the packed decode steps exceed "the peak"."""
     if dtype == "int8":
         a = torch.randint(-127, 127, (size, size), dtype=torch.int8)
         b = torch.randint(-127, 127, (size, size), dtype=torch.int8)
+        return _best_gflops(lambda: torch._int_mm(a, b.t()), size, tries)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    a, b = torch.randn(size, size, dtype=torch_dtype), torch.randn(size, size, dtype=torch_dtype)
+    best = _best_gflops(lambda: a @ b, size, tries)
+    if prepack_unsupported(torch_dtype) is None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
+        best = max(best, _best_gflops(
+            lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), size, tries))
+    return best
 
-        def product() -> torch.Tensor:
-            return torch._int_mm(a, b.t())
-    else:
-        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a, b = torch.randn(size, size, dtype=torch_dtype), torch.randn(size, size, dtype=torch_dtype)
 
-        def product() -> torch.Tensor:
-            return a @ b
+def _best_gflops(product: Callable[[], torch.Tensor], size: int, tries: int) -> float:
     start = time.perf_counter()
     product()  # the first call sets up the kernels; it counts only when it alone exceeds the budget
     first = time.perf_counter() - start

@@ -80,3 +80,27 @@ def test_a_peak_slower_than_the_decode_is_no_peak():
     assert row[4] == "- (no peak)" and row[6] == "-"
     (note,) = [n for n in result["notes"] if n.startswith("100M batched decode")]
     assert "not measurable on this CPU" in note and "met" not in note
+
+
+def test_the_peak_is_the_faster_of_torchs_gemm_and_onednns_packed_linear(monkeypatch):
+    # torch's default fp32 GEMM ran at half the speed of oneDNN's packed Linear on an AMD EPYC with
+    # AVX-512, so the peak takes the faster kernel; each kernel must really multiply the matrices.
+    import torch
+
+    products, speeds = [], iter([100.0, 200.0, 300.0, 50.0])
+
+    def fake_best(product, size, tries):
+        products.append(product())
+        return next(speeds)
+
+    monkeypatch.setattr(cpu_speed, "_best_gflops", fake_best)
+    torch.manual_seed(0)
+    assert cpu_speed.peak_matmul_gflops("fp32", 64, 1) == 200.0  # default GEMM 100, packed 200
+    assert cpu_speed.peak_matmul_gflops("fp32", 64, 1) == 300.0  # default 300, packed 50
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    assert torch.allclose(products[0], a @ b, atol=1e-4)  # torch's GEMM
+    assert torch.allclose(products[1], a @ b.T, atol=1e-4)  # oneDNN's Linear: x W^T, the same FLOPs
+    monkeypatch.setattr(cpu_speed, "prepack_unsupported", lambda dtype: "no oneDNN here")
+    speeds, products[:] = iter([80.0]), []
+    assert cpu_speed.peak_matmul_gflops("fp32", 64, 1) == 80.0 and len(products) == 1
