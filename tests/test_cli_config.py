@@ -294,6 +294,11 @@ def test_haproxy_mode_environment_and_its_errors(tmp_path):
         assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent == folder
         assert Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent == folder
         assert other["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder)  # one per server
+        # A short drain for the local HAProxy, unless the environment says otherwise.
+        assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
+        kept = haproxy_env("local", {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})
+        shutil.rmtree(kept["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+        assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in kept
     finally:
         for made in (env, other):
             shutil.rmtree(made["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
