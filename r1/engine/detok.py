@@ -15,8 +15,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust backend decodes as its `decode` does (no clean-up of spaces asked
         # for here) at a third of the cost: two decodes per token of every stream, at every step.
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend_decode = getattr(backend, "decode", None) if backend is not None else None
+        self._backend_decode = getattr(getattr(tokenizer, "backend_tokenizer", None), "decode", None)
         self.stop = list(stop or [])
         self.token_ids: list[int] = []
         self._prefix_offset = 0
