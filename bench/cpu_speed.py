@@ -69,8 +69,8 @@ from r1.model import load_model  # noqa: E402
 
 VARIANTS = {
     # name: (dtype the model is cast to, engine options applied to it)
-    "fp32": (torch.float32, EngineConfig()),
-    "bf16": (torch.bfloat16, EngineConfig()),
+    "fp32": (torch.float32, EngineConfig(prepack=False)),
+    "bf16": (torch.bfloat16, EngineConfig(prepack=False)),
     "int8": (torch.float32, EngineConfig(quantization="int8")),
     "compile": (torch.float32, EngineConfig(compile=True)),
     "prepack": (torch.float32, EngineConfig(prepack=True)),

@@ -4,9 +4,11 @@ For each concurrency level, the same requests (chat prompts, greedy, EOS ignored
 generates exactly `--new-tokens`) go to:
 
 - stack:   real Ray Serve over HTTP (ingress → LLMServer → engine), streamed with SSE;
-- engine:  the same engine in this process, `engine.stream` (no Ray, no HTTP);
-- loop:    one `model.generate` call after another;
-- static:  one left-padded `model.generate` batch of all requests (at the top concurrency).
+- engine:  the same engine in this process, `engine.stream` (no Ray, no HTTP), on a copy of the
+           model with the served engine's options applied (`prepack: auto` packs it on a CPU);
+- loop:    one `model.generate` call after another (the plain model, as loaded);
+- static:  one left-padded `model.generate` batch of all requests (at the top concurrency), of the
+           plain model, and once more of the model as served when the engine's options changed it.
 
 It prints TTFT, time per output token (TPOT), end-to-end p50/p99, tokens/s and error rate, the
 stack's ratios to the static batch and to the loop, and the pipeline overhead per request (p50 e2e
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import statistics
@@ -41,6 +44,7 @@ from bench.contract import command_line, finish, ratio, target_note
 from bench.engine import bench_static, make_prompts
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import TransformersEngine
+from r1.engine.optimize import Int8DynamicLinear, PackedLinear, apply_engine_options
 from r1.model import load_model
 
 
@@ -51,6 +55,13 @@ def overhead_note(label: str, overhead_ms: float, target_ms: float = 5.0) -> str
         return (f"{label}: {overhead_ms:.1f} ms (target ≤ {target_ms:g} ms): not resolved: negative, so this run's "
                 "spread between single requests is larger than the overhead (see the quartiles)")
     return target_note(label, overhead_ms, target_ms, at_least=False, unit="ms")
+
+
+def served_model_options(model) -> list[str]:
+    """The engine options that changed `model` (what `apply_engine_options` did to it), by name."""
+    kinds = {type(module) for module in model.modules()}
+    return ([name for name, kind in (("prepack", PackedLinear), ("int8", Int8DynamicLinear)) if kind in kinds]
+            + (["compile"] if getattr(model.forward, "r1_compiled", False) else []))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -335,7 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.update(haproxy)
     config = start_stack(args.port, args.set)
     url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
-    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
+    # The in-process engine runs what the served one runs: the same options on the same weights.
+    served_model = apply_engine_options(copy.deepcopy(model), config.engine)
+    served_options = served_model_options(served_model)
+    print(f"served engine options applied: {', '.join(served_options) or 'none'}")
+    engine = TransformersEngine(served_model, tokenizer, EngineConfig(max_num_seqs=64))
     rows = []
     latencies: dict[tuple[str, int], list[float]] = {}  # (method, concurrency) -> e2e seconds
     paired: list[float] = []  # stack - engine (served threads) e2e, per prompt, seconds
@@ -382,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(summarize("loop", 1, loop_records, loop_elapsed))
     latencies["loop", 1] = sorted(r["e2e"] for r in loop_records)
     static_tok_s = bench_static(model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
+    static_served_tok_s = (bench_static(served_model, tokenizer, chat_ids[: max(levels)], args.new_tokens)
+                           if served_options else None)
     engine.shutdown()
 
     print(f"{'method':7s} {'conc':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TPOT p50':>9s} {'e2e p50':>9s} {'e2e p99':>9s} {'errors':>6s}")
@@ -392,6 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
     stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
     loop_row = next(r for r in rows if r["method"] == "loop")
     print(f"static padded batch of {top}: {static_tok_s:.0f} tok/s")
+    if static_served_tok_s:
+        print(f"static padded batch of {top}, the model as served ({', '.join(served_options)}): "
+              f"{static_served_tok_s:.0f} tok/s")
     print(f"stack at {top} streams: {stack_top['tok_s'] / static_tok_s:.2f}x the static batch, "
           f"{stack_top['tok_s'] / loop_row['tok_s']:.2f}x the loop")
     overhead_ms = None
@@ -424,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"the same without Serve's proxy (direct ingress), {label}: median {mid:.1f} ms "
               f"(quartiles {low:.1f} – {high:.1f} ms)")
     result = contract_result(args, argv, rows, latencies, static_tok_s, overhead_ms, paired, paired_fixed, floor,
-                             direct)
+                             direct, served_options, static_served_tok_s)
     return finish(result, args.json)
 
 
@@ -442,7 +462,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                     latencies: dict[tuple[str, int], list[float]], static_tok_s: float, overhead_ms: float | None,
                     paired: list[float] | None = None, paired_fixed: list[float] | None = None,
                     floor: dict[str, list[float]] | None = None,
-                    direct_floor: dict[str, list[float]] | None = None) -> dict:
+                    direct_floor: dict[str, list[float]] | None = None, served_options: list[str] | None = None,
+                    static_served_tok_s: float | None = None) -> dict:
     """The run as the bench JSON contract: the per-level table, the targets, and the data for the plots."""
     top = max(r["concurrency"] for r in rows if r["method"] == "stack")
     stack_top = next(r for r in rows if r["method"] == "stack" and r["concurrency"] == top)
@@ -457,6 +478,13 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
     notes = [f"static padded batch of {top} in the same run: {static_tok_s:.0f} tok/s",
              target_note(f"stack / static batch at {top} streams", stack_top["tok_s"] / static_tok_s, 1.0),
              target_note(f"stack / loop at {top} streams", stack_top["tok_s"] / loop_row["tok_s"], 5.0)]
+    if served_options:
+        notes[1:1] = [f"the served engine's options that changed the model: {', '.join(served_options)} (the engine "
+                      "in-process runs the same; the loop and the static batch run the plain model)"]
+    if static_served_tok_s:
+        notes.append(f"static padded batch of {top} of the model as served ({', '.join(served_options)}): "
+                     f"{static_served_tok_s:.0f} tok/s; the stack gives "
+                     f"{ratio(stack_top['tok_s'] / static_served_tok_s)} of it")
     if overhead_ms is not None:
         checks.append(["pipeline overhead per request, concurrency 1 (stack − engine e2e p50)", "≤ 5 ms",
                        f"{overhead_ms:.0f} ms"])
@@ -518,7 +546,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, rows: list
                "rows": floor_rows}] if floor_rows else []),
         "series": {"throughput_vs_concurrency": throughput, "latency_cdf": cdf},
         "notes": notes,
-        "raw": {"rows": rows, "static_tok_s": static_tok_s, "paired_overhead_s": paired or [],
+        "raw": {"rows": rows, "static_tok_s": static_tok_s, "served_options": served_options or [],
+                "static_served_tok_s": static_served_tok_s, "paired_overhead_s": paired or [],
                 "paired_fixed_overhead_s": paired_fixed or [], "serve_floor_s": floor or {},
                 "serve_floor_direct_ingress_s": direct_floor or {}},
     }

@@ -130,8 +130,10 @@ class EngineConfig(StrictModel):
     # transformers engine: wrap the model's forward in torch.compile (first steps compile).
     compile: bool = False
     # transformers engine, CPU: run the Linear layers through oneDNN with their weights packed once
-    # at load (fp32 or bf16), which speeds up small-batch decoding. Not with int8 or compile.
-    prepack: bool = False
+    # at load (fp32 or bf16), which speeds up small-batch decoding. "auto": packed wherever it
+    # applies (a CPU model whose weights this CPU can pack, no int8, no compile, pipeline_stages 1)
+    # and left alone elsewhere; true: packed, an error where it cannot be; false: never.
+    prepack: bool | Literal["auto"] = "auto"
     # GPU engines only: fraction of GPU memory the engine may reserve (weights + KV cache).
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # GPU engines only: tensor-parallel degree (GPUs per engine instance).

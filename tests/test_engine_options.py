@@ -27,6 +27,7 @@ from r1.engine.optimize import (
     check_engine_options,
     check_sharded_options,
     compile_decode,
+    prepack_applies,
     prepack_linear,
     prepack_unsupported,
     quantize_int8,
@@ -173,6 +174,58 @@ def test_prepacked_engine_answers_like_fp32(problems, fp32_completions):
     assert [c.token_ids for c in completions] == [c.token_ids for c in fp32_completions]
 
 
+def test_prepack_auto_is_the_default_and_packs_a_cpu_model(problems, fp32_completions):
+    assert EngineConfig().prepack == "auto"
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"))
+    try:
+        assert not any(isinstance(m, nn.Linear) for m in engine.model.modules())
+        completions = engine.generate_batch(problems[0], GREEDY_64)
+    finally:
+        engine.shutdown()
+    assert [c.token_ids for c in completions] == [c.token_ids for c in fp32_completions]
+
+
+def small_model(dtype=torch.float32, device="cpu") -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("options", [{"quantization": "int8"}, {"compile": True}])
+def test_prepack_auto_steps_aside_for_options_that_replace_the_linears(options):
+    assert not prepack_applies(small_model(), EngineConfig(**options))
+    check_engine_options(EngineConfig(**options), torch.device("cpu"))  # no conflict: auto is not a request
+    assert prepack_applies(small_model(), EngineConfig())
+
+
+def test_prepack_auto_leaves_what_it_cannot_pack_alone(monkeypatch):
+    # fp16 weights (oneDNN packs fp32 and bf16 only) and a model off the CPU are left as they are.
+    assert not prepack_applies(small_model(torch.float16), EngineConfig())
+    assert not prepack_applies(small_model(device="meta"), EngineConfig())
+    check_engine_options(EngineConfig(), torch.device("cuda"))  # prepack: true would be an error there
+    check_sharded_options(EngineConfig())  # and with pipeline_stages > 1
+    # A CPU that cannot pack bf16 weights: auto leaves a bf16 model alone; prepack: true refuses it.
+    from r1.engine import optimize
+
+    monkeypatch.setattr(optimize, "prepack_unsupported",
+                        lambda dtype: "no bf16 here" if dtype == torch.bfloat16 else None)
+    model = small_model(torch.bfloat16)
+    assert apply_engine_options(model, EngineConfig()) is model
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "Linear"]
+    with pytest.raises(ValueError, match="cannot pack bf16 weights on this machine: no bf16 here"):
+        apply_engine_options(model, EngineConfig(prepack=True))
+    apply_engine_options(small_model(), EngineConfig())  # fp32 still packs
+    assert prepack_applies(small_model(), EngineConfig()) and not prepack_applies(model, EngineConfig())
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, True), (False, False), ("true", True)])
+def test_prepack_config_values(value, expected):
+    assert EngineConfig(prepack=value).prepack == expected
+
+
+def test_prepack_config_rejects_other_words():
+    with pytest.raises(ValueError, match="prepack"):
+        EngineConfig(prepack="sometimes")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"prepack": True, "quantization": "int8"}, "cannot be combined with quantization=int8 or compile=true"),
     ({"prepack": True, "compile": True}, "cannot be combined with quantization=int8 or compile=true"),
@@ -256,8 +309,9 @@ def test_sharded_engine_rejects_model_transforms(options):
     check_sharded_options(EngineConfig())
 
 
-def test_default_options_leave_the_model_alone():
+def test_options_off_leave_the_model_alone():
+    # Every option off (the defaults, but prepack, whose default packs a CPU model).
     model = nn.Sequential(nn.Linear(8, 8))
     forward = model.forward
-    assert apply_engine_options(model, EngineConfig()) is model
+    assert apply_engine_options(model, EngineConfig(prepack=False)) is model
     assert isinstance(model[0], nn.Linear) and model.forward == forward

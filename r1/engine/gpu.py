@@ -75,7 +75,7 @@ def gpu_engine_problem(
             f"quantization=int8 is the transformers engine's CPU quantization; engine={engine} supports "
             "quantization=fp8 or none. Use quantization=fp8 on the GPU, or engine=transformers for int8"
         )
-    if engine_config.compile or engine_config.prepack:
+    if engine_config.compile or engine_config.prepack is True:
         option = "compile" if engine_config.compile else "prepack"
         return (
             f"{option}=true applies to engine=transformers only ({spec.title} brings its own kernels); "

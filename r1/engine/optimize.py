@@ -16,7 +16,10 @@ loading the model; the options come from `EngineConfig`:
   the weight is reordered once into oneDNN's blocked layout and each call runs oneDNN's Linear
   on it, instead of the default kernels, which handle a decode step's skinny matrix multiplies
   (a few rows against a large weight) poorly. fp32 and bf16 models; outputs equal the plain
-  layers' within float rounding. Weights become buffers (inference only).
+  layers' within float rounding. Weights become buffers (inference only). `prepack: auto`, the
+  default, packs where `prepack: true` would work and nothing else is asked of the Linear layers
+  (a CPU model, weights this CPU can pack, no int8, no compile); elsewhere it leaves the model
+  alone instead of failing (`prepack_applies`).
 - `compile: true` runs decode steps (one new token per running sequence, non-empty cache) through
   `torch.compile(dynamic=True)`; prefill stays eager, because prompt lengths and admission patterns
   change at almost every prefill and each new pattern would mean another compilation. The first
@@ -53,12 +56,12 @@ def check_engine_options(engine_config: EngineConfig, device: torch.device) -> N
             "engine.quantization=fp8 needs engine=trtllm or vllm on a GPU; the transformers engine supports "
             "quantization=none or int8 (CPU)"
         )
-    if engine_config.prepack and device.type != "cpu":
+    if engine_config.prepack is True and device.type != "cpu":
         raise ValueError(
             f"engine.prepack=true packs weights for oneDNN's CPU kernels and the model is on {device.type}; "
             "set prepack=false (on a GPU use dtype=bf16, or engine=vllm/trtllm)"
         )
-    if engine_config.prepack and (engine_config.quantization == "int8" or engine_config.compile):
+    if engine_config.prepack is True and (engine_config.quantization == "int8" or engine_config.compile):
         raise ValueError(
             "engine.prepack=true replaces the Linear layers itself and cannot be combined with quantization=int8 "
             "or compile=true; pick one of them"
@@ -71,8 +74,9 @@ def check_engine_options(engine_config: EngineConfig, device: torch.device) -> N
 
 
 def check_sharded_options(engine_config: EngineConfig) -> None:
-    """The sharded runner (pipeline_stages > 1) loads plain models in its shards: reject what it cannot apply."""
-    if engine_config.quantization != "none" or engine_config.compile or engine_config.prepack:
+    """The sharded runner (pipeline_stages > 1) loads plain models in its shards: reject what it cannot apply
+    (`prepack: auto` is fine: it leaves the shards' models alone)."""
+    if engine_config.quantization != "none" or engine_config.compile or engine_config.prepack is True:
         raise ValueError(
             f"engine.quantization={engine_config.quantization} / engine.compile={engine_config.compile} / "
             f"engine.prepack={engine_config.prepack} are not supported with pipeline_stages > 1 (each ModelShard "
@@ -88,9 +92,10 @@ def apply_engine_options(model: Any, engine_config: EngineConfig) -> Any:
         count = quantize_int8(model)
         logger.info("engine option quantization=int8: %d Linear layers quantized (lm_head kept in %s)", count,
                     next(model.parameters()).dtype)
-    if engine_config.prepack:
+    if engine_config.prepack is True or (engine_config.prepack == "auto" and prepack_applies(model, engine_config)):
         count = prepack_linear(model)
-        logger.info("engine option prepack=true: %d Linear layers run through oneDNN with packed weights", count)
+        logger.info("engine option prepack=%s: %d Linear layers run through oneDNN with packed weights",
+                    str(engine_config.prepack).lower(), count)
     if engine_config.compile:
         compile_decode(model)
         logger.info("engine option compile=true: decode steps run through torch.compile(backend=%s, dynamic=True); "
@@ -206,6 +211,19 @@ def prepack_unsupported(dtype: torch.dtype) -> str | None:
     except RuntimeError as error:
         return str(error).strip().splitlines()[0]
     return None
+
+
+def prepack_applies(model: nn.Module, engine_config: EngineConfig) -> bool:
+    """Whether `prepack: auto` packs `model`: on a CPU, with no other option replacing or compiling
+    its Linear layers, and every Linear weight in a dtype this CPU packs (fp32 anywhere oneDNN is
+    built in; bf16 only where `prepack_unsupported` allows)."""
+    if engine_config.quantization != "none" or engine_config.compile:
+        return False
+    dtypes = {module.weight.dtype for module in model.modules() if isinstance(module, nn.Linear)}
+    return (
+        bool(dtypes) and next(model.parameters()).device.type == "cpu"
+        and all(dtype in _DTYPE_NAMES and prepack_unsupported(dtype) is None for dtype in dtypes)
+    )
 
 
 def prepack_linear(model: nn.Module) -> int:
