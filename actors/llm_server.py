@@ -21,6 +21,7 @@ from actors.tracing import setup_actor_tracing
 from r1.config import SamplingConfig, ServeConfig
 from r1.engine import Engine, EngineOverloaded, create_engine
 from r1.engine.batching import StreamBatcher, stream_window_s
+from r1.engine.optimize import packed_linear_count
 from r1.model import load_tokenizer
 from r1.sequence_spans import RequestCarriers
 from r1.telemetry import inject_context, span
@@ -134,8 +135,10 @@ class LLMServer:
                 self.carriers.discard(request.request_id)
 
     def stats(self) -> dict[str, int]:
+        # packed_linears: the Linear layers `engine.prepack` put on packed oneDNN weights (0: none, or
+        # no local model, as with a sharded or GPU engine).
         return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams,
-                "warmup_s": self.warmup_s}
+                "warmup_s": self.warmup_s, "packed_linears": packed_linear_count(getattr(self.engine, "model", None))}
 
     async def check_health(self) -> None:
         # The decode loop, and a sharded engine's model shards: pinging them waits on the shards

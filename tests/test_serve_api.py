@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from ray import serve
 
 from cluster.serve.app import build_app
@@ -361,7 +362,7 @@ def test_ingress_single_loop_reaches_only_the_ingress_replicas(server):
     assert flag not in environment("strict", "OpenAIIngress")  # ingress_single_loop: false
 
 
-def test_llm_server_cpu_threads_and_warm_up(server):
+def test_llm_server_cpu_threads_warm_up_and_packed_layers(server, tiny):
     # Ray sets a fractional-CPU replica's OMP_NUM_THREADS to 1; engine.cpu_threads overrides it.
     def stats(app: str) -> dict:
         return serve.get_deployment_handle("LLMServer", app_name=app).stats.remote().result(timeout_s=30)
@@ -370,6 +371,11 @@ def test_llm_server_cpu_threads_and_warm_up(server):
     assert stats("strict")["cpu_threads"] == 2
     # Each replica ran the engine's warm-up before it took requests (the time it took, measured).
     assert all(stats(app)["warmup_s"] > 0 for app in ("main", "strict"))
+    # engine.prepack: auto packed every Linear layer of the CPU model, the LM head included, and left
+    # the sharded engine's shards alone.
+    linears = sum(isinstance(module, torch.nn.Linear) for module in tiny[0].modules())
+    assert stats("main")["packed_linears"] == stats("strict")["packed_linears"] == linears > 1
+    assert stats("sharded")["packed_linears"] == 0
 
 
 def test_client_disconnect_cancels_generation(server):

@@ -213,6 +213,11 @@ def prepack_unsupported(dtype: torch.dtype) -> str | None:
     return None
 
 
+def packed_linear_count(model: nn.Module | None) -> int:
+    """How many of `model`'s layers run packed (0 for None: an engine without a local model)."""
+    return 0 if model is None else sum(isinstance(module, PackedLinear) for module in model.modules())
+
+
 def prepack_applies(model: nn.Module, engine_config: EngineConfig) -> bool:
     """Whether `prepack: auto` packs `model`: on a CPU, with no other option replacing or compiling
     its Linear layers, and every Linear weight in a dtype this CPU packs (fp32 anywhere oneDNN is
