@@ -64,7 +64,12 @@ from bench.contract import command_line, finish, ratio, target_note  # noqa: E40
 from bench.engine import build_100m, make_prompts  # noqa: E402
 from r1.config import EngineConfig, ModelConfig, SamplingConfig  # noqa: E402
 from r1.engine import TransformersEngine  # noqa: E402
-from r1.engine.optimize import Int8DynamicLinear, apply_engine_options, prepack_unsupported  # noqa: E402
+from r1.engine.optimize import (  # noqa: E402
+    Int8DynamicLinear,
+    apply_engine_options,
+    prepack_applies,
+    prepack_unsupported,
+)
 from r1.model import load_model  # noqa: E402
 
 VARIANTS = {
@@ -87,6 +92,12 @@ TARGET_VARIANTS = ("fp32", "bf16", "prepack", "bf16-prepack")
 
 
 # -- machine ---------------------------------------------------------------------------------------
+def default_fp32_variant() -> str:
+    """The variant `EngineConfig()` runs an fp32 CPU model as on this machine: `prepack` where
+    `prepack: auto` packs it, else `fp32`."""
+    return "prepack" if prepack_applies(nn.Sequential(nn.Linear(8, 8)), EngineConfig()) else "fp32"
+
+
 def cpu_features() -> dict[str, Any]:
     """AMX / AVX-512 flags from /proc/cpuinfo and torch's own view of the CPU."""
     flags: set[str] = set()
@@ -103,6 +114,8 @@ def cpu_features() -> dict[str, Any]:
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "bf16_matmul_kernel": bf16_matmul_kernel(),
+        # What the engine's default options (`prepack: auto`) make of an fp32 CPU model here.
+        "default_fp32_variant": default_fp32_variant(),
     }
 
 
@@ -481,6 +494,11 @@ def build_result(args: argparse.Namespace, argv: list[str] | None, features: dic
             notes.append(target_note(f"100M batched decode at batch {batch}, {variant}, % of the {dtype} peak matmul "
                                      "measured around the same runs (median)", percent, DECODE_TARGET_PERCENT, unit="%")
                          + f"; runs {spread}, {of_best:.1f} % of the run's best peak")
+            if variant == features.get("default_fp32_variant") and batch == args.num_requests:
+                how = "packs it on this CPU" if variant == "prepack" else "leaves it unpacked on this CPU"
+                notes.append(target_note(f"the default engine options (an fp32 model; `prepack: auto`, which {how}) "
+                                         f"decode as the {variant} variant: 100M batched decode at batch {batch}, % of "
+                                         "the fp32 peak matmul (median)", percent, DECODE_TARGET_PERCENT, unit="%"))
 
     for entry in models:
         if entry["model"] != "100m":

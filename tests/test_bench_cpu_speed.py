@@ -55,6 +55,24 @@ def test_each_run_counts_against_the_peak_measured_around_it():
     assert "32.0 % (target ≥ 30 %): met" in note and "19.2 % of the run's best peak" in note
 
 
+@pytest.mark.parametrize(("default", "how"), [("prepack", "packs it on this CPU"),
+                                              ("fp32", "leaves it unpacked on this CPU")])
+def test_the_default_options_are_checked_as_the_variant_they_run(default, how):
+    # The target is also stated for what `EngineConfig()` runs here: the packed variant where
+    # `prepack: auto` packs an fp32 model, the plain one where it cannot.
+    entry = model_entry({"fp32": [(19.0, 80.0)] * 3, "prepack": [(44.0, 80.0)] * 3})
+    result = cpu_speed.build_result(ARGS, [], {**FEATURES, "default_fp32_variant": default}, [entry],
+                                    {"fp32": 80.0}, None, None)
+    [note] = [n for n in result["notes"] if n.startswith("the default engine options")]
+    assert f"`prepack: auto`, which {how}) decode as the {default} variant" in note
+    assert note.endswith("44.0 % (target ≥ 30 %): met" if default == "prepack" else "19.0 % (target ≥ 30 %): not met")
+
+
+def test_the_machine_reports_the_default_variant():
+    # This machine's torch has oneDNN, so `prepack: auto` packs an fp32 model here.
+    assert cpu_speed.cpu_features()["default_fp32_variant"] == "prepack"
+
+
 @pytest.mark.parametrize(("percents", "verdict"), [((29.0, 29.9, 31.0), "29.9 % (target ≥ 30 %): not met"),
                                                     ((30.5, 28.0, 30.1), "30.1 % (target ≥ 30 %): met")])
 def test_the_target_is_the_median_of_the_paired_runs(percents, verdict):
