@@ -131,8 +131,8 @@ class EngineConfig(StrictModel):
     compile: bool = False
     # transformers engine, CPU: run the Linear layers through oneDNN with their weights packed once
     # at load (fp32 or bf16), which speeds up small-batch decoding. "auto": packed wherever it
-    # applies (a CPU model whose weights this CPU can pack, no int8, no compile, pipeline_stages 1)
-    # and left alone elsewhere; true: packed, an error where it cannot be; false: never.
+    # applies (a model on an x86-64 CPU whose weights it can pack, no int8, no compile,
+    # pipeline_stages 1) and left alone elsewhere; true: packed, an error where it cannot be; false: never.
     prepack: bool | Literal["auto"] = "auto"
     # GPU engines only: fraction of GPU memory the engine may reserve (weights + KV cache).
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)

@@ -196,6 +196,19 @@ def test_prepack_auto_steps_aside_for_options_that_replace_the_linears(options):
     assert prepack_applies(small_model(), EngineConfig())
 
 
+def test_prepack_auto_packs_on_x86_64_only(monkeypatch):
+    # Measured to pay on x86-64 CPUs; an Arm CPU's oneDNN may run other kernels, so auto stays off.
+    import platform
+
+    assert platform.machine().lower() in ("x86_64", "amd64")  # this machine: the tests below pack here
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    model = small_model()
+    assert not prepack_applies(model, EngineConfig())
+    assert [type(m).__name__ for m in apply_engine_options(model, EngineConfig())] == ["Linear", "ReLU", "Linear"]
+    monkeypatch.setattr(platform, "machine", lambda: "AMD64")  # Windows' name for it
+    assert prepack_applies(model, EngineConfig())
+
+
 def test_prepack_auto_leaves_what_it_cannot_pack_alone(monkeypatch):
     # fp16 weights (oneDNN packs fp32 and bf16 only) and a model off the CPU are left as they are.
     assert not prepack_applies(small_model(torch.float16), EngineConfig())

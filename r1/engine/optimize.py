@@ -18,8 +18,8 @@ loading the model; the options come from `EngineConfig`:
   (a few rows against a large weight) poorly. fp32 and bf16 models; outputs equal the plain
   layers' within float rounding. Weights become buffers (inference only). `prepack: auto`, the
   default, packs where `prepack: true` would work and nothing else is asked of the Linear layers
-  (a CPU model, weights this CPU can pack, no int8, no compile); elsewhere it leaves the model
-  alone instead of failing (`prepack_applies`).
+  (a model on an x86-64 CPU, weights this CPU can pack, no int8, no compile); elsewhere it leaves
+  the model alone instead of failing (`prepack_applies`).
 - `compile: true` runs decode steps (one new token per running sequence, non-empty cache) through
   `torch.compile(dynamic=True)`; prefill stays eager, because prompt lengths and admission patterns
   change at almost every prefill and each new pattern would mean another compilation. The first
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,8 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP_MODULES) -
 
 
 # -- packed oneDNN Linear layers ------------------------------------------------------------------
+# `platform.machine()` of the CPUs `prepack: auto` packs on (Linux and macOS say x86_64, Windows AMD64).
+X86_64_MACHINES = ("x86_64", "amd64")
 # The batch the weights are packed for (oneDNN picks its blocking from it); any batch still works.
 PREPACK_BATCH_HINT = 16
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -219,10 +222,16 @@ def packed_linear_count(model: nn.Module | None) -> int:
 
 
 def prepack_applies(model: nn.Module, engine_config: EngineConfig) -> bool:
-    """Whether `prepack: auto` packs `model`: on a CPU, with no other option replacing or compiling
-    its Linear layers, and every Linear weight in a dtype this CPU packs (fp32 anywhere oneDNN is
-    built in; bf16 only where `prepack_unsupported` allows)."""
+    """Whether `prepack: auto` packs `model`: on an x86-64 CPU, with no other option replacing or
+    compiling its Linear layers, and every Linear weight in a dtype this CPU packs (fp32 anywhere
+    oneDNN is built in; bf16 only where `prepack_unsupported` allows).
+
+    x86-64 only because that is where oneDNN's packed kernels were measured to pay (AMD EPYC with
+    and without AVX-512, Intel Xeon); on other CPUs (Arm) oneDNN may run other kernels, so packing
+    there is for `prepack: true` after measuring (`bench/cpu_speed.py`)."""
     if engine_config.quantization != "none" or engine_config.compile:
+        return False
+    if platform.machine().lower() not in X86_64_MACHINES:
         return False
     dtypes = {module.weight.dtype for module in model.modules() if isinstance(module, nn.Linear)}
     return (
