@@ -136,9 +136,11 @@ class LLMServer:
 
     def stats(self) -> dict[str, int]:
         # packed_linears: the Linear layers `engine.prepack` put on packed oneDNN weights (0: none, or
-        # no local model, as with a sharded or GPU engine).
+        # no local model, as with a sharded or GPU engine). replica: which replica answered (calls
+        # through a handle go to whichever Serve picks).
         return {**self.engine.stats(), "cpu_threads": torch.get_num_threads(), "active_streams": self.active_streams,
-                "warmup_s": self.warmup_s, "packed_linears": packed_linear_count(getattr(self.engine, "model", None))}
+                "warmup_s": self.warmup_s, "packed_linears": packed_linear_count(getattr(self.engine, "model", None)),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def check_health(self) -> None:
         # The decode loop, and a sharded engine's model shards: pinging them waits on the shards

@@ -328,8 +328,20 @@ def test_overload_is_a_fast_503_not_a_hang(server):
 
 
 def _running_total() -> int:
+    """Requests running in the main app's LLM servers, summed over every replica. The stats calls go
+    out together until each running replica has answered: sent one after another they would mostly
+    reach the same replica (Serve routes to the one with fewer calls in progress, and a streaming
+    request counts as one), and could miss the replica holding a request."""
     handle = serve.get_deployment_handle("LLMServer", app_name="main")
-    return max(handle.stats.remote().result(timeout_s=30)["running"] for _ in range(8))
+    replicas = serve.status().applications["main"].deployments["LLMServer"].replica_states.get("RUNNING", 0)
+    running: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while len(running) < replicas and time.monotonic() < deadline:
+        for response in [handle.stats.remote() for _ in range(4 * replicas)]:
+            stats = response.result(timeout_s=30)
+            running[stats["replica"]] = stats["running"]
+    assert len(running) >= replicas > 0, f"heard from {len(running)} of {replicas} LLMServer replicas"
+    return sum(running.values())
 
 
 def replica_pids(title: str) -> list[int]:
