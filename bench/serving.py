@@ -372,12 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
                 # replica unless engine.cpu_threads says otherwise); the same engine on as many
                 # threads here separates the pipeline's cost from the thread count's.
                 served = await serve.get_deployment_handle("LLMServer", app_name="bench").stats.remote()
-                row, differences = await paired_with_stack(stack_request(http, url, args.new_tokens), model, tokenizer,
-                                                           served["cpu_threads"], sampling, chats)
+                row, differences = await paired_with_stack(stack_request(http, url, args.new_tokens), served_model,
+                                                           tokenizer, served["cpu_threads"], sampling, chats)
                 rows.append(row)
                 paired.extend(differences)
                 one_token = SamplingConfig(temperature=0, max_new_tokens=1, ignore_eos=True)
-                _row, differences = await paired_with_stack(stack_request(http, url, 1), model, tokenizer,
+                _row, differences = await paired_with_stack(stack_request(http, url, 1), served_model, tokenizer,
                                                             served["cpu_threads"], one_token, chats)
                 paired_fixed.extend(differences)
 

@@ -260,3 +260,19 @@ def test_serving_cpu_counts_each_process_by_its_label():
             return "ray::ServeController.listen_for_change"
 
     assert process_label(Worker(), me=os.getpid()) == "ServeController"
+
+
+def test_serving_names_the_engine_options_that_changed_the_model():
+    # bench.serving runs its in-process engine on the model as served and says what that changed.
+    from torch import nn
+
+    from bench.serving import served_model_options
+    from r1.config import EngineConfig
+    from r1.engine.optimize import apply_engine_options
+
+    def small():
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    assert served_model_options(apply_engine_options(small(), EngineConfig(prepack=False))) == []
+    assert served_model_options(apply_engine_options(small(), EngineConfig())) == ["prepack"]  # auto, on x86-64
+    assert served_model_options(apply_engine_options(small(), EngineConfig(quantization="int8"))) == ["int8"]
