@@ -308,6 +308,8 @@ def test_repetition_penalty_changes_greedy_output(engine):
 
 
 def test_cancel_frees_the_slot(engine):
+    aborted = engine.stats()["aborted"]
+
     async def main() -> None:
         stream = engine.stream(PROMPTS[0], SamplingConfig(temperature=0, max_new_tokens=200, ignore_eos=True))
         async for _ in stream:
@@ -318,7 +320,7 @@ def test_cancel_frees_the_slot(engine):
             await asyncio.sleep(0.01)
 
     asyncio.run(main())
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.stats() == {"running": 0, "waiting": 0, "aborted": aborted + 1}  # aborted, not run to its end
 
 
 def test_chat_messages_use_the_template_with_prefilled_think(engine):
@@ -566,7 +568,7 @@ def test_shutdown_ends_in_flight_streams(fresh_engine):
 
     last = asyncio.run(main())
     assert last.finish_reason == "abort" and "shut down" in last.error
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 1}
 
 
 def test_closed_loops_do_not_stay_alive(engine):
@@ -748,7 +750,7 @@ def test_warmup_decodes_once_at_every_batch_size_then_leaves_the_engine_idle(tin
         sizes = _count_step_sizes(engine)
         engine.warmup(all_batch_sizes=True)
         assert sizes == [6, 5, 4, 3, 2, 1]
-        assert engine.stats() == {"running": 0, "waiting": 0}
+        assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 0}
         sizes.clear()
         engine.warmup()  # on CPU the default is one short request
         assert sizes == [1]
@@ -767,7 +769,7 @@ def test_warmup_fits_a_short_context(tiny):
         sizes = _count_step_sizes(engine)
         engine.warmup(all_batch_sizes=True)
         assert sizes[0] == 12 and sizes[-1] > 0
-        assert engine.stats() == {"running": 0, "waiting": 0}
+        assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 0}
     finally:
         engine.shutdown()
 
@@ -781,7 +783,7 @@ def test_a_full_batch_warmup_decodes_padded_prompts_and_fits_a_short_context(tin
             engine.warmup(all_batch_sizes=True, full_batch=True)
             # The sweep (4, 3, 2, 1), then the full batch of four rows for `longest` new tokens.
             assert sizes[:4] == [4, 3, 2, 1] and sizes[4:] == [4] * (longest - 1), (context, sizes)
-            assert engine.stats() == {"running": 0, "waiting": 0}
+            assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 0}
         finally:
             engine.shutdown()
 
@@ -814,7 +816,7 @@ def test_a_runner_that_cannot_remove_finished_rows_does_not_keep_them_running(fr
     assert first.finish_reason == "abort" and "shard died" in first.error
     steps = engine.scheduler.num_steps
     time.sleep(0.5)
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 1}
     assert engine.scheduler.num_steps == steps  # idle: no step is retried on the dead rows
     # A new request is not left waiting: it fails at once too.
     second = asyncio.run(asyncio.wait_for(_last_delta(engine, "2+2=", sampling), timeout=60))

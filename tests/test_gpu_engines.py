@@ -265,7 +265,8 @@ def test_engine_dtype_name(dtype, bf16, expected):
 
 @pytest.mark.parametrize("in_flight, limit, expected", [(0, 4, (0, 0)), (3, 4, (3, 0)), (4, 4, (4, 0)), (9, 4, (4, 5))])
 def test_inflight_stats(in_flight, limit, expected):
-    assert inflight_stats(in_flight, limit) == {"running": expected[0], "waiting": expected[1]}
+    assert inflight_stats(in_flight, limit) == {"running": expected[0], "waiting": expected[1], "aborted": 0}
+    assert inflight_stats(in_flight, limit, 7)["aborted"] == 7
 
 
 def test_package_engine_arguments(tmp_path):
@@ -484,7 +485,7 @@ def test_generate_batch_equals_the_transformers_engine(facts, reference_engine):
         assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [
             (c.text, c.token_ids, c.finish_reason) for c in expected
         ]
-        assert engine.stats() == {"running": 0, "waiting": 0}
+        assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 0}
     finally:
         engine.shutdown()
 
@@ -556,6 +557,7 @@ def test_abort_from_another_thread_ends_the_stream_with_abort(facts):
         assert deltas[-1].finish_reason == "abort" and deltas[-1].error is None
         assert len(deltas) < 300
         assert engine.closed_early == ["b1"]
+        assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 1}
     finally:
         engine.shutdown()
 
@@ -565,7 +567,7 @@ def test_a_package_failure_ends_the_request_with_an_error(facts):
     try:
         with pytest.raises(RuntimeError, match="1 of 1 generations failed: RuntimeError: CUDA error: device lost"):
             engine.generate_batch(["hello"], SamplingConfig(temperature=0, max_new_tokens=8))
-        assert engine.stats() == {"running": 0, "waiting": 0}
+        assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 1}
         assert engine.alive
         engine.check_health()  # one failed generation does not make the engine unhealthy ...
         engine._backend_healthy = lambda: False  # ... the package reporting its engine dead does
@@ -582,7 +584,7 @@ def test_full_engine_refuses_fast_and_shutdown_aborts_what_is_in_flight(facts):
     sampling = SamplingConfig(temperature=0, max_new_tokens=30)
     for i in range(2):
         engine.submit(engine.make_request("hello", sampling, f"q{i}"), received.append)
-    assert engine.stats() == {"running": 1, "waiting": 1}
+    assert engine.stats() == {"running": 1, "waiting": 1, "aborted": 0}
     with pytest.raises(EngineOverloaded):
         engine.submit(engine.make_request("hello", sampling, "q2"), received.append)
     engine.shutdown()
@@ -590,7 +592,7 @@ def test_full_engine_refuses_fast_and_shutdown_aborts_what_is_in_flight(facts):
     assert engine.shut_down
     finals = sorted((d.request_id, d.finish_reason) for d in received if d.finish_reason is not None)
     assert finals == [("q0", "abort"), ("q1", "abort")]
-    assert engine.stats() == {"running": 0, "waiting": 0}
+    assert engine.stats() == {"running": 0, "waiting": 0, "aborted": 2}
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(engine.make_request("hello", sampling, "q3"), received.append)
 

@@ -327,21 +327,25 @@ def test_overload_is_a_fast_503_not_a_hang(server):
     assert all(r.json()["error"]["code"] for r in refused)
 
 
-def _running_total() -> int:
-    """Requests running in the main app's LLM servers, summed over every replica. The stats calls go
-    out together until each running replica has answered: sent one after another they would mostly
-    reach the same replica (Serve routes to the one with fewer calls in progress, and a streaming
-    request counts as one), and could miss the replica holding a request."""
+def _llm_totals() -> dict[str, int]:
+    """The main app's LLM servers' engine counts ("running", "aborted"), summed over every replica.
+    The stats calls go out together until each running replica has answered: sent one after another
+    they would mostly reach the same replica (Serve routes to the one with fewer calls in progress,
+    and a streaming request counts as one), and could miss the replica holding a request."""
     handle = serve.get_deployment_handle("LLMServer", app_name="main")
     replicas = serve.status().applications["main"].deployments["LLMServer"].replica_states.get("RUNNING", 0)
-    running: dict[str, int] = {}
+    by_replica: dict[str, dict] = {}
     deadline = time.monotonic() + 30
-    while len(running) < replicas and time.monotonic() < deadline:
+    while len(by_replica) < replicas and time.monotonic() < deadline:
         for response in [handle.stats.remote() for _ in range(4 * replicas)]:
             stats = response.result(timeout_s=30)
-            running[stats["replica"]] = stats["running"]
-    assert len(running) >= replicas > 0, f"heard from {len(running)} of {replicas} LLMServer replicas"
-    return sum(running.values())
+            by_replica[stats["replica"]] = stats
+    assert len(by_replica) >= replicas > 0, f"heard from {len(by_replica)} of {replicas} LLMServer replicas"
+    return {key: sum(stats[key] for stats in by_replica.values()) for key in ("running", "aborted")}
+
+
+def _running_total() -> int:
+    return _llm_totals()["running"]
 
 
 def replica_pids(title: str) -> list[int]:
@@ -392,6 +396,10 @@ def test_llm_server_cpu_threads_warm_up_and_packed_layers(server, tiny):
 
 def test_client_disconnect_cancels_generation(server):
     body = {"model": MODEL, "prompt": "1", "max_tokens": 900, "temperature": 0, "stream": True}
+    deadline = time.monotonic() + 60
+    while (before := _llm_totals())["running"] and time.monotonic() < deadline:  # earlier tests' requests
+        time.sleep(0.5)
+    aborted = before["aborted"]
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
         with http.stream("POST", f"{server}/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -402,7 +410,8 @@ def test_client_disconnect_cancels_generation(server):
     deadline = time.monotonic() + 60
     while _running_total() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _running_total() == 0
+    # Ended by the engine's abort: run to its end (900 tokens), it would not count as aborted.
+    assert _llm_totals() == {"running": 0, "aborted": aborted + 1}
 
 
 def test_code_validation_runs_the_repair_loop_in_the_sandbox(server):

@@ -46,7 +46,9 @@ class Engine(Protocol):
         self, prompts: Sequence[Prompt], sampling: SamplingConfig | Sequence[SamplingConfig] | None = None
     ) -> list[Completion]: ...
 
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """{"running": requests decoding, "waiting": requests queued, "aborted": requests ended with
+        `abort` so far (aborted by their caller, failed or shut down)}."""
 
     def check_health(self) -> None:
         """Raise unless the engine can serve (the Serve health check; it may block briefly)."""

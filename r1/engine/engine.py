@@ -490,7 +490,8 @@ class TransformersEngine:
         return self._thread is None or self._thread.is_alive() or self._stopping
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting()}
+        return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting(),
+                "aborted": self.scheduler.num_aborted}
 
     def check_health(self) -> None:
         """Raise unless the engine can serve: its decode loop runs and its runner answers (a

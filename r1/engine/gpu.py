@@ -152,14 +152,14 @@ def map_finish_reason(raw: str) -> tuple[FinishReason, str | None]:
     return "abort", f"the engine ended the request with an unknown finish reason {raw!r}"
 
 
-def inflight_stats(num_in_flight: int, max_num_seqs: int) -> dict[str, int]:
+def inflight_stats(num_in_flight: int, max_num_seqs: int, num_aborted: int = 0) -> dict[str, int]:
     """`Engine.stats()` for an engine that batches at most `max_num_seqs` requests at once.
 
     The packages keep their own queues; the split into running and waiting follows from the
-    configured batch limit, which both honour.
+    configured batch limit, which both honour. `aborted`: requests ended with `abort` so far.
     """
     running = min(num_in_flight, max_num_seqs)
-    return {"running": running, "waiting": num_in_flight - running}
+    return {"running": running, "waiting": num_in_flight - running, "aborted": num_aborted}
 
 
 class TokenStream:
@@ -293,6 +293,7 @@ class AsyncPackageEngine:
         self.config = config
         self._lock = threading.Lock()
         self._num_in_flight = 0
+        self._num_aborted = 0
         self._jobs: dict[str, asyncio.Task] = {}  # engine loop only
         self._mailboxes = Mailboxes()
         self._closed = False
@@ -356,6 +357,7 @@ class AsyncPackageEngine:
             job.finished = True
             with self._lock:
                 self._num_in_flight -= 1
+                self._num_aborted += delta.finish_reason == "abort"
         try:
             job.emit(delta)
         except RuntimeError:  # the caller's loop is closed: nobody is listening any more
@@ -431,7 +433,7 @@ class AsyncPackageEngine:
     # -- health and lifecycle --------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return inflight_stats(self._num_in_flight, self.config.max_num_seqs)
+            return inflight_stats(self._num_in_flight, self.config.max_num_seqs, self._num_aborted)
 
     @property
     def alive(self) -> bool:

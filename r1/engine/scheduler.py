@@ -70,6 +70,8 @@ class Scheduler:
         # Admitted sequences, from admission (before their prefill) until released from the runner.
         self.running: dict[str, _Sequence] = {}
         self.num_steps = 0
+        # Requests ended with `abort` so far (aborted by their caller, or failed, or shut down).
+        self.num_aborted = 0
 
     # -- called from any thread ------------------------------------------------------------
     def submit(self, request: Request, emit: Emit) -> None:
@@ -186,6 +188,8 @@ class Scheduler:
         self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "", error: str | None = None
     ) -> None:
         seq.finish_reason = reason
+        if reason == "abort":
+            self.num_aborted += 1
         if error is None:
             text += seq.detok.finish()
         usage = Usage(len(seq.request.prompt_token_ids), len(seq.output_ids))
@@ -199,6 +203,7 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001 - whatever the consumer's callback raises
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
+                self.num_aborted += 1
                 logger.info("request %s aborted: its consumer cannot take output (%s: %s)", seq.seq_id,
                             type(error).__name__, error)
 
