@@ -344,10 +344,6 @@ def _llm_totals() -> dict[str, int]:
     return {key: sum(stats[key] for stats in by_replica.values()) for key in ("running", "aborted")}
 
 
-def _running_total() -> int:
-    return _llm_totals()["running"]
-
-
 def replica_pids(title: str) -> list[int]:
     """Processes on this machine whose title (Ray sets it to ray::<actor>) is `title`."""
     pids = []
@@ -406,9 +402,9 @@ def test_client_disconnect_cancels_generation(server):
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
-            assert _running_total() >= 1
+            assert _llm_totals()["running"] >= 1
     deadline = time.monotonic() + 60
-    while _running_total() and time.monotonic() < deadline:
+    while _llm_totals()["running"] and time.monotonic() < deadline:
         time.sleep(0.5)
     # Ended by the engine's abort: run to its end (900 tokens), it would not count as aborted.
     assert _llm_totals() == {"running": 0, "aborted": aborted + 1}
