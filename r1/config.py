@@ -145,6 +145,16 @@ class EngineConfig(StrictModel):
     # get many times slower, so raise it only up to cores / busy processes on the node.
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
+    @field_validator("prepack", mode="before")
+    @classmethod
+    def _prepack_word(cls, value: Any) -> Any:
+        # One clear error for the three words, not one per member of the union.
+        if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+            return value.lower() if value.lower() == "auto" else value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true, false or auto")
+
     @model_validator(mode="after")
     def _tensor_parallel_needs_a_gpu_engine(self) -> EngineConfig:
         if self.engine == "transformers" and self.tensor_parallel_size != 1:

@@ -229,14 +229,20 @@ def test_prepack_auto_leaves_what_it_cannot_pack_alone(monkeypatch):
     assert prepack_applies(small_model(), EngineConfig()) and not prepack_applies(model, EngineConfig())
 
 
-@pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, True), (False, False), ("true", True)])
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, True), (False, False), ("true", True),
+                                             ("False", False), ("AUTO", "auto")])
 def test_prepack_config_values(value, expected):
     assert EngineConfig(prepack=value).prepack == expected
 
 
-def test_prepack_config_rejects_other_words():
-    with pytest.raises(ValueError, match="prepack"):
-        EngineConfig(prepack="sometimes")
+@pytest.mark.parametrize("value", ["sometimes", 1, None])
+def test_prepack_config_rejects_other_values_in_one_line(value):
+    from r1.config import ServeConfig, parse_config
+
+    with pytest.raises(ValueError) as error:
+        parse_config(ServeConfig, {"engine": {"prepack": value}})
+    assert f"engine.prepack: expected true, false or auto (got {value!r})" in str(error.value)
+    assert "literal" not in str(error.value)  # not one line per member of the union
 
 
 @pytest.mark.parametrize("options, message", [
