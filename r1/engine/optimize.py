@@ -223,8 +223,8 @@ def packed_linear_count(model: nn.Module | None) -> int:
 
 def prepack_applies(model: nn.Module, engine_config: EngineConfig) -> bool:
     """Whether `prepack: auto` packs `model`: on an x86-64 CPU, with no other option replacing or
-    compiling its Linear layers, and every Linear weight in a dtype this CPU packs (fp32 anywhere
-    oneDNN is built in; bf16 only where `prepack_unsupported` allows).
+    compiling its Linear layers, and nothing `prepack_refusal` objects to (every Linear weight fp32,
+    or bf16 where this CPU packs it).
 
     x86-64 only because that is where oneDNN's packed kernels were measured to pay (AMD EPYC with
     and without AVX-512, Intel Xeon); on other CPUs (Arm) oneDNN may run other kernels, so packing
@@ -233,28 +233,35 @@ def prepack_applies(model: nn.Module, engine_config: EngineConfig) -> bool:
         return False
     if platform.machine().lower() not in X86_64_MACHINES:
         return False
-    dtypes = {module.weight.dtype for module in model.modules() if isinstance(module, nn.Linear)}
     return (
-        bool(dtypes) and next(model.parameters()).device.type == "cpu"
-        and all(dtype in _DTYPE_NAMES and prepack_unsupported(dtype) is None for dtype in dtypes)
+        any(isinstance(module, nn.Linear) for module in model.modules())
+        and next(model.parameters()).device.type == "cpu" and prepack_refusal(model) is None
     )
+
+
+def prepack_refusal(model: nn.Module) -> str | None:
+    """Why `prepack_linear` refuses `model` (the error it raises), or None when it can pack every layer."""
+    dtypes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if module.weight.dtype not in _DTYPE_NAMES:
+                return f"engine.prepack=true supports fp32 and bf16 weights; {name} is {module.weight.dtype}"
+            dtypes.add(module.weight.dtype)
+    for dtype in sorted(dtypes, key=str):
+        reason = prepack_unsupported(dtype)
+        if reason is not None:
+            hint = " (use dtype=fp32 with prepack, or prepack=false)" if dtype == torch.bfloat16 else ""
+            return f"engine.prepack=true cannot pack {_DTYPE_NAMES[dtype]} weights on this machine: {reason}{hint}"
+    return None
 
 
 def prepack_linear(model: nn.Module) -> int:
     """Replace every nn.Linear with PackedLinear (in place); returns the count.
 
     Checks every layer first, so a model it refuses is left as it was."""
-    dtypes = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            if module.weight.dtype not in (torch.float32, torch.bfloat16):
-                raise ValueError(f"engine.prepack=true supports fp32 and bf16 weights; {name} is {module.weight.dtype}")
-            dtypes.add(module.weight.dtype)
-    for dtype in sorted(dtypes, key=str):
-        reason = prepack_unsupported(dtype)
-        if reason is not None:
-            hint = " (use dtype=fp32 with prepack, or prepack=false)" if dtype == torch.bfloat16 else ""
-            raise ValueError(f"engine.prepack=true cannot pack {_DTYPE_NAMES[dtype]} weights on this machine: {reason}{hint}")
+    refusal = prepack_refusal(model)
+    if refusal is not None:
+        raise ValueError(refusal)
     return replace_linears(model, PackedLinear.from_linear)
 
 
