@@ -164,21 +164,13 @@ def test_prepacked_linears_compute_what_linear_does(dtype):
     torch.testing.assert_close(got_single, expected_single, atol=tolerance, rtol=tolerance)
 
 
-def test_prepacked_engine_answers_like_fp32(problems, fp32_completions):
-    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"), EngineConfig(prepack=True))
+@pytest.mark.parametrize("engine_config", [EngineConfig(prepack=True), None], ids=["true", "default"])
+def test_prepacked_engine_answers_like_fp32(problems, fp32_completions, engine_config):
+    # None: the default options, whose `prepack: auto` packs a CPU model.
+    assert EngineConfig().prepack == "auto"
+    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"), engine_config)
     try:
         assert not any(isinstance(m, nn.Linear) for m in engine.model.modules())  # the LM head too
-        completions = engine.generate_batch(problems[0], GREEDY_64)
-    finally:
-        engine.shutdown()
-    assert [c.token_ids for c in completions] == [c.token_ids for c in fp32_completions]
-
-
-def test_prepack_auto_is_the_default_and_packs_a_cpu_model(problems, fp32_completions):
-    assert EngineConfig().prepack == "auto"
-    engine = TransformersEngine.from_config(ModelConfig(device="cpu", dtype="fp32"))
-    try:
-        assert not any(isinstance(m, nn.Linear) for m in engine.model.modules())
         completions = engine.generate_batch(problems[0], GREEDY_64)
     finally:
         engine.shutdown()
