@@ -38,10 +38,10 @@ from r1.sessions import (
     Session,
     Turn,
     check_session_id,
-    new_session_id,
     open_backend,
     parse_backend_url,
     partition_for,
+    pending_session,
     plan_turn,
     prompt_token_budget,
     resolve_session_id,
@@ -58,7 +58,7 @@ SESSION_HEADER = "X-Session-Id"
 # and deletes are idempotent, `open` is get-or-create, appends carry a turn id.
 MAX_TASK_RETRIES = 3
 # Bumped when the actor's methods change, so a deploy never talks to detached actors of an older version.
-ACTOR_PROTOCOL_VERSION = 2  # 2: every method takes a `trace` carrier
+ACTOR_PROTOCOL_VERSION = 3  # 2: every method takes a `trace` carrier; 3: `append` can create
 # Config fields that change what an actor does; the ingress-side ones (window, timeouts) do not.
 _ACTOR_FIELDS = ("num_partitions", "backend_url", "idle_ttl_s", "max_stored_messages", "sqlite_synchronous",
                  "sweep_interval_s", "num_cpus", "call_timeout_s")
@@ -91,9 +91,9 @@ class SessionStoreActor:
             return self.backend.get(session_id, owner, last=last)
 
     def append(self, session_id: str, owner: str, messages: list[Message], turn_id: str | None = None,
-               trace: dict | None = None) -> bool:
-        with span("session_store.append", trace, num_messages=len(messages)) as current:
-            stored = self.backend.append(session_id, owner, messages, turn_id=turn_id)
+               create: bool = False, trace: dict | None = None) -> bool:
+        with span("session_store.append", trace, num_messages=len(messages), create=create) as current:
+            stored = self.backend.append(session_id, owner, messages, turn_id=turn_id, create=create)
             current.set_attribute("stored", stored)
             return stored
 
@@ -243,7 +243,9 @@ class SessionClient:
         """`begin_turn`'s first half: check the id and the messages' shape, then open (or create) the
         session. 400 bad id/messages, 404 not yours. It sends the store no message text, so the
         ingress runs it alongside the input screening and plans the screened messages after; a
-        request refused in between gives the session to `abandon`."""
+        request refused in between gives the session to `abandon`. A request that names no session
+        gets a new one without a call to the store (`pending_session`): `finish_turn` stores it with
+        its first exchange."""
         try:
             session_id = resolve_session_id(body_session_id, header_session_id)
         except ValueError as error:
@@ -252,7 +254,8 @@ class SessionClient:
             turn_messages(messages)
         except ValueError as error:
             raise APIError(400, str(error), param="messages", code="invalid_value") from None
-        session_id = session_id or new_session_id()
+        if session_id is None:
+            return pending_session(owner or "")
         session = await self._call(session_id, "open", session_id, owner or "", self.config.window_messages)
         if session is None:
             raise _not_found(session_id)
@@ -276,8 +279,8 @@ class SessionClient:
     async def abandon(self, opened: Session | Turn) -> None:
         """A turn that stores nothing (refused, failed, or its client went away), given as its opened
         session or as the planned turn: delete the session if this turn created it, so no empty
-        session is left behind under an id nobody was given."""
-        if opened.created:
+        session is left behind under an id nobody was given. A pending session was never stored."""
+        if opened.created and not opened.pending:
             await self._delete_quietly(opened.session_id, opened.owner)
 
     async def _delete_quietly(self, session_id: str, owner: str) -> None:
@@ -290,7 +293,7 @@ class SessionClient:
         """Store the turn's messages and the (screened) reply; False if the session was deleted meanwhile."""
         try:
             stored = await self._call(turn.session_id, "append", turn.session_id, turn.owner, turn.exchange(reply),
-                                      turn.turn_id)
+                                      turn.turn_id, turn.pending)
         except APIError:
             metrics.record_session_turn("failed")
             raise

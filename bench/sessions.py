@@ -7,7 +7,10 @@ Three measurements per backend (SQLite synchronous=full, SQLite synchronous=norm
 - `actor appends/s`: the same appends through `SessionClient` and the SessionStore actors, with
   `--concurrency` turns in flight over `--num-sessions` sessions (what the ingress replicas see);
 - `added latency per turn`: one turn at a time, `begin_turn` (read window) + `finish_turn`
-  (durable append), p50/p95/p99 in milliseconds; this is what sessions add to a chat request.
+  (durable append), p50/p95/p99 in milliseconds; this is what sessions add to a chat request;
+- `first turn`: the same for the first turn of a new session, p50 in milliseconds: made by the server
+  for a request that names none (stored with its exchange: one write) and, interleaved with it, for
+  a new id the client names (opened first, then appended: two writes).
 
 Redis: `--redis-url redis://...`, or a local `redis-server` (started here when the binary exists, with
 appendonly + appendfsync always, i.e. durable like SQLite full).
@@ -101,10 +104,15 @@ async def bench_actors(config, turns: int, concurrency: int, num_sessions: int,
     client = SessionClient(config)
     await client.ready()
     session_ids = []
+    first_turn_ms: dict[str, list[float]] = {"new": [], "named": []}
     for _ in range(num_sessions):
-        turn = await client.begin_turn(None, None, "bench", [EXCHANGE[0]])
-        await client.finish_turn(turn, EXCHANGE[1]["content"])
-        session_ids.append(turn.session_id)
+        for kind, named_id in (("new", None), ("named", f"bench-{uuid.uuid4().hex}")):
+            start = time.perf_counter()
+            turn = await client.begin_turn(named_id, None, "bench", [EXCHANGE[0]])
+            await client.finish_turn(turn, EXCHANGE[1]["content"])
+            first_turn_ms[kind].append((time.perf_counter() - start) * 1000)
+            if named_id is None:
+                session_ids.append(turn.session_id)
 
     # Sequential turns: what one chat request pays for its session.
     latencies_ms = []
@@ -133,6 +141,8 @@ async def bench_actors(config, turns: int, concurrency: int, num_sessions: int,
         "turn_added_ms_p50": round(statistics.median(latencies_ms), 2),
         "turn_added_ms_p95": round(percentile(latencies_ms, 0.95), 2),
         "turn_added_ms_p99": round(percentile(latencies_ms, 0.99), 2),
+        "first_turn_ms_p50": round(statistics.median(first_turn_ms["new"]), 2),
+        "first_turn_named_ms_p50": round(statistics.median(first_turn_ms["named"]), 2),
     }
 
 
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()
     print()
     header = ["backend", "backend_appends_per_s", "actor_appends_per_s", "turn_added_ms_p50", "turn_added_ms_p95",
-              "turn_added_ms_p99"]
+              "turn_added_ms_p99", "first_turn_ms_p50", "first_turn_named_ms_p50"]
     print(" | ".join(header))
     for row in results:
         print(" | ".join(str(row.get(h, "")) for h in header))
@@ -200,7 +210,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, results: l
     """The run as the bench JSON contract: one row per backend, the per-turn latency CDF per backend."""
     rows = [[BACKEND_LABELS.get(r["backend"], r["backend"]), r["backend_appends_per_s"], r["actor_appends_per_s"],
              f"{r['actor_appends_per_s'] / r['backend_appends_per_s']:.2f}×",
-             f"{r['turn_added_ms_p50']} / {r['turn_added_ms_p95']} / {r['turn_added_ms_p99']}"] for r in results]
+             f"{r['turn_added_ms_p50']} / {r['turn_added_ms_p95']} / {r['turn_added_ms_p99']}",
+             r["first_turn_ms_p50"], r["first_turn_named_ms_p50"]] for r in results]
     return {
         "benchmark": "sessions",
         "title": "Sessions",
@@ -211,7 +222,8 @@ def contract_result(args: argparse.Namespace, argv: list[str] | None, results: l
             "title": f"{args.turns} turns, concurrency {args.concurrency}, {args.num_sessions} sessions, "
                      f"{args.num_partitions} partitions",
             "columns": ["backend", "direct appends/s", "appends/s through actors", "actors / direct",
-                        "added ms per turn p50 / p95 / p99"],
+                        "added ms per turn p50 / p95 / p99", "first turn of a new session, ms p50",
+                        "first turn, new id named by the client (open + append), ms p50"],
             "rows": rows,
         }],
         "series": {"latency_cdf": {BACKEND_LABELS.get(name, name): [round(v / 1000, 5) for v in sorted(values)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -590,10 +591,13 @@ def spans_of(trace_file, trace_id: str, expected: set[str], timeout_s: float = 6
 
 def test_one_chat_request_is_one_trace_across_processes(server, trace_file):
     # The sharded app: ingress, input/output safety, session store, LLM server and two model shards.
+    # The request names a session (a new one of the client's), so the session is opened as well as
+    # stored; a request that names none meets the store only to store its turn.
     traceparent = f"00-{TRACEPARENT_TRACE_ID}-{TRACEPARENT_SPAN_ID}-01"
     response = httpx.post(f"{server}/sharded/v1/chat/completions", timeout=120,
                           headers={"Authorization": f"Bearer {KEY}", "traceparent": traceparent},
-                          json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0})
+                          json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+                                "session_id": f"traced-{uuid.uuid4().hex}"})
     assert response.status_code == 200, response.text
     assert response.headers["x-trace-id"] == TRACEPARENT_TRACE_ID  # the caller's trace is continued
     expected = {"request", "safety.check", "session.open", "session_store.open", "llm.generate",
@@ -625,8 +629,13 @@ def test_a_request_without_traceparent_starts_its_own_trace(server, client, trac
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
     trace_id = raw.headers["x-trace-id"]
     assert len(trace_id) == 32 and trace_id != TRACEPARENT_TRACE_ID
-    (request,) = [s for s in spans_of(trace_file, trace_id, {"request", "llm.generate"}) if s["name"] == "request"]
+    spans = spans_of(trace_file, trace_id, {"request", "llm.generate", "session_store.append"})
+    (request,) = [s for s in spans if s["name"] == "request"]
     assert request["parent_id"] is None and request["attributes"]["route"] == "chat"
+    # No session named: none is opened; the turn's append creates it.
+    assert "session.open" not in {s["name"] for s in spans}
+    (append,) = [s for s in spans if s["name"] == "session_store.append"]
+    assert append["attributes"]["create"] is True and append["attributes"]["stored"] is True
 
 
 def test_other_routes_continue_the_callers_trace(server, trace_file):
@@ -638,7 +647,7 @@ def test_other_routes_continue_the_callers_trace(server, trace_file):
     assert request["attributes"] == {"route": "models", "http.status_code": 200}
     # An unsampled caller: nothing is recorded for its request, by any hop (each hop used to start
     # a trace of its own). A sampled request sent right after it shows when the writes are in.
-    hops = {"safety.check", "session.open", "llm.generate", "session.append"}
+    hops = {"safety.check", "llm.generate", "session.append"}
     roots_before = {s["span_id"] for s in read_spans(trace_file) if s["parent_id"] is None}
     unsampled, marker = "5bf92f3577b34da6a3ce929d0e0e4736", "6bf92f3577b34da6a3ce929d0e0e4736"
     for trace, flags in ((unsampled, "00"), (marker, "01")):

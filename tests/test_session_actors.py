@@ -114,6 +114,38 @@ def test_twelve_turns_window_and_history(configs, kind):
     assert turn.prompt == [system] + exchanges(8, 12) + [user(13)]
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_new_session_is_stored_with_its_first_exchange(configs, kind):
+    client = SessionClient(configs[kind])
+
+    def missing(session_id):
+        with pytest.raises(APIError) as caught:
+            run(client.history(session_id, KEY_A))
+        return caught.value.status == 404
+
+    # A turn that names no session gets a new id at once, with no call to the store...
+    turn = run(client.begin_turn(None, None, KEY_A, [user(1)]))
+    assert turn.created and turn.pending and turn.prompt == [user(1)] and len(turn.session_id) == 32
+    assert missing(turn.session_id)
+    # ...and its append creates the session, owned by the turn's key.
+    assert run(client.finish_turn(turn, assistant(1)["content"]))
+    assert run(client.history(turn.session_id, KEY_A))["messages"] == exchanges(1, 1)
+    with pytest.raises(APIError):
+        run(client.history(turn.session_id, KEY_B))
+    # A first turn that fails stores nothing: abandoning it neither writes nor deletes.
+    failed = run(client.begin_turn(None, None, KEY_A, [user(2)]))
+    run(client.abandon(failed))
+    assert missing(failed.session_id)
+    # A client that continues with the id before the first turn has ended (a streamed reply hands
+    # the id out in its first chunk): its turn opens the session, the first turn's append joins it.
+    first = run(client.begin_turn(None, None, KEY_A, [user(3)]))
+    second = run(client.begin_turn(first.session_id, None, KEY_A, [user(4)]))
+    assert second.created and not second.pending
+    assert run(client.finish_turn(second, assistant(4)["content"]))
+    assert run(client.finish_turn(first, assistant(3)["content"]))
+    assert run(client.history(first.session_id, KEY_A))["messages"] == exchanges(4, 4) + exchanges(3, 3)
+
+
 def test_killed_actor_loses_nothing(configs):
     client = SessionClient(configs["sqlite"])
     session_id, _ = run(dialog(client, None, KEY_A, 1, 5))
@@ -229,9 +261,12 @@ def test_unreachable_store_is_503_not_a_hang(ray_cluster):
                            namespace=f"r1-test-{uuid.uuid4().hex[:8]}")
     client = SessionClient(config)
     try:
-        with pytest.raises(APIError) as caught:
-            run(client.begin_turn(None, None, KEY_A, [user(1)]))
-        assert caught.value.status == 503 and caught.value.code == "session_store_unavailable"
+        # A new session meets the store at its first append; a named one when it is opened.
+        turn = run(client.begin_turn(None, None, KEY_A, [user(1)]))
+        for call in (client.finish_turn(turn, "answer"), client.begin_turn(turn.session_id, None, KEY_A, [user(1)])):
+            with pytest.raises(APIError) as caught:
+                run(call)
+            assert caught.value.status == 503 and caught.value.code == "session_store_unavailable"
     finally:
         stop_session_actors(config.namespace)
 

@@ -405,6 +405,46 @@ def test_open_replaces_an_expired_session(make_backend):
     assert backend.get(SID, "key-b").messages == []
 
 
+def test_append_with_create_stores_a_pending_session_with_its_first_exchange(make_backend):
+    clock = FakeClock()
+    backend = make_backend(clock=clock)
+    assert backend.append(SID, "key-a", [user(1), assistant(1)]) is False  # without create: missing
+    assert backend.get(SID, "key-a") is None
+    assert backend.append(SID, "key-a", [user(1), assistant(1)], turn_id="t1", create=True) is True
+    stored = backend.get(SID, "key-a")
+    assert stored.messages == exchanges(1, 1) and stored.created_at == clock.now
+    assert backend.get(SID, "key-b") is None  # created for its owner only
+    # Retried after a crash: stored once.
+    assert backend.append(SID, "key-a", [user(1), assistant(1)], turn_id="t1", create=True) is True
+    # A turn that was given the id and opened the session meanwhile: both exchanges are kept.
+    clock.now += 1
+    assert backend.append(SID, "key-a", [user(2), assistant(2)], turn_id="t2", create=True) is True
+    assert backend.get(SID, "key-a").messages == exchanges(1, 2)
+    assert backend.get(SID, "key-a").created_at == stored.created_at
+    # Another owner's session is never joined or replaced.
+    assert backend.append(SID, "key-b", [user(9)], create=True) is False
+    assert backend.get(SID, "key-a").num_messages == 4
+    # An expired session is replaced, not resurrected.
+    clock.now += TTL_S + 1
+    assert backend.append(SID, "key-b", [user(3), assistant(3)], turn_id="t1", create=True) is True
+    assert backend.get(SID, "key-b").messages == exchanges(3, 3)
+    assert backend.get(SID, "key-a") is None
+
+
+def test_pending_session_and_its_turn():
+    from r1.sessions import pending_session
+
+    session = pending_session("key-a", clock=lambda: 5.0)
+    assert check_session_id(session.session_id) and session.session_id != pending_session("key-a").session_id
+    assert session.created and session.pending and session.messages == [] and session.created_at == 5.0
+    turn = plan_turn(session, [SYSTEM, user(1)], window_messages=10)
+    assert turn.pending and turn.created and turn.prompt == [SYSTEM, user(1)]
+    stored = Session(SID, "key-a", 1.0, 2.0, 0, [], created=True)  # created by `open`: already stored
+    assert not plan_turn(stored, [user(1)], window_messages=10).pending
+    with pytest.raises(ValueError, match="owner"):
+        pending_session(None)
+
+
 def test_retried_append_is_stored_once(make_backend):
     backend = make_backend(clock=FakeClock())
     backend.open(SID, "key-a")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+import uuid
 
 import httpx
 import openai
@@ -143,14 +145,17 @@ def test_refused_turns_leave_no_session_and_streams_carry_the_new_id(env):
     # Refused after the session was opened: by the chat template (a tool message with no call before
     # it) and by the context (max_tokens beyond it). Refused while it is being opened (the open runs
     # alongside these checks): by the prompt's length and by the input screening. No id was handed
-    # out, so nothing may stay.
+    # out, so nothing may stay: neither a new session of the server's (it is stored with its first
+    # exchange only) nor one that the open created for a new id the client chose.
     refused = [
         ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020}, None),
         ({"messages": [{"role": "user", "content": "1 " * 2000}]}, "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": f"say {BLOCKED_WORD}"}]}, "sensitive_content"),
     ]
-    for extra, code in refused:
+    for (extra, code), named in itertools.product(refused, (False, True)):
+        if named:
+            extra = {**extra, "session_id": f"client-chosen-{uuid.uuid4().hex}"}
         response = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
                               json={"model": MODEL, **extra})
         assert response.status_code == 400, response.text

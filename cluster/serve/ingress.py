@@ -265,6 +265,7 @@ class OpenAIIngress:
                 # Opening the session sends the store no message text and needs nothing from the
                 # checks below, so it runs alongside them (one hop fewer before the model); the
                 # screened messages are planned into it after. Its errors come after the checks'.
+                # A request that names no session gets a new one without a call to the store.
                 opening = asyncio.ensure_future(self.sessions.open_session(
                     parsed.session_id, request.headers.get(SESSION_HEADER), owner, messages))
             try:
@@ -419,9 +420,9 @@ class OpenAIIngress:
 
     def _abandon(self, turn: Any) -> None:
         """The request stores no exchange and its client was not given the session's id: remove the
-        session it created, in the background (this may run while the request is being cancelled).
-        Not for streams: their first chunk has already handed the id out."""
-        if turn is not None and turn.created:
+        session its open created, in the background (this may run while the request is being
+        cancelled). Not for streams: their first chunk has already handed the id out."""
+        if turn is not None and turn.created and not turn.pending:
             self._keep(asyncio.ensure_future(self.sessions.abandon(turn)))
 
     def _keep(self, future: asyncio.Future) -> None:

@@ -75,10 +75,18 @@ return {0, meta[2], meta[3], count, items}
 """
 
 # KEYS: meta, messages, turns. ARGV: owner, now, ttl_s, ttl_ms, max_stored, turn_id ('' = none),
-# remembered turns, then one JSON message per argument. Returns 1 appended, 2 duplicate turn, 0 missing.
+# remembered turns, create (0/1: a missing or expired session is created first), then one JSON
+# message per argument. Returns 1 appended, 2 duplicate turn, 0 missing.
 _APPEND = """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'updated_at')
-if (not meta[1]) or meta[1] ~= ARGV[1] or tonumber(meta[2]) + tonumber(ARGV[3]) < tonumber(ARGV[2]) then
+local expired = meta[1] and tonumber(meta[2]) + tonumber(ARGV[3]) < tonumber(ARGV[2])
+if ARGV[8] == '1' and ((not meta[1]) or expired) then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
+  meta = {ARGV[1], ARGV[2]}
+  expired = false
+end
+if (not meta[1]) or meta[1] ~= ARGV[1] or expired then
   return 0
 end
 if ARGV[6] ~= '' then
@@ -86,7 +94,7 @@ if ARGV[6] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[6])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
 end
-for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 9, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
@@ -185,7 +193,8 @@ class RedisBackend(BackendBase):
     def get(self, session_id: str, owner: str, *, last: int | None = None) -> Session | None:
         return self._read(session_id, owner, last, create=False)
 
-    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None) -> bool:
+    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
+               create: bool = False) -> bool:
         check_session_id(session_id)
         check_owner(owner)
         check_turn_id(turn_id)
@@ -193,7 +202,8 @@ class RedisBackend(BackendBase):
         now = self.clock()
         encoded = [json.dumps(m, ensure_ascii=False) for m in messages]
         reply = self._append(keys=_keys(session_id), args=[
-            owner, *self._ttl_args(now), self.max_stored_messages, turn_id or "", NUM_REMEMBERED_TURNS, *encoded,
+            owner, *self._ttl_args(now), self.max_stored_messages, turn_id or "", NUM_REMEMBERED_TURNS,
+            "1" if create else "0", *encoded,
         ])
         return int(reply) > 0
 

@@ -200,7 +200,8 @@ class SQLiteBackend(BackendBase):
             finally:
                 self._db.execute("COMMIT")
 
-    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None) -> bool:
+    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
+               create: bool = False) -> bool:
         check_session_id(session_id)
         check_owner(owner)
         check_turn_id(turn_id)
@@ -210,6 +211,12 @@ class SQLiteBackend(BackendBase):
 
         def body(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT owner, updated_at, next_seq FROM sessions WHERE id=?", (session_id,)).fetchone()
+            if create and (row is None or self.is_expired(row[1], now)):
+                if row is not None:
+                    self._drop(db, session_id)
+                db.execute("INSERT INTO sessions (id, owner, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                           (session_id, owner, now, now))
+                row = (owner, now, 0)
             if row is None or row[0] != owner or self.is_expired(row[1], now):
                 return False
             if turn_id is not None and db.execute(

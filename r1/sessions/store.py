@@ -84,8 +84,10 @@ class Session:
     updated_at: float
     num_messages: int
     messages: list[dict[str, str]] = field(default_factory=list)
-    # True only on the `open` call that created the session.
+    # True only on the `open` call that created the session, and on a `pending_session`.
     created: bool = False
+    # Not in storage yet (`pending_session`): the first append creates it.
+    pending: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The body of `GET /v1/sessions/{id}`."""
@@ -97,6 +99,17 @@ class Session:
             "num_messages": self.num_messages,
             "messages": [dict(m) for m in self.messages],
         }
+
+
+def pending_session(owner: str, clock: Clock = time.time) -> Session:
+    """A new session with a server-made id for a turn that named none, not yet stored: nothing is
+    written until its first exchange is appended with `create=True`. A request without a session
+    costs the store one write (the exchange) instead of two, and a turn that fails stores nothing.
+    (The id is unguessable, so no other turn can have stored it meanwhile, except one that was
+    given the id by this turn's response and used it: its `open` created the session, and this
+    turn's append then joins it.)"""
+    now = clock()
+    return Session(new_session_id(), check_owner(owner), now, now, 0, [], created=True, pending=True)
 
 
 class SessionBackend(Protocol):
@@ -114,8 +127,11 @@ class SessionBackend(Protocol):
 
     def get(self, session_id: str, owner: str, *, last: int | None = None) -> Session | None: ...
 
-    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None) -> bool:
-        """Append messages as one unit and refresh the idle TTL; False if the session is missing.
+    def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
+               create: bool = False) -> bool:
+        """Append messages as one unit and refresh the idle TTL; False if the session is missing
+        (or another owner's). With `create`, a missing (or expired) session is created for `owner`
+        first, in the same transaction: the first append of a `pending_session`.
 
         With a `turn_id`, a repeated call (a retry after a crash) appends nothing and returns True."""
 

@@ -3,7 +3,9 @@
 A turn reads the session once (before generating) and appends the request's messages together with
 the reply once (after generating), as one unit. Two concurrent turns on one session therefore both
 get stored, each exchange contiguous, in the order their appends arrive; each was generated
-without seeing the other. A failed or refused generation stores nothing.
+without seeing the other. A failed or refused generation stores nothing; a session the server made
+for a turn that named none is stored by that turn's append (`pending_session`), so a failed first
+turn leaves no session behind.
 
 System messages of a request shape that request only; they are not stored.
 """
@@ -30,6 +32,8 @@ class Turn:
     new_messages: list[Message]
     num_history_messages: int
     num_dropped_for_tokens: int
+    # The session is not stored yet (`pending_session`): the turn's append creates it.
+    pending: bool = False
 
     def exchange(self, reply: str) -> list[Message]:
         """What to append once the reply is known: the request's messages, then the assistant's."""
@@ -78,4 +82,5 @@ def plan_turn(
         new_messages=new_messages,
         num_history_messages=window.num_history_messages,
         num_dropped_for_tokens=window.num_dropped_for_tokens,
+        pending=session.pending,
     )
