@@ -3,7 +3,10 @@
 Thin by design: it builds an `r1.engine` engine (whole model in-process, or split over
 `pipeline_stages` ModelShard actors) and turns its deltas into plain dicts for the ingress. The
 first item of every stream is either `{"type": "start", ...}` or `{"type": "error", ...}`, so the
-ingress can answer with the right HTTP status before sending any body.
+ingress can answer with the right HTTP status before sending any body. The start item also carries
+the first delta (its text, token count and finish reason, like the `{"type": "delta", ...}` items
+after it): it is sent once the first token is decoded, and one Ray message per stream fewer takes
+a hop off every request's first token.
 """
 
 from __future__ import annotations
@@ -108,7 +111,6 @@ class LLMServer:
                     generate.set_attribute("http.status_code", 503)
                     yield self._error(503, str(error), code="overloaded")
                     return
-                yield {"type": "start", "prompt_tokens": len(request.prompt_token_ids), "think_prefilled": self.think_prefilled}
                 batcher = StreamBatcher(deltas, self._window_s)
                 self.active_streams += 1
                 delta = first
@@ -116,6 +118,9 @@ class LLMServer:
                 while True:
                     completion_tokens += len(delta.token_ids)
                     item = {"type": "delta", "text": delta.text, "num_tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
+                    if delta is first:
+                        item.update(type="start", prompt_tokens=len(request.prompt_token_ids),
+                                    think_prefilled=self.think_prefilled)
                     if delta.usage is not None:
                         item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}
                     if delta.error:

@@ -21,7 +21,7 @@ import torch
 from ray import serve
 
 from cluster.serve.app import build_app
-from r1.config import ModelConfig
+from r1.config import ModelConfig, SamplingConfig
 from r1.model import load_tokenizer
 from r1.reasoning import split_reasoning
 from r1.trace_file import read_spans

@@ -57,9 +57,8 @@ class HandleGenerator:
         for item in items:
             if item["type"] == "error":
                 raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
-            if item["type"] == "start":
+            if item["type"] == "start":  # it also carries the first delta
                 prompt_tokens, think_prefilled = item["prompt_tokens"], item["think_prefilled"]
-                continue
             if item.get("error"):
                 raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
             text.append(item["text"])

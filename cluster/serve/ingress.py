@@ -310,12 +310,12 @@ class OpenAIIngress:
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_body(streams, choices, response_id, chat, include_usage, turn, root, route),
+                self._stream_body(streams, starts, choices, response_id, chat, include_usage, turn, root, route),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **headers},
             )
         try:
-            await self._drain(streams, choices)
+            await self._drain(streams, starts, choices)
             if turn is not None:
                 await self.sessions.finish_turn(turn, "".join(choices[0].content))
         except APIError as error:
@@ -468,7 +468,8 @@ class OpenAIIngress:
         return self.llm.options(stream=True).stream.remote(body)
 
     async def _first_items(self, streams: list[Any]) -> list[dict[str, Any]]:
-        """Wait (bounded) for each stream's start item; map refusals to HTTP errors."""
+        """Wait (bounded) for each stream's start item, which carries its first delta; map refusals,
+        and a generation that failed at its first token, to HTTP errors."""
         try:
             firsts = await asyncio.wait_for(
                 asyncio.gather(*(anext(s) for s in streams)), timeout=self.config.request_timeout_s
@@ -488,6 +489,9 @@ class OpenAIIngress:
             if item["type"] == "error":
                 self._cancel(streams)
                 raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
+            if item.get("error"):
+                self._cancel(streams)
+                raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
         return firsts
 
     @staticmethod
@@ -495,16 +499,16 @@ class OpenAIIngress:
         for stream in streams:
             stream.cancel()
 
-    async def _drain(self, streams: list[Any], choices: list[_Choice]) -> None:
-        async def one(stream: Any, choice: _Choice) -> None:
+    async def _drain(self, streams: list[Any], starts: list[dict[str, Any]], choices: list[_Choice]) -> None:
+        async def one(stream: Any, start: dict[str, Any], choice: _Choice) -> None:
             # Nobody sees a non-streamed reply before it is complete: screen it in one call at the end.
-            texts = []
+            texts = [self._count(start, choice)]
             async for item in stream:
                 texts.append(self._count(item, choice))
             await choice.finish("".join(texts))
 
         try:
-            await asyncio.gather(*(one(s, c) for s, c in zip(streams, choices)))
+            await asyncio.gather(*(one(s, f, c) for s, f, c in zip(streams, starts, choices)))
         except APIError:
             self._cancel(streams)
             raise
@@ -541,8 +545,8 @@ class OpenAIIngress:
             return await choice.finish(text)
 
     async def _stream_body(
-        self, streams: list[Any], choices: list[_Choice], response_id: str, chat: bool, include_usage: bool, turn: Any,
-        root: Any, route: str,
+        self, streams: list[Any], starts: list[dict[str, Any]], choices: list[_Choice], response_id: str, chat: bool,
+        include_usage: bool, turn: Any, root: Any, route: str,
     ) -> AsyncIterator[bytes]:
         # What the request is recorded with, set when the stream ends: 200 (HTTP already said so), or
         # an error's status sent inside the stream. Still None in `finally`: the client went away.
@@ -552,6 +556,7 @@ class OpenAIIngress:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: Any) -> None:
+            await queue.put((index, starts[index]))  # the start item carries the first delta
             try:
                 async for item in stream:
                     await queue.put((index, item))
