@@ -740,4 +740,9 @@ def test_a_dead_model_shard_fails_requests_fast_and_marks_its_replica_unhealthy(
     for _ in range(3):
         response = httpx.post(f"{server}/sharded/v1/completions", json=body, headers=headers, timeout=30)
         assert response.status_code == 503, response.text
+    # Streamed too: the generation fails at its first token, before any body, so the status says so
+    # (not a 200 whose stream then carries the error).
+    response = httpx.post(f"{server}/sharded/v1/completions", json={**body, "stream": True}, headers=headers, timeout=30)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable", response.text
     assert serve.get_deployment_handle("LLMServer", app_name="sharded").stats.remote().result(timeout_s=30)["running"] == 0

@@ -420,9 +420,10 @@ class OpenAIIngress:
 
     def _abandon(self, turn: Any) -> None:
         """The request stores no exchange and its client was not given the session's id: remove the
-        session its open created, in the background (this may run while the request is being
-        cancelled). Not for streams: their first chunk has already handed the id out."""
-        if turn is not None and turn.created and not turn.pending:
+        session if its open created it (`SessionClient.abandon` decides), in the background (this
+        may run while the request is being cancelled). Not for streams: their first chunk has
+        already handed the id out."""
+        if turn is not None:
             self._keep(asyncio.ensure_future(self.sessions.abandon(turn)))
 
     def _keep(self, future: asyncio.Future) -> None:
