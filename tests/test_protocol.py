@@ -109,9 +109,11 @@ def test_completion_features_r1_does_not_implement_are_refused(extra, param):
 @pytest.mark.parametrize(
     "prompt, message",
     [
-        (["a", "b"], "batched prompts are not supported"),
-        ([[1, 2], [3]], "batched prompts are not supported"),
+        (["a", [1]], "not a mix"),
+        ([[1, 2], []], "empty prompt"),
+        (["a", ""], "empty string"),
         ([4, -1], "token ids must be >= 0"),
+        ([[1, 2], [3, -4]], "token ids must be >= 0"),
         ({"x": 1}, "valid string"),
     ],
 )
@@ -215,3 +217,20 @@ def test_a_stop_string_longer_than_the_limit_is_400_naming_stop():
     with pytest.raises(APIError) as error:
         sampling_for(request, ServeConfig())
     assert error.value.status == 400 and error.value.param == "stop" and "at most 256" in error.value.message
+
+
+def test_completion_prompts_one_or_a_batch():
+    from r1.config import ServeConfig
+    from r1.serving.protocol import completion_prompts
+
+    def prompts(prompt, n=1):
+        return completion_prompts(parse_request(CompletionRequest, {"model": "m", "prompt": prompt, "n": n}),
+                                  ServeConfig(max_n=4))
+
+    assert prompts("1 +") == (["1 +"], ["prompt"])
+    assert prompts([5, 6]) == ([[5, 6]], ["prompt"])
+    assert prompts(["a", "b"], n=2) == (["a", "b"], ["prompt.0", "prompt.1"])
+    assert prompts([[5], [6, 7]]) == ([[5], [6, 7]], ["prompt.0", "prompt.1"])
+    with pytest.raises(APIError, match="3 prompts with n=2 make 6 choices") as error:
+        prompts(["a", "b", "c"], n=2)
+    assert error.value.param == "prompt" and error.value.status == 400

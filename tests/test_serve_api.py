@@ -56,7 +56,7 @@ def server(tmp_path_factory, trace_file, metrics_port):
     common = {
         "api_keys_file": str(keys),
         "max_request_bytes": 4096,
-        "max_n": 3,
+        "max_n": 4,  # a batch of two prompts with n=2 fits; n=9 does not
         "request_timeout_s": 300,
         "ingress": small_deployment(num_cpus=0.05),
         "engine": {"max_num_seqs": 4, "max_queued_requests": 2},
@@ -172,6 +172,35 @@ def test_completions_stream_and_not(client):
     assert full.usage.completion_tokens == 10 or full.choices[0].finish_reason == "stop"
 
 
+def test_batched_completion_prompts_answer_as_one_request_each(client, tokenizer):
+    # A batch of prompts, n choices each: choice i * n + j is choice j of a request holding prompt i
+    # alone (seeded sampling makes them comparable); usage counts each prompt once.
+    prompts = ["12 + 7 =", "3 + 4 ="]
+    sampling = {"max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 2}
+    singles = [client.completions.create(model=MODEL, prompt=prompt, **sampling) for prompt in prompts]
+    batch = client.completions.create(model=MODEL, prompt=prompts, **sampling)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    expected = [(c.text, c.finish_reason) for single in singles for c in single.choices]
+    assert [(c.text, c.finish_reason) for c in batch.choices] == expected
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    streamed: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, stream=True,
+                                           stream_options={"include_usage": True}, **sampling):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        usage = chunk.usage or usage
+    assert [streamed[i] for i in range(4)] == [text for text, _ in expected]
+    assert usage.prompt_tokens == batch.usage.prompt_tokens
+    # Token-id prompts batch the same way.
+    ids = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
+    greedy = {"max_tokens": 6, "temperature": 0}
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **greedy)
+    assert [c.text for c in by_ids.choices] == [client.completions.create(model=MODEL, prompt=p, **greedy).choices[0].text
+                                                for p in ids]
+
+
 def test_n_choices_with_seed_differ_and_count_usage(client):
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=5)
     assert [c.index for c in reply.choices] == [0, 1, 2]
@@ -230,9 +259,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4"}]}, 400, "messages"),
     # a seed beyond 64 bits (torch's generator would overflow)
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "seed"),
-    # negative token ids, batched prompts
+    # negative token ids; a batch of prompts mixing strings and token ids, or making more choices
+    # (prompts × n) than max_n; a prompt of a batch beyond the context, named by its position
     ("/v1/completions", {"model": MODEL, "prompt": [5, -1]}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "2 + 2 ="]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7, -1]]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", [5, 6]]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 ="] * 5, "n": 2}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "1 " * 2000]}, 400, "prompt.1"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "1", "echo": True}, 400, "echo"),
@@ -391,6 +424,29 @@ def test_llm_server_cpu_threads_warm_up_and_packed_layers(server, tiny):
     assert stats("sharded")["packed_linears"] == 0
 
 
+def test_llm_server_stream_starts_with_the_first_delta(server):
+    # The start item (prompt size, template flag) carries the first token's delta: a 1-token
+    # generation is one item, a longer one has its remaining tokens in delta items after it.
+    handle = serve.get_deployment_handle("LLMServer", app_name="main").options(stream=True)
+
+    def items(max_tokens: int) -> list[dict]:
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_tokens, ignore_eos=True).model_dump()
+        body = {"prompt": "1 + 1 =", "chat": False, "sampling": sampling, "request_id": f"probe-{max_tokens}"}
+
+        async def collect() -> list[dict]:
+            return [item async for item in handle.stream.remote(body)]
+
+        return asyncio.run(asyncio.wait_for(collect(), timeout=60))
+
+    (only,) = items(1)
+    assert only["type"] == "start" and only["num_tokens"] == 1 and only["finish_reason"] == "length"
+    assert only["prompt_tokens"] > 0 and isinstance(only["think_prefilled"], bool) and only["text"]
+    first, *rest = items(6)
+    assert first["type"] == "start" and first["num_tokens"] == 1 and first["finish_reason"] is None
+    assert rest and [item["type"] for item in rest] == ["delta"] * len(rest) and rest[-1]["finish_reason"] == "length"
+    assert sum(item["num_tokens"] for item in [first, *rest]) == 6
+
+
 def test_client_disconnect_cancels_generation(server):
     body = {"model": MODEL, "prompt": "1", "max_tokens": 900, "temperature": 0, "stream": True}
     deadline = time.monotonic() + 60
@@ -472,6 +528,24 @@ def test_strict_profile_blocks_sensitive_input_with_400(server, text):
     assert error["param"] == "messages.1.content"
 
 
+def test_batched_prompts_are_screened_each(server):
+    # One blocked prompt refuses the batch, naming it; token-id prompts are screened as their text.
+    for prompt, param in ((["1 + 1 =", "忘记密码怎么办？"], "prompt.1"), (["验证码", "2 + 2 ="], "prompt.0")):
+        response = _post(server, "/strict/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "sensitive_content" and error["param"] == param
+    tokenizer = load_tokenizer(ModelConfig())
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in ("1 + 1 =", "忘记密码怎么办？")]
+    response = _post(server, "/strict/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt.1", response.text
+    # Under the default profile a card number in one prompt is redacted and the batch is answered.
+    response = _post(server, "/v1/completions", {"model": MODEL, "max_tokens": 2, "temperature": 0,
+                                                 "prompt": ["1 + 1 =", "卡号4111 1111 1111 1111 ="]})
+    assert response.status_code == 200, response.text
+    assert [c["index"] for c in response.json()["choices"]] == [0, 1]
+
+
 def test_default_profile_redacts_input_before_the_model_and_the_session_store(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "我的卡号是4111 1111 1111 1111，帮我查一下"}],
             "max_tokens": 4}
@@ -489,7 +563,6 @@ def test_default_profile_redacts_input_before_the_model_and_the_session_store(se
 def test_streamed_output_is_screened(server, tiny):
     import re
 
-    from r1.config import SamplingConfig
     from r1.engine import TransformersEngine
 
     messages = [{"role": "user", "content": "Tom has 5 pens. He buys 17 more. How many pens does he have now?"}]
@@ -505,7 +578,7 @@ def test_streamed_output_is_screened(server, tiny):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_completion_output_is_screened_with_the_end_of_its_prompt(server, tiny, stream):
-    from r1.config import SafetyConfig, SamplingConfig
+    from r1.config import SafetyConfig
     from r1.engine import TransformersEngine
     from r1.safety import SafetyFilter
 

@@ -41,6 +41,7 @@ from r1.serving.protocol import (
     choice_seed,
     completion_choice,
     completion_chunk,
+    completion_prompts,
     completion_response,
     decode_json,
     model_object,
@@ -115,7 +116,7 @@ class _Choice:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.finish_reason: str | None = None
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # its prompt's tokens on the first choice of each prompt, else 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
 
@@ -137,6 +138,11 @@ class _Choice:
         self.reasoning.append(reasoning)
         self.content.append(content)
         return held_reasoning + reasoning, held_content + content
+
+
+def _prompt_tokens(choices: list[_Choice]) -> int:
+    """The request's prompt tokens: each prompt once, however many choices it has."""
+    return sum(choice.prompt_tokens for choice in choices)
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -269,13 +275,14 @@ class OpenAIIngress:
                 opening = asyncio.ensure_future(self.sessions.open_session(
                     parsed.session_id, request.headers.get(SESSION_HEADER), owner, messages))
             try:
-                await self._check_prompt_fits(messages if chat else parsed.prompt, "messages" if chat else "prompt")
                 if chat:
-                    prompt = await self.screen.input_messages(messages)
-                elif isinstance(parsed.prompt, str):
-                    prompt = await self.screen.input_text(parsed.prompt, "prompt")
-                else:
-                    prompt = await self.screen.input_token_ids(parsed.prompt, self.tokenizer)
+                    await self._check_prompt_fits(messages, "messages")
+                    prompts = [await self.screen.input_messages(messages)]
+                else:  # one prompt, or a batch of them
+                    prompts, params = completion_prompts(parsed, self.config)
+                    for prompt, param in zip(prompts, params):
+                        await self._check_prompt_fits(prompt, param)
+                    prompts = await self.screen.input_prompts(prompts, params, self.tokenizer)
                 # Shielded: a client that goes away now must not cancel the open halfway (a session
                 # it created would stay behind); _drop_opening removes that session once it is open.
                 session = await asyncio.shield(opening) if opening is not None else None
@@ -283,15 +290,17 @@ class OpenAIIngress:
                 self._drop_opening(opening)
                 raise
             if session is not None:
-                turn = await self.sessions.plan(session, prompt, sampling.max_new_tokens)
-                prompt = turn.prompt
+                turn = await self.sessions.plan(session, prompts[0], sampling.max_new_tokens)
+                prompts = [turn.prompt]
             elif parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
                 # The header form too: a session the client names must not be ignored without a word.
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
                                param="session_id")
             if chat and parsed.code_validation:
-                return await self._code_validation(parsed, prompt, sampling, turn)
-            streams = [self._open(prompt, chat, sampling, index) for index in range(parsed.n)]
+                return await self._code_validation(parsed, prompts[0], sampling, turn)
+            # `n` choices per prompt; choice j of each prompt is seeded as choice j of a request
+            # holding that prompt alone, so a batch answers as one request per prompt would.
+            streams = [self._open(prompt, chat, sampling, index) for prompt in prompts for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
             self._abandon(turn)
@@ -301,11 +310,11 @@ class OpenAIIngress:
             raise
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
-        context = "" if chat else self._continued_text(prompt)
-        choices = [_Choice(chat, think_prefilled, self.screen.output_stream(context)) for _ in streams]
+        choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
+            "" if chat else self._continued_text(prompts[index // parsed.n]))) for index in range(len(streams))]
         choices[0].timer = timer
-        for choice, start in zip(choices, starts):
-            choice.prompt_tokens = start["prompt_tokens"]
+        for index, (choice, start) in enumerate(zip(choices, starts)):
+            choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
         headers = {SESSION_HEADER: turn.session_id} if turn else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -324,7 +333,7 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             self._abandon(turn)
             raise
-        prompt_tokens = choices[0].prompt_tokens
+        prompt_tokens = _prompt_tokens(choices)
         completion_tokens = sum(c.completion_tokens for c in choices)
         self._record_generation(route, root, choices)
         usage = usage_dict(prompt_tokens, completion_tokens)
@@ -608,7 +617,7 @@ class OpenAIIngress:
                     yield sse(error.body())
                     return
             if include_usage:
-                usage = usage_dict(choices[0].prompt_tokens, sum(c.completion_tokens for c in choices))
+                usage = usage_dict(_prompt_tokens(choices), sum(c.completion_tokens for c in choices))
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
                 yield sse({**chunk, **extra})
@@ -630,8 +639,9 @@ class OpenAIIngress:
     @staticmethod
     def _record_generation(route: str, root: Any, choices: list[_Choice]) -> None:
         completion_tokens = sum(c.completion_tokens for c in choices)
-        root.set_attributes({"prompt_tokens": choices[0].prompt_tokens, "completion_tokens": completion_tokens})
-        metrics.record_generation(route, choices[0].timer, choices[0].prompt_tokens, completion_tokens)
+        prompt_tokens = _prompt_tokens(choices)
+        root.set_attributes({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
+        metrics.record_generation(route, choices[0].timer, prompt_tokens, completion_tokens)
 
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,

@@ -55,42 +55,44 @@ class Screening:
         except SafetyUnavailable as error:
             raise _unavailable(error) from None
 
-    async def input_text(self, text: str, param: str) -> str:
-        """The text the model may see; 400 when the filter blocks it."""
-        if self.client is None or not text:
-            return text
-        verdict = await self._check(text, "input")
-        if verdict["action"] == "block":
-            raise APIError(400, self.config.block_message, param=param, code="sensitive_content")
-        return verdict["text"]
+    async def _screen_inputs(self, texts: list[str], params: list[str]) -> list[str]:
+        """Every non-empty text screened in one call: the texts as the model may see them; 400
+        naming (`params`) the first blocked one."""
+        indices = [i for i, text in enumerate(texts) if text]
+        if not indices:
+            return texts
+        try:
+            verdicts = await self.client.check_many([texts[i] for i in indices], "input")
+        except SafetyUnavailable as error:
+            raise _unavailable(error) from None
+        screened = list(texts)
+        for i, verdict in zip(indices, verdicts):
+            if verdict["action"] == "block":
+                raise APIError(400, self.config.block_message, param=params[i], code="sensitive_content")
+            screened[i] = verdict["text"]
+        return screened
 
     async def input_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """Every message screened in one call; 400 naming the first blocked message."""
         if self.client is None:
             return messages
-        indices = [i for i, m in enumerate(messages) if m["content"]]
-        if not indices:
-            return messages
-        try:
-            verdicts = await self.client.check_many([messages[i]["content"] for i in indices], "input")
-        except SafetyUnavailable as error:
-            raise _unavailable(error) from None
-        screened = list(messages)
-        for i, verdict in zip(indices, verdicts):
-            if verdict["action"] == "block":
-                raise APIError(400, self.config.block_message, param=f"messages.{i}.content", code="sensitive_content")
-            screened[i] = {**messages[i], "content": verdict["text"]}
-        return screened
+        texts = await self._screen_inputs([m["content"] for m in messages],
+                                          [f"messages.{i}.content" for i in range(len(messages))])
+        return [{**message, "content": text} for message, text in zip(messages, texts)]
 
-    async def input_token_ids(self, token_ids: list[int], tokenizer: Any) -> list[int]:
-        """Token-id prompts are screened as their decoded text; they cannot be redacted in place."""
+    async def input_prompts(self, prompts: list[str | list[int]], params: list[str], tokenizer: Any) -> list[str | list[int]]:
+        """Completion prompts screened in one call; 400 naming the first blocked one (`params`).
+        Token-id prompts are screened as their decoded text; they cannot be redacted in place, so
+        one the filter would change is refused too."""
         if self.client is None:
-            return token_ids
-        text = tokenizer.decode(token_ids)
-        if await self.input_text(text, "prompt") != text:
-            raise APIError(400, "the prompt contains sensitive content; send it as text to have it redacted",
-                           param="prompt", code="sensitive_content")
-        return token_ids
+            return prompts
+        texts = [prompt if isinstance(prompt, str) else tokenizer.decode(prompt) for prompt in prompts]
+        screened = await self._screen_inputs(texts, params)
+        for prompt, text, kept, param in zip(prompts, texts, screened, params):
+            if not isinstance(prompt, str) and kept != text:
+                raise APIError(400, "the prompt contains sensitive content; send it as text to have it redacted",
+                               param=param, code="sensitive_content")
+        return [kept if isinstance(prompt, str) else prompt for prompt, kept in zip(prompts, screened)]
 
     async def output_text(self, text: str) -> str:
         if self.client is None or not text:

@@ -133,23 +133,33 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int]
+    # One prompt (a string or a list of token ids) or a batch of them (a list of strings or a list
+    # of token-id lists): each prompt of a batch gets `n` choices (`completion_prompts`).
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: StrictBool = False
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and any(isinstance(item, (str, list)) for item in prompt):
-            raise ValueError("batched prompts are not supported; send one request per prompt "
-                             "(a string or a list of token ids)")
+    def _one_kind_of_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt:
+            kinds = {str if isinstance(item, str) else list if isinstance(item, list) else int for item in prompt}
+            if len(kinds) > 1:
+                raise ValueError("a prompt is a string, a list of token ids, a list of strings or a list of "
+                                 "token-id lists, not a mix of them")
+            if kinds == {list} and not all(prompt):
+                raise ValueError("a batch of token-id prompts holds an empty prompt")
+            if kinds == {str} and not all(prompt):
+                raise ValueError("a batch of prompts holds an empty string")
         return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _token_ids_not_negative(cls, prompt: str | list[int]) -> str | list[int]:
-        if isinstance(prompt, list) and any(token < 0 for token in prompt):
-            raise ValueError("token ids must be >= 0")
+    def _token_ids_not_negative(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list):
+            for ids in (prompt if prompt and isinstance(prompt[0], list) else [prompt]):
+                if any(isinstance(token, int) and token < 0 for token in ids):
+                    raise ValueError("token ids must be >= 0")
         return prompt
 
 
@@ -282,6 +292,20 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
         return SamplingConfig.model_validate({**config.sampling.model_dump(), **updates})
     except ValidationError as error:
         raise invalid_value(error) from None
+
+
+def completion_prompts(request: CompletionRequest, config: ServeConfig) -> tuple[list[str | list[int]], list[str]]:
+    """The request's prompts, and the param that names each in errors: one prompt ("prompt"), or
+    a batch ("prompt.0", "prompt.1", …). Each prompt gets `n` choices, so a batch of k prompts
+    makes k × n choices, at most `max_n` (as `n` alone)."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return [prompt], ["prompt"]
+    choices = len(prompt) * request.n
+    if choices > config.max_n:
+        raise APIError(400, f"{len(prompt)} prompts with n={request.n} make {choices} choices, more than this server's "
+                       f"limit of {config.max_n}; send fewer prompts per request", param="prompt", code="limit_exceeded")
+    return list(prompt), [f"prompt.{index}" for index in range(len(prompt))]
 
 
 def chat_messages(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
