@@ -140,9 +140,10 @@ class _Choice:
         return held_reasoning + reasoning, held_content + content
 
 
-def _prompt_tokens(choices: list[_Choice]) -> int:
-    """The request's prompt tokens: each prompt once, however many choices it has."""
-    return sum(choice.prompt_tokens for choice in choices)
+def _usage(choices: list[_Choice]) -> dict[str, int]:
+    """The request's usage: each prompt's tokens once, however many choices it has, and every
+    choice's completion tokens."""
+    return usage_dict(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices))
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -333,10 +334,8 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             self._abandon(turn)
             raise
-        prompt_tokens = _prompt_tokens(choices)
-        completion_tokens = sum(c.completion_tokens for c in choices)
         self._record_generation(route, root, choices)
-        usage = usage_dict(prompt_tokens, completion_tokens)
+        usage = _usage(choices)
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
             extra = {"session_id": turn.session_id} if turn else {}
@@ -617,7 +616,7 @@ class OpenAIIngress:
                     yield sse(error.body())
                     return
             if include_usage:
-                usage = usage_dict(_prompt_tokens(choices), sum(c.completion_tokens for c in choices))
+                usage = _usage(choices)
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
                 yield sse({**chunk, **extra})
@@ -638,10 +637,9 @@ class OpenAIIngress:
 
     @staticmethod
     def _record_generation(route: str, root: Any, choices: list[_Choice]) -> None:
-        completion_tokens = sum(c.completion_tokens for c in choices)
-        prompt_tokens = _prompt_tokens(choices)
-        root.set_attributes({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
-        metrics.record_generation(route, choices[0].timer, prompt_tokens, completion_tokens)
+        usage = _usage(choices)
+        root.set_attributes({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]})
+        metrics.record_generation(route, choices[0].timer, usage["prompt_tokens"], usage["completion_tokens"])
 
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
