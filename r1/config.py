@@ -80,6 +80,11 @@ class SamplingConfig(StrictModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     # 1.0 disables the penalty; >1 discourages repeating tokens already in prompt or output.
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # OpenAI's penalties (0 disables them): each token's logit is lowered by frequency_penalty times
+    # the number of times the reply has generated it, plus presence_penalty if it has at all
+    # (negative values encourage repeats). The prompt does not count, as with OpenAI and vLLM.
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: list[str] = Field(default_factory=list)
     # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)

@@ -138,6 +138,10 @@ def test_generate_flags_are_taken_as_written():
         check_text("caf\udce9", "the prompt")
     with pytest.raises(ValueError, match="sampling.temperature"):
         config_from_args(parser.parse_args(["generate", "x", "--temperature", "nan"]))
+    penalised = config_from_args(parser.parse_args(["generate", "x", "--frequency-penalty", "0.5", "--presence-penalty", "-1"]))
+    assert (penalised.sampling.frequency_penalty, penalised.sampling.presence_penalty) == (0.5, -1.0)
+    with pytest.raises(ValueError, match="sampling.presence_penalty"):
+        config_from_args(parser.parse_args(["generate", "x", "--presence-penalty", "3"]))
 
 
 def test_chat_window():

@@ -30,15 +30,21 @@ PROMPTS = [
 
 
 @torch.inference_mode()
-def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Plain greedy decoding of one sequence with the model's own KV cache, EOS included.
+def reference(model, ids: list[int], max_new_tokens: int, frequency_penalty: float = 0.0,
+              presence_penalty: float = 0.0) -> list[int]:
+    """Plain greedy decoding of one sequence with the model's own KV cache, EOS included; with
+    OpenAI's penalties written out: each logit lowered by frequency × (times the reply generated the
+    token) + presence × (generated at all).
 
     (Not `generate(min_new_tokens=...)`: that masks EOS, while `ignore_eos` keeps decoding past it.)
     """
     out = model(torch.tensor([ids]), use_cache=True)
     tokens = []
     for _ in range(max_new_tokens):
-        tokens.append(int(out.logits[0, -1].argmax()))
+        logits = out.logits[0, -1].float().clone()
+        for token in set(tokens):
+            logits[token] -= frequency_penalty * tokens.count(token) + presence_penalty
+        tokens.append(int(logits.argmax()))
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens
 
@@ -305,6 +311,31 @@ def test_repetition_penalty_changes_greedy_output(engine):
     )[0]
     assert len(set(penalised.token_ids)) >= len(set(plain.token_ids))
     assert penalised.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize("frequency, presence", [(1.5, 0.0), (0.0, 2.0), (0.7, 0.7), (-1.0, 0.0)])
+def test_frequency_and_presence_penalties_follow_openai(engine, tiny, frequency, presence):
+    # Greedy tokens with the penalties equal a reference that applies them by hand, alone and in a
+    # batch with an unpenalised request (each row keeps its own counts); and they change the output.
+    model, tokenizer = tiny
+    penalised = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, frequency_penalty=frequency,
+                               presence_penalty=presence)
+    plain = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
+    ids = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    expected = reference(model, ids, 24, frequency, presence)
+    assert expected != reference(model, ids, 24)
+    assert engine.generate_batch([PROMPTS[2]], penalised)[0].token_ids == expected
+    both = engine.generate_batch([PROMPTS[2], PROMPTS[2]], [penalised, plain])
+    assert both[0].token_ids == expected and both[1].token_ids == reference(model, ids, 24)
+
+
+def test_frequency_and_presence_penalty_arithmetic():
+    from r1.engine.sampling import apply_frequency_presence_penalties
+
+    logits = torch.zeros(5)
+    out = apply_frequency_presence_penalties(logits, {1: 3, 4: 1}, frequency=0.5, presence=0.25)
+    assert out.tolist() == [0.0, -1.75, 0.0, 0.0, -0.75] and logits.tolist() == [0.0] * 5  # a copy
+    assert apply_frequency_presence_penalties(logits, {}, 0.5, 0.25) is logits
 
 
 def test_cancel_frees_the_slot(engine):

@@ -202,6 +202,17 @@ SAMPLING_CASES = [
         {"repetition_penalty": 1.3},
         {"repetition_penalty": 1.3},
     ),
+    # Frequency and presence penalties: the same OpenAI semantics in both packages; TensorRT-LLM None when off.
+    (
+        SamplingConfig(temperature=0, frequency_penalty=0.5, presence_penalty=-1.0),
+        {"frequency_penalty": 0.5, "presence_penalty": -1.0},
+        {"frequency_penalty": 0.5, "presence_penalty": -1.0},
+    ),
+    (
+        SamplingConfig(temperature=0),
+        {"frequency_penalty": 0.0, "presence_penalty": 0.0},
+        {"frequency_penalty": None, "presence_penalty": None},
+    ),
     # Stop tokens: the checkpoint's EOS ids, sorted; ignore_eos drops them in both packages.
     (
         SamplingConfig(temperature=0),

@@ -67,8 +67,6 @@ def test_surrogate_pairs_and_plain_escapes_decode():
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logit_bias": {"5": -100}}, "logit_bias"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -1}, "presence_penalty"),
         ({"best_of": 3}, "best_of"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
@@ -121,6 +119,20 @@ def test_prompt_errors_name_the_prompt_field(prompt, message):
     with pytest.raises(APIError, match=message) as error:
         parse_request(CompletionRequest, {"model": "m", "prompt": prompt})
     assert error.value.param == "prompt"
+
+
+def test_frequency_and_presence_penalties_reach_sampling():
+    from r1.config import ServeConfig
+    from r1.serving.protocol import sampling_for
+
+    request = parse_request(ChatCompletionRequest, {**CHAT, "frequency_penalty": 0.5, "presence_penalty": -1})
+    unsupported(request)  # implemented, so not refused
+    sampling = sampling_for(request, ServeConfig())
+    assert (sampling.frequency_penalty, sampling.presence_penalty) == (0.5, -1.0)
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3)):
+        with pytest.raises(APIError) as error:
+            parse_request(ChatCompletionRequest, {**CHAT, field: value})
+        assert error.value.param == field
 
 
 def test_union_member_names_stay_out_of_the_param():

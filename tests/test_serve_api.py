@@ -201,6 +201,24 @@ def test_batched_completion_prompts_answer_as_one_request_each(client, tokenizer
                                                 for p in ids]
 
 
+def test_frequency_and_presence_penalties_reach_the_engine(client, tiny):
+    from r1.engine import TransformersEngine
+
+    prompt = "Reason step by step: 12 + 7 - 3"
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer)
+    try:
+        def in_process(**penalties) -> str:
+            sampling = SamplingConfig(temperature=0, max_new_tokens=16, **penalties)
+            return engine.generate_batch([prompt], sampling)[0].text
+
+        for penalties in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}):
+            reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, **penalties)
+            assert reply.choices[0].text == in_process(**penalties) != in_process()
+    finally:
+        engine.shutdown()
+
+
 def test_n_choices_with_seed_differ_and_count_usage(client):
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=5)
     assert [c.index for c in reply.choices] == [0, 1, 2]

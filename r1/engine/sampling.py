@@ -1,4 +1,5 @@
-"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, repetition penalty.
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, repetition penalty,
+frequency and presence penalties.
 
 Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
 filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
@@ -24,6 +25,8 @@ class RowState:
     generator: torch.Generator | None
     # Token ids the repetition penalty applies to (prompt and output, as Hugging Face does).
     seen_token_ids: torch.Tensor | None = None
+    # How often the reply generated each token, when a frequency or presence penalty applies.
+    output_counts: dict[int, int] | None = None
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device) -> RowState:
@@ -34,9 +37,12 @@ class RowState:
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long, device=device)
-        return cls(sampling=sampling, generator=generator, seen_token_ids=seen)
+        counts = {} if sampling.frequency_penalty or sampling.presence_penalty else None
+        return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts)
 
     def observe(self, token_id: int) -> None:
+        if self.output_counts is not None:
+            self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         if self.seen_token_ids is not None:
             token = torch.tensor([token_id], dtype=torch.long, device=self.seen_token_ids.device)
             if not bool((self.seen_token_ids == token).any()):
@@ -48,6 +54,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     scores = logits.gather(-1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
+
+
+def apply_frequency_presence_penalties(logits: torch.Tensor, counts: dict[int, int], frequency: float,
+                                       presence: float) -> torch.Tensor:
+    """OpenAI semantics: logit -= frequency × count + presence × (count > 0), for each token the reply
+    has generated (`counts`)."""
+    if not counts:
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, -(frequency * times + presence))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -90,6 +107,9 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     for i, row in enumerate(rows):
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
+        if row.output_counts:
+            logits[i] = apply_frequency_presence_penalties(logits[i], row.output_counts, row.sampling.frequency_penalty,
+                                                           row.sampling.presence_penalty)
         if row.sampling.greedy:
             greedy_rows.append(i)
         else:

@@ -52,6 +52,8 @@ def trtllm_sampling_kwargs(request: Request, fallback_seed: int) -> dict[str, An
         "ignore_eos": sampling.ignore_eos,
         "stop_token_ids": None if sampling.ignore_eos else sorted(request.stop_token_ids) or None,
         "repetition_penalty": None if sampling.repetition_penalty == 1.0 else sampling.repetition_penalty,
+        "frequency_penalty": sampling.frequency_penalty or None,
+        "presence_penalty": sampling.presence_penalty or None,
         "detokenize": False,
     }
     if sampling.greedy:

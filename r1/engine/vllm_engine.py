@@ -40,6 +40,8 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
         "top_p": 1.0 if greedy else sampling.top_p,
         "top_k": -1 if greedy or sampling.top_k == 0 else sampling.top_k,
         "repetition_penalty": sampling.repetition_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "presence_penalty": sampling.presence_penalty,
         "seed": sampling.seed,
         "ignore_eos": sampling.ignore_eos,
         "stop_token_ids": [] if sampling.ignore_eos else sorted(request.stop_token_ids),
