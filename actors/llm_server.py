@@ -89,7 +89,8 @@ class LLMServer:
                 request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
             except ValueError as error:
                 message = str(error)
-                param = "max_tokens" if "max_new_tokens" in message else ("messages" if body.get("chat") else "prompt")
+                param = ("max_tokens" if "max_new_tokens" in message else "logit_bias" if message.startswith("logit_bias")
+                         else "messages" if body.get("chat") else "prompt")
                 # Only a prompt or max_tokens beyond the context is a context-length error; an empty
                 # prompt or a token id outside the vocabulary is an invalid value.
                 code = "context_length_exceeded" if "context" in message else "invalid_value"

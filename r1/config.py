@@ -62,6 +62,8 @@ class ModelConfig(StrictModel):
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_STOP_CHARS = 256
+# Tokens one request may bias (OpenAI takes up to 300; each costs a little per decode step).
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 # Temperatures below this decode greedily (see SamplingConfig.greedy).
@@ -85,6 +87,9 @@ class SamplingConfig(StrictModel):
     # (negative values encourage repeats). The prompt does not count, as with OpenAI and vLLM.
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # OpenAI's logit_bias: token id -> a value from -100 to 100 added to that token's logit before
+    # sampling (-100 in effect bans the token, 100 forces it). Token ids must be in the vocabulary.
+    logit_bias: dict[int, float] = Field(default_factory=dict)
     stop: list[str] = Field(default_factory=list)
     # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
@@ -104,6 +109,18 @@ class SamplingConfig(StrictModel):
         if longest > MAX_STOP_CHARS:
             raise ValueError(f"a stop string is {longest} characters; at most {MAX_STOP_CHARS} are allowed")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, bias: dict[int, float]) -> dict[int, float]:
+        if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias names {len(bias)} tokens; at most {MAX_LOGIT_BIAS_TOKENS} are allowed")
+        for token, value in bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} must be >= 0")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {token} is {value}; use -100 to 100")
+        return bias
 
     @property
     def greedy(self) -> bool:

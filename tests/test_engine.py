@@ -329,6 +329,25 @@ def test_frequency_and_presence_penalties_follow_openai(engine, tiny, frequency,
     assert both[0].token_ids == expected and both[1].token_ids == reference(model, ids, 24)
 
 
+def test_logit_bias_forces_and_bans_tokens(engine, tiny):
+    model, tokenizer = tiny
+    greedy = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True)
+    plain = engine.generate_batch([PROMPTS[1]], greedy)[0].token_ids
+    forced_token = (plain[0] + 1) % engine.runner.vocab_size
+    forced, banned, again = engine.generate_batch([PROMPTS[1]] * 3, [
+        greedy.model_copy(update={"logit_bias": {forced_token: 100.0}}),
+        greedy.model_copy(update={"logit_bias": {plain[0]: -100.0}}),
+        greedy,  # batched beside them: untouched
+    ])
+    assert forced.token_ids == [forced_token] * 8
+    assert plain[0] not in banned.token_ids and again.token_ids == plain
+    # Sampled rows too: a +100 bias leaves no other token a chance.
+    sampled = greedy.model_copy(update={"temperature": 1.0, "seed": 3, "logit_bias": {forced_token: 100.0}})
+    assert engine.generate_batch([PROMPTS[1]], sampled)[0].token_ids == [forced_token] * 8
+    with pytest.raises(ValueError, match="logit_bias names token id"):
+        engine.make_request(PROMPTS[1], greedy.model_copy(update={"logit_bias": {engine.runner.vocab_size: 1.0}}))
+
+
 def test_frequency_and_presence_penalty_arithmetic():
     from r1.engine.sampling import apply_frequency_presence_penalties
 

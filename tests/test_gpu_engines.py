@@ -213,6 +213,18 @@ SAMPLING_CASES = [
         {"frequency_penalty": 0.0, "presence_penalty": 0.0},
         {"frequency_penalty": None, "presence_penalty": None},
     ),
+    # logit_bias: vLLM takes the token -> bias map (None when empty); TensorRT-LLM refuses it at
+    # make_request, so its kwargs never carry one.
+    (
+        SamplingConfig(temperature=0, logit_bias={5: -100.0}),
+        {"logit_bias": {5: -100.0}},
+        {},
+    ),
+    (
+        SamplingConfig(temperature=0),
+        {"logit_bias": None},
+        {},
+    ),
     # Stop tokens: the checkpoint's EOS ids, sorted; ignore_eos drops them in both packages.
     (
         SamplingConfig(temperature=0),

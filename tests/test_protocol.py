@@ -66,7 +66,6 @@ def test_surrogate_pairs_and_plain_escapes_decode():
     [
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"logit_bias": {"5": -100}}, "logit_bias"),
         ({"best_of": 3}, "best_of"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
@@ -133,6 +132,19 @@ def test_frequency_and_presence_penalties_reach_sampling():
         with pytest.raises(APIError) as error:
             parse_request(ChatCompletionRequest, {**CHAT, field: value})
         assert error.value.param == field
+
+
+def test_logit_bias_reaches_sampling_with_token_ids():
+    from r1.config import ServeConfig
+    from r1.serving.protocol import sampling_for
+
+    request = parse_request(ChatCompletionRequest, {**CHAT, "logit_bias": {"5": -100, "17": 2.5}})
+    unsupported(request)
+    assert sampling_for(request, ServeConfig()).logit_bias == {5: -100.0, 17: 2.5}
+    for bias in ({"five": 1}, {"5": 101}, {"-3": 1}, {str(i): 1 for i in range(1025)}):
+        with pytest.raises(APIError) as error:
+            sampling_for(parse_request(ChatCompletionRequest, {**CHAT, "logit_bias": bias}), ServeConfig())
+        assert error.value.status == 400 and error.value.param.startswith("logit_bias"), bias
 
 
 def test_union_member_names_stay_out_of_the_param():

@@ -219,6 +219,17 @@ def test_frequency_and_presence_penalties_reach_the_engine(client, tiny):
         engine.shutdown()
 
 
+def test_logit_bias_over_http(server, client, tokenizer):
+    token = tokenizer.encode(" 7", add_special_tokens=False)[-1]
+    reply = client.completions.create(model=MODEL, prompt="1 + 1 =", max_tokens=3, temperature=0,
+                                      logit_bias={str(token): 100})
+    assert reply.choices[0].text == tokenizer.decode([token] * 3)
+    response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 2,
+                                                 "logit_bias": {str(len(tokenizer) + 10): 5}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias", response.text
+    assert "vocabulary" in response.json()["error"]["message"]
+
+
 def test_n_choices_with_seed_differ_and_count_usage(client):
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=5)
     assert [c.index for c in reply.choices] == [0, 1, 2]

@@ -238,6 +238,9 @@ def new_request(
     prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    beyond = [token for token in sampling.logit_bias if token >= vocab_size]
+    if beyond:
+        raise ValueError(f"logit_bias names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens")
     return Request(
         request_id=request_id or f"req-{next(_REQUEST_IDS)}-{uuid.uuid4().hex[:8]}",
         prompt_token_ids=prompt_ids,

@@ -1,5 +1,5 @@
-"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, repetition penalty,
-frequency and presence penalties.
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, logit bias, repetition
+penalty, frequency and presence penalties.
 
 Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
 filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
@@ -27,6 +27,8 @@ class RowState:
     seen_token_ids: torch.Tensor | None = None
     # How often the reply generated each token, when a frequency or presence penalty applies.
     output_counts: dict[int, int] | None = None
+    # The request's logit_bias as (token ids, values), added to the logits before anything else.
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device) -> RowState:
@@ -38,7 +40,11 @@ class RowState:
         if sampling.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long, device=device)
         counts = {} if sampling.frequency_penalty or sampling.presence_penalty else None
-        return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts)
+        bias = None
+        if sampling.logit_bias:
+            bias = (torch.tensor(list(sampling.logit_bias), dtype=torch.long, device=device),
+                    torch.tensor(list(sampling.logit_bias.values()), dtype=torch.float32, device=device))
+        return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias)
 
     def observe(self, token_id: int) -> None:
         if self.output_counts is not None:
@@ -105,6 +111,8 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     greedy_rows: list[int] = []
     alike: dict[tuple[float, int, float], list[int]] = {}  # sampled rows by (temperature, top_k, top_p)
     for i, row in enumerate(rows):
+        if row.bias is not None:
+            logits[i] = logits[i].index_add(-1, row.bias[0], row.bias[1].to(logits.device))
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:

@@ -28,7 +28,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from r1.config import EngineConfig, ModelConfig
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine.engine import Prompt
 from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, first_output, read_checkpoint
 from r1.engine.types import Request
 
@@ -124,6 +125,11 @@ class TensorRTLLMEngine(AsyncPackageEngine):
     @classmethod
     def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> TensorRTLLMEngine:
         return cls(read_checkpoint(model_config), model_config, engine_config)
+
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
+        if sampling.logit_bias:
+            raise ValueError("logit_bias is not supported with engine.name: trtllm; use the transformers or vllm engine")
+        return super().make_request(prompt, sampling, request_id)
 
     def _build_llm(self, facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig) -> Any:
         import torch

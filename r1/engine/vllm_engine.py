@@ -42,6 +42,7 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
         "repetition_penalty": sampling.repetition_penalty,
         "frequency_penalty": sampling.frequency_penalty,
         "presence_penalty": sampling.presence_penalty,
+        "logit_bias": dict(sampling.logit_bias) or None,
         "seed": sampling.seed,
         "ignore_eos": sampling.ignore_eos,
         "stop_token_ids": [] if sampling.ignore_eos else sorted(request.stop_token_ids),

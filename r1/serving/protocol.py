@@ -5,8 +5,8 @@ an HTTP status and an OpenAI-style body that names the field (`param`) and the f
 ingress (in `cluster/`) only moves bytes and calls these functions.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Known OpenAI features r1 does not implement (logprobs, tools, response_format, logit_bias, echo,
-suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than
+Known OpenAI features r1 does not implement (logprobs, tools, response_format, echo, suffix,
+best_of) are refused with a 400 naming the field when a request asks for them, rather than
 silently ignored; their neutral values (`logprobs: false`, `tool_choice: "none"`, ...) pass.
 r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`.
 """
@@ -170,8 +170,6 @@ def unsupported(request: _SamplingFields) -> None:
         asked.append(("logprobs", "log-probabilities are not returned by this server; omit logprobs"))
     if request.top_logprobs:
         asked.append(("top_logprobs", "log-probabilities are not returned by this server; omit top_logprobs"))
-    if request.logit_bias:
-        asked.append(("logit_bias", "logit_bias is not supported; omit it"))
     if request.best_of not in (None, 1):
         asked.append(("best_of", "best_of is not supported; use n to get several choices"))
     if isinstance(request, ChatCompletionRequest):
@@ -276,7 +274,8 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     if request.n > config.max_n:
         raise APIError(400, f"n={request.n} exceeds this server's limit of {config.max_n}; use n <= {config.max_n}", param="n", code="limit_exceeded")
     updates: dict[str, Any] = {}
-    for field in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+    for field in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                  "logit_bias"):
         value = getattr(request, field)
         if value is not None:
             updates[field] = value
