@@ -258,3 +258,24 @@ def test_completion_prompts_one_or_a_batch():
     with pytest.raises(APIError, match="3 prompts with n=2 make 6 choices") as error:
         prompts(["a", "b", "c"], n=2)
     assert error.value.param == "prompt" and error.value.status == 400
+
+
+def test_tokenize_requests():
+    from r1.config import ModelConfig, ServeConfig
+    from r1.model import load_tokenizer
+    from r1.serving.protocol import DetokenizeRequest, TokenizeRequest, tokenize
+
+    tokenizer = load_tokenizer(ModelConfig())
+    prompt = parse_request(TokenizeRequest, {"model": "m", "prompt": "1 + 1 ="})
+    assert tokenize(tokenizer, prompt, ServeConfig()) == tokenizer.encode("1 + 1 =", add_special_tokens=True)
+    chat = parse_request(TokenizeRequest, {"model": "m", "messages": [{"role": "developer", "content": "hi"}]})
+    text = tokenizer.apply_chat_template([{"role": "system", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert tokenize(tokenizer, chat, ServeConfig()) == tokenizer.encode(text, add_special_tokens=False)
+    # A check across fields has no single field to name: the message says what to send.
+    for body in ({"model": "m"}, {"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}):
+        with pytest.raises(APIError, match="either prompt") as error:
+            parse_request(TokenizeRequest, body)
+        assert error.value.param is None and error.value.status == 400
+    with pytest.raises(APIError) as error:
+        parse_request(DetokenizeRequest, {"model": "m", "tokens": [1, True]})
+    assert error.value.param == "tokens.1"

@@ -230,6 +230,33 @@ def test_logit_bias_over_http(server, client, tokenizer):
     assert "vocabulary" in response.json()["error"]["message"]
 
 
+def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path: str, body: dict) -> dict:
+        response = httpx.post(f"{server}{path}", json={"model": MODEL, **body}, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    prompt = "12 + 7 ="
+    tokens = post("/tokenize", {"prompt": prompt})
+    assert tokens["tokens"] == tokenizer.encode(prompt, add_special_tokens=True) and tokens["count"] == len(tokens["tokens"])
+    from actors.session_store import token_counting
+
+    assert tokens["max_model_len"] == token_counting(ModelConfig(), tokenizer)[1] > 0
+    assert post("/tokenize", {"prompt": prompt, "add_special_tokens": False})["tokens"] == \
+        tokenizer.encode(prompt, add_special_tokens=False)
+    assert post("/detokenize", {"tokens": tokenizer.encode(prompt, add_special_tokens=False)}) == {"prompt": prompt}
+    # Chat messages through the chat template: the count the completion's usage reports (the
+    # /strict app keeps no sessions, so its prompt is the messages alone).
+    counted = post("/tokenize", {"messages": MESSAGES})["count"]
+    reply = httpx.post(f"{server}/strict/v1/chat/completions", headers=headers, timeout=120,
+                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 1}).json()
+    assert counted == reply["usage"]["prompt_tokens"]
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert completion.usage.prompt_tokens == tokens["count"]
+
+
 def test_n_choices_with_seed_differ_and_count_usage(client):
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, n=3, seed=5)
     assert [c.index for c in reply.choices] == [0, 1, 2]
@@ -256,7 +283,9 @@ def test_sharded_greedy_equals_unsharded(server):
 )
 def test_auth_required_on_every_model_route(server, headers):
     for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
-                               ("POST", "/v1/completions", {"model": MODEL, "prompt": "1"})]:
+                               ("POST", "/v1/completions", {"model": MODEL, "prompt": "1"}),
+                               ("POST", "/tokenize", {"model": MODEL, "prompt": "1"}),
+                               ("POST", "/detokenize", {"model": MODEL, "tokens": [1]})]:
         response = httpx.request(method, f"{server}{path}", json=body, headers=headers, timeout=30)
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"
@@ -295,6 +324,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", [5, 6]]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 ="] * 5, "n": 2}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "1 " * 2000]}, 400, "prompt.1"),
+    # /tokenize and /detokenize: one of prompt and messages; token ids in the vocabulary; the model
+    ("/tokenize", {"model": MODEL}, 400, None),
+    ("/tokenize", {"model": MODEL, "prompt": "1", "messages": MESSAGES}, 400, None),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "tool", "content": "4"}]}, 400, "messages"),
+    ("/tokenize", {"model": "gpt-17", "prompt": "1"}, 404, "model"),
+    ("/detokenize", {"model": MODEL, "tokens": [5, -1]}, 400, "tokens.1"),
+    ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "1", "echo": True}, 400, "echo"),

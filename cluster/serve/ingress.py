@@ -34,6 +34,8 @@ from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_choice,
     chat_chunk,
     chat_messages,
@@ -49,6 +51,7 @@ from r1.serving.protocol import (
     new_id,
     parse_request,
     sampling_for,
+    tokenize,
     unsupported,
     usage_dict,
 )
@@ -83,7 +86,8 @@ def error_response(error: APIError) -> JSONResponse:
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Unknown routes (404) and wrong methods (405) answer with an OpenAI-style error body too."""
     if error.status_code == 404:
-        message = f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, /v1/models, /health"
+        message = (f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, /v1/models, "
+                   "/v1/sessions/{id}, /tokenize, /detokenize, /health")
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -188,12 +192,42 @@ class OpenAIIngress:
     async def model(self, model_id: str, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
-            if model_id != self.config.model_name:
-                raise APIError(404, f"model '{model_id}' does not exist; this server serves '{self.config.model_name}'",
-                               param="model", code="model_not_found")
+            self._check_model(model_id)
             return JSONResponse(model_object(self.config.model_name, self.created))
 
         return await self._traced(request, "models", answer)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """Token ids of a prompt or of chat messages, as the engine would see them (vLLM's route)."""
+        async def answer(*_: Any) -> Response:
+            self.auth.check(request.headers.get("authorization"))
+            parsed = parse_request(TokenizeRequest, await self._read_json(request))
+            self._check_model(parsed.model)
+            tokens = await asyncio.to_thread(tokenize, self.tokenizer, parsed, self.config)
+            return JSONResponse({"count": len(tokens), "max_model_len": self.context_tokens, "tokens": tokens})
+
+        return await self._traced(request, "tokenize", answer)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """Text of token ids (vLLM's route)."""
+        async def answer(*_: Any) -> Response:
+            self.auth.check(request.headers.get("authorization"))
+            parsed = parse_request(DetokenizeRequest, await self._read_json(request))
+            self._check_model(parsed.model)
+            vocab = len(self.tokenizer)
+            if any(token >= vocab for token in parsed.tokens):
+                raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens",
+                               code="invalid_value")
+            return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, parsed.tokens)})
+
+        return await self._traced(request, "detokenize", answer)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.config.model_name:
+            raise APIError(404, f"model '{model}' does not exist; this server serves '{self.config.model_name}'",
+                           param="model", code="model_not_found")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -261,9 +295,7 @@ class OpenAIIngress:
             body = await self._read_json(request)
             parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             unsupported(parsed)
-            if parsed.model != self.config.model_name:
-                raise APIError(404, f"model '{parsed.model}' does not exist; this server serves '{self.config.model_name}'",
-                               param="model", code="model_not_found")
+            self._check_model(parsed.model)
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             messages = chat_messages(parsed, self.config) if chat else None

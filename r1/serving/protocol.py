@@ -17,7 +17,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
@@ -162,6 +162,45 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
 
+class TokenizeRequest(_Lenient):
+    """`POST /tokenize` (as vLLM serves it): a prompt, or chat messages rendered with the chat
+    template, to the token ids the engine would see. `add_special_tokens` defaults as the engine
+    encodes: on for a prompt, off for messages (the template writes its own)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a string) or messages (chat messages), not both")
+        return self
+
+
+class DetokenizeRequest(_Lenient):
+    """`POST /detokenize`: token ids back to text."""
+
+    model: str
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+def tokenize(tokenizer: Any, request: TokenizeRequest, config: ServeConfig) -> list[int]:
+    """The token ids of a `TokenizeRequest`; 400 if the chat template refuses the messages."""
+    if request.prompt is not None:
+        add_special = True if request.add_special_tokens is None else request.add_special_tokens
+        return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
+    from r1.chat_template import render_chat
+
+    try:
+        text = render_chat(tokenizer, chat_messages(request, config), request.add_generation_prompt)
+    except ValueError as error:
+        raise APIError(400, str(error), param="messages", code="invalid_value") from None
+    return list(tokenizer.encode(text, add_special_tokens=bool(request.add_special_tokens)))
+
+
 def unsupported(request: _SamplingFields) -> None:
     """Refuse (400, naming the field) a request that asks for an OpenAI feature r1 does not
     implement; the fields' neutral values pass, so clients that send defaults keep working."""
@@ -250,6 +289,8 @@ def invalid_value(error: ValidationError) -> APIError:
     """The 400 for a pydantic error: its first problem, naming the field's path as the client sent it."""
     first = error.errors()[0]
     param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p))
+    if not param:  # a check across fields: its message says which
+        return APIError(400, first["msg"].removeprefix("Value error, "), code="invalid_value")
     return APIError(400, f"invalid value for '{param}': {first['msg']}", param=param, code="invalid_value")
 
 
@@ -303,7 +344,7 @@ def completion_prompts(request: CompletionRequest, config: ServeConfig) -> tuple
     return list(prompt), [f"prompt.{index}" for index in range(len(prompt))]
 
 
-def chat_messages(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
+def chat_messages(request: ChatCompletionRequest | TokenizeRequest, config: ServeConfig) -> list[dict[str, str]]:
     if len(request.messages) > config.max_messages:
         raise APIError(400, f"{len(request.messages)} messages exceed this server's limit of {config.max_messages}", param="messages")
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(index)}
