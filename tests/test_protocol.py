@@ -95,7 +95,7 @@ def test_neutral_values_pass(extra):
     unsupported(parse_request(ChatCompletionRequest, {**CHAT, **extra}))
 
 
-@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs")])
+@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs")])
 def test_completion_features_r1_does_not_implement_are_refused(extra, param):
     with pytest.raises(APIError) as error:
         unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra}))

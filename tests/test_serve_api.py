@@ -333,7 +333,7 @@ BAD_REQUESTS = [
     ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "1", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "1", "suffix": "x"}, 400, "suffix"),
 ]
 
 
@@ -662,6 +662,42 @@ def test_completion_output_is_screened_with_the_end_of_its_prompt(server, tiny, 
         assert response.status_code == 200, response.text
         text = response.json()["choices"][0]["text"]
     assert text == expected and text.startswith(rules.redaction_text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_opens_the_completion_with_its_prompt_screened_as_output(server, client, tiny, stream):
+    from r1.config import SafetyConfig
+    from r1.engine import TransformersEngine
+    from r1.safety import SafetyFilter
+
+    model, tokenizer = tiny
+    greedy = {"max_tokens": 6, "temperature": 0}
+
+    def text_of(path_prefix: str, prompt) -> str:
+        body = {"model": MODEL, "prompt": prompt, "echo": True, "stream": stream, **greedy}
+        if stream:
+            return _streamed_text(server, f"{path_prefix}/v1/completions", body, lambda choice: choice["text"])
+        response = _post(server, f"{path_prefix}/v1/completions", body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    prompt = "12 + 7 ="
+    plain = client.completions.create(model=MODEL, prompt=prompt, **greedy).choices[0].text
+    assert text_of("", prompt) == prompt + plain
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    plain_ids = client.completions.create(model=MODEL, prompt=ids, **greedy).choices[0].text
+    assert text_of("", ids) == tokenizer.decode(ids) + plain_ids
+    # Output-only rules see the echoed prompt too: the strict app's letters rule (input: off) redacts
+    # "ab" in the echo as it would in generated text.
+    prompt = "ab 23 + 45 ="
+    engine = TransformersEngine(model, tokenizer)
+    try:
+        unscreened = engine.generate_batch([prompt], SamplingConfig(temperature=0, max_new_tokens=6))[0].text
+    finally:
+        engine.shutdown()
+    rules = SafetyFilter(SafetyConfig(profile="strict", rules=[LETTERS_RULE, EQUALS_RULE]))
+    expected = "".join(_screened(rules.stream("output"), prompt + unscreened))
+    assert not expected.startswith("ab") and text_of("/strict", prompt) == expected
 
 
 def _screened(stream, text: str) -> list[str]:

@@ -343,8 +343,15 @@ class OpenAIIngress:
             raise
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
+        echo = not chat and parsed.echo
+        if echo:
+            # The prompt (as screened for input) opens each choice's text and goes through its output
+            # screening like the generated text, so output-only rules apply to it too.
+            for index, start in enumerate(starts):
+                prompt = prompts[index // parsed.n]
+                start["text"] = (prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)) + start["text"]
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
-            "" if chat else self._continued_text(prompts[index // parsed.n]))) for index in range(len(streams))]
+            "" if chat or echo else self._continued_text(prompts[index // parsed.n]))) for index in range(len(streams))]
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0

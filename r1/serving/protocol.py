@@ -5,8 +5,7 @@ an HTTP status and an OpenAI-style body that names the field (`param`) and the f
 ingress (in `cluster/`) only moves bytes and calls these functions.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Known OpenAI features r1 does not implement (logprobs, tools, response_format, echo, suffix,
-best_of) are refused with a 400 naming the field when a request asks for them, rather than
+Known OpenAI features r1 does not implement (logprobs, tools, response_format, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than
 silently ignored; their neutral values (`logprobs: false`, `tool_choice: "none"`, ...) pass.
 r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`.
 """
@@ -221,8 +220,6 @@ def unsupported(request: _SamplingFields) -> None:
         if request.response_format is not None and request.response_format.get("type", "text") != "text":
             asked.append(("response_format", "only response_format {\"type\": \"text\"} is supported; omit it"))
     if isinstance(request, CompletionRequest):
-        if request.echo:
-            asked.append(("echo", "echo is not supported; the prompt is not repeated in the output"))
         if request.suffix:
             asked.append(("suffix", "suffix (insertion) is not supported; omit it"))
     if asked:
