@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from r1.chat_template import render_chat
 from r1.config import SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -191,8 +192,6 @@ def tokenize(tokenizer: Any, request: TokenizeRequest, config: ServeConfig) -> l
     if request.prompt is not None:
         add_special = True if request.add_special_tokens is None else request.add_special_tokens
         return list(tokenizer.encode(request.prompt, add_special_tokens=add_special))
-    from r1.chat_template import render_chat
-
     try:
         text = render_chat(tokenizer, chat_messages(request, config), request.add_generation_prompt)
     except ValueError as error:
