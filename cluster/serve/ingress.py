@@ -201,9 +201,7 @@ class OpenAIIngress:
     async def tokenize(self, request: Request) -> Response:
         """Token ids of a prompt or of chat messages, as the engine would see them (vLLM's route)."""
         async def answer(*_: Any) -> Response:
-            self.auth.check(request.headers.get("authorization"))
-            parsed = parse_request(TokenizeRequest, await self._read_json(request))
-            self._check_model(parsed.model)
+            parsed = await self._model_request(request, TokenizeRequest)
             tokens = await asyncio.to_thread(tokenize, self.tokenizer, parsed, self.config)
             return JSONResponse({"count": len(tokens), "max_model_len": self.context_tokens, "tokens": tokens})
 
@@ -213,9 +211,7 @@ class OpenAIIngress:
     async def detokenize(self, request: Request) -> Response:
         """Text of token ids (vLLM's route)."""
         async def answer(*_: Any) -> Response:
-            self.auth.check(request.headers.get("authorization"))
-            parsed = parse_request(DetokenizeRequest, await self._read_json(request))
-            self._check_model(parsed.model)
+            parsed = await self._model_request(request, DetokenizeRequest)
             vocab = len(self.tokenizer)
             if any(token >= vocab for token in parsed.tokens):
                 raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens",
@@ -223,6 +219,13 @@ class OpenAIIngress:
             return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, parsed.tokens)})
 
         return await self._traced(request, "detokenize", answer)
+
+    async def _model_request(self, request: Request, kind: type) -> Any:
+        """The request's body as `kind`, for a caller with a valid key, naming this server's model."""
+        self.auth.check(request.headers.get("authorization"))
+        parsed = parse_request(kind, await self._read_json(request))
+        self._check_model(parsed.model)
+        return parsed
 
     def _check_model(self, model: str) -> None:
         if model != self.config.model_name:
