@@ -697,8 +697,11 @@ def test_streams_wake_their_loop_once_per_batch_of_tokens(fresh_engine):
         Mailbox._drain = drain
     assert all(sum(len(d.token_ids) for d in deltas) == 24 for deltas in streams)
     assert sum(drains) == sum(len(deltas) for deltas in streams)  # every delta, each delivered once
-    assert len(drains) <= len(forwards)
-    assert max(drains) == 16  # a step's deltas travel together
+    assert len(drains) <= len(forwards)  # never more than one wake-up per step (not one per delta)
+    # A step's 16 deltas travel together: at least one drain carries them all. (More than 16 when
+    # the loop was slow: a drain that ran late takes the steps decoded meanwhile, whole or in part;
+    # 208, thirteen steps, in a clean-clone run on two busy cores.)
+    assert max(drains) >= 16
 
 
 def test_the_decode_thread_yields_once_on_waking_so_a_burst_is_admitted_together(fresh_engine, monkeypatch):
