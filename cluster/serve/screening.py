@@ -88,11 +88,13 @@ class Screening:
             return prompts
         texts = [prompt if isinstance(prompt, str) else tokenizer.decode(prompt) for prompt in prompts]
         screened = await self._screen_inputs(texts, params)
-        for prompt, text, kept, param in zip(prompts, texts, screened, params):
-            if not isinstance(prompt, str) and kept != text:
-                raise APIError(400, "the prompt contains sensitive content; send it as text to have it redacted",
-                               param=param, code="sensitive_content")
-        return [kept if isinstance(prompt, str) else prompt for prompt, kept in zip(prompts, screened)]
+        for index, (prompt, text, param) in enumerate(zip(prompts, texts, params)):
+            if isinstance(prompt, list):  # token ids go to the model as they are, or not at all
+                if screened[index] != text:
+                    raise APIError(400, "the prompt contains sensitive content; send it as text to have it redacted",
+                                   param=param, code="sensitive_content")
+                screened[index] = prompt
+        return screened
 
     async def output_text(self, text: str) -> str:
         if self.client is None or not text:

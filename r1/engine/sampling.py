@@ -112,7 +112,7 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     alike: dict[tuple[float, int, float], list[int]] = {}  # sampled rows by (temperature, top_k, top_p)
     for i, row in enumerate(rows):
         if row.bias is not None:
-            logits[i] = logits[i].index_add(-1, row.bias[0], row.bias[1].to(logits.device))
+            logits[i] = logits[i].index_add(-1, *row.bias)  # made on the runner's device, float32 as `logits`
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:

@@ -5,8 +5,9 @@ an HTTP status and an OpenAI-style body that names the field (`param`) and the f
 ingress (in `cluster/`) only moves bytes and calls these functions.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Known OpenAI features r1 does not implement (logprobs, tools, response_format, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than
-silently ignored; their neutral values (`logprobs: false`, `tool_choice: "none"`, ...) pass.
+Known OpenAI features r1 does not implement (logprobs, tools, response_format, suffix, best_of)
+are refused with a 400 naming the field when a request asks for them, rather than silently
+ignored; their neutral values (`logprobs: false`, `tool_choice: "none"`, ...) pass.
 r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`.
 """
 
@@ -155,11 +156,16 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _token_ids_not_negative(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list):
-            for ids in (prompt if prompt and isinstance(prompt[0], list) else [prompt]):
-                if any(isinstance(token, int) and token < 0 for token in ids):
-                    raise ValueError("token ids must be >= 0")
+        for ids in prompt_batch(prompt) or [prompt]:
+            if isinstance(ids, list) and any(token < 0 for token in ids):
+                raise ValueError("token ids must be >= 0")
         return prompt
+
+
+def prompt_batch(prompt: Any) -> list | None:
+    """The prompts of a batched completion prompt (a list of strings or of token-id lists), or None
+    for a single one (a string or a list of token ids)."""
+    return list(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else None
 
 
 class TokenizeRequest(_Lenient):
@@ -330,14 +336,14 @@ def completion_prompts(request: CompletionRequest, config: ServeConfig) -> tuple
     """The request's prompts, and the param that names each in errors: one prompt ("prompt"), or
     a batch ("prompt.0", "prompt.1", …). Each prompt gets `n` choices, so a batch of k prompts
     makes k × n choices, at most `max_n` (as `n` alone)."""
-    prompt = request.prompt
-    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
-        return [prompt], ["prompt"]
-    choices = len(prompt) * request.n
+    batch = prompt_batch(request.prompt)
+    if batch is None:
+        return [request.prompt], ["prompt"]
+    choices = len(batch) * request.n
     if choices > config.max_n:
-        raise APIError(400, f"{len(prompt)} prompts with n={request.n} make {choices} choices, more than this server's "
+        raise APIError(400, f"{len(batch)} prompts with n={request.n} make {choices} choices, more than this server's "
                        f"limit of {config.max_n}; send fewer prompts per request", param="prompt", code="limit_exceeded")
-    return list(prompt), [f"prompt.{index}" for index in range(len(prompt))]
+    return batch, [f"prompt.{index}" for index in range(len(batch))]
 
 
 def chat_messages(request: ChatCompletionRequest | TokenizeRequest, config: ServeConfig) -> list[dict[str, str]]:
