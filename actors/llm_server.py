@@ -89,8 +89,9 @@ class LLMServer:
                 request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
             except ValueError as error:
                 message = str(error)
-                param = ("max_tokens" if "max_new_tokens" in message else "logit_bias" if message.startswith("logit_bias")
-                         else "messages" if body.get("chat") else "prompt")
+                param = ("max_tokens" if "max_new_tokens" in message
+                         else next((p for p in ("logit_bias", "logprobs") if message.startswith(p)), None)
+                         or ("messages" if body.get("chat") else "prompt"))
                 # Only a prompt or max_tokens beyond the context is a context-length error; an empty
                 # prompt or a token id outside the vocabulary is an invalid value.
                 code = "context_length_exceeded" if "context" in message else "invalid_value"
@@ -122,6 +123,8 @@ class LLMServer:
                     if delta is first:
                         item.update(type="start", prompt_tokens=len(request.prompt_token_ids),
                                     think_prefilled=self.think_prefilled)
+                    if delta.logprobs is not None:  # plain data: (token id, logprob, ((id, logprob), ...)) per token
+                        item["logprobs"] = [tuple(entry) for entry in delta.logprobs]
                     if delta.usage is not None:
                         item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}
                     if delta.error:

@@ -119,7 +119,9 @@ class SafetyFilterDeployment:
             current.set_attributes({"direction": stream.direction, "action": stream.action,
                                     "rule_ids": list(stream.rule_ids)})
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
-        return {"text": text, "action": stream.action, "rule_ids": list(stream.rule_ids)}
+        # The findings' spans (offsets and rule ids, no text) tell the ingress which text was withheld.
+        return {"text": text, "action": stream.action, "rule_ids": list(stream.rule_ids),
+                "findings": [f.to_dict() for f in stream.findings]}
 
     def _record(self, direction: str, rule_ids: list[str]) -> None:
         self._counts[f"{direction}:calls"] += 1
@@ -200,12 +202,22 @@ class ScreenedStream:
         self._state: dict[str, Any] | None = None
         self.action = "allow"
         self.rule_ids: list[str] = []
+        self._fed_chars = 0
+        self.screened_chars = 0  # characters of the fed text decided on (emitted or replaced)
+        self._findings: list[dict[str, Any]] = []
+
+    @property
+    def withheld_spans(self) -> list[tuple[int, int]]:
+        """(start, end) in the fed text of every span redacted or blocked so far."""
+        return [(f["start"], f["end"]) for f in self._findings if f["action"] != "flag"]
 
     async def feed(self, chunk: str) -> str:
         """Text safe to emit now; raises SafetyUnavailable (emit nothing more, fail the request)."""
         reply = await self._client.feed(self._state, chunk, self._direction, self._context)
         self._state, self._context = reply["state"], ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
+        self._fed_chars += len(chunk)
+        self.screened_chars, self._findings = self._state["emitted_chars"], self._state["findings"]
         return reply["text"]
 
     async def flush(self) -> str:
@@ -220,6 +232,8 @@ class ScreenedStream:
         reply = await self._client.feed(self._state, chunk, self._direction, self._context, inject_context())
         self._state, self._context = None, ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
+        self._fed_chars += len(chunk)
+        self.screened_chars, self._findings = self._fed_chars, reply["findings"]
         return reply["text"]
 
 

@@ -64,6 +64,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_STOP_CHARS = 256
 # Tokens one request may bias (OpenAI takes up to 300; each costs a little per decode step).
 MAX_LOGIT_BIAS_TOKENS = 1024
+# Most alternatives a request may ask log-probabilities for at each token (OpenAI's chat API allows 20).
+MAX_LOGPROBS = 20
 
 
 # Temperatures below this decode greedily (see SamplingConfig.greedy).
@@ -90,6 +92,10 @@ class SamplingConfig(StrictModel):
     # OpenAI's logit_bias: token id -> a value from -100 to 100 added to that token's logit before
     # sampling (-100 in effect bans the token, 100 forces it). Token ids must be in the vocabulary.
     logit_bias: dict[int, float] = Field(default_factory=dict)
+    # Log-probabilities: None returns none; k returns each generated token's log-probability and the
+    # k most likely tokens at its position, from the model's own distribution (before temperature,
+    # penalties, logit_bias and top-k/top-p, as vLLM's default "raw" logprobs).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stop: list[str] = Field(default_factory=list)
     # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)

@@ -348,6 +348,51 @@ def test_logit_bias_forces_and_bans_tokens(engine, tiny):
         engine.make_request(PROMPTS[1], greedy.model_copy(update={"logit_bias": {engine.runner.vocab_size: 1.0}}))
 
 
+@torch.inference_mode()
+def reference_logprobs(model, ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at each generated position, from one forward pass over
+    prompt + reply (no KV cache): [len(tokens), vocab]."""
+    logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : len(ids) + len(tokens) - 1]
+    return logits.float().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_own_distribution_at_each_generated_token(engine, tiny):
+    # Greedy, sampled and biased requests batched together: each row's logprobs are those of a plain
+    # forward pass over its prompt and reply, before its temperature and logit_bias; rows that did not
+    # ask get none.
+    model, tokenizer = tiny
+    greedy = SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3)
+    sampled = SamplingConfig(temperature=1.3, seed=7, max_new_tokens=12, ignore_eos=True, logprobs=5)
+    biased = greedy.model_copy(update={"logit_bias": {5: 100.0}, "logprobs": 0})
+    plain = greedy.model_copy(update={"logprobs": None})
+    results = engine.generate_batch([PROMPTS[1], PROMPTS[3], PROMPTS[6], PROMPTS[1]], [greedy, sampled, biased, plain])
+    for result, prompt, asked in zip(results, [PROMPTS[1], PROMPTS[3], PROMPTS[6]], [3, 5, 0]):
+        assert len(result.logprobs) == len(result.token_ids) == 12
+        assert sum(entry.chars for entry in result.logprobs) == len(result.text)  # each token's share of the text
+        expected = reference_logprobs(model, tokenizer.encode(prompt, add_special_tokens=False), result.token_ids)
+        for position, (entry, token) in enumerate(zip(result.logprobs, result.token_ids)):
+            assert entry.token_id == token
+            assert entry.logprob == pytest.approx(float(expected[position, token]), abs=1e-4)
+            assert len(entry.top) == asked
+            values, ids = expected[position].topk(asked) if asked else (torch.empty(0), torch.empty(0))
+            assert [t for t, _ in entry.top] == ids.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    # Greedy: the chosen token is the most likely one; the bias forced a token the model finds unlikely.
+    assert all(entry.top[0] == (entry.token_id, entry.logprob) for entry in results[0].logprobs)
+    assert results[2].token_ids == [5] * 12 and all(entry.logprob < -1.0 for entry in results[2].logprobs)
+    assert results[3].logprobs is None and results[3].token_ids == results[0].token_ids
+    # A streamed request gets one entry per token, however the deltas were merged.
+    async def streamed():
+        deltas = [d async for d in engine.stream(engine.make_request(PROMPTS[1], greedy), coalesce=True)]
+        return [entry for d in deltas for entry in d.logprobs or ()], [t for d in deltas for t in d.token_ids]
+
+    entries, token_ids = asyncio.run(streamed())
+    assert token_ids == results[0].token_ids and len(entries) == 12
+    for entry, batched in zip(entries, results[0].logprobs):  # alone, not batched: equal up to float rounding
+        assert entry.token_id == batched.token_id and entry.logprob == pytest.approx(batched.logprob, abs=1e-4)
+        assert [t for t, _ in entry.top] == [t for t, _ in batched.top]
+
+
 def test_frequency_and_presence_penalty_arithmetic():
     from r1.engine.sampling import apply_frequency_presence_penalties
 

@@ -634,5 +634,9 @@ def test_adapter_inputs_follow_the_transformers_engine(facts, reference_engine):
             engine.make_request([facts.vocab_size], sampling)
         with pytest.raises(ValueError, match="exceeds the model's context"):
             engine.make_request("hello", SamplingConfig(max_new_tokens=facts.context_tokens))
+        # The package adapters return no log-probabilities: a request for them is refused, not
+        # answered without (the LLM server makes this a 400 naming logprobs).
+        with pytest.raises(ValueError, match="^logprobs is not supported with engine.name: replay"):
+            engine.make_request("hello", SamplingConfig(logprobs=0))
     finally:
         engine.shutdown()

@@ -64,8 +64,6 @@ def test_surrogate_pairs_and_plain_escapes_decode():
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
         ({"best_of": 3}, "best_of"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
@@ -95,12 +93,99 @@ def test_neutral_values_pass(extra):
     unsupported(parse_request(ChatCompletionRequest, {**CHAT, **extra}))
 
 
-@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs")])
+@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"logprobs": 2, "echo": True}, "logprobs")])
 def test_completion_features_r1_does_not_implement_are_refused(extra, param):
     with pytest.raises(APIError) as error:
         unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra}))
     assert error.value.param == param
     unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", "echo": False, "suffix": ""}))
+
+
+@pytest.mark.parametrize(
+    "kind, body, expected",
+    [
+        ("chat", {}, None),
+        ("chat", {"logprobs": False, "top_logprobs": 0}, None),
+        ("chat", {"logprobs": True}, 0),  # the chosen token's only
+        ("chat", {"logprobs": True, "top_logprobs": 20}, 20),
+        ("completion", {}, None),
+        ("completion", {"logprobs": 0}, 0),
+        ("completion", {"logprobs": 5}, 5),
+    ],
+)
+def test_logprobs_requests_become_sampling_logprobs(kind, body, expected):
+    request = parse_request(ChatCompletionRequest, {**CHAT, **body}) if kind == "chat" else \
+        parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **body})
+    unsupported(request)
+    assert sampling_for(request, ServeConfig()).logprobs == expected
+
+
+@pytest.mark.parametrize(
+    "kind, body, param",
+    [
+        ("chat", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ("chat", {"logprobs": 2}, "logprobs"),  # chat takes a boolean
+        ("completion", {"logprobs": 21}, "logprobs"),
+        ("completion", {"logprobs": True}, "logprobs"),  # completions take a number
+    ],
+)
+def test_bad_logprobs_requests_are_400_naming_the_field(kind, body, param):
+    with pytest.raises(APIError) as error:
+        request = parse_request(ChatCompletionRequest, {**CHAT, **body}) if kind == "chat" else \
+            parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **body})
+        sampling_for(request, ServeConfig())
+    assert (error.value.status, error.value.param) == (400, param), error.value.message
+
+
+def test_logprob_entries_are_released_only_for_text_the_screening_passed_unchanged():
+    from r1.serving.logprobs import LogprobLedger
+
+    ledger = LogprobLedger()
+    entry = lambda token, chars: (token, -0.5, (), chars)  # noqa: E731
+    # An item of two tokens, text [0, 2) and [2, 4); a token ending inside a character (no text of
+    # its own, at 4) and the token completing it, [4, 7); then [7, 12).
+    ledger.add([entry(1, 2), entry(2, 2)], 4)
+    ledger.add([entry(3, 0), entry(4, 3)], 3)
+    ledger.add([entry(5, 5)], 5)
+    # Nothing screened yet: nothing released. Then the first token's text passed.
+    assert ledger.release(0, [], False, False) == []
+    assert ledger.release(3, [], False, False) == [entry(1, 2)]
+    assert ledger.release(4, [], False, False) == [entry(2, 2)]
+    # The empty token waits for the text after it; that text was redacted: both are dropped; a
+    # token of clean text in the same item as a redacted one keeps its entry.
+    assert ledger.release(4, [], False, False) == []
+    assert ledger.release(9, [(4, 6)], False, False) == []
+    assert ledger.release(12, [(4, 6)], False, False) == [entry(5, 5)]
+    # At the end everything left is decided: an end-of-sequence token (no text), and text flushed
+    # without a token after it (an abort's held text) does not shift anything.
+    ledger.add([entry(6, 2), entry(7, 0)], 5)
+    assert ledger.release(14, [(4, 6)], False, final=True) == [entry(6, 2), entry(7, 0)]
+    # A blocked stream releases nothing more.
+    ledger.add([entry(8, 3)], 3)
+    assert ledger.release(None, [], True, False) == []
+    # No screening (None): everything at once, a token without text included.
+    open_ledger = LogprobLedger()
+    open_ledger.add([entry(1, 2), entry(2, 0)], 2)
+    assert open_ledger.release(None, [], False, False) == [entry(1, 2), entry(2, 0)]
+
+
+def test_logprobs_wire_formats():
+    from r1.serving.logprobs import chat_logprobs, completion_logprobs
+
+    texts = {1: "Hi", 2: " 你", 3: "!"}.__getitem__
+    entries = [(1, -0.25, ((1, -0.25), (3, -2.0)), 2), (2, -1.5, ((3, -0.5), (2, -1.5)), 2), (3, float("-inf"), (), 1)]
+    chat = chat_logprobs(entries, texts)["content"]
+    assert chat[1] == {"token": " 你", "logprob": -1.5, "bytes": list(" 你".encode()),
+                       "top_logprobs": [{"token": "!", "logprob": -0.5, "bytes": [33]},
+                                        {"token": " 你", "logprob": -1.5, "bytes": list(" 你".encode())}]}
+    assert chat[2]["logprob"] == -9999.0 and chat[2]["top_logprobs"] == []  # JSON has no -Infinity
+    legacy = completion_logprobs(entries, texts, offset=10)
+    assert legacy["tokens"] == ["Hi", " 你", "!"] and legacy["token_logprobs"] == [-0.25, -1.5, -9999.0]
+    assert legacy["text_offset"] == [10, 12, 14]
+    # The alternatives and, always, the chosen token.
+    assert legacy["top_logprobs"] == [{"Hi": -0.25, "!": -2.0}, {"!": -0.5, " 你": -1.5}, {"!": -9999.0}]
 
 
 @pytest.mark.parametrize(

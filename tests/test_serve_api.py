@@ -230,6 +230,72 @@ def test_logit_bias_over_http(server, client, tokenizer):
     assert "vocabulary" in response.json()["error"]["message"]
 
 
+def _in_process_logprobs(tiny, prompt, tokens: int, top: int):
+    from r1.engine import TransformersEngine
+
+    engine = TransformersEngine(*tiny)
+    try:
+        sampling = SamplingConfig(temperature=0, max_new_tokens=tokens, logprobs=top)
+        return engine.generate_batch([prompt], sampling)[0].logprobs
+    finally:
+        engine.shutdown()
+
+
+def _same_entries(token_texts: list[str], values: list[float], tops: list[list[str]], expected, tokenizer) -> None:
+    """The wire's tokens, logprobs and alternatives equal the in-process engine's entries."""
+    assert token_texts == [tokenizer.decode([e.token_id]) for e in expected]
+    assert values == pytest.approx([e.logprob for e in expected], abs=1e-3)
+    assert tops == [[tokenizer.decode([i]) for i, _ in e.top] for e in expected]
+
+
+def test_logprobs_over_http(server, client, tiny, tokenizer):
+    # Chat (top_logprobs) and completions (logprobs: k), streamed and not, on the whole model and on
+    # the two-stage pipeline: the entries are the in-process engine's, one per generated token.
+    expected = _in_process_logprobs(tiny, MESSAGES, 12, 3)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == len(expected)
+    _same_entries([e.token for e in content], [e.logprob for e in content],
+                  [[t.token for t in e.top_logprobs] for e in content], expected, tokenizer)
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+    streamed = [e for chunk in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        for choice in chunk.choices if choice.logprobs for e in choice.logprobs.content]
+    assert [(e.token, e.top_logprobs) for e in streamed] == [(e.token, e.top_logprobs) for e in content]
+    # Without top_logprobs: the chosen tokens only; without logprobs: none.
+    bare = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True)
+    assert [e.token for e in bare.choices[0].logprobs.content] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices[0].logprobs is None
+
+    prompt = "12 + 7 ="
+    expected = _in_process_logprobs(tiny, prompt, 8, 2)
+    for base in ("", "/sharded"):
+        sharded = openai.OpenAI(base_url=f"{server}{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        choice = sharded.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2).choices[0]
+        logprobs = choice.logprobs
+        # top_logprobs: the two alternatives and the chosen token (one of them, greedy)
+        _same_entries(logprobs.tokens, logprobs.token_logprobs, [list(top) for top in logprobs.top_logprobs],
+                      expected, tokenizer)
+        assert "".join(logprobs.tokens) == choice.text
+        assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    tokens, offsets = [], []
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                           stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs:
+                tokens += choice.logprobs.tokens
+                offsets += choice.logprobs.text_offset
+    assert tokens == logprobs.tokens and offsets == logprobs.text_offset
+    # n choices and a batch of prompts: each choice has its own tokens' entries.
+    batch = client.completions.create(model=MODEL, prompt=[prompt, "3 + 4 ="], max_tokens=5, temperature=1.0, seed=3,
+                                      n=2, logprobs=0)
+    for choice in batch.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.tokens) == 5
+        assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)  # the chosen token only
+
+
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -331,8 +397,13 @@ BAD_REQUESTS = [
     ("/tokenize", {"model": "gpt-17", "prompt": "1"}, 404, "model"),
     ("/detokenize", {"model": MODEL, "tokens": [5, -1]}, 400, "tokens.1"),
     ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
+    # logprobs: at most 20 alternatives, top_logprobs only with logprobs: true, no prompt logprobs (echo)
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "1", "logprobs": 1, "echo": True}, 400, "logprobs"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
-    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "best_of": 2}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "1", "suffix": "x"}, 400, "suffix"),
 ]
 
@@ -560,6 +631,7 @@ def test_code_validation_runs_the_repair_loop_in_the_sandbox(server):
         ({"tests": ["assert ("]}, "tests"),
         ({"tests": ["print(1)"]}, "tests"),  # checks nothing
         ({"tests": []}, "tests"),
+        ({"logprobs": True}, "logprobs"),  # the answer is not one generation's tokens
     ],
 )
 def test_code_validation_request_errors(server, extra, param):
@@ -639,6 +711,54 @@ def test_streamed_output_is_screened(server, tiny):
     assert not re.search("[a-z]{2}", text.replace("[已隐藏]", ""))
     if re.search("[a-z]{2}", unscreened):
         assert "[已隐藏]" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_leave_out_the_tokens_of_redacted_text(server, tiny, stream):
+    # The strict app redacts any two lowercase letters in the output: the tokens of redacted text
+    # have no logprob entry (their names would show what was redacted), the others keep theirs.
+    import re
+
+    messages = [{"role": "user", "content": "Tom has 5 pens. He buys 17 more. How many pens does he have now?"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 40, "temperature": 0, "stream": stream,
+            "logprobs": True, "top_logprobs": 2}
+    entries, visible = [], ""
+    if stream:
+        with httpx.stream("POST", f"{server}/strict/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        delta = choice["delta"]
+                        visible += (delta.get("reasoning_content") or "") + (delta.get("content") or "")
+                        entries += (choice["logprobs"] or {"content": []})["content"]
+    else:
+        response = _post(server, "/strict/v1/chat/completions", body)
+        assert response.status_code == 200, response.text
+        message = response.json()["choices"][0]["message"]
+        visible = (message["reasoning_content"] or "") + (message["content"] or "")
+        entries = response.json()["choices"][0]["logprobs"]["content"]
+    from r1.config import SafetyConfig
+    from r1.safety import SafetyFilter
+
+    tokenizer = load_tokenizer(ModelConfig())
+    generated = _in_process_logprobs(tiny, messages, 40, 2)
+    # Where each token's text lies in the unscreened reply, and what the app's rules find in it.
+    verdict = SafetyFilter(SafetyConfig(profile="strict", rules=[LETTERS_RULE, EQUALS_RULE])).check(
+        tokenizer.decode([e.token_id for e in generated], skip_special_tokens=True), "output")
+    assert verdict.action == "redact" and "[已隐藏]" in visible  # the case this test is about
+    kept, start = [], 0
+    for entry in generated:
+        end = start + entry.chars
+        if not any(f.start < max(end, start + 1) and start < f.end for f in verdict.findings):
+            kept.append(tokenizer.decode([entry.token_id]))
+        start = end
+    tokens = [e["token"] for e in entries]
+    assert 0 < len(tokens) < len(generated)
+    assert not any(re.search("[a-z]{2}", t) for t in tokens if t not in tokenizer.all_special_tokens), (tokens, visible)
+    # Exactly the tokens of text the filter passed unchanged are listed, in order.
+    assert tokens == kept, (tokens, visible)
 
 
 @pytest.mark.parametrize("stream", [False, True])

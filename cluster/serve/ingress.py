@@ -30,6 +30,7 @@ from r1.metrics import GenerationTimer
 from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
+from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -108,13 +109,15 @@ def _merged(item: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     merged = {**later, "text": item["text"] + later["text"], "num_tokens": item["num_tokens"] + later["num_tokens"]}
     if "usage" not in later and "usage" in item:
         merged["usage"] = item["usage"]
+    if "logprobs" in item:
+        merged["logprobs"] = item["logprobs"] + later.get("logprobs", [])
     return merged
 
 
 class _Choice:
-    """Collects one choice's stream: output screening, reasoning split, usage."""
+    """Collects one choice's stream: output screening, reasoning split, usage, log-probabilities."""
 
-    def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen):
+    def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen, logprobs: bool = False):
         self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
         self.screen = screen
         self.reasoning: list[str] = []
@@ -123,6 +126,10 @@ class _Choice:
         self.prompt_tokens = 0  # its prompt's tokens on the first choice of each prompt, else 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
+        # Token log-probabilities (when asked for): held until the screening has passed their text.
+        self.ledger = LogprobLedger() if logprobs else None
+        self.logprobs: list[Entry] = []  # released so far
+        self.text_offset = 0  # a completion's: characters of the released entries' tokens so far
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
@@ -130,18 +137,37 @@ class _Choice:
         self.content.append(content)
         return reasoning, content
 
-    async def feed(self, text: str) -> tuple[str, str]:
-        """Screen generated text, then split it; only screened text is kept or returned."""
-        return self._split(await self.screen.feed(text))
+    def count(self, item: dict[str, Any]) -> None:
+        """Book a stream item: its tokens, timing, finish reason and logprobs (held for its text)."""
+        self.completion_tokens += item["num_tokens"]
+        if self.timer is not None:
+            self.timer.tokens_arrived(item["num_tokens"])
+        if item["finish_reason"] is not None:
+            self.finish_reason = item["finish_reason"]
+        if self.ledger is not None:
+            self.ledger.add(item.get("logprobs"), len(item["text"]))
 
-    async def finish(self, text: str = "") -> tuple[str, str]:
+    def _release(self, final: bool) -> list[Entry]:
+        if self.ledger is None:
+            return []
+        screen = self.screen
+        entries = self.ledger.release(screen.screened_chars, screen.withheld_spans, screen.blocked, final)
+        self.logprobs += entries
+        return entries
+
+    async def feed(self, text: str) -> tuple[str, str, list[Entry]]:
+        """Screen generated text, then split it; only screened text is kept or returned, with the
+        log-probabilities of the tokens the screening has passed."""
+        return *self._split(await self.screen.feed(text)), self._release(final=False)
+
+    async def finish(self, text: str = "") -> tuple[str, str, list[Entry]]:
         """Screen the last generated text with whatever the screen still holds (one call), split it,
         and end the reasoning split."""
         held_reasoning, held_content = self._split(await self.screen.finish(text))
         reasoning, content = self.parser.finish() if self.parser else ("", "")
         self.reasoning.append(reasoning)
         self.content.append(content)
-        return held_reasoning + reasoning, held_content + content
+        return held_reasoning + reasoning, held_content + content, self._release(final=True)
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
@@ -162,6 +188,7 @@ class OpenAIIngress:
         self.screen = Screening(safety, self.config.safety)
         # To screen token-id prompts, and to refuse prompts that cannot fit before screening them.
         self.tokenizer = load_tokenizer(self.config.model)
+        self.token_texts = TokenTexts(self.tokenizer)  # the token names of logprobs
         count_tokens, self.context_tokens = token_counting(self.config.model, self.tokenizer)  # no weights
         self.auth = APIKeyChecker(load_key_digests(self.config.api_keys_env, self.config.api_keys_file))
         refuse_open_api(self.config.require_api_keys, self.auth.enabled, self.config.api_keys_env)
@@ -354,7 +381,8 @@ class OpenAIIngress:
                 prompt = prompts[index // parsed.n]
                 start["text"] = (prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)) + start["text"]
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
-            "" if chat or echo else self._continued_text(prompts[index // parsed.n]))) for index in range(len(streams))]
+            "" if chat or echo else self._continued_text(prompts[index // parsed.n])), sampling.logprobs is not None)
+            for index in range(len(streams))]
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
@@ -379,11 +407,13 @@ class OpenAIIngress:
         self._record_generation(route, root, choices)
         usage = _usage(choices)
         if chat:
-            body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
+            body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason,
+                                        self._logprobs(chat, c, c.logprobs)) for i, c in enumerate(choices)]
             extra = {"session_id": turn.session_id} if turn else {}
             return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage, **extra),
                                 headers=headers)
-        body_choices = [completion_choice(i, "".join(c.content), c.finish_reason) for i, c in enumerate(choices)]
+        body_choices = [completion_choice(i, "".join(c.content), c.finish_reason, self._logprobs(chat, c, c.logprobs))
+                        for i, c in enumerate(choices)]
         return JSONResponse(completion_response(response_id, self.config.model_name, body_choices, usage))
 
     async def _code_validation(self, parsed: ChatCompletionRequest, prompt: list[dict[str, str]], sampling: Any,
@@ -397,6 +427,8 @@ class OpenAIIngress:
                            "validation", param="stream")
         if parsed.n != 1:
             raise APIError(400, "code_validation supports n=1 only", param="n")
+        if parsed.logprobs:
+            raise APIError(400, "code_validation does not return logprobs; omit logprobs", param="logprobs")
         if parsed.tests is not None:
             from r1.codecheck.harness import parse_tests
 
@@ -571,22 +603,18 @@ class OpenAIIngress:
 
     @staticmethod
     def _count(item: dict[str, Any], choice: _Choice) -> str:
-        """Book one stream item on its choice (tokens, timing, finish reason); its text, unscreened."""
+        """Book one stream item on its choice (tokens, timing, finish reason, logprobs); its text, unscreened."""
         if item.get("error"):
             raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
-        choice.completion_tokens += item["num_tokens"]
-        if choice.timer is not None:
-            choice.timer.tokens_arrived(item["num_tokens"])
-        if item["finish_reason"] is not None:
-            choice.finish_reason = item["finish_reason"]
+        choice.count(item)
         return item["text"]
 
-    async def _screen_item(self, item: dict[str, Any] | None, choice: _Choice, root: Any) -> tuple[str, str]:
+    async def _screen_item(self, item: dict[str, Any] | None, choice: _Choice, root: Any) -> tuple[str, str, list[Entry]]:
         """Screen one stream item on its choice (None: the stream ended). The last item's text goes
         with what the filter still holds, in one call."""
         if item is None:
             if choice.finish_reason is not None:  # its last item flushed the screen
-                return "", ""
+                return "", "", []
             text = ""  # the stream ended without its last item
         else:
             text = self._count(item, choice)
@@ -638,13 +666,14 @@ class OpenAIIngress:
                     item = _merged(item, other)
                 choice = choices[index]
                 try:
-                    reasoning, content = await self._screen_item(item, choice, root)
+                    reasoning, content, entries = await self._screen_item(item, choice, root)
                 except APIError as error:
                     status = error.status
                     yield sse(error.body())
                     return
-                if reasoning or content:
-                    yield self._chunk(chat, response_id, model, created, index, reasoning, content, None)
+                if reasoning or content or entries:
+                    yield self._chunk(chat, response_id, model, created, index, reasoning, content, None,
+                                      self._logprobs(chat, choice, entries))
                 if item is None:
                     open_streams -= 1
                     yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
@@ -683,9 +712,19 @@ class OpenAIIngress:
         root.set_attributes({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]})
         metrics.record_generation(route, choices[0].timer, usage["prompt_tokens"], usage["completion_tokens"])
 
+    def _logprobs(self, chat: bool, choice: _Choice, entries: list[Entry]) -> dict[str, Any] | None:
+        """A choice's (or chunk's) `logprobs` body of released `entries`; None if it did not ask."""
+        if choice.ledger is None:
+            return None
+        if chat:
+            return chat_logprobs(entries, self.token_texts)
+        body = completion_logprobs(entries, self.token_texts, choice.text_offset)
+        choice.text_offset += sum(len(token) for token in body["tokens"])
+        return body
+
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
-               finish_reason: str | None) -> bytes:
+               finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {}
             if reasoning:
@@ -693,5 +732,5 @@ class OpenAIIngress:
                 delta["reasoning"] = reasoning
             if content:
                 delta["content"] = content
-            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason))
-        return sse(completion_chunk(response_id, model, created, index, content, finish_reason))
+            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, logprobs=logprobs))
+        return sse(completion_chunk(response_id, model, created, index, content, finish_reason, logprobs=logprobs))

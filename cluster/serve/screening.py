@@ -26,6 +26,20 @@ class OutputScreen:
     def __init__(self, stream: Any | None):
         self._stream = stream
 
+    @property
+    def screened_chars(self) -> int | None:
+        """Characters of the fed text the filter has decided on (emitted or replaced); None: no filter."""
+        return None if self._stream is None else self._stream.screened_chars
+
+    @property
+    def withheld_spans(self) -> list[tuple[int, int]]:
+        """(start, end) in the fed text of what the filter redacted or blocked so far."""
+        return [] if self._stream is None else self._stream.withheld_spans
+
+    @property
+    def blocked(self) -> bool:
+        return self._stream is not None and self._stream.action == "block"
+
     async def feed(self, text: str) -> str:
         if self._stream is None or not text:
             return text

@@ -309,6 +309,7 @@ def completion_of(request: Request, deltas: list[Delta]) -> Completion:
         text="".join(d.text for d in deltas),
         finish_reason=last.finish_reason or "abort",
         error=last.error,
+        logprobs=[lp for d in deltas for lp in d.logprobs or ()] if request.sampling.logprobs is not None else None,
     )
 
 

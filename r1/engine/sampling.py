@@ -1,5 +1,5 @@
 """Turning next-token logits into tokens: greedy, temperature, top-k, top-p, logit bias, repetition
-penalty, frequency and presence penalties.
+penalty, frequency and presence penalties; and the log-probabilities a request asks for.
 
 Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
 filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from r1.config import SamplingConfig
+from r1.engine.types import TokenLogprob
 
 
 @dataclass
@@ -137,3 +138,21 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     for row, token in zip(rows, tokens):
         row.observe(token)
     return tokens
+
+
+@torch.inference_mode()
+def token_logprobs(logits: torch.Tensor, rows: list[RowState], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Each row's chosen token's log-probability and its `sampling.logprobs` most likely tokens,
+    from the model's own distribution (`logits` as the model gave them: before temperature,
+    penalties, logit_bias and filtering, as vLLM's default); None for rows that did not ask."""
+    wanted = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return out
+    logprobs = logits[wanted].to(torch.float32).log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in wanted], device=logprobs.device)).squeeze(-1).tolist()
+    top_values, top_ids = logprobs.topk(max(rows[i].sampling.logprobs for i in wanted), -1)  # k = 0 gives empty rows
+    for i, value, values, ids in zip(wanted, chosen, top_values.tolist(), top_ids.tolist()):
+        keep = rows[i].sampling.logprobs
+        out[i] = TokenLogprob(tokens[i], value, tuple(zip(ids[:keep], values[:keep])))
+    return out

@@ -27,8 +27,8 @@ from r1.config import EngineConfig
 from r1.engine.detok import IncrementalDetokenizer
 from r1.engine.memory import CudaCachePolicy
 from r1.engine.runner import ModelRunner
-from r1.engine.sampling import RowState, sample_rows
-from r1.engine.types import Delta, FinishReason, Request, Usage
+from r1.engine.sampling import RowState, sample_rows, token_logprobs
+from r1.engine.types import Delta, FinishReason, Request, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +165,12 @@ class Scheduler:
         return admitted
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        tokens = sample_rows(logits, [s.row for s in seqs])
-        for seq, token in zip(seqs, tokens):
-            self._append(seq, token)
+        rows = [s.row for s in seqs]
+        tokens = sample_rows(logits, rows)
+        for seq, token, logprob in zip(seqs, tokens, token_logprobs(logits, rows, tokens)):
+            self._append(seq, token, logprob)
 
-    def _append(self, seq: _Sequence, token: int) -> None:
+    def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
         seq.output_ids.append(token)
         is_eos = token in request.stop_token_ids and not request.sampling.ignore_eos
@@ -180,20 +181,25 @@ class Scheduler:
         elif len(seq.output_ids) >= request.max_new_tokens:
             reason = "length"
         if reason is None:
-            self._emit(seq, Delta(request.request_id, [token], text))
+            logprobs = None if logprob is None else [logprob._replace(chars=len(text))]
+            self._emit(seq, Delta(request.request_id, [token], text, logprobs=logprobs))
         else:
-            self._finish(seq, reason, token_ids=[token], text=text)
+            self._finish(seq, reason, token_ids=[token], text=text, logprob=logprob)
 
     def _finish(
-        self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "", error: str | None = None
+        self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "", error: str | None = None,
+        logprob: TokenLogprob | None = None,
     ) -> None:
+        """End a sequence; `token_ids`/`text`/`logprob`: its last token's, if it ends with one."""
         seq.finish_reason = reason
         if reason == "abort":
             self.num_aborted += 1
         if error is None:
             text += seq.detok.finish()
         usage = Usage(len(seq.request.prompt_token_ids), len(seq.output_ids))
-        self._emit(seq, Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error))
+        logprobs = None if logprob is None else [logprob._replace(chars=len(text))]
+        self._emit(seq, Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error,
+                              logprobs=logprobs))
 
     def _emit(self, seq: _Sequence, delta: Delta) -> None:
         """Hand a delta to the request's consumer. A consumer that cannot take it (its event loop

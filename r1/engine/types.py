@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from r1.config import SamplingConfig
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability and the most likely tokens at its position (best first).
+
+    `chars`: how many characters of the stream's text came out with this token (0 for a token that
+    ends inside a character or inside a possible stop string: its text comes out with a later one).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    chars: int = 0
 
 
 @dataclass
@@ -35,11 +48,16 @@ class Delta:
     usage: Usage | None = None
     # Set when the request failed inside the engine (the stream then ends with finish_reason="abort").
     error: str | None = None
+    # One per token of `token_ids` when the request asked for log-probabilities (`sampling.logprobs`).
+    logprobs: list[TokenLogprob] | None = None
 
     def followed_by(self, later: Delta) -> Delta:
         """One delta holding this one and the `later` one of the same request."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
         return Delta(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
-                     later.finish_reason, later.usage or self.usage, self.error or later.error)
+                     later.finish_reason, later.usage or self.usage, self.error or later.error, logprobs)
 
 
 @dataclass
@@ -52,6 +70,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
     @property
     def usage(self) -> Usage:
