@@ -90,7 +90,8 @@ class LLMServer:
             except ValueError as error:
                 message = str(error)
                 param = ("max_tokens" if "max_new_tokens" in message
-                         else next((p for p in ("logit_bias", "logprobs") if message.startswith(p)), None)
+                         else next((p for p in ("logit_bias", "logprobs", "stop_token_ids", "min_tokens")
+                                    if message.startswith(p)), None)
                          or ("messages" if body.get("chat") else "prompt"))
                 # Only a prompt or max_tokens beyond the context is a context-length error; an empty
                 # prompt or a token id outside the vocabulary is an invalid value.

@@ -64,6 +64,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_STOP_CHARS = 256
 # Tokens one request may bias (OpenAI takes up to 300; each costs a little per decode step).
 MAX_LOGIT_BIAS_TOKENS = 1024
+# Most stop_token_ids a request may name.
+MAX_STOP_TOKEN_IDS = 1024
 # Most alternatives a request may ask log-probabilities for at each token (OpenAI's chat API allows 20).
 MAX_LOGPROBS = 20
 
@@ -80,6 +82,8 @@ class SamplingConfig(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # top_k 0 disables top-k filtering.
     top_k: int = Field(default=0, ge=0)
+    # min_p (vLLM's): drop tokens less likely than min_p times the most likely one (0 disables).
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     # None: as many as the context allows, at most DEFAULT_MAX_NEW_TOKENS_CAP.
     max_new_tokens: int | None = Field(default=None, ge=1)
     # 1.0 disables the penalty; >1 discourages repeating tokens already in prompt or output.
@@ -97,6 +101,12 @@ class SamplingConfig(StrictModel):
     # penalties, logit_bias and top-k/top-p, as vLLM's default "raw" logprobs).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stop: list[str] = Field(default_factory=list)
+    # Token ids that end the reply when generated (vLLM's stop_token_ids), besides end-of-sequence;
+    # they apply with ignore_eos too. Their text stays in the reply (none for special tokens).
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    # End-of-sequence and stop_token_ids cannot end the reply before it has min_tokens tokens
+    # (vLLM's min_tokens; stop strings still apply). At most the reply's max_new_tokens.
+    min_tokens: int = Field(default=0, ge=0)
     # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # Stop at the tokenizer's end-of-sequence token(s).
@@ -115,6 +125,13 @@ class SamplingConfig(StrictModel):
         if longest > MAX_STOP_CHARS:
             raise ValueError(f"a stop string is {longest} characters; at most {MAX_STOP_CHARS} are allowed")
         return stop
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids_not_negative(cls, ids: list[int]) -> list[int]:
+        if any(token < 0 for token in ids):
+            raise ValueError("stop_token_ids must be >= 0")
+        return ids
 
     @field_validator("logit_bias")
     @classmethod

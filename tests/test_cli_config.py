@@ -142,6 +142,10 @@ def test_generate_flags_are_taken_as_written():
     assert (penalised.sampling.frequency_penalty, penalised.sampling.presence_penalty) == (0.5, -1.0)
     with pytest.raises(ValueError, match="sampling.presence_penalty"):
         config_from_args(parser.parse_args(["generate", "x", "--presence-penalty", "3"]))
+    bounded = config_from_args(parser.parse_args(["generate", "x", "--min-p", "0.1", "--min-tokens", "5"]))
+    assert (bounded.sampling.min_p, bounded.sampling.min_tokens) == (0.1, 5)
+    with pytest.raises(ValueError, match="sampling.min_p"):
+        config_from_args(parser.parse_args(["generate", "x", "--min-p", "2"]))
 
 
 def test_chat_window():

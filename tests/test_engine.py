@@ -31,10 +31,11 @@ PROMPTS = [
 
 @torch.inference_mode()
 def reference(model, ids: list[int], max_new_tokens: int, frequency_penalty: float = 0.0,
-              presence_penalty: float = 0.0) -> list[int]:
+              presence_penalty: float = 0.0, held: tuple[set[int], int] = (set(), 0)) -> list[int]:
     """Plain greedy decoding of one sequence with the model's own KV cache, EOS included; with
     OpenAI's penalties written out: each logit lowered by frequency × (times the reply generated the
-    token) + presence × (generated at all).
+    token) + presence × (generated at all); `held` = (ids, n): those ids are never chosen while the
+    reply has fewer than n tokens.
 
     (Not `generate(min_new_tokens=...)`: that masks EOS, while `ignore_eos` keeps decoding past it.)
     """
@@ -44,6 +45,8 @@ def reference(model, ids: list[int], max_new_tokens: int, frequency_penalty: flo
         logits = out.logits[0, -1].float().clone()
         for token in set(tokens):
             logits[token] -= frequency_penalty * tokens.count(token) + presence_penalty
+        if len(tokens) < held[1]:
+            logits[list(held[0])] = float("-inf")
         tokens.append(int(logits.argmax()))
         out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens
@@ -391,6 +394,65 @@ def test_logprobs_are_the_models_own_distribution_at_each_generated_token(engine
     for entry, batched in zip(entries, results[0].logprobs):  # alone, not batched: equal up to float rounding
         assert entry.token_id == batched.token_id and entry.logprob == pytest.approx(batched.logprob, abs=1e-4)
         assert [t for t, _ in entry.top] == [t for t, _ in batched.top]
+
+
+def test_min_tokens_holds_back_end_of_sequence_and_stop_token_ids(engine, tiny):
+    # vLLM's min_tokens: the ids that would end the reply cannot be chosen before it has that many
+    # tokens; greedy output then equals a reference decoding that masks them as long.
+    model, tokenizer = tiny
+    eos = set(engine.make_request("x", SamplingConfig()).stop_token_ids)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=96)
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    plain = engine.generate_batch([prompt], greedy)[0]
+    assert plain.finish_reason == "stop" and plain.token_ids[-1] in eos  # the case this test is about
+    ids = engine.make_request(prompt, greedy).prompt_token_ids
+    k = len(plain.token_ids) + 4
+    held = engine.generate_batch([prompt], greedy.model_copy(update={"min_tokens": k}))[0]
+    expected = reference(model, ids, 96, held=(eos, k))
+    first_end = next(i for i, token in enumerate(expected) if token in eos)
+    assert first_end >= k and held.token_ids == expected[: first_end + 1] and held.finish_reason == "stop"
+    # With a stop token id it holds that back too; batched beside a plain row, which is untouched.
+    stop_id = plain.token_ids[1]
+    both = engine.generate_batch([prompt, prompt], [greedy.model_copy(update={"min_tokens": 3, "stop_token_ids": [stop_id]}),
+                                                    greedy])
+    assert stop_id not in both[0].token_ids[:3] and both[1].token_ids == plain.token_ids
+    expected = reference(model, ids, 96, held=(eos | {stop_id}, 3))
+    end = next(i for i, token in enumerate(expected) if token in eos | {stop_id})
+    assert both[0].token_ids == expected[: end + 1]
+    with pytest.raises(ValueError, match="^min_tokens=97 is more than this reply may have"):
+        engine.make_request(prompt, greedy.model_copy(update={"min_tokens": 97}))
+
+
+def test_stop_token_ids_end_the_reply_and_keep_their_text(engine):
+    greedy = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
+    plain = engine.generate_batch([PROMPTS[1]], greedy)[0].token_ids
+    at = next(i for i in range(2, 24) if plain[i] not in plain[:i])
+    for ignore_eos in (True, False):  # they end the reply with ignore_eos too
+        sampling = greedy.model_copy(update={"stop_token_ids": [plain[at]], "ignore_eos": ignore_eos})
+        stopped = engine.generate_batch([PROMPTS[1]], sampling)[0]
+        assert stopped.token_ids == plain[: at + 1] and stopped.finish_reason == "stop"
+        assert stopped.text == engine.tokenizer.decode(plain[: at + 1], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="^stop_token_ids names token id"):
+        engine.make_request(PROMPTS[1], greedy.model_copy(update={"stop_token_ids": [engine.runner.vocab_size]}))
+
+
+def test_min_p_keeps_the_tokens_near_the_most_likely_one():
+    from r1.engine.sampling import filter_top_k_top_p
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -3.0], [0.0, 0.0, -1.0, -9.0]])
+    probs = logits.softmax(-1)
+    kept = filter_top_k_top_p(logits, 0, 1.0, min_p=0.3).isfinite()
+    assert torch.equal(kept, probs >= 0.3 * probs.amax(-1, keepdim=True))
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert torch.equal(filter_top_k_top_p(logits, 0, 1.0, min_p=0.0), logits)
+
+
+def test_min_p_one_samples_the_most_likely_token(engine):
+    # Only the most likely token is within min_p = 1 of itself: seeded sampling turns greedy.
+    greedy = SamplingConfig(temperature=0, max_new_tokens=16, ignore_eos=True)
+    sampled = SamplingConfig(temperature=1.5, seed=5, max_new_tokens=16, ignore_eos=True)
+    results = engine.generate_batch([PROMPTS[6]] * 3, [greedy, sampled.model_copy(update={"min_p": 1.0}), sampled])
+    assert results[1].token_ids == results[0].token_ids != results[2].token_ids
 
 
 def test_frequency_and_presence_penalty_arithmetic():

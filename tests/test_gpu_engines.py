@@ -236,6 +236,18 @@ SAMPLING_CASES = [
         {"stop_token_ids": [], "ignore_eos": True},
         {"stop_token_ids": None, "ignore_eos": True},
     ),
+    # vLLM's extensions: min_p and min_tokens pass on (off: vLLM 0, TensorRT-LLM None; greedy
+    # needs no min_p); the request's stop_token_ids join the end-of-sequence ids, with ignore_eos alone.
+    (
+        SamplingConfig(temperature=0.8, min_p=0.1, min_tokens=4, stop_token_ids=[9, 3]),
+        {"min_p": 0.1, "min_tokens": 4, "stop_token_ids": [1, 3, 7, 9]},
+        {"min_p": 0.1, "min_tokens": 4, "stop_token_ids": [1, 3, 7, 9]},
+    ),
+    (
+        SamplingConfig(temperature=0, min_p=0.1, ignore_eos=True, stop_token_ids=[9]),
+        {"min_p": 0.0, "min_tokens": 0, "stop_token_ids": [9], "ignore_eos": True},
+        {"min_tokens": None, "stop_token_ids": [9], "ignore_eos": True},
+    ),
     # Stop strings are r1's job (its detokenizer), so neither package gets them nor detokenizes.
     (
         SamplingConfig(temperature=0, stop=["\n\n", "</answer>"]),

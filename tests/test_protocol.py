@@ -139,6 +139,31 @@ def test_bad_logprobs_requests_are_400_naming_the_field(kind, body, param):
     assert (error.value.status, error.value.param) == (400, param), error.value.message
 
 
+def test_vllm_sampling_extensions_reach_sampling():
+    request = parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", "min_p": 0.05, "min_tokens": 3,
+                                                "ignore_eos": True, "stop_token_ids": [7, 2]})
+    sampling = sampling_for(request, ServeConfig())
+    assert (sampling.min_p, sampling.min_tokens, sampling.ignore_eos, sampling.stop_token_ids) == (0.05, 3, True, [7, 2])
+    defaults = sampling_for(parse_request(ChatCompletionRequest, CHAT), ServeConfig())
+    assert (defaults.min_p, defaults.min_tokens, defaults.ignore_eos, defaults.stop_token_ids) == (0.0, 0, False, [])
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"stop_token_ids": [3, -1]}, "stop_token_ids.1"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ],
+)
+def test_bad_vllm_sampling_extensions_are_400_naming_the_field(body, param):
+    with pytest.raises(APIError) as error:
+        sampling_for(parse_request(ChatCompletionRequest, {**CHAT, **body}), ServeConfig())
+    assert (error.value.status, error.value.param) == (400, param), error.value.message
+
+
 def test_logprob_entries_are_released_only_for_text_the_screening_passed_unchanged():
     from r1.serving.logprobs import LogprobLedger
 

@@ -296,6 +296,28 @@ def test_logprobs_over_http(server, client, tiny, tokenizer):
         assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)  # the chosen token only
 
 
+def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
+    # What vLLM's benchmark clients send for fixed-length replies: ignore_eos (and min_tokens).
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "temperature": 0}
+    short = client.chat.completions.create(**chat, max_tokens=96)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 90  # ends early by itself
+    fixed = client.chat.completions.create(**chat, max_tokens=90, extra_body={"ignore_eos": True})
+    assert fixed.usage.completion_tokens == 90 and fixed.choices[0].finish_reason == "length"
+    held = client.chat.completions.create(**chat, max_tokens=96,
+                                          extra_body={"min_tokens": short.usage.completion_tokens + 3})
+    assert held.usage.completion_tokens >= short.usage.completion_tokens + 4  # min_tokens, then end-of-sequence
+    # A stop token id ends the reply at its first occurrence, its text kept.
+    ids = [e.token_id for e in _in_process_logprobs(tiny, "12 + 7 =", 8, 0)]
+    at = next(i for i in range(1, 8) if ids[i] not in ids[:i])
+    stopped = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=8, temperature=0,
+                                        extra_body={"stop_token_ids": [ids[at]]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == at + 1
+    assert stopped.choices[0].text == tokenizer.decode(ids[: at + 1])
+    for extra, param in (({"min_tokens": 9}, "min_tokens"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
+        response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 8, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
 

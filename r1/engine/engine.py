@@ -238,14 +238,18 @@ def new_request(
     prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    beyond = [token for token in sampling.logit_bias if token >= vocab_size]
-    if beyond:
-        raise ValueError(f"logit_bias names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens")
+    for field, ids in (("logit_bias", sampling.logit_bias), ("stop_token_ids", sampling.stop_token_ids)):
+        beyond = [token for token in ids if token >= vocab_size]
+        if beyond:
+            raise ValueError(f"{field} names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens")
+    max_new_tokens = resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, context_tokens)
+    if sampling.min_tokens > max_new_tokens:
+        raise ValueError(f"min_tokens={sampling.min_tokens} is more than this reply may have ({max_new_tokens} tokens)")
     return Request(
         request_id=request_id or f"req-{next(_REQUEST_IDS)}-{uuid.uuid4().hex[:8]}",
         prompt_token_ids=prompt_ids,
         sampling=sampling,
-        max_new_tokens=resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, context_tokens),
+        max_new_tokens=max_new_tokens,
         stop_token_ids=stop_ids,
     )
 

@@ -194,11 +194,12 @@ class TokenStream:
         for token in new_ids:
             self.output_ids.append(token)
             token_ids.append(token)
-            if token in self.request.stop_token_ids and not self.request.sampling.ignore_eos:
+            stop = self.request.stop_kind(token)
+            if stop == "eos":
                 reason = "stop"
                 break
             texts.append(self.detok.add(token))
-            if self.detok.stopped:
+            if stop or self.detok.stopped:
                 reason = "stop"
             elif len(self.output_ids) >= self.request.max_new_tokens:
                 reason = "length"

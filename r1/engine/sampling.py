@@ -1,5 +1,6 @@
-"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, logit bias, repetition
-penalty, frequency and presence penalties; and the log-probabilities a request asks for.
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, logit bias,
+repetition penalty, frequency and presence penalties, min_tokens; and the log-probabilities a
+request asks for.
 
 Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
 filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
@@ -30,9 +31,13 @@ class RowState:
     output_counts: dict[int, int] | None = None
     # The request's logit_bias as (token ids, values), added to the logits before anything else.
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The ids that would end the reply, held back (min_tokens) for `hold_steps` more tokens.
+    ending_ids: torch.Tensor | None = None
+    hold_steps: int = 0
 
     @classmethod
-    def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device) -> RowState:
+    def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device,
+               ending_ids: frozenset[int] = frozenset()) -> RowState:
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")
@@ -45,9 +50,15 @@ class RowState:
         if sampling.logit_bias:
             bias = (torch.tensor(list(sampling.logit_bias), dtype=torch.long, device=device),
                     torch.tensor(list(sampling.logit_bias.values()), dtype=torch.float32, device=device))
-        return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias)
+        hold = None
+        if sampling.min_tokens and ending_ids:
+            hold = torch.tensor(sorted(ending_ids), dtype=torch.long, device=device)
+        return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias,
+                   ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0)
 
     def observe(self, token_id: int) -> None:
+        if self.hold_steps:
+            self.hold_steps -= 1
         if self.output_counts is not None:
             self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         if self.seen_token_ids is not None:
@@ -74,8 +85,12 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, counts: dict[int, i
     return logits.index_add(-1, ids, -(frequency * times + presence))
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside top-k and outside the top-p nucleus of each row (last dim)."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask (to -inf) the tokens less likely than min_p × the most likely one, then those outside
+    top-k and outside the top-p nucleus, of each row (last dim); vLLM's order."""
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     if top_k and top_k < logits.shape[-1]:
         threshold = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -110,10 +125,12 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     logits = logits.to(torch.float32, copy=True)
     tokens: list[int] = [0] * len(rows)
     greedy_rows: list[int] = []
-    alike: dict[tuple[float, int, float], list[int]] = {}  # sampled rows by (temperature, top_k, top_p)
+    alike: dict[tuple[float, int, float, float], list[int]] = {}  # sampled rows by (temperature, top_k, top_p, min_p)
     for i, row in enumerate(rows):
         if row.bias is not None:
             logits[i] = logits[i].index_add(-1, *row.bias)  # made on the runner's device, float32 as `logits`
+        if row.hold_steps:
+            logits[i, row.ending_ids] = float("-inf")
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:
@@ -122,12 +139,13 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         if row.sampling.greedy:
             greedy_rows.append(i)
         else:
-            alike.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(i)
+            sampling = row.sampling
+            alike.setdefault((sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p), []).append(i)
     if greedy_rows:
         for i, token in zip(greedy_rows, logits[greedy_rows].argmax(-1).tolist()):
             tokens[i] = token
-    for (temperature, top_k, top_p), index in alike.items():
-        probs = filter_top_k_top_p(logits[index] / temperature, top_k, top_p).softmax(-1).cpu()
+    for (temperature, top_k, top_p, min_p), index in alike.items():
+        probs = filter_top_k_top_p(logits[index] / temperature, top_k, top_p, min_p).softmax(-1).cpu()
         unseeded = [j for j, i in enumerate(index) if rows[i].generator is None]
         if unseeded:
             for j, token in zip(unseeded, draw(probs[unseeded]).tolist()):

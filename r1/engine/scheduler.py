@@ -78,7 +78,7 @@ class Scheduler:
         seq = _Sequence(
             request=request,
             emit=emit,
-            row=RowState.create(request.sampling, request.prompt_token_ids, self.device),
+            row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids()),
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
         )
         with self._lock:
@@ -173,10 +173,10 @@ class Scheduler:
     def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
         seq.output_ids.append(token)
-        is_eos = token in request.stop_token_ids and not request.sampling.ignore_eos
-        text = "" if is_eos else seq.detok.add(token)
+        stop = request.stop_kind(token)
+        text = "" if stop == "eos" else seq.detok.add(token)
         reason: FinishReason | None = None
-        if is_eos or seq.detok.stopped:
+        if stop or seq.detok.stopped:
             reason = "stop"
         elif len(seq.output_ids) >= request.max_new_tokens:
             reason = "length"

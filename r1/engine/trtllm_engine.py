@@ -51,7 +51,8 @@ def trtllm_sampling_kwargs(request: Request, fallback_seed: int) -> dict[str, An
         "n": 1,
         "max_tokens": request.max_new_tokens,
         "ignore_eos": sampling.ignore_eos,
-        "stop_token_ids": None if sampling.ignore_eos else sorted(request.stop_token_ids) or None,
+        "stop_token_ids": sorted(request.ending_token_ids()) or None,
+        "min_tokens": sampling.min_tokens or None,
         "repetition_penalty": None if sampling.repetition_penalty == 1.0 else sampling.repetition_penalty,
         "frequency_penalty": sampling.frequency_penalty or None,
         "presence_penalty": sampling.presence_penalty or None,
@@ -64,6 +65,7 @@ def trtllm_sampling_kwargs(request: Request, fallback_seed: int) -> dict[str, An
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k or None,
+            min_p=sampling.min_p or None,
             seed=sampling.seed if sampling.seed is not None else fallback_seed,
         )
     return kwargs

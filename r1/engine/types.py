@@ -85,4 +85,18 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingConfig
     max_new_tokens: int
+    # The model's end-of-sequence ids (ignored with sampling.ignore_eos; sampling.stop_token_ids
+    # end the reply too).
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def stop_kind(self, token: int) -> Literal["eos", "stop_token"] | None:
+        """How `token` ends the reply: as end-of-sequence (no text of its own), as one of the
+        request's stop_token_ids (its text kept, as vLLM keeps it), or not at all (None)."""
+        if token in self.stop_token_ids and not self.sampling.ignore_eos:
+            return "eos"
+        return "stop_token" if token in self.sampling.stop_token_ids else None
+
+    def ending_token_ids(self) -> frozenset[int]:
+        """Every id that would end the reply (what min_tokens holds back)."""
+        eos = frozenset() if self.sampling.ignore_eos else self.stop_token_ids
+        return eos | frozenset(self.sampling.stop_token_ids)

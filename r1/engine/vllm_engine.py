@@ -28,8 +28,8 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
 
     vLLM treats temperature 0 as greedy and top_k -1 as "off" (every release; recent ones also take
     0). Stop strings are left to r1's detokenizer, so vLLM does not detokenize at all. The stop
-    token ids are the checkpoint's end-of-sequence ids as r1 reads them, so every engine stops at
-    the same tokens; `ignore_eos` drops them.
+    token ids are the checkpoint's end-of-sequence ids as r1 reads them (so every engine stops at
+    the same tokens; `ignore_eos` drops them) and the request's own `stop_token_ids`.
     """
     sampling = request.sampling
     greedy = sampling.greedy
@@ -39,13 +39,15 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
         "temperature": 0.0 if greedy else sampling.temperature,
         "top_p": 1.0 if greedy else sampling.top_p,
         "top_k": -1 if greedy or sampling.top_k == 0 else sampling.top_k,
+        "min_p": 0.0 if greedy else sampling.min_p,
+        "min_tokens": sampling.min_tokens,
         "repetition_penalty": sampling.repetition_penalty,
         "frequency_penalty": sampling.frequency_penalty,
         "presence_penalty": sampling.presence_penalty,
         "logit_bias": dict(sampling.logit_bias) or None,
         "seed": sampling.seed,
         "ignore_eos": sampling.ignore_eos,
-        "stop_token_ids": [] if sampling.ignore_eos else sorted(request.stop_token_ids),
+        "stop_token_ids": sorted(request.ending_token_ids()),
         "detokenize": False,
     }
 

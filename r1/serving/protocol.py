@@ -7,7 +7,8 @@ ingress (in `cluster/`) only moves bytes and calls these functions.
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
 Known OpenAI features r1 does not implement (tools, response_format, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than silently
 ignored; their neutral values (`tool_choice: "none"`, `best_of: 1`, ...) pass.
-r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`.
+r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`; vLLM's `min_p`,
+`min_tokens`, `ignore_eos`, `stop_token_ids`.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class _SamplingFields(_Lenient):
     user: str | None = None
     session_id: str | None = None
     logit_bias: dict[str, Any] | None = None
+    # vLLM's sampling extensions (what vLLM's benchmark clients send): see SamplingConfig.
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     # A known OpenAI field r1 does not implement: refused when it asks for something (`unsupported`).
     best_of: int | None = None
 
@@ -319,7 +325,7 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
         raise APIError(400, f"n={request.n} exceeds this server's limit of {config.max_n}; use n <= {config.max_n}", param="n", code="limit_exceeded")
     updates: dict[str, Any] = {}
     for field in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                  "logit_bias"):
+                  "logit_bias", "min_p", "min_tokens", "ignore_eos", "stop_token_ids"):
         value = getattr(request, field)
         if value is not None:
             updates[field] = value
