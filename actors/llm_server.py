@@ -124,6 +124,8 @@ class LLMServer:
                     if delta is first:
                         item.update(type="start", prompt_tokens=len(request.prompt_token_ids),
                                     think_prefilled=self.think_prefilled)
+                        if delta.prompt_logprobs is not None:
+                            item["prompt_logprobs"] = [tuple(entry) for entry in delta.prompt_logprobs]
                     if delta.logprobs is not None:  # plain data: (token id, logprob, ((id, logprob), ...)) per token
                         item["logprobs"] = [tuple(entry) for entry in delta.logprobs]
                     if delta.usage is not None:

@@ -44,9 +44,10 @@ class ModelShard:
                                    first_layer=self.stage.layers.start, end_layer=self.stage.layers.stop)
         metrics.start_resource_reporter("model_shard", cores=torch.get_num_threads())  # its threads, as the LLM server
 
-    def add(self, seq_ids: list[str], payload: Any, carriers: dict[str, dict[str, str]] | None = None) -> Any:
+    def add(self, seq_ids: list[str], payload: Any, carriers: dict[str, dict[str, str]] | None = None,
+            all_logits: bool = False) -> Any:
         self.spans.open(seq_ids, carriers, batch_size=len(seq_ids))
-        return to_host(self.stage.add(seq_ids, payload))
+        return to_host(self.stage.add(seq_ids, payload, all_logits))
 
     def step(self, seq_ids: list[str], payload: Any) -> Any:
         self.spans.count_step(seq_ids)
@@ -78,9 +79,9 @@ class RemoteStage:
         self.actor = actor
         self.carriers = carriers
 
-    def add(self, seq_ids: list[str], payload: Any) -> Any:
+    def add(self, seq_ids: list[str], payload: Any, all_logits: bool = False) -> Any:
         carriers = self.carriers.for_sequences(seq_ids) if self.carriers is not None else {}
-        return self.actor.add.remote(seq_ids, payload, carriers or None)
+        return self.actor.add.remote(seq_ids, payload, carriers or None, all_logits)
 
     def step(self, seq_ids: list[str], payload: Any) -> Any:
         return self.actor.step.remote(seq_ids, payload)

@@ -100,6 +100,10 @@ class SamplingConfig(StrictModel):
     # k most likely tokens at its position, from the model's own distribution (before temperature,
     # penalties, logit_bias and top-k/top-p, as vLLM's default "raw" logprobs).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # The same for each prompt token after the first (vLLM's prompt_logprobs): the log-probability the
+    # model gives it after the tokens before it. The prompt is then prefilled alone, with the logits
+    # of every position (context × vocabulary floats).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stop: list[str] = Field(default_factory=list)
     # Token ids that end the reply when generated (vLLM's stop_token_ids), besides end-of-sequence;
     # they apply with ignore_eos too. Their text stays in the reply (none for special tokens).

@@ -396,6 +396,32 @@ def test_logprobs_are_the_models_own_distribution_at_each_generated_token(engine
         assert [t for t, _ in entry.top] == [t for t, _ in batched.top]
 
 
+def test_prompt_logprobs_are_the_models_own_distribution_at_each_prompt_token(engine, tiny):
+    # vLLM's prompt_logprobs: each prompt token's log-probability after the ones before it (the first
+    # has none), from the logits of every position of a prefill run alone; requests beside it are
+    # untouched, and the generated tokens are those of a request without it.
+    model, tokenizer = tiny
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6, ignore_eos=True)
+    asking = greedy.model_copy(update={"prompt_logprobs": 2, "logprobs": 1})
+    results = engine.generate_batch([PROMPTS[1], PROMPTS[3], PROMPTS[0]], [greedy, asking, greedy])
+    ids = engine.make_request(PROMPTS[3], greedy).prompt_token_ids
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    entries = results[1].prompt_logprobs
+    assert [e.token_id for e in entries] == ids and entries[0].logprob is None and entries[0].top == ()
+    for position, entry in enumerate(entries[1:], start=1):
+        assert entry.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected[position - 1].topk(2).indices.tolist()
+    # Each token's share of the prompt's text (a Chinese character spans several byte tokens).
+    assert sum(e.chars for e in entries) == len(tokenizer.decode(ids, skip_special_tokens=True))
+    alone = engine.generate_batch([PROMPTS[1], PROMPTS[3], PROMPTS[0]], greedy)
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    assert results[0].prompt_logprobs is None and results[1].logprobs[0].token_id == results[1].token_ids[0]
+    # A one-token prompt: its only token has no logprob.
+    one = engine.generate_batch([[ids[0]]], asking)[0]
+    assert [(e.token_id, e.logprob) for e in one.prompt_logprobs] == [(ids[0], None)]
+
+
 def test_min_tokens_holds_back_end_of_sequence_and_stop_token_ids(engine, tiny):
     # vLLM's min_tokens: the ids that would end the reply cannot be chosen before it has that many
     # tokens; greedy output then equals a reference decoding that masks them as long.

@@ -56,5 +56,11 @@ def test_pipeline_greedy_equals_whole_model(tiny, num_stages):
                                 context_tokens=1024, stop_ids=frozenset([tokenizer.eos_token_id]))
     sharded = engine.generate_batch(PROMPTS, greedy)
     assert [c.token_ids for c in sharded] == [c.token_ids for c in whole]
+    # The prompt's logprobs need the last stage's logits at every position.
+    asking = greedy.model_copy(update={"prompt_logprobs": 1})
+    for ours, theirs in zip(engine.generate_batch(PROMPTS[2:], asking)[0].prompt_logprobs,
+                            TransformersEngine(model, tokenizer).generate_batch(PROMPTS[2:], asking)[0].prompt_logprobs):
+        assert (ours.token_id, [t for t, _ in ours.top], ours.chars) == (theirs.token_id, [t for t, _ in theirs.top], theirs.chars)
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
     # Each stage kept only its own layers.
     assert sum(len(s.model.model.layers) for s in stages) == model.config.num_hidden_layers

@@ -93,7 +93,7 @@ def test_neutral_values_pass(extra):
     unsupported(parse_request(ChatCompletionRequest, {**CHAT, **extra}))
 
 
-@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix"), ({"logprobs": 2, "echo": True}, "logprobs")])
+@pytest.mark.parametrize("extra, param", [({"suffix": "end"}, "suffix")])
 def test_completion_features_r1_does_not_implement_are_refused(extra, param):
     with pytest.raises(APIError) as error:
         unsupported(parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra}))
@@ -111,13 +111,17 @@ def test_completion_features_r1_does_not_implement_are_refused(extra, param):
         ("completion", {}, None),
         ("completion", {"logprobs": 0}, 0),
         ("completion", {"logprobs": 5}, 5),
+        ("completion", {"logprobs": 2, "echo": True}, 2),
     ],
 )
 def test_logprobs_requests_become_sampling_logprobs(kind, body, expected):
     request = parse_request(ChatCompletionRequest, {**CHAT, **body}) if kind == "chat" else \
         parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **body})
     unsupported(request)
-    assert sampling_for(request, ServeConfig()).logprobs == expected
+    sampling = sampling_for(request, ServeConfig())
+    assert sampling.logprobs == expected
+    # With echo the prompt's tokens get theirs too (lm-eval's loglikelihood requests).
+    assert sampling.prompt_logprobs == (expected if body.get("echo") else None)
 
 
 @pytest.mark.parametrize(
@@ -190,6 +194,13 @@ def test_logprob_entries_are_released_only_for_text_the_screening_passed_unchang
     # A blocked stream releases nothing more.
     ledger.add([entry(8, 3)], 3)
     assert ledger.release(None, [], True, False) == []
+    # Where each token's text lies unknown (split=False): all count as the whole text.
+    blind = LogprobLedger()
+    blind.add([entry(1, 0), entry(2, 0)], 6, split=False)
+    blind.add([entry(3, 1)], 1)
+    assert blind.release(7, [(4, 5)], False, False) == [entry(3, 1)]
+    blind.add([entry(4, 0), entry(5, 0)], 3, split=False)
+    assert blind.release(None, [], False, False) == [entry(4, 0), entry(5, 0)]
     # No screening (None): everything at once, a token without text included.
     open_ledger = LogprobLedger()
     open_ledger.add([entry(1, 2), entry(2, 0)], 2)
@@ -211,6 +222,9 @@ def test_logprobs_wire_formats():
     assert legacy["text_offset"] == [10, 12, 14]
     # The alternatives and, always, the chosen token.
     assert legacy["top_logprobs"] == [{"Hi": -0.25, "!": -2.0}, {"!": -0.5, " 你": -1.5}, {"!": -9999.0}]
+    # An echoed prompt's first token: nothing before it, null logprob and alternatives.
+    echoed = completion_logprobs([(1, None, (), 2), *entries[:1]], texts)
+    assert echoed["token_logprobs"] == [None, -0.25] and echoed["top_logprobs"][0] is None
 
 
 @pytest.mark.parametrize(

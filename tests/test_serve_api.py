@@ -296,6 +296,58 @@ def test_logprobs_over_http(server, client, tiny, tokenizer):
         assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)  # the chosen token only
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, client, tiny, tokenizer):
+    # lm-eval's loglikelihood request: token-id prompts (a batch), echo, logprobs=1, max_tokens=1,
+    # greedy. Each choice lists every prompt token (the first with null) and then the generated one,
+    # with the in-process engine's values.
+    from r1.engine import TransformersEngine
+
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in ("12 + 7 = 19", "Mia has 23 apples.")]
+    engine = TransformersEngine(*tiny)
+    try:
+        expected = engine.generate_batch(prompts, SamplingConfig(temperature=0, max_new_tokens=1, logprobs=1,
+                                                                 prompt_logprobs=1))
+    finally:
+        engine.shutdown()
+    reply = client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    for choice, prompt, want in zip(reply.choices, prompts, expected):
+        entries = want.prompt_logprobs + want.logprobs
+        logprobs = choice.logprobs
+        assert logprobs.tokens == [tokenizer.decode([e.token_id]) for e in entries]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in entries[1:]], abs=1e-3)
+        assert [max(top, key=top.get) for top in logprobs.top_logprobs[1:]] == \
+            [tokenizer.decode([e.top[0][0]]) for e in entries[1:]]
+        # The text is the listed tokens' (an end-of-sequence token listed by name has none).
+        assert choice.text == tokenizer.decode(prompt) + want.text == \
+            "".join(t for t in logprobs.tokens if t not in tokenizer.all_special_tokens)
+        assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+        # What lm-eval reads: the continuation's summed logprob (here the prompt's last 3 tokens).
+        assert sum(logprobs.token_logprobs[-4:-1]) == pytest.approx(sum(e.logprob for e in want.prompt_logprobs[-3:]),
+                                                                    abs=1e-3)
+    # A text prompt, streamed: the same entries, the echoed prompt's first.
+    streamed = []
+    for chunk in client.completions.create(model=MODEL, prompt="12 + 7 = 19", echo=True, logprobs=1, max_tokens=1,
+                                           temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.tokens if choice.logprobs else []
+    assert streamed == reply.choices[0].logprobs.tokens
+
+
+def test_echo_with_logprobs_leaves_out_redacted_prompt_tokens(server):
+    # The strict app's output screening redacts the echoed prompt's letters: their tokens have no entry.
+    import re
+
+    body = {"model": MODEL, "prompt": "ab 23 + 45 =", "echo": True, "logprobs": 0, "max_tokens": 2, "temperature": 0}
+    response = _post(server, "/strict/v1/completions", body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert not choice["text"].startswith("ab")
+    tokens = choice["logprobs"]["tokens"]
+    assert tokens and not any(re.search("[a-z]", token) for token in tokens)
+    assert "".join(tokens) in choice["text"] and "23" in "".join(tokens)
+
+
 def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
     # What vLLM's benchmark clients send for fixed-length replies: ignore_eos (and min_tokens).
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "temperature": 0}
@@ -419,11 +471,10 @@ BAD_REQUESTS = [
     ("/tokenize", {"model": "gpt-17", "prompt": "1"}, 404, "model"),
     ("/detokenize", {"model": MODEL, "tokens": [5, -1]}, 400, "tokens.1"),
     ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
-    # logprobs: at most 20 alternatives, top_logprobs only with logprobs: true, no prompt logprobs (echo)
+    # logprobs: at most 20 alternatives, top_logprobs only with logprobs: true
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "1", "logprobs": 1, "echo": True}, 400, "logprobs"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "best_of": 2}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "1", "suffix": "x"}, 400, "suffix"),

@@ -111,6 +111,9 @@ def _merged(item: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
         merged["usage"] = item["usage"]
     if "logprobs" in item:
         merged["logprobs"] = item["logprobs"] + later.get("logprobs", [])
+    for key in ("prompt_logprobs", "echo_chars"):  # an echoing start item's (see `_Choice.count`)
+        if key in item:
+            merged[key] = item[key]
     return merged
 
 
@@ -145,7 +148,12 @@ class _Choice:
         if item["finish_reason"] is not None:
             self.finish_reason = item["finish_reason"]
         if self.ledger is not None:
-            self.ledger.add(item.get("logprobs"), len(item["text"]))
+            chars = len(item["text"])
+            if "prompt_logprobs" in item:  # the echoed prompt opens the text: its tokens' entries first
+                echo, prompt = item["echo_chars"], item["prompt_logprobs"]
+                self.ledger.add(prompt, echo, split=sum(entry[3] for entry in prompt) == echo)
+                chars -= echo
+            self.ledger.add(item.get("logprobs"), chars)
 
     def _release(self, final: bool) -> list[Entry]:
         if self.ledger is None:
@@ -379,7 +387,8 @@ class OpenAIIngress:
             # screening like the generated text, so output-only rules apply to it too.
             for index, start in enumerate(starts):
                 prompt = prompts[index // parsed.n]
-                start["text"] = (prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)) + start["text"]
+                echoed = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                start["text"], start["echo_chars"] = echoed + start["text"], len(echoed)
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
             "" if chat or echo else self._continued_text(prompts[index // parsed.n])), sampling.logprobs is not None)
             for index in range(len(streams))]

@@ -314,6 +314,7 @@ def completion_of(request: Request, deltas: list[Delta]) -> Completion:
         finish_reason=last.finish_reason or "abort",
         error=last.error,
         logprobs=[lp for d in deltas for lp in d.logprobs or ()] if request.sampling.logprobs is not None else None,
+        prompt_logprobs=deltas[0].prompt_logprobs,
     )
 
 

@@ -307,7 +307,7 @@ class AsyncPackageEngine:
         return encode_prompt(self.tokenizer, prompt, self.vocab_size)
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
-        if sampling.logprobs is not None:
+        if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise ValueError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine")
         return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                            context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)

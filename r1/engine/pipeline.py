@@ -90,7 +90,8 @@ class ModelStage:
         source = copy.deepcopy(model) if copy_model else model
         return cls(source, ranges[stage_index], stage_index == 0, stage_index == num_stages - 1, pad_token_id)
 
-    def _run(self, inputs: Any, mask: torch.Tensor | None, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _run(self, inputs: Any, mask: torch.Tensor | None, position_ids: torch.Tensor, cache: DynamicCache,
+             all_logits: bool = False) -> torch.Tensor:
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": True, self._cache_kwarg: cache}
         if self.first:
             kwargs["input_ids"] = inputs
@@ -98,19 +99,22 @@ class ModelStage:
             kwargs["inputs_embeds"] = inputs.to(self.device, self.dtype)
         with attention_kernels(self.device):
             if self.last:
+                if all_logits:
+                    return self.model(**kwargs, logits_to_keep=0).logits
                 return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
             return self.model.model(**kwargs).last_hidden_state
 
     @torch.inference_mode()
-    def add(self, seq_ids: list[str], payload: Any) -> Any:
-        """First stage: payload = token lists; later stages: {"hidden", "mask"} from the previous stage."""
+    def add(self, seq_ids: list[str], payload: Any, all_logits: bool = False) -> Any:
+        """First stage: payload = token lists; later stages: {"hidden", "mask"} from the previous stage.
+        `all_logits`: the last stage returns the logits of every prompt position (`ModelRunner.add`)."""
         if self.first:
             inputs, mask = left_pad(payload, self.pad_token_id, self.device)
         else:
             inputs, mask = payload["hidden"], payload["mask"].to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        out = self._run(inputs, mask, position_ids, cache)
+        out = self._run(inputs, mask, position_ids, cache, all_logits)
         self.kv.merge(seq_ids, cache, mask)
         return out if self.last else {"hidden": out, "mask": mask}
 
@@ -153,10 +157,10 @@ class PipelineRunner:
         # engine's warm-up then covers every batch size and a padded full batch, as on a GPU.
         self.on_gpu = on_gpu
 
-    def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor:
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
         out: Any = prompts
         for stage in self.stages:
-            out = stage.add(seq_ids, out)
+            out = stage.add(seq_ids, out, all_logits)
         return self.resolve(out)
 
     def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor:

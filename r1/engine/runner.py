@@ -39,7 +39,10 @@ class ModelRunner(Protocol):
     vocab_size: int
     on_gpu: bool  # the model runs on GPUs (the engine's warm-up then covers every shape it can)
 
-    def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor: ...
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+        """Prefill: each prompt's next-token logits [n, vocab]; with `all_logits`, the logits at every
+        (left-padded) prompt position [n, length, vocab], for the prompt's log-probabilities."""
+        ...
 
     def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor: ...
 
@@ -278,14 +281,14 @@ class LocalModelRunner:
         self.dtype = next(model.parameters()).dtype
         self._mask_kind = decode_mask_kind(model)
 
-    def _forward(self, **kwargs: Any) -> torch.Tensor:
+    def _forward(self, *, all_logits: bool = False, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
         with attention_kernels(self.device):
-            out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+            out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits if all_logits else out.logits[:, -1, :]
 
     @torch.inference_mode()
-    def add(self, seq_ids: list[str], prompts: list[list[int]]) -> torch.Tensor:
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
         """Prefill; identical prompts (a GRPO group, a request with n > 1) are computed once and
         their cache rows repeated."""
         distinct: dict[tuple[int, ...], int] = {}
@@ -293,7 +296,7 @@ class LocalModelRunner:
         input_ids, mask = left_pad([list(prompt) for prompt in distinct], self.pad_token_id, self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.growing_cache)
-        logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
+        logits = self._forward(all_logits=all_logits, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
         if len(distinct) < len(prompts):
             index = torch.tensor(rows, device=self.device)
             cache.batch_select_indices(index)

@@ -174,3 +174,16 @@ def token_logprobs(logits: torch.Tensor, rows: list[RowState], tokens: list[int]
         keep = rows[i].sampling.logprobs
         out[i] = TokenLogprob(tokens[i], value, tuple(zip(ids[:keep], values[:keep])))
     return out
+
+
+@torch.inference_mode()
+def prompt_token_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[TokenLogprob]:
+    """The log-probability of each prompt token after the ones before it, and the k most likely
+    tokens there, from `logits` [len(prompt_ids), vocab] (a prefill's logits at every position);
+    the first token's logprob is None. `chars` is left 0 (the caller knows the text)."""
+    logprobs = logits[:-1].to(torch.float32).log_softmax(-1)
+    targets = torch.tensor(prompt_ids[1:], device=logprobs.device)
+    chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+    top_values, top_ids = logprobs.topk(k, -1)
+    return [TokenLogprob(prompt_ids[0], None)] + [TokenLogprob(token, value, tuple(zip(ids, values)))
+                     for token, value, values, ids in zip(prompt_ids[1:], chosen, top_values.tolist(), top_ids.tolist())]

@@ -27,7 +27,7 @@ from r1.config import EngineConfig
 from r1.engine.detok import IncrementalDetokenizer
 from r1.engine.memory import CudaCachePolicy
 from r1.engine.runner import ModelRunner
-from r1.engine.sampling import RowState, sample_rows, token_logprobs
+from r1.engine.sampling import RowState, prompt_token_logprobs, sample_rows, token_logprobs
 from r1.engine.types import Delta, FinishReason, Request, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # until its first delta carries them
 
     @property
     def seq_id(self) -> str:
@@ -111,7 +112,7 @@ class Scheduler:
         admitted = self._admit()
         try:
             if admitted:
-                logits = self.runner.add([s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted])
+                logits = self._prefill(admitted)
                 self._advance(admitted, logits)
                 self._on_emitted()  # first tokens go out before the decode step
             # Sequences that just finished (at their first token, or aborted) leave the runner's
@@ -155,14 +156,32 @@ class Scheduler:
         with self._lock:
             while self._waiting and len(self.running) < self.config.max_num_seqs:
                 prompt_len = len(self._waiting[0].request.prompt_token_ids)
-                # A prompt longer than the budget is prefilled alone rather than starved.
-                if admitted and prompt_len > budget:
+                # A prompt longer than the budget is prefilled alone rather than starved; one that
+                # wants its prompt's logprobs too (all its positions' logits, unpadded).
+                alone = self._waiting[0].request.sampling.prompt_logprobs is not None
+                if admitted and (prompt_len > budget or alone):
                     break
                 seq = self._waiting.popleft()
                 self.running[seq.seq_id] = seq
                 admitted.append(seq)
                 budget -= prompt_len
+                if alone:
+                    break
         return admitted
+
+    def _prefill(self, admitted: list[_Sequence]) -> torch.Tensor:
+        """The admitted prompts' next-token logits; a prompt that wants its log-probabilities (then
+        admitted alone) gets them from the logits of every position, kept for its first delta."""
+        ids, prompts = [s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted]
+        k = admitted[0].request.sampling.prompt_logprobs
+        if k is None:
+            return self.runner.add(ids, prompts)
+        logits = self.runner.add(ids, prompts, all_logits=True)
+        detok = IncrementalDetokenizer(self.tokenizer)  # each token's share of the prompt's decoded text
+        entries = [e._replace(chars=len(detok.add(e.token_id))) for e in prompt_token_logprobs(logits[0], prompts[0], k)]
+        entries[-1] = entries[-1]._replace(chars=entries[-1].chars + len(detok.finish()))
+        admitted[0].prompt_logprobs = entries
+        return logits[:, -1, :]
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         rows = [s.row for s in seqs]
@@ -204,6 +223,8 @@ class Scheduler:
     def _emit(self, seq: _Sequence, delta: Delta) -> None:
         """Hand a delta to the request's consumer. A consumer that cannot take it (its event loop
         closed, say) loses its own request, which is aborted; the other requests never notice."""
+        if seq.prompt_logprobs is not None:  # the first delta carries them
+            delta.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         try:
             seq.emit(delta)
         except Exception as error:  # noqa: BLE001 - whatever the consumer's callback raises

@@ -18,7 +18,7 @@ class TokenLogprob(NamedTuple):
     """
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token (nothing before it to predict it)
     top: tuple[tuple[int, float], ...] = ()
     chars: int = 0
 
@@ -50,6 +50,9 @@ class Delta:
     error: str | None = None
     # One per token of `token_ids` when the request asked for log-probabilities (`sampling.logprobs`).
     logprobs: list[TokenLogprob] | None = None
+    # The first delta only, when the request asked for `sampling.prompt_logprobs`: one per prompt
+    # token (the first one's logprob None); `chars` of the prompt's decoded text.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def followed_by(self, later: Delta) -> Delta:
         """One delta holding this one and the `later` one of the same request."""
@@ -57,7 +60,8 @@ class Delta:
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
         return Delta(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
-                     later.finish_reason, later.usage or self.usage, self.error or later.error, logprobs)
+                     later.finish_reason, later.usage or self.usage, self.error or later.error, logprobs,
+                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Completion:
     finish_reason: FinishReason
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # as Delta's, when the request asked for them
 
     @property
     def usage(self) -> Usage:

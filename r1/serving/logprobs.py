@@ -34,14 +34,16 @@ class LogprobLedger:
         self._pending: deque[tuple[int, int, Entry]] = deque()  # (start, end) of their token's text, entry
         self._fed = 0  # characters of generated text fed to the screening so far
 
-    def add(self, entries: Iterable[Entry] | None, chars: int) -> None:
+    def add(self, entries: Iterable[Entry] | None, chars: int, split: bool = True) -> None:
         """The entries of a stream item whose text (`chars` characters: their tokens' text, and any
-        text flushed at the end without a token) goes to the screening next."""
+        text flushed at the end without a token) goes to the screening next. split=False: where
+        each token's text lies is not known (an echoed prompt whose text is not its tokens' decoded
+        text), so every entry counts as the whole text: released only if none of it is withheld."""
         start = self._fed
         for entry in entries or ():
-            end = start + entry[3]
+            end = start + entry[3] if split else self._fed + chars
             self._pending.append((start, end, entry))
-            start = end
+            start = end if split else start
         self._fed += chars
 
     def release(self, screened: int | None, withheld: Sequence[tuple[int, int]], blocked: bool,
@@ -87,8 +89,8 @@ class TokenTexts:
         return text
 
 
-def _value(logprob: float) -> float:
-    return max(logprob, LOGPROB_FLOOR)
+def _value(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, LOGPROB_FLOOR)
 
 
 def chat_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str]) -> dict[str, Any]:
@@ -104,13 +106,13 @@ def chat_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str]) -> di
 def completion_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str], offset: int = 0) -> dict[str, Any]:
     """A completion choice's (or chunk's) `logprobs`, OpenAI's legacy format: tokens, token_logprobs,
     top_logprobs (the alternatives and the chosen token, text → logprob) and text_offset (where each
-    token's text starts, counting from `offset`)."""
+    token's text starts, counting from `offset`). An echoed prompt's first token has null for both."""
     tokens, values, tops, offsets = [], [], [], []
     for token_id, logprob, top, _ in entries:
         text = text_of(token_id)
         tokens.append(text)
         values.append(_value(logprob))
-        tops.append({**{text_of(i): _value(v) for i, v in top}, text: _value(logprob)})
+        tops.append(None if logprob is None else {**{text_of(i): _value(v) for i, v in top}, text: _value(logprob)})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

@@ -231,9 +231,6 @@ def unsupported(request: _SamplingFields) -> None:
     if isinstance(request, CompletionRequest):
         if request.suffix:
             asked.append(("suffix", "suffix (insertion) is not supported; omit it"))
-        if request.echo and request.logprobs is not None:
-            asked.append(("logprobs", "logprobs with echo would need the prompt's log-probabilities, which this server "
-                          "does not compute; drop echo or logprobs"))
     if asked:
         param, message = asked[0]
         raise APIError(400, message, param=param, code="unsupported")
@@ -332,6 +329,8 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     updates["logprobs"] = requested_logprobs(request)
+    if getattr(request, "echo", False):  # the echoed prompt's tokens get theirs too
+        updates["prompt_logprobs"] = updates["logprobs"]
     if request.stop is not None:
         updates["stop"] = [request.stop] if isinstance(request.stop, str) else request.stop
     try:
