@@ -88,16 +88,12 @@ class LLMServer:
                 sampling = SamplingConfig.model_validate(body["sampling"])
                 request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
             except ValueError as error:
-                message = str(error)
-                param = ("max_tokens" if "max_new_tokens" in message
-                         else next((p for p in ("logit_bias", "logprobs", "stop_token_ids", "min_tokens")
-                                    if message.startswith(p)), None)
-                         or ("messages" if body.get("chat") else "prompt"))
-                # Only a prompt or max_tokens beyond the context is a context-length error; an empty
-                # prompt or a token id outside the vocabulary is an invalid value.
-                code = "context_length_exceeded" if "context" in message else "invalid_value"
+                # A RequestError names the sampling field at fault; any other (the chat template's) is the prompt's.
+                field = getattr(error, "field", None)
+                param = {"max_new_tokens": "max_tokens"}.get(field, field) or ("messages" if body.get("chat") else "prompt")
                 generate.set_attribute("http.status_code", 400)
-                yield self._error(400, message.replace("max_new_tokens", "max_tokens"), param=param, code=code)
+                yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param,
+                                  code=getattr(error, "code", "invalid_value"))
                 return
             generate.set_attributes({"request_id": request.request_id, "prompt_tokens": len(request.prompt_token_ids),
                                      "max_new_tokens": request.max_new_tokens})

@@ -525,15 +525,36 @@ def test_max_new_tokens_resolution(prompt_tokens, requested, context, expected):
 
 
 @pytest.mark.parametrize(
-    "prompt_tokens, requested, context, message",
+    "prompt_tokens, requested, context, message, field",
     [
-        (10, 2000, 1024, "use max_new_tokens <= 1014"),  # prompt + max_new_tokens beyond the context
-        (1024, None, 1024, "shorten the prompt"),  # prompt alone fills the context
+        (10, 2000, 1024, "use max_new_tokens <= 1014", "max_new_tokens"),  # prompt + max_new_tokens beyond the context
+        (1024, None, 1024, "shorten the prompt", None),  # prompt alone fills the context: the prompt's fault
     ],
 )
-def test_max_new_tokens_beyond_context_is_an_error(prompt_tokens, requested, context, message):
-    with pytest.raises(ValueError, match=message):
+def test_max_new_tokens_beyond_context_is_an_error(prompt_tokens, requested, context, message, field):
+    from r1.engine import RequestError
+
+    with pytest.raises(RequestError, match=message) as error:
         resolve_max_new_tokens(prompt_tokens, requested, context)
+    assert (error.value.field, error.value.code) == (field, "context_length_exceeded")
+
+
+def test_refused_requests_name_the_field_at_fault(engine):
+    # The LLM server answers these with a 400 naming the field; it reads the field from the error.
+    from r1.engine import RequestError
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=4)
+    vocab = engine.runner.vocab_size
+    for prompt, sampling, field in [
+        ("", greedy, None),
+        ([vocab], greedy, None),
+        ("1", greedy.model_copy(update={"logit_bias": {vocab: 1.0}}), "logit_bias"),
+        ("1", greedy.model_copy(update={"stop_token_ids": [vocab]}), "stop_token_ids"),
+        ("1", greedy.model_copy(update={"min_tokens": 5}), "min_tokens"),
+    ]:
+        with pytest.raises(RequestError) as error:
+            engine.make_request(prompt, sampling)
+        assert (error.value.field, error.value.code) == (field, "invalid_value"), error.value
 
 
 def test_full_queue_refuses_fast(tiny):

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.engine import Prompt, TransformersEngine, resolve_max_new_tokens
 from r1.engine.scheduler import EngineOverloaded
-from r1.engine.types import Completion, Delta, FinishReason, Request, Usage
+from r1.engine.types import Completion, Delta, FinishReason, Request, RequestError, Usage
 
 
 @runtime_checkable
@@ -77,6 +77,7 @@ __all__ = [
     "FinishReason",
     "Prompt",
     "Request",
+    "RequestError",
     "TransformersEngine",
     "Usage",
     "create_engine",

@@ -30,7 +30,7 @@ from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, Sam
 from r1.engine.openmp import release_thread_pool
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
-from r1.engine.types import Completion, Delta, Request
+from r1.engine.types import Completion, Delta, Request, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ def resolve_max_new_tokens(prompt_tokens: int, requested: int | None, context_to
     """How many tokens a request may generate; a prompt or request beyond the context is an error."""
     room = context_tokens - prompt_tokens
     if room <= 0:
-        raise ValueError(
-            f"the prompt has {prompt_tokens} tokens but the model's context is {context_tokens} tokens; shorten the prompt"
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens but the model's context is {context_tokens} tokens; shorten the prompt",
+            code="context_length_exceeded",
         )
     if requested is None:
         return min(room, DEFAULT_MAX_NEW_TOKENS_CAP)
     if requested > room:
-        raise ValueError(
+        raise RequestError(
             f"max_new_tokens={requested} plus the prompt's {prompt_tokens} tokens exceeds the model's context of "
-            f"{context_tokens} tokens; use max_new_tokens <= {room}"
+            f"{context_tokens} tokens; use max_new_tokens <= {room}", "max_new_tokens", "context_length_exceeded",
         )
     return requested
 
@@ -216,7 +217,7 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
         return list(tokenizer.encode(prompt, add_special_tokens=True))
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         if any(t < 0 or t >= vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+            raise RequestError(f"prompt token ids must be in [0, {vocab_size})")
         return list(prompt)
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         if not getattr(tokenizer, "chat_template", None):
@@ -237,14 +238,16 @@ def new_request(
     requests here, so prompts and limits follow the same rules whichever engine runs them."""
     prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise RequestError("the prompt is empty")
     for field, ids in (("logit_bias", sampling.logit_bias), ("stop_token_ids", sampling.stop_token_ids)):
         beyond = [token for token in ids if token >= vocab_size]
         if beyond:
-            raise ValueError(f"{field} names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens")
+            raise RequestError(f"{field} names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens",
+                               field)
     max_new_tokens = resolve_max_new_tokens(len(prompt_ids), sampling.max_new_tokens, context_tokens)
     if sampling.min_tokens > max_new_tokens:
-        raise ValueError(f"min_tokens={sampling.min_tokens} is more than this reply may have ({max_new_tokens} tokens)")
+        raise RequestError(f"min_tokens={sampling.min_tokens} is more than this reply may have ({max_new_tokens} tokens)",
+                           "min_tokens")
     return Request(
         request_id=request_id or f"req-{next(_REQUEST_IDS)}-{uuid.uuid4().hex[:8]}",
         prompt_token_ids=prompt_ids,

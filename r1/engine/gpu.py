@@ -39,7 +39,7 @@ from r1.engine.engine import (
     stop_token_ids,
 )
 from r1.engine.scheduler import EngineOverloaded
-from r1.engine.types import Completion, Delta, FinishReason, Request, Usage
+from r1.engine.types import Completion, Delta, FinishReason, Request, RequestError, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,8 @@ class AsyncPackageEngine:
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
-            raise ValueError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine")
+            raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
+                               "logprobs", "unsupported")
         return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                            context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
 

@@ -31,7 +31,7 @@ from typing import Any
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.engine import Prompt
 from r1.engine.gpu import AsyncPackageEngine, CheckpointFacts, engine_dtype_name, first_output, read_checkpoint
-from r1.engine.types import Request
+from r1.engine.types import Request, RequestError
 
 # Calibration batches for FP8 scales: enough for stable per-tensor maxima, quick for small models.
 FP8_CALIBRATION_BATCHES = 256
@@ -130,7 +130,8 @@ class TensorRTLLMEngine(AsyncPackageEngine):
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
         if sampling.logit_bias:
-            raise ValueError("logit_bias is not supported with engine.name: trtllm; use the transformers or vllm engine")
+            raise RequestError("logit_bias is not supported with engine.name: trtllm; use the transformers or vllm engine",
+                               "logit_bias", "unsupported")
         return super().make_request(prompt, sampling, request_id)
 
     def _build_llm(self, facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig) -> Any:

@@ -10,6 +10,16 @@ from r1.config import SamplingConfig
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class RequestError(ValueError):
+    """A request the engine refuses: `field` names the sampling field at fault (None: the prompt),
+    `code` says what is wrong as an OpenAI-style error code; the message says how to fix it."""
+
+    def __init__(self, message: str, field: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
 class TokenLogprob(NamedTuple):
     """A generated token's log-probability and the most likely tokens at its position (best first).
 
