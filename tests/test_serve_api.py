@@ -119,6 +119,9 @@ def tokenizer():
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    # The context in tokens, as vLLM's model card gives it (r1-tiny's: 1024).
+    assert client.models.list().data[0].model_dump()["max_model_len"] == 1024
+    assert client.models.retrieve(MODEL).model_dump()["max_model_len"] == 1024
     health = httpx.get(f"{server}/health", timeout=10)  # open without a key
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 

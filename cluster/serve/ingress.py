@@ -219,7 +219,7 @@ class OpenAIIngress:
     async def models(self, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
-            return JSONResponse(models_list(self.config.model_name, self.created))
+            return JSONResponse(models_list(self.config.model_name, self.created, self.context_tokens))
 
         return await self._traced(request, "models", answer)
 
@@ -228,7 +228,7 @@ class OpenAIIngress:
         async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
             self._check_model(model_id)
-            return JSONResponse(model_object(self.config.model_name, self.created))
+            return JSONResponse(model_object(self.config.model_name, self.created, self.context_tokens))
 
         return await self._traced(request, "models", answer)
 

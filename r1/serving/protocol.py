@@ -420,9 +420,11 @@ def completion_chunk(response_id: str, model: str, created: int, index: int, tex
     return chunk
 
 
-def model_object(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "r1-cluster"}
+def model_object(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """The model card; `max_model_len` (the context in tokens, prompt and reply together) as vLLM
+    gives it, for clients that size their requests."""
+    return {"id": model, "object": "model", "created": created, "owned_by": "r1-cluster", "max_model_len": max_model_len}
 
 
-def models_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(model, created)]}
+def models_list(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(model, created, max_model_len)]}
