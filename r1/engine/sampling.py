@@ -2,8 +2,8 @@
 repetition penalty, frequency and presence penalties, min_tokens; and the log-probabilities a
 request asks for.
 
-Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p are
-filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
+Each row of a batch carries its own parameters; rows with the same temperature/top-k/top-p/min-p
+are filtered and normalised together. Seeded rows draw from their own `torch.Generator`, so a seeded
 request yields the same tokens whether it runs alone or batched; unseeded rows draw together, in
 one call, from torch's default generator (so `torch.manual_seed` before a batch makes it repeatable,
 as GRPO's rollouts rely on).

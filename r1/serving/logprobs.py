@@ -22,9 +22,10 @@ from typing import Any
 # JSON has no -Infinity: a token the model rules out entirely is reported at this value (as vLLM does).
 LOGPROB_FLOOR = -9999.0
 
-# (token id, logprob, ((id, logprob), ...), chars): one generated token, its alternatives best first,
-# and how many characters of the text came out with it (`r1.engine.types.TokenLogprob` as plain data).
-Entry = tuple[int, float, Sequence[Sequence[Any]], int]
+# (token id, logprob, ((id, logprob), ...), chars): one token, its alternatives best first, and how
+# many characters of the text came out with it (`r1.engine.types.TokenLogprob` as plain data; the
+# logprob is None for an echoed prompt's first token).
+Entry = tuple[int, float | None, Sequence[Sequence[Any]], int]
 
 
 class LogprobLedger:
