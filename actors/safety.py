@@ -119,9 +119,9 @@ class SafetyFilterDeployment:
             current.set_attributes({"direction": stream.direction, "action": stream.action,
                                     "rule_ids": list(stream.rule_ids)})
         self._record(stream.direction, [f.rule_id for f in stream.findings[seen:]])
-        # The findings' spans (offsets and rule ids, no text) tell the ingress which text was withheld.
+        # Offsets only, no text: which of the streamed text the client does not see as it was.
         return {"text": text, "action": stream.action, "rule_ids": list(stream.rule_ids),
-                "findings": [f.to_dict() for f in stream.findings]}
+                "withheld": [list(span) for span in stream.withheld]}
 
     def _record(self, direction: str, rule_ids: list[str]) -> None:
         self._counts[f"{direction}:calls"] += 1
@@ -204,12 +204,7 @@ class ScreenedStream:
         self.rule_ids: list[str] = []
         self._fed_chars = 0
         self.screened_chars = 0  # characters of the fed text decided on (emitted or replaced)
-        self._findings: list[dict[str, Any]] = []
-
-    @property
-    def withheld_spans(self) -> list[tuple[int, int]]:
-        """(start, end) in the fed text of every span redacted or blocked so far."""
-        return [(f["start"], f["end"]) for f in self._findings if f["action"] != "flag"]
+        self.withheld_spans: list[list[int]] = []  # (start, end) in the fed text of what was replaced or dropped
 
     async def feed(self, chunk: str) -> str:
         """Text safe to emit now; raises SafetyUnavailable (emit nothing more, fail the request)."""
@@ -217,7 +212,7 @@ class ScreenedStream:
         self._state, self._context = reply["state"], ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         self._fed_chars += len(chunk)
-        self.screened_chars, self._findings = self._state["emitted_chars"], self._state["findings"]
+        self.screened_chars, self.withheld_spans = self._state["emitted_chars"], self._state["withheld"]
         return reply["text"]
 
     async def flush(self) -> str:
@@ -233,7 +228,7 @@ class ScreenedStream:
         self._state, self._context = None, ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
         self._fed_chars += len(chunk)
-        self.screened_chars, self._findings = self._fed_chars, reply["findings"]
+        self.screened_chars, self.withheld_spans = self._fed_chars, reply["withheld"]
         return reply["text"]
 
 

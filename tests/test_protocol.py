@@ -207,6 +207,58 @@ def test_logprob_entries_are_released_only_for_text_the_screening_passed_unchang
     assert open_ledger.release(None, [], False, False) == [entry(1, 2), entry(2, 0)]
 
 
+@pytest.mark.parametrize("profile, text", [
+    ("letters", "5 + 17 = 22\n</think>\nThe answer is 22."),
+    ("default", "卡号 4111 1111 1111 1111，密码是 abc123xyz，验证码 884213。好的 ok"),
+])
+def test_the_ledger_with_a_real_stream_releases_exactly_the_unchanged_tokens(profile, text):
+    # The serving path's pieces together, in-process: a reply cut into tokens (some with no text of
+    # their own) and the tokens into stream items at random; the items go through a SafetyStream and
+    # the ledger. Whatever the cuts, the released entries are those of the tokens whose text lies
+    # outside every redacted finding of `check` on the whole reply (a token without text counts
+    # with the character after it).
+    import random
+
+    from r1.config import SafetyConfig, SafetyRuleConfig
+    from r1.safety import SafetyFilter
+    from r1.serving.logprobs import LogprobLedger
+
+    rules = [SafetyRuleConfig(id="letters", kind="regex", pattern="[a-z]{2}", input="off", output="redact"),
+             SafetyRuleConfig(id="equals_digit", kind="regex", pattern=r"= \d", input="off", output="redact")]
+    safety = SafetyFilter(SafetyConfig(profile="strict", rules=rules)) if profile == "letters" else \
+        SafetyFilter.from_profile("default")
+    findings = [f for f in safety.check(text, "output").findings if f.action == "redact"]
+    assert findings
+    rng = random.Random(7)
+    for _ in range(300):
+        chars, position = [], 0
+        while position < len(text):
+            size = rng.choice([0, 1, 1, 2, 3])
+            chars.append(min(size, len(text) - position))
+            position += chars[-1]
+        entries = [(index, -1.0, (), size) for index, size in enumerate(chars)]
+        expected, start = [], 0
+        for entry in entries:
+            end = start + entry[3]
+            if not any(f.start < max(end, start + 1) and start < f.end for f in findings):
+                expected.append(entry)
+            start = end
+        stream, ledger, released, fed, index = safety.stream("output"), LogprobLedger(), [], 0, 0
+        while index < len(entries):
+            item = entries[index : index + rng.randint(1, 5)]
+            index += len(item)
+            piece = text[fed : fed + sum(entry[3] for entry in item)]
+            fed += len(piece)
+            ledger.add(item, len(piece))
+            final = index == len(entries)
+            stream.feed(piece)
+            if final:
+                stream.flush()
+            screened = fed if final else stream.to_state()["emitted_chars"]
+            released += ledger.release(screened, stream.withheld, stream.action == "block", final)
+        assert released == expected, chars
+
+
 def test_logprobs_wire_formats():
     from r1.serving.logprobs import chat_logprobs, completion_logprobs
 

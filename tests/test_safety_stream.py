@@ -182,6 +182,22 @@ def test_state_round_trip_continues_the_stream(default):
     assert "".join(out) == default.check(text, "output").text
 
 
+def test_withheld_spans_cover_a_redaction_emitted_over_several_pieces():
+    # A finding is recorded up to where it was first emitted ("=" of "= 2" here, the rest still held
+    # for a longer match); the redaction continues into the next piece, and `withheld` covers all of it.
+    safety = SafetyFilter(SafetyConfig(profile="strict", rules=[
+        SafetyRuleConfig(id="equals_digit", kind="regex", pattern=r"= \d", input="off", output="redact")]))
+    stream = safety.stream("output")
+    pieces = [stream.feed("5 + 17 = "), stream.feed("22\n"), stream.feed("ok"), stream.flush()]
+    assert "".join(pieces) == safety.check("5 + 17 = 22\nok", "output").text == f"5 + 17 {safety.redaction_text}2\nok"
+    assert [(f.start, f.end) for f in stream.findings] == [(7, 8)]  # the case this test is about
+    assert stream.withheld == ((7, 10),)
+    half = safety.stream("output")
+    half.feed("5 + 17 = ")
+    half.feed("22\n")
+    assert half.withheld and safety.resume_stream(half.to_state()).withheld == half.withheld  # kept in the state
+
+
 def test_state_from_other_rules_is_refused(default, strict):
     state = default.stream("output").to_state()
     with pytest.raises(ValueError, match="different safety rules"):
@@ -226,6 +242,23 @@ def test_random_texts_and_chunkings_match_check(name, request):
             assert text.startswith(prefix) and safety.check(prefix, "output").action != "block"
         else:
             assert emitted == verdict.text, text
+            # `withheld` lists exactly the original text that was replaced (what logprobs leave
+            # out): the rest comes out as it was, and every redacted finding lies inside it, though
+            # a finding's own span ends where it was first emitted.
+            kept = "".join(text[start:end] for start, end in _gaps(stream.withheld, len(text)))
+            assert kept == emitted.replace(safety.redaction_text, ""), (text, chunks, stream.withheld)
+            for finding in verdict.findings:
+                if finding.action == "redact":
+                    assert any(a <= finding.start and finding.end <= b for a, b in stream.withheld), (text, chunks)
+
+
+def _gaps(spans, length: int) -> list[tuple[int, int]]:
+    """The stretches of [0, length) outside `spans` (sorted, disjoint)."""
+    gaps, position = [], 0
+    for start, end in spans:
+        gaps.append((position, start))
+        position = end
+    return gaps + [(position, length)]
 
 
 def test_long_digit_chains_stream_like_check_with_a_bounded_context(default):

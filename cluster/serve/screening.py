@@ -32,8 +32,8 @@ class OutputScreen:
         return None if self._stream is None else self._stream.screened_chars
 
     @property
-    def withheld_spans(self) -> list[tuple[int, int]]:
-        """(start, end) in the fed text of what the filter redacted or blocked so far."""
+    def withheld_spans(self) -> list[list[int]]:
+        """(start, end) in the fed text of what the filter replaced or dropped so far."""
         return [] if self._stream is None else self._stream.withheld_spans
 
     @property

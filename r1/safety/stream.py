@@ -18,6 +18,10 @@ Block rules (the `strict` profile): once a block finding appears, the stream emi
 `block_message` once and nothing after it; text emitted before was screened and clean, and held
 text is dropped. `action` says what happened.
 
+`withheld` lists the spans of the original text that were replaced or dropped, whole (a
+finding's own span is known only up to where it was emitted), so a consumer can tell which of the
+text it fed came out unchanged: the serving path releases token log-probabilities by it.
+
 State is plain data (`to_state` / `SafetyFilter.resume_stream`), so a stateless server can run
 each step for a client that keeps the state (actors/safety.py).
 """
@@ -34,7 +38,7 @@ from r1.safety.scanner import Hit
 if TYPE_CHECKING:
     from r1.safety.filter import SafetyFilter
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class SafetyStream:
@@ -48,6 +52,7 @@ class SafetyStream:
         # Folded tail of emitted text. Of a given context only the end can matter; a prompt can be long.
         self._context = self._tail(fold(context[-4 * self._scanner.context_chars :]).norm) if context else ""
         self._emitted_chars = 0  # original characters consumed (emitted or replaced)
+        self._withheld: list[tuple[int, int]] = []  # original text replaced or dropped so far, merged spans
         self._continuing = False  # the last piece ended inside a redacted span
         self._blocked = False
         self._finished = False
@@ -80,6 +85,22 @@ class SafetyStream:
         return tuple(self._findings)
 
     @property
+    def withheld(self) -> tuple[tuple[int, int], ...]:
+        """(start, end) offsets in the whole streamed text of everything replaced or dropped so far,
+        whole: a finding's span is known only up to where it was emitted, while a redaction that
+        reaches a later piece continues into it. Blocked text is not listed (nothing after a block
+        is emitted)."""
+        return tuple(self._withheld)
+
+    def _withhold(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        if self._withheld and start <= self._withheld[-1][1]:
+            self._withheld[-1] = (self._withheld[-1][0], max(self._withheld[-1][1], end))
+        else:
+            self._withheld.append((start, end))
+
+    @property
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f.rule_id for f in self._findings))
 
@@ -106,6 +127,7 @@ class SafetyStream:
             lead = folded.to_raw(0)
             if lead:
                 self._buffer = self._buffer[lead:]
+                self._withhold(self._emitted_chars, self._emitted_chars + lead)
                 self._emitted_chars += lead
                 if not self._buffer:
                     return ""
@@ -130,7 +152,10 @@ class SafetyStream:
         if raw_cut == 0:
             return ""
         spans = redaction_spans(hits, scanner.actions, base, cut)
-        out, self._continuing = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text, self._continuing)
+        out, self._continuing, replaced = apply_redactions(folded, spans, base, raw_cut, self._filter.redaction_text,
+                                                           self._continuing)
+        for start, end in replaced:
+            self._withhold(self._emitted_chars + start, self._emitted_chars + end)
         # Before the first emission the context is the one given (a prompt): a finding that starts in
         # it (a card number the prompt began) is this stream's too, for its part here. Later, the
         # context is emitted text, whose findings were recorded when they were emitted.
@@ -184,6 +209,7 @@ class SafetyStream:
             "buffer": self._buffer,
             "context": self._context,
             "emitted_chars": self._emitted_chars,
+            "withheld": [list(span) for span in self._withheld],
             "continuing": self._continuing,
             "blocked": self._blocked,
             "finished": self._finished,
@@ -200,6 +226,7 @@ class SafetyStream:
         stream._buffer = state["buffer"]
         stream._context = state["context"]
         stream._emitted_chars = state["emitted_chars"]
+        stream._withheld = [tuple(span) for span in state["withheld"]]
         stream._continuing = state["continuing"]
         stream._blocked = state["blocked"]
         stream._finished = state["finished"]
@@ -236,24 +263,27 @@ def redaction_spans(hits: list[Hit], actions: list[str], low: int, high: int) ->
 def apply_redactions(
     folded: Folded, spans: list[tuple[int, int, bool, bool, bool]], norm_offset: int, raw_end: int, placeholder: str,
     continuing: bool,
-) -> tuple[str, bool]:
+) -> tuple[str, bool, list[tuple[int, int]]]:
     """folded.text[:raw_end] with the folded spans (shifted by norm_offset) replaced.
 
     `continuing`: the previous stream piece ended inside (or right at the end of) a redacted
     span, so a span starting this piece continues it and gets no second placeholder. Returns
-    (text, whether this piece ends inside or right at the end of a redacted span)."""
+    (text, whether this piece ends inside or right at the end of a redacted span, the replaced
+    spans in the original text)."""
     text = folded.text
     pieces: list[str] = []
     position = 0
     ends_inside = False
+    replaced: list[tuple[int, int]] = []
     for start, end, starts_at_low, reaches_high, starts_before in spans:
         raw_start, raw_stop = folded.span_to_raw(start - norm_offset, end - norm_offset)
         if starts_before:  # a span that began in the context covers this piece's leading zero-width characters
             raw_start = 0
+        replaced.append((raw_start, raw_stop))
         pieces.append(text[position:raw_start])
         if not (continuing and starts_at_low):
             pieces.append(placeholder)
         position = raw_stop
         ends_inside = reaches_high
     pieces.append(text[position:raw_end])
-    return "".join(pieces), ends_inside
+    return "".join(pieces), ends_inside, replaced

@@ -52,7 +52,8 @@ class LogprobLedger:
         """The entries whose text the screening has passed unchanged, in order.
 
         screened: characters of the fed text the screening has decided on (emitted or replaced);
-        None when nothing is screened. withheld: (start, end) of every span it redacted or blocked.
+        None when nothing is screened. withheld: (start, end) of all it replaced or dropped so far
+        (`SafetyStream.withheld`).
         blocked: the screening stopped the output, so nothing held is released. final: the text has
         ended and every character is decided (an entry of a token with no text of its own, such as
         end-of-sequence, is released then)."""
