@@ -259,6 +259,70 @@ def test_the_ledger_with_a_real_stream_releases_exactly_the_unchanged_tokens(pro
         assert released == expected, chars
 
 
+def test_a_responses_request_reads_as_the_chat_request_it_stands_for():
+    from r1.serving.responses import ResponsesRequest, chat_request
+
+    wanted = parse_request(ResponsesRequest, {
+        "model": "m", "instructions": "be brief", "max_output_tokens": 7, "temperature": 0.2, "stream": True,
+        "input": [{"role": "developer", "content": "x"},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                                  {"type": "input_text", "text": "b"}]}],
+        "store": True, "reasoning": {"effort": "low"}, "metadata": {"k": "v"}})
+    chat = chat_request(wanted)
+    assert [(m.role, m.text()) for m in chat.messages] == [("system", "be brief"), ("developer", "x"), ("user", "a\nb")]
+    assert (chat.max_tokens, chat.temperature, chat.stream) == (7, 0.2, True)
+    one = chat_request(parse_request(ResponsesRequest, {"model": "m", "input": "hello"}))
+    assert [(m.role, m.text()) for m in one.messages] == [("user", "hello")] and one.max_tokens is None
+
+
+@pytest.mark.parametrize("instructions, input_, chat_param, param", [
+    (None, "hi", "messages.0.content", "input"),
+    ("be brief", "hi", "messages.0.content", "instructions"),
+    ("be brief", "hi", "messages.1.content", "input"),
+    ("be brief", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages.2.content", "input.1.content"),
+    (None, [{"role": "user", "content": "a"}], "messages", "input"),
+    (None, "hi", "max_tokens", "max_output_tokens"),
+    (None, "hi", "temperature", "temperature"),
+])
+def test_chat_errors_name_the_responses_field(instructions, input_, chat_param, param):
+    from r1.serving.responses import ResponsesRequest, responses_error
+
+    wanted = parse_request(ResponsesRequest, {"model": "m", "instructions": instructions, "input": input_})
+    error = responses_error(APIError(400, "max_tokens=9 is too many", param=chat_param, code="x"), wanted)
+    assert (error.status, error.param, error.code) == (400, param, "x")
+    assert "max_output_tokens=9" in error.message
+
+
+def test_response_events_stream_the_items_in_order_and_end_with_the_status():
+    import json as json_module
+
+    from r1.serving.responses import ResponseEvents, ResponsesRequest
+
+    def parse(raw: bytes) -> list[dict]:
+        return [json_module.loads(block.split("data: ", 1)[1]) for block in raw.decode().split("\n\n") if block]
+
+    events = ResponseEvents(parse_request(ResponsesRequest, {"model": "m", "input": "hi"}), "m")
+    stream = parse(events.opening() + events.delta("thinking", "") + events.delta(" more", "4") + events.delta("", "2")
+                   + events.closing("content_filter", 5, 7, 3))
+    assert [e["sequence_number"] for e in stream] == list(range(len(stream)))
+    assert [e["type"] for e in stream] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.incomplete"]
+    final = stream[-1]["response"]
+    assert final["incomplete_details"] == {"reason": "content_filter"}
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"][0]["text"] == "thinking more" and final["output"][1]["content"][0]["text"] == "42"
+    assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 3 and final["usage"]["total_tokens"] == 12
+    # No answer text at all: the message item still comes, empty; "stop" completes.
+    quiet = ResponseEvents(parse_request(ResponsesRequest, {"model": "m", "input": "hi"}), "m")
+    ending = parse(quiet.opening() + quiet.closing("stop", 1, 1, 0))
+    assert ending[-1]["type"] == "response.completed" and ending[-1]["response"]["output"][0]["content"][0]["text"] == ""
+
+
 def test_logprobs_wire_formats():
     from r1.serving.logprobs import chat_logprobs, completion_logprobs
 

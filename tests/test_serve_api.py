@@ -373,6 +373,81 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
+def test_responses_api_answers_as_chat_does(server, client):
+    # OpenAI's Responses API with the stock client: the same greedy generation as a chat completion,
+    # its reasoning in a reasoning item and its answer in a message item; streamed, the events add
+    # up to the same response.
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0)
+    message = chat.choices[0].message.model_dump()
+    response = client.responses.create(model=MODEL, input=MESSAGES[0]["content"], max_output_tokens=40, temperature=0)
+    assert response.output_text == (message["content"] or "")
+    assert [item.type for item in response.output] == (["reasoning"] if message["reasoning_content"] else []) + ["message"]
+    if message["reasoning_content"]:
+        assert response.output[0].content[0].text == message["reasoning_content"]
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert response.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    if response.status == "incomplete":
+        assert response.incomplete_details.reason == "max_output_tokens"
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens <= response.usage.output_tokens
+    # instructions and a list of messages with text parts read as the chat messages they stand for
+    system = "Answer with a number."
+    listed = client.responses.create(
+        model=MODEL, instructions=system, max_output_tokens=12, temperature=0,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": MESSAGES[0]["content"]}]}])
+    as_chat = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
+                                             messages=[{"role": "system", "content": system}, *MESSAGES])
+    assert listed.output_text == (as_chat.choices[0].message.content or "")
+    assert listed.usage.input_tokens == as_chat.usage.prompt_tokens and listed.instructions == system
+    # streamed: created, in_progress, the items' events, completed; numbered in order
+    events = list(client.responses.create(model=MODEL, input=MESSAGES[0]["content"], max_output_tokens=40,
+                                          temperature=0, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type == f"response.{response.status}"
+    final = events[-1].response
+    assert final.output_text == response.output_text and final.usage.output_tokens == response.usage.output_tokens
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert text == response.output_text and reasoning == (message["reasoning_content"] or "")
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert [e.item.type for e in done] == [item.type for item in response.output]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, 400, "text.format"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input.0.content.0"),
+    ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "input.0.role"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, 400, "input.0"),
+    ({"input": []}, 400, "input"),
+    ({"input": "hi", "max_output_tokens": 10**6}, 400, "max_output_tokens"),
+    ({"input": "hi", "temperature": 9}, 400, "temperature"),
+    ({"input": "1 " * 1100}, 400, "input"),  # beyond the context
+    ({"model": "gpt-17", "input": "hi"}, 404, "model"),
+])
+def test_responses_api_bad_input_names_the_responses_field(server, body, status, param):
+    response = _post(server, "/v1/responses", {"model": MODEL, **body})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
+def test_responses_api_screens_input_and_output(server):
+    # The strict app: a keyword in the input is a 400 naming where it was; output letters are redacted.
+    for body, param in (({"input": "我的密码是 123456"}, "input"),
+                        ({"instructions": "密码 123456", "input": "hi"}, "instructions"),
+                        ({"input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "密码 123456"}]},
+                         "input.1.content")):
+        response = _post(server, "/strict/v1/responses", {"model": MODEL, "max_output_tokens": 4, **body})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "sensitive_content", response.text
+        assert response.json()["error"]["param"] == param
+    response = _post(server, "/strict/v1/responses", {"model": MODEL, "input": MESSAGES[0]["content"],
+                                                      "max_output_tokens": 40, "temperature": 0})
+    assert response.status_code == 200, response.text
+    texts = [part["text"] for item in response.json()["output"] for part in item["content"]]
+    assert texts and not any(__import__("re").search("[a-z]{2}", t.replace("[已隐藏]", "")) for t in texts)
+
+
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -427,6 +502,7 @@ def test_sharded_greedy_equals_unsharded(server):
 def test_auth_required_on_every_model_route(server, headers):
     for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
                                ("POST", "/v1/completions", {"model": MODEL, "prompt": "1"}),
+                               ("POST", "/v1/responses", {"model": MODEL, "input": "1"}),
                                ("POST", "/tokenize", {"model": MODEL, "prompt": "1"}),
                                ("POST", "/detokenize", {"model": MODEL, "tokens": [1]})]:
         response = httpx.request(method, f"{server}{path}", json=body, headers=headers, timeout=30)

@@ -31,6 +31,7 @@ from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
 from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
+from r1.serving.responses import ResponseEvents, ResponsesRequest, chat_request, responses_error
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -87,8 +88,8 @@ def error_response(error: APIError) -> JSONResponse:
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Unknown routes (404) and wrong methods (405) answer with an OpenAI-style error body too."""
     if error.status_code == 404:
-        message = (f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, /v1/models, "
-                   "/v1/sessions/{id}, /tokenize, /detokenize, /health")
+        message = (f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, /v1/responses, "
+                   "/v1/models, /v1/sessions/{id}, /tokenize, /detokenize, /health")
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -275,6 +276,11 @@ class OpenAIIngress:
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, chat=False)
 
+    @app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API: a chat request in other words (r1/serving/responses.py)."""
+        return await self._handle(request, chat=True, responses=True)
+
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
@@ -322,23 +328,35 @@ class OpenAIIngress:
         return self.sessions
 
     # -- the request path ------------------------------------------------------------------------
-    async def _handle(self, request: Request, chat: bool) -> Response:
-        route = "chat" if chat else "completions"
-        return await self._traced(request, route, lambda root, timer: self._respond(request, chat, route, root, timer))
+    async def _handle(self, request: Request, chat: bool, responses: bool = False) -> Response:
+        route = "responses" if responses else "chat" if chat else "completions"
+        return await self._traced(request, route,
+                                  lambda root, timer: self._respond(request, chat, route, root, timer, responses))
 
-    async def _respond(self, request: Request, chat: bool, route: str, root: Any, timer: GenerationTimer) -> Response:
+    async def _respond(self, request: Request, chat: bool, route: str, root: Any, timer: GenerationTimer,
+                       responses: bool = False) -> Response:
         turn = None
+        wanted = None  # the Responses request, whose fields errors then name
+
+        def failed(error: APIError) -> Response:
+            self._abandon(turn)
+            return error_response(error if wanted is None else responses_error(error, wanted))
+
         try:
             owner = self.auth.check(request.headers.get("authorization"))
             body = await self._read_json(request)
-            parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
+            if responses:
+                wanted = parse_request(ResponsesRequest, body)
+                parsed = chat_request(wanted)
+            else:
+                parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             unsupported(parsed)
             self._check_model(parsed.model)
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             messages = chat_messages(parsed, self.config) if chat else None
             opening = None
-            if chat and self.sessions is not None:
+            if chat and self.sessions is not None and not responses:  # Responses requests store nothing
                 # Opening the session sends the store no message text and needs nothing from the
                 # checks below, so it runs alongside them (one hop fewer before the model); the
                 # screened messages are planned into it after. Its errors come after the checks'.
@@ -374,8 +392,7 @@ class OpenAIIngress:
             streams = [self._open(prompt, chat, sampling, index) for prompt in prompts for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
-            self._abandon(turn)
-            return error_response(error)
+            return failed(error)
         except asyncio.CancelledError:  # the client went away
             self._abandon(turn)
             raise
@@ -396,10 +413,11 @@ class OpenAIIngress:
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
         headers = {SESSION_HEADER: turn.session_id} if turn else {}
+        events = ResponseEvents(wanted, self.config.model_name) if responses else None
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_body(streams, starts, choices, response_id, chat, include_usage, turn, root, route),
+                self._stream_body(streams, starts, choices, response_id, chat, include_usage, turn, root, route, events),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **headers},
             )
@@ -408,13 +426,16 @@ class OpenAIIngress:
             if turn is not None:
                 await self.sessions.finish_turn(turn, "".join(choices[0].content))
         except APIError as error:
-            self._abandon(turn)
-            return error_response(error)
+            return failed(error)
         except asyncio.CancelledError:
             self._abandon(turn)
             raise
         self._record_generation(route, root, choices)
         usage = _usage(choices)
+        if events is not None:
+            reasoning, content = "".join(choices[0].reasoning), "".join(choices[0].content)
+            return JSONResponse(events.finished(reasoning, content, self._finish_reason(choices[0]), usage["prompt_tokens"],
+                                                usage["completion_tokens"], self._count_tokens(reasoning)))
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs)) for i, c in enumerate(choices)]
@@ -482,6 +503,16 @@ class OpenAIIngress:
             headers[SESSION_HEADER] = turn.session_id
         return JSONResponse(chat_response(new_id("chatcmpl"), self.config.model_name, choices, usage, **extra),
                             headers=headers)
+
+    @staticmethod
+    def _finish_reason(choice: _Choice) -> str | None:
+        """Why a Responses request's output ended: the engine's reason, or "content_filter" when the
+        safety filter blocked it."""
+        return "content_filter" if choice.screen.blocked else choice.finish_reason
+
+    def _count_tokens(self, text: str) -> int:
+        """Tokens of generated text, counted again (a Responses usage's reasoning_tokens)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
     def _continued_text(self, prompt: str | list[int]) -> str:
         """The end of the text a completion continues, as output screening's context (a chat reply
@@ -634,8 +665,9 @@ class OpenAIIngress:
 
     async def _stream_body(
         self, streams: list[Any], starts: list[dict[str, Any]], choices: list[_Choice], response_id: str, chat: bool,
-        include_usage: bool, turn: Any, root: Any, route: str,
+        include_usage: bool, turn: Any, root: Any, route: str, events: ResponseEvents | None = None,
     ) -> AsyncIterator[bytes]:
+        """The SSE body: chat or completion chunks and [DONE], or a Responses request's events."""
         # What the request is recorded with, set when the stream ends: 200 (HTTP already said so), or
         # an error's status sent inside the stream. Still None in `finally`: the client went away.
         status: int | None = None
@@ -657,7 +689,9 @@ class OpenAIIngress:
             # A session's id goes in each choice's first chunk and in the usage chunk, as the
             # non-streamed response carries it (and the X-Session-Id header for both).
             extra = {"session_id": turn.session_id} if turn is not None else {}
-            if chat:
+            if events is not None:
+                yield events.opening()
+            elif chat:
                 for index in range(len(streams)):
                     yield sse({**chat_chunk(response_id, model, created, index, {"role": "assistant", "content": ""}),
                                **extra})
@@ -678,14 +712,18 @@ class OpenAIIngress:
                     reasoning, content, entries = await self._screen_item(item, choice, root)
                 except APIError as error:
                     status = error.status
-                    yield sse(error.body())
+                    yield events.error(error) if events is not None else sse(error.body())
                     return
-                if reasoning or content or entries:
+                if events is not None:
+                    if reasoning or content:
+                        yield events.delta(reasoning, content)
+                elif reasoning or content or entries:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None,
                                       self._logprobs(chat, choice, entries))
                 if item is None:
                     open_streams -= 1
-                    yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
+                    if events is None:
+                        yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
             if turn is not None:
                 # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
                 try:
@@ -695,6 +733,12 @@ class OpenAIIngress:
                     status = error.status
                     yield sse(error.body())
                     return
+            if events is not None:
+                usage = _usage(choices)
+                status = 200
+                yield events.closing(self._finish_reason(choices[0]), usage["prompt_tokens"], usage["completion_tokens"],
+                                     self._count_tokens(events.reasoning))
+                return
             if include_usage:
                 usage = _usage(choices)
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
