@@ -105,6 +105,10 @@ class SamplingConfig(StrictModel):
     # of every position (context × vocabulary floats).
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stop: list[str] = Field(default_factory=list)
+    # Structured output (OpenAI's response_format): the reply must be compact JSON valid against this
+    # JSON schema ({"type": "object"} for json_object); a chat reply of a reasoning model is
+    # constrained after its reasoning. Needs the `structured` extra (xgrammar); transformers engine.
+    json_schema: dict[str, Any] | None = None
     # Token ids that end the reply when generated (vLLM's stop_token_ids), besides end-of-sequence;
     # they apply with ignore_eos too. Their text stays in the reply (none for special tokens).
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)

@@ -18,6 +18,6 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "installing r1-cluster and its dependencies into .venv (first time: several minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev,train,telemetry,sessions,bench,haproxy]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,train,telemetry,sessions,structured,bench,haproxy]"
   echo "$want" > "$stamp"
 fi

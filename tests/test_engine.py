@@ -422,6 +422,56 @@ def test_prompt_logprobs_are_the_models_own_distribution_at_each_prompt_token(en
     assert [(e.token_id, e.logprob) for e in one.prompt_logprobs] == [(ids[0], None)]
 
 
+YES_NO = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+def test_json_schema_constrains_the_reply_and_ends_it_when_complete(engine):
+    # Structured output: the reply is compact JSON valid against the schema and ends with it; a
+    # chat reply reasons first (r1-tiny's template opens <think>) and is constrained after </think>;
+    # a row batched beside them is untouched.
+    import json
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=64)
+    constrained = greedy.model_copy(update={"json_schema": YES_NO})
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    plain_before = engine.generate_batch([PROMPTS[6]], greedy)[0]
+    completion, reply, plain = engine.generate_batch(["Is 12 + 7 = 19?", chat, PROMPTS[6]], [constrained, constrained, greedy])
+    assert completion.finish_reason == "stop" and json.loads(completion.text) in ({"answer": "yes"}, {"answer": "no"})
+    reasoning, _, answer = reply.text.partition("</think>")
+    assert reasoning.strip() and reply.finish_reason == "stop"
+    assert json.loads(answer) in ({"answer": "yes"}, {"answer": "no"})
+    assert plain.token_ids == plain_before.token_ids
+    # Sampled rows follow the schema too; the JSON's end is followed by end-of-sequence only.
+    sampled = engine.generate_batch(["Is 12 + 7 = 19?"] * 4, [constrained.model_copy(update={"temperature": 1.5,
+                                                                                             "seed": s}) for s in range(4)])
+    assert all(json.loads(c.text)["answer"] in ("yes", "no") and c.finish_reason == "stop" for c in sampled)
+    # OpenAI's json_object: any object; a +100 bias on "}" closes it at once.
+    close = engine.tokenizer.convert_tokens_to_ids("}")
+    empty = engine.generate_batch(["Is 12 + 7 = 19?"], greedy.model_copy(update={
+        "json_schema": {"type": "object"}, "logit_bias": {close: 100.0}}))[0]
+    assert empty.text == "{}" and empty.finish_reason == "stop"
+    # An integer value: only digits can follow (the tiny model never stops writing them).
+    number = engine.generate_batch(["Is 12 + 7 = 19?"], greedy.model_copy(update={"max_new_tokens": 24, "json_schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}))[0]
+    assert __import__("re").fullmatch(r'\{"n": -?\d*\}?', number.text), number.text
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "nonsense"}, "Unsupported type"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "nowhere"),
+])
+def test_a_schema_that_cannot_be_compiled_names_response_format(engine, schema, message):
+    from r1.engine import RequestError
+
+    with pytest.raises(RequestError, match=message) as error:
+        engine.make_request("1", SamplingConfig(json_schema=schema))
+    assert error.value.field == "response_format" and ".cc:" not in str(error.value)  # xgrammar's source location cut
+    with pytest.raises(RequestError) as error:
+        engine.make_request("1", SamplingConfig(json_schema=YES_NO, min_tokens=2, max_new_tokens=8))
+    assert error.value.field == "min_tokens"
+
+
 def test_min_tokens_holds_back_end_of_sequence_and_stop_token_ids(engine, tiny):
     # vLLM's min_tokens: the ids that would end the reply cannot be chosen before it has that many
     # tokens; greedy output then equals a reference decoding that masks them as long.

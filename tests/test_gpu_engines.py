@@ -650,5 +650,7 @@ def test_adapter_inputs_follow_the_transformers_engine(facts, reference_engine):
         # answered without (the LLM server makes this a 400 naming logprobs).
         with pytest.raises(ValueError, match="^logprobs is not supported with engine.name: replay"):
             engine.make_request("hello", SamplingConfig(logprobs=0))
+        with pytest.raises(ValueError, match="^response_format json_object/json_schema is not supported"):
+            engine.make_request("hello", SamplingConfig(json_schema={"type": "object"}))
     finally:
         engine.shutdown()

@@ -69,8 +69,6 @@ def test_surrogate_pairs_and_plain_escapes_decode():
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
     ],
 )
 def test_chat_features_r1_does_not_implement_are_refused(extra, param):
@@ -166,6 +164,32 @@ def test_bad_vllm_sampling_extensions_are_400_naming_the_field(body, param):
     with pytest.raises(APIError) as error:
         sampling_for(parse_request(ChatCompletionRequest, {**CHAT, **body}), ServeConfig())
     assert (error.value.status, error.value.param) == (400, param), error.value.message
+
+
+@pytest.mark.parametrize("kind, response_format, schema", [
+    ("chat", None, None),
+    ("chat", {"type": "text"}, None),
+    ("chat", {"type": "json_object"}, {"type": "object"}),
+    ("completion", {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "integer"}, "strict": True}},
+     {"type": "integer"}),
+])
+def test_response_format_becomes_a_json_schema(kind, response_format, schema):
+    extra = {} if response_format is None else {"response_format": response_format}
+    request = parse_request(ChatCompletionRequest, {**CHAT, **extra}) if kind == "chat" else \
+        parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra})
+    unsupported(request)
+    assert sampling_for(request, ServeConfig()).json_schema == schema
+
+
+@pytest.mark.parametrize("response_format, param", [
+    ({"type": "json_schema", "json_schema": {"name": "a"}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema"}, "response_format.json_schema.schema"),
+    ({"type": "yaml"}, "response_format.type"),
+])
+def test_bad_response_formats_are_400_naming_the_field(response_format, param):
+    with pytest.raises(APIError) as error:
+        sampling_for(parse_request(ChatCompletionRequest, {**CHAT, "response_format": response_format}), ServeConfig())
+    assert (error.value.status, error.value.param) == (400, param)
 
 
 def test_logprob_entries_are_released_only_for_text_the_screening_passed_unchanged():

@@ -416,7 +416,7 @@ def test_responses_api_answers_as_chat_does(server, client):
 @pytest.mark.parametrize("body, status, param", [
     ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
     ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, 400, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input.0.content.0"),
     ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "input.0.role"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, 400, "input.0"),
@@ -446,6 +446,45 @@ def test_responses_api_screens_input_and_output(server):
     assert response.status_code == 200, response.text
     texts = [part["text"] for item in response.json()["output"] for part in item["content"]]
     assert texts and not any(__import__("re").search("[a-z]{2}", t.replace("[已隐藏]", "")) for t in texts)
+
+
+YES_NO = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+def test_structured_output_over_http(server, client, tokenizer):
+    # response_format json_schema on chat (the answer after the reasoning, streamed and not), on
+    # completions (json_object) and on the Responses API (text.format); a bad schema is a 400.
+    schema_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": YES_NO, "strict": True}}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Is 2 + 3 = 5?"}], "max_tokens": 64, "temperature": 0}
+    reply = client.chat.completions.create(**chat, response_format=schema_format)
+    message = reply.choices[0].message.model_dump()
+    assert json.loads(message["content"]) in ({"answer": "yes"}, {"answer": "no"}) and message["reasoning_content"]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **chat, response_format=schema_format, stream=True) if c.choices)
+    assert streamed == message["content"]
+    close = tokenizer.convert_tokens_to_ids("}")
+    empty = client.completions.create(model=MODEL, prompt="Is 12 + 7 = 19?", max_tokens=8, temperature=0,
+                                      logit_bias={str(close): 100},
+                                      extra_body={"response_format": {"type": "json_object"}})  # vLLM's extension
+    assert empty.choices[0].text == "{}" and empty.choices[0].finish_reason == "stop"
+    answer = client.responses.create(model=MODEL, input="Is 2 + 3 = 5?", max_output_tokens=64, temperature=0,
+                                     text={"format": {"type": "json_schema", "name": "verdict", "schema": YES_NO}})
+    assert json.loads(answer.output_text) == json.loads(message["content"])
+    for path, body, param in (
+        ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
+                                                                               "schema": {"type": "nonsense"}}}},
+         "text.format"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}},
+         "text.format.schema"),
+        ("/v1/chat/completions", {**chat, "code_validation": True, "response_format": {"type": "json_object"}},
+         "response_format"),
+    ):
+        response = _post(server, path, body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):

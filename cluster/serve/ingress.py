@@ -459,6 +459,8 @@ class OpenAIIngress:
             raise APIError(400, "code_validation supports n=1 only", param="n")
         if parsed.logprobs:
             raise APIError(400, "code_validation does not return logprobs; omit logprobs", param="logprobs")
+        if sampling.json_schema is not None:
+            raise APIError(400, "code_validation answers with code, not JSON; omit response_format", param="response_format")
         if parsed.tests is not None:
             from r1.codecheck.harness import parse_tests
 

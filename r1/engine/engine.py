@@ -30,6 +30,7 @@ from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, Sam
 from r1.engine.openmp import release_thread_pool
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
+from r1.engine.structured import Grammars
 from r1.engine.types import Completion, Delta, Request, RequestError
 
 logger = logging.getLogger(__name__)
@@ -349,6 +350,7 @@ class TransformersEngine:
         self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0)
         self.context_tokens = context_tokens or context_length(model, tokenizer)
         self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
+        self.grammars = Grammars(tokenizer, self.runner.vocab_size, self.stop_token_ids)  # compiled on first use
         # asyncio loop -> its mailbox. Deferred: the scheduler wakes the loops once per batch of
         # tokens it emitted (one cross-thread wakeup per loop and step, not one per token).
         self._mailboxes = Mailboxes(deferred=True)
@@ -375,8 +377,16 @@ class TransformersEngine:
         return encode_prompt(self.tokenizer, prompt, self.runner.vocab_size)
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
-        return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
-                           context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+        request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
+                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+        if sampling.json_schema is not None:
+            if sampling.min_tokens:  # it would hold back the end-of-sequence a complete JSON reply must take
+                raise RequestError("min_tokens cannot be combined with response_format json_object/json_schema",
+                                   "min_tokens")
+            request.grammar = self.grammars.compile(sampling.json_schema)
+            chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+            request.grammar_gate = self.grammars.think_end_id if chat and self.think_prefilled else None
+        return request
 
     # -- streaming API (background decode thread) ------------------------------------------
     def start(self) -> None:

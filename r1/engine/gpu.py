@@ -310,6 +310,9 @@ class AsyncPackageEngine:
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
                                "logprobs", "unsupported")
+        if sampling.json_schema is not None:
+            raise RequestError(f"response_format json_object/json_schema is not supported with engine.name: {self.name}; "
+                               "use the transformers engine", "response_format", "unsupported")
         return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                            context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
 

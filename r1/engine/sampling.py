@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from r1.config import SamplingConfig
+from r1.engine.structured import JsonConstraint
 from r1.engine.types import TokenLogprob
 
 
@@ -34,10 +35,12 @@ class RowState:
     # The ids that would end the reply, held back (min_tokens) for `hold_steps` more tokens.
     ending_ids: torch.Tensor | None = None
     hold_steps: int = 0
+    # Structured output: masks the tokens that would break the JSON (r1.engine.structured).
+    constraint: JsonConstraint | None = None
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device,
-               ending_ids: frozenset[int] = frozenset()) -> RowState:
+               ending_ids: frozenset[int] = frozenset(), constraint: JsonConstraint | None = None) -> RowState:
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")
@@ -54,9 +57,11 @@ class RowState:
         if sampling.min_tokens and ending_ids:
             hold = torch.tensor(sorted(ending_ids), dtype=torch.long, device=device)
         return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias,
-                   ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0)
+                   ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0, constraint=constraint)
 
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.observe(token_id)
         if self.hold_steps:
             self.hold_steps -= 1
         if self.output_counts is not None:
@@ -131,6 +136,8 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
             logits[i] = logits[i].index_add(-1, *row.bias)  # made on the runner's device, float32 as `logits`
         if row.hold_steps:
             logits[i, row.ending_ids] = float("-inf")
+        if row.constraint is not None and row.constraint.active:
+            row.constraint.mask(logits[i : i + 1])
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:

@@ -28,6 +28,7 @@ from r1.engine.detok import IncrementalDetokenizer
 from r1.engine.memory import CudaCachePolicy
 from r1.engine.runner import ModelRunner
 from r1.engine.sampling import RowState, prompt_token_logprobs, sample_rows, token_logprobs
+from r1.engine.structured import JsonConstraint
 from r1.engine.types import Delta, FinishReason, Request, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Scheduler:
         seq = _Sequence(
             request=request,
             emit=emit,
-            row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids()),
+            row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids(),
+                                None if request.grammar is None else JsonConstraint(request.grammar, request.grammar_gate)),
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
         )
         with self._lock:
@@ -195,7 +197,7 @@ class Scheduler:
         stop = request.stop_kind(token)
         text = "" if stop == "eos" else seq.detok.add(token)
         reason: FinishReason | None = None
-        if stop or seq.detok.stopped:
+        if stop or seq.detok.stopped or (seq.row.constraint is not None and seq.row.constraint.done):
             reason = "stop"
         elif len(seq.output_ids) >= request.max_new_tokens:
             reason = "length"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from r1.config import SamplingConfig
 
@@ -103,6 +103,10 @@ class Request:
     # The model's end-of-sequence ids (ignored with sampling.ignore_eos; sampling.stop_token_ids
     # end the reply too).
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # Structured output: the compiled grammar of sampling.json_schema (`r1.engine.structured`), and
+    # the token after which it applies (None: from the first token).
+    grammar: Any = None
+    grammar_gate: int | None = None
 
     def stop_kind(self, token: int) -> Literal["eos", "stop_token"] | None:
         """How `token` ends the reply: as end-of-sequence (no text of its own), as one of the

@@ -5,7 +5,7 @@ an HTTP status and an OpenAI-style body that names the field (`param`) and the f
 ingress (in `cluster/`) only moves bytes and calls these functions.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Known OpenAI features r1 does not implement (tools, response_format, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than silently
+Known OpenAI features r1 does not implement (tools, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than silently
 ignored; their neutral values (`tool_choice: "none"`, `best_of: 1`, ...) pass.
 r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`; vLLM's `min_p`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`.
@@ -111,6 +111,8 @@ class _SamplingFields(_Lenient):
     user: str | None = None
     session_id: str | None = None
     logit_bias: dict[str, Any] | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}} (`requested_schema`)
+    response_format: dict[str, Any] | None = None
     # vLLM's sampling extensions (what vLLM's benchmark clients send): see SamplingConfig.
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(default=None, ge=0)
@@ -135,7 +137,6 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -226,8 +227,6 @@ def unsupported(request: _SamplingFields) -> None:
             asked.append(("tool_choice", "tool calling is not supported by this server; omit tool_choice"))
         if request.functions or request.function_call not in (None, "none", "auto"):
             asked.append(("functions", "function calling is not supported by this server; omit functions"))
-        if request.response_format is not None and request.response_format.get("type", "text") != "text":
-            asked.append(("response_format", "only response_format {\"type\": \"text\"} is supported; omit it"))
     if isinstance(request, CompletionRequest):
         if request.suffix:
             asked.append(("suffix", "suffix (insertion) is not supported; omit it"))
@@ -329,6 +328,7 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     updates["logprobs"] = requested_logprobs(request)
+    updates["json_schema"] = requested_schema(request)
     if getattr(request, "echo", False):  # the echoed prompt's tokens get theirs too
         updates["prompt_logprobs"] = updates["logprobs"]
     if request.stop is not None:
@@ -337,6 +337,25 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
         return SamplingConfig.model_validate({**config.sampling.model_dump(), **updates})
     except ValidationError as error:
         raise invalid_value(error) from None
+
+
+def requested_schema(request: _SamplingFields) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks the reply to follow: {"type": "object"} for
+    json_object, the given schema for json_schema; None for text."""
+    format_ = request.response_format
+    kind = "text" if format_ is None else format_.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = format_.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                           param="response_format.json_schema.schema", code="invalid_value")
+        return spec["schema"]
+    raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                   param="response_format.type", code="invalid_value")
 
 
 def requested_logprobs(request: _SamplingFields) -> int | None:

@@ -9,9 +9,11 @@ the model's reasoning (R1-style models always reason) and a `message` item holdi
 and for streams the event sequence the stock `openai` client reads (`response.created` …
 `response.completed`). Errors name the Responses fields (`input.1.content`, `max_output_tokens`).
 
+`text.format` json_object / json_schema is chat's `response_format` (structured output).
+
 Not implemented, refused with a 400 naming the field when asked for: `tools`,
 `previous_response_id` (nothing is stored: `store` is accepted and has no effect), `background`,
-`include`, a `text.format` other than text. `reasoning` settings are accepted and not used.
+`include`. `reasoning` settings are accepted and not used.
 """
 
 from __future__ import annotations
@@ -75,8 +77,6 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         raise _refuse("background", "background responses are not supported; omit background")
     if request.include:
         raise _refuse("include", "include is not supported; omit it")
-    if request.text is not None and (request.text.get("format") or {}).get("type", "text") != "text":
-        raise _refuse("text.format", "only the text format is supported; omit text.format")
     messages: list[dict[str, Any]] = []
     if request.instructions is not None:
         messages.append({"role": "system", "content": request.instructions})
@@ -96,11 +96,20 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
                                param=f"input.{index}" + (f".{error.param}" if error.param else ""), code=error.code) from None
             messages.append({"role": message.role, "content": _text(message, index)})
     body = {"model": request.model, "messages": messages, "stream": request.stream, "user": request.user,
-            "max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p}
+            "max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p,
+            "response_format": _response_format(request.text)}
     try:
         return parse_request(ChatCompletionRequest, {k: v for k, v in body.items() if v is not None})
     except APIError as error:
         raise responses_error(error, request) from None
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` as chat's response_format: json_schema carries its schema at the top level here."""
+    format_ = (text or {}).get("format")
+    if not isinstance(format_, dict) or format_.get("type") != "json_schema":
+        return format_
+    return {"type": "json_schema", "json_schema": {key: value for key, value in format_.items() if key != "type"}}
 
 
 def _text(message: InputMessage, index: int) -> str:
@@ -122,6 +131,8 @@ def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
     param = error.param
     if param in ("max_tokens", "max_completion_tokens"):
         param = "max_output_tokens"
+    elif param is not None and param.startswith("response_format"):
+        param = "text.format" + param.removeprefix("response_format").replace(".json_schema", "")
     elif param is not None and (match := _MESSAGE_PARAM.fullmatch(param)):
         index = None if match.group(1) is None else int(match.group(1))
         if request.instructions is not None and index is not None:
