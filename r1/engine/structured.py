@@ -77,14 +77,12 @@ class JsonConstraint:
     that ends the reasoning) when given."""
 
     def __init__(self, compiled: Any, gate: int | None):
-        import torch
         import xgrammar as xgr
 
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.gate = gate
         self.bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
-        self._torch = torch
 
     @property
     def active(self) -> bool:
