@@ -435,7 +435,7 @@ class OpenAIIngress:
         if events is not None:
             reasoning, content = "".join(choices[0].reasoning), "".join(choices[0].content)
             return JSONResponse(events.finished(reasoning, content, self._finish_reason(choices[0]), usage["prompt_tokens"],
-                                                usage["completion_tokens"], self._count_tokens(reasoning)))
+                                                usage["completion_tokens"], await self._count_tokens(reasoning)))
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs)) for i, c in enumerate(choices)]
@@ -512,9 +512,12 @@ class OpenAIIngress:
         safety filter blocked it."""
         return "content_filter" if choice.screen.blocked else choice.finish_reason
 
-    def _count_tokens(self, text: str) -> int:
-        """Tokens of generated text, counted again (a Responses usage's reasoning_tokens)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+    async def _count_tokens(self, text: str) -> int:
+        """Tokens of generated text, counted again (a Responses usage's reasoning_tokens), off the
+        event loop (a long reasoning takes milliseconds to tokenize)."""
+        if not text:
+            return 0
+        return len(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False))
 
     def _continued_text(self, prompt: str | list[int]) -> str:
         """The end of the text a completion continues, as output screening's context (a chat reply
@@ -739,7 +742,7 @@ class OpenAIIngress:
                 usage = _usage(choices)
                 status = 200
                 yield events.closing(self._finish_reason(choices[0]), usage["prompt_tokens"], usage["completion_tokens"],
-                                     self._count_tokens(events.reasoning))
+                                     await self._count_tokens(events.reasoning))
                 return
             if include_usage:
                 usage = _usage(choices)

@@ -4,7 +4,7 @@ A Responses request is a chat request in other words: `instructions` become a sy
 `input` (a string, or a list of messages whose content is a string or `input_text` parts) the
 messages; `max_output_tokens` is `max_tokens`. `chat_request` makes that translation, so the
 request is validated, screened and generated exactly as a chat completion is; `ResponseEvents`
-and `response_object` put the result in the Responses shape: a `reasoning` output item holding
+puts the result in the Responses shape (`finished`, or streamed events): a `reasoning` output item holding
 the model's reasoning (R1-style models always reason) and a `message` item holding the answer,
 and for streams the event sequence the stock `openai` client reads (`response.created` …
 `response.completed`). Errors name the Responses fields (`input.1.content`, `max_output_tokens`).
