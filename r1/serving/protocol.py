@@ -52,14 +52,14 @@ def _error_type(status: int) -> str:
     }.get(status, "server_error")
 
 
-class _Lenient(BaseModel):
+class LenientModel(BaseModel):
     # Unknown fields are ignored (clients send newer OpenAI fields); known ones take their JSON type
     # only: lax parsing read `"temperature": true` as 1.0, `"max_tokens": "5"` as 5 and a token id
     # `true` as 1 (an integer is still a valid number).
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(LenientModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -89,11 +89,11 @@ class ChatMessage(_Lenient):
         return "\n".join(parts)
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(LenientModel):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(LenientModel):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -177,7 +177,7 @@ def prompt_batch(prompt: Any) -> list | None:
     return list(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else None
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(LenientModel):
     """`POST /tokenize` (as vLLM serves it): a prompt, or chat messages rendered with the chat
     template, to the token ids the engine would see. `add_special_tokens` defaults as the engine
     encodes: on for a prompt, off for messages (the template writes its own)."""
@@ -195,7 +195,7 @@ class TokenizeRequest(_Lenient):
         return self
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(LenientModel):
     """`POST /detokenize`: token ids back to text."""
 
     model: str

@@ -25,21 +25,21 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictBool
 
-from r1.serving.protocol import APIError, ChatCompletionRequest, _Lenient, parse_request, new_id
+from r1.serving.protocol import APIError, ChatCompletionRequest, LenientModel, parse_request, new_id
 
 
-class InputPart(_Lenient):
+class InputPart(LenientModel):
     type: str
     text: str | None = None
 
 
-class InputMessage(_Lenient):
+class InputMessage(LenientModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[InputPart]
 
 
-class ResponsesRequest(_Lenient):
+class ResponsesRequest(LenientModel):
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
