@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from cluster.cli import path_argument
@@ -43,6 +45,9 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                        help="0..1: drop tokens less likely than this times the most likely one (vLLM's min_p; default 0)")
     group.add_argument("--min-tokens", type=int,
                        help="end-of-sequence cannot end the reply before it has this many tokens (default 0)")
+    group.add_argument("--json-schema", type=path_argument, metavar="PATH|object",
+                       help="structured output: the answer must be JSON valid against the JSON schema in PATH "
+                            "('object': any JSON object); the reasoning before it stays free text")
     group.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     group.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
     parser.add_argument("--hide-reasoning", action="store_true", help="print only the answer, not the <think> reasoning")
@@ -63,8 +68,25 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         value = getattr(args, flag, None)
         if value is not None:
             flags[key] = check_text(value, f"--{flag.replace('_', '-')}")
+    if getattr(args, "json_schema", None) is not None:
+        flags["sampling.json_schema"] = read_json_schema(args.json_schema)
     # Flag values are set as they are (not re-read as YAML: a '#' or '[' in a path stays in it).
     return set_values(config, flags, "command-line flags") if flags else config
+
+
+def read_json_schema(source: str) -> dict:
+    """--json-schema: "object" (any JSON object) or a file holding a JSON schema object."""
+    if source == "object":
+        return {"type": "object"}
+    try:
+        schema = json.loads(Path(source).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"--json-schema {source}: cannot read it ({error.strerror or error})") from None
+    except ValueError as error:
+        raise ValueError(f"--json-schema {source}: not JSON ({error})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {source}: a JSON schema is an object, not {type(schema).__name__}")
+    return schema
 
 
 def check_text(value: object, what: str) -> object:

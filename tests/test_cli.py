@@ -62,9 +62,23 @@ def test_generate_hide_reasoning_and_raw():
     assert "[thinking]" not in result.stdout
 
 
+def test_generate_with_a_json_schema_answers_json_after_the_reasoning(tmp_path):
+    import json
+
+    schema = tmp_path / "verdict.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+                                  "required": ["answer"], "additionalProperties": False}))
+    result = run("generate", "Is 2 + 3 = 5?", "--temperature", "0", "--max-new-tokens", "64", "--json-schema", str(schema),
+                 "--hide-reasoning")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) in ({"answer": "yes"}, {"answer": "no"})  # the answer alone, as JSON
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--json-schema", "./missing.json"], "--json-schema ./missing.json: cannot read it"),
+        (["--json-schema", "pyproject.toml"], "--json-schema pyproject.toml: not JSON"),
         (["--temperature", "-1"], "sampling.temperature"),  # out of range, named
         (["--max-new-tokens", "5000"], "use max_new_tokens <= "),  # beyond r1-tiny's 1024-token context
         (["--model", "./missing-model-dir"], "does not exist"),  # a path that is not there
