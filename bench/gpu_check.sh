@@ -21,7 +21,8 @@
 #                       cache (PASS >= 58/64 equal), bf16 and bf16 + torch.compile accuracy vs fp32's
 #                       (PASS within 0.1), tokens/s of each (after engine.warmup() and one untimed
 #                       batch; the first batch after the warm-up is printed too), a stop string and an abort
-#                       mid-stream freeing the request
+#                       mid-stream freeing the request; fp32 structured output (an enum schema, 16/16 valid)
+#                       and logprobs (within 1e-3 of a plain forward pass)
 #   serve_gpu           `r1 serve` with its LLM-server replicas on the GPU (fp32, 0.25 GPU each), then with
 #                       pipeline_stages=2 (ModelShard actors on the GPU): 16 concurrent greedy chat
 #                       completions through the stock openai client vs the in-process engine's (PASS >= 14/16
@@ -238,6 +239,29 @@ def reference(model, ids, max_new_tokens, eos):
         out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
     return tokens
 
+def check_structured_and_logprobs(engine, prompts):
+    """Structured output (the grammar's bitmask applied to logits on the GPU) and logprobs (against a
+    plain forward pass of the model), fp32."""
+    import json
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    outs = engine.generate_batch(prompts[:16], SamplingConfig(temperature=0, max_new_tokens=96, json_schema=schema))
+    parsed = 0
+    for c in outs:
+        try:
+            parsed += json.loads(c.text.rpartition("</think>")[2])["answer"] in ("yes", "no") and c.finish_reason == "stop"
+        except ValueError:
+            pass
+    print(f"RESULT engine fp32: structured output (enum schema after the reasoning): {parsed}/16 valid")
+    out = engine.generate_batch(prompts[:1], SamplingConfig(temperature=0, max_new_tokens=16, logprobs=2, ignore_eos=True))[0]
+    ids = engine.make_request(prompts[0], SamplingConfig()).prompt_token_ids
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids + out.token_ids], device=engine.model.device)).logits[0].float()
+    expected = logits[len(ids) - 1 : -1].log_softmax(-1)
+    worst = max(abs(e.logprob - float(expected[i, t])) for i, (e, t) in enumerate(zip(out.logprobs, out.token_ids)))
+    print(f"RESULT engine fp32: logprobs vs a plain forward pass: largest difference {worst:.2e}")
+    return parsed == 16 and worst < 1e-3
+
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     problems = generate_problems(64, level=1, seed=0, split="test")
@@ -257,6 +281,7 @@ def main():
         print(f"RESULT engine {label}: accuracy {accuracy(outs):.3f}, {rate:.0f} tokens/s, 64 prompts at once "
               f"(the first batch after the {warm:.1f} s warm-up: {first_rate:.0f} tokens/s)")
         if label == "fp32":
+            ok = check_structured_and_logprobs(engine, prompts) and ok
             eos = set(engine.stop_token_ids)
             same = sum(
                 list(c.token_ids) == reference(engine.model, engine.make_request(p, greedy).prompt_token_ids, 96, eos)
