@@ -5,10 +5,11 @@ an HTTP status and an OpenAI-style body that names the field (`param`) and the f
 ingress (in `cluster/`) only moves bytes and calls these functions.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
-Known OpenAI features r1 does not implement (tools, suffix, best_of) are refused with a 400 naming the field when a request asks for them, rather than silently
-ignored; their neutral values (`tool_choice: "none"`, `best_of: 1`, ...) pass.
-r1 extensions: `top_k`, `repetition_penalty`, `session_id`, `code_validation`; vLLM's `min_p`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`.
+Known OpenAI features r1 does not implement (tools, suffix, best_of) are refused with a 400 naming
+the field when a request asks for them, rather than silently ignored; their neutral values
+(`tool_choice: "none"`, `best_of: 1`, ...) pass. r1 extensions: `top_k`, `repetition_penalty`,
+`session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+and `response_format` on completions.
 """
 
 from __future__ import annotations
