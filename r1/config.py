@@ -112,8 +112,9 @@ class SamplingConfig(StrictModel):
     # Token ids that end the reply when generated (vLLM's stop_token_ids), besides end-of-sequence;
     # they apply with ignore_eos too. Their text stays in the reply (none for special tokens).
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
-    # End-of-sequence and stop_token_ids cannot end the reply before it has min_tokens tokens
-    # (vLLM's min_tokens; stop strings still apply). At most the reply's max_new_tokens.
+    # End-of-sequence and stop_token_ids cannot end the reply before it has min_tokens tokens, nor
+    # a stop string ending in the text of the tokens before (vLLM's min_tokens). At most the
+    # reply's max_new_tokens.
     min_tokens: int = Field(default=0, ge=0)
     # A 64-bit signed integer (torch's generator seed range, and what OpenAI-compatible servers take).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)

@@ -499,6 +499,29 @@ def test_min_tokens_holds_back_end_of_sequence_and_stop_token_ids(engine, tiny):
         engine.make_request(prompt, greedy.model_copy(update={"min_tokens": 97}))
 
 
+def test_min_tokens_suspends_stop_strings_as_vllm_does(engine):
+    # Before the reply has min_tokens tokens no stop string counts (vLLM checks them only after);
+    # the reply then stops at the first one ending in the text decoded after that.
+    greedy = SamplingConfig(temperature=0, max_new_tokens=32, ignore_eos=True)
+    tokens = engine.generate_batch([PROMPTS[1]], greedy)[0].token_ids
+    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    text = decode(tokens)
+    stop = next(c for c in text if c.strip() and text.count(c) >= 2 and text.index(c) < len(decode(tokens[:16])))
+    first = text.index(stop)
+    early = engine.generate_batch([PROMPTS[1]], greedy.model_copy(update={"stop": [stop]}))[0]
+    assert early.text == text[:first] and early.finish_reason == "stop"
+    # Stop strings count from the k-th token on; the text of the k - 1 before it holds the first one.
+    k = next(n for n in range(1, 32) if len(decode(tokens[:n])) > first) + 1
+    held = engine.generate_batch([PROMPTS[1]], greedy.model_copy(update={"stop": [stop], "min_tokens": k}))[0]
+    unchecked = len(decode(tokens[: k - 1]))
+    later = text.find(stop, unchecked)
+    if later < 0:
+        assert held.text == text and held.finish_reason == "length"
+    else:
+        assert held.text == text[:later] and held.finish_reason == "stop"
+    assert len(held.text) > first  # it went past the first one
+
+
 def test_stop_token_ids_end_the_reply_and_keep_their_text(engine):
     greedy = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True)
     plain = engine.generate_batch([PROMPTS[1]], greedy)[0].token_ids

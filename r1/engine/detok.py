@@ -3,7 +3,9 @@
 Decoding token by token breaks multi-byte characters (a Chinese character can span several
 byte-level tokens) and would emit the start of a stop string before knowing whether it completes.
 `IncrementalDetokenizer` decodes a sliding window of tokens and returns only text that is final:
-no trailing replacement character, and no suffix that could still grow into a stop string.
+no trailing replacement character, and no suffix that could still grow into a stop string. While a
+reply is shorter than its `min_tokens`, its tokens are added with `check_stop=False`: no stop string
+may end in their text (vLLM checks stop strings only once the reply is long enough).
 """
 
 from __future__ import annotations
@@ -23,30 +25,36 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (truncated at a stop string once one matched)
         self._emitted = 0  # characters of self.text already returned
         self.stopped = False
+        # Text decoded while stop strings were not checked (min_tokens): a stop string ending in it
+        # does not count, as in vLLM, which checks them only once the reply is long enough.
+        self._unchecked = 0
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> str:
-        """Add one token; return the newly final text (possibly empty)."""
+    def add(self, token_id: int, check_stop: bool = True) -> str:
+        """Add one token; return the newly final text (possibly empty). check_stop=False (the reply
+        is still shorter than min_tokens): no stop string may end in the text decoded so far."""
         if self.stopped:
             return ""
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.token_ids[self._prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return self._release(final=False)
-        self.text += full[len(prefix) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self.token_ids)
+        if not (full.endswith("\ufffd") or len(full) <= len(prefix)):
+            self.text += full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+        if not check_stop:
+            self._unchecked = len(self.text)
         return self._release(final=False)
 
     def _release(self, final: bool) -> str:
         if self.stop and not self.stopped:
             search_from = max(self._emitted - max(len(s) for s in self.stop), 0)
-            hits = [(self.text.find(s, search_from), s) for s in self.stop]
+            # A match must end after the text decoded unchecked.
+            hits = [(self.text.find(s, max(search_from, self._unchecked - len(s) + 1)), s) for s in self.stop]
             hits = [(pos, s) for pos, s in hits if pos >= 0]
             if hits:
                 pos = min(pos for pos, _ in hits)

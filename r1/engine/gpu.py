@@ -198,7 +198,7 @@ class TokenStream:
             if stop == "eos":
                 reason = "stop"
                 break
-            texts.append(self.detok.add(token))
+            texts.append(self.detok.add(token, len(self.output_ids) >= self.request.sampling.min_tokens))
             if stop or self.detok.stopped:
                 reason = "stop"
             elif len(self.output_ids) >= self.request.max_new_tokens:

@@ -195,7 +195,7 @@ class Scheduler:
         request = seq.request
         seq.output_ids.append(token)
         stop = request.stop_kind(token)
-        text = "" if stop == "eos" else seq.detok.add(token)
+        text = "" if stop == "eos" else seq.detok.add(token, len(seq.output_ids) >= request.sampling.min_tokens)
         reason: FinishReason | None = None
         if stop or seq.detok.stopped or (seq.row.constraint is not None and seq.row.constraint.done):
             reason = "stop"
