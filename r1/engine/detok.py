@@ -4,8 +4,8 @@ Decoding token by token breaks multi-byte characters (a Chinese character can sp
 byte-level tokens) and would emit the start of a stop string before knowing whether it completes.
 `IncrementalDetokenizer` decodes a sliding window of tokens and returns only text that is final:
 no trailing replacement character, and no suffix that could still grow into a stop string. While a
-reply is shorter than its `min_tokens`, its tokens are added with `check_stop=False`: no stop string
-may end in their text (vLLM checks stop strings only once the reply is long enough).
+reply is shorter than its `min_tokens`, no stop string may end in its text (vLLM checks stop strings
+only once the reply is long enough).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None):
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, min_tokens: int = 0):
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust backend decodes as its `decode` does (no clean-up of spaces asked
         # for here) at a third of the cost: two decodes per token of every stream, at every step.
         self._backend_decode = getattr(getattr(tokenizer, "backend_tokenizer", None), "decode", None)
         self.stop = list(stop or [])
+        self.min_tokens = min_tokens
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -34,9 +35,9 @@ class IncrementalDetokenizer:
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int, check_stop: bool = True) -> str:
-        """Add one token; return the newly final text (possibly empty). check_stop=False (the reply
-        is still shorter than min_tokens): no stop string may end in the text decoded so far."""
+    def add(self, token_id: int) -> str:
+        """Add one token; return the newly final text (possibly empty). While the reply is shorter
+        than `min_tokens`, no stop string may end in the text decoded so far."""
         if self.stopped:
             return ""
         self.token_ids.append(token_id)
@@ -46,7 +47,7 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
-        if not check_stop:
+        if len(self.token_ids) < self.min_tokens:
             self._unchecked = len(self.text)
         return self._release(final=False)
 

@@ -174,7 +174,7 @@ class TokenStream:
 
     def __init__(self, request: Request, tokenizer: Any):
         self.request = request
-        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop)
+        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop, request.sampling.min_tokens)
         self.output_ids: list[int] = []
         self.num_seen = 0  # engine output tokens already consumed
         self.finished = False
@@ -198,7 +198,7 @@ class TokenStream:
             if stop == "eos":
                 reason = "stop"
                 break
-            texts.append(self.detok.add(token, len(self.output_ids) >= self.request.sampling.min_tokens))
+            texts.append(self.detok.add(token))
             if stop or self.detok.stopped:
                 reason = "stop"
             elif len(self.output_ids) >= self.request.max_new_tokens:

@@ -82,7 +82,7 @@ class Scheduler:
             emit=emit,
             row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids(),
                                 None if request.grammar is None else JsonConstraint(request.grammar, request.grammar_gate)),
-            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop, request.sampling.min_tokens),
         )
         with self._lock:
             if seq.seq_id in self.running or any(other.seq_id == seq.seq_id for other in self._waiting):
@@ -195,7 +195,7 @@ class Scheduler:
         request = seq.request
         seq.output_ids.append(token)
         stop = request.stop_kind(token)
-        text = "" if stop == "eos" else seq.detok.add(token, len(seq.output_ids) >= request.sampling.min_tokens)
+        text = "" if stop == "eos" else seq.detok.add(token)
         reason: FinishReason | None = None
         if stop or seq.detok.stopped or (seq.row.constraint is not None and seq.row.constraint.done):
             reason = "stop"
