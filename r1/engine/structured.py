@@ -16,6 +16,7 @@ xgrammar is imported when a request first asks for structured output (the `struc
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -37,8 +38,12 @@ class Grammars:
         self._compiler: Any = None
         self._lock = threading.Lock()
         self._cache: dict[str, Any] = {}
-        think_end = tokenizer.convert_tokens_to_ids("</think>") if "</think>" in tokenizer.get_vocab() else None
-        self.think_end_id: int | None = think_end
+
+    @functools.cached_property
+    def think_end_id(self) -> int | None:
+        """The token that closes the reasoning block, if `</think>` is one token (looked up when a
+        request first needs it: the vocabulary map costs tens of milliseconds on a large model)."""
+        return self._tokenizer.get_vocab().get("</think>")
 
     def _xgrammar(self) -> Any:
         try:
