@@ -165,6 +165,15 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     return tokens
 
 
+def _scored(logits: torch.Tensor, tokens: list[int], k: int) -> tuple[list[float], list[list[float]], list[list[int]]]:
+    """For each row of `logits` ([rows, vocab]): the log-probability of its token in `tokens`, and
+    the values and ids of its k most likely tokens (best first)."""
+    logprobs = logits.to(torch.float32).log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logprobs.device).unsqueeze(-1)).squeeze(-1).tolist()
+    top_values, top_ids = logprobs.topk(k, -1)  # k = 0 gives empty rows
+    return chosen, top_values.tolist(), top_ids.tolist()
+
+
 @torch.inference_mode()
 def token_logprobs(logits: torch.Tensor, rows: list[RowState], tokens: list[int]) -> list[TokenLogprob | None]:
     """Each row's chosen token's log-probability and its `sampling.logprobs` most likely tokens,
@@ -174,10 +183,8 @@ def token_logprobs(logits: torch.Tensor, rows: list[RowState], tokens: list[int]
     out: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
         return out
-    logprobs = logits[wanted].to(torch.float32).log_softmax(-1)
-    chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in wanted], device=logprobs.device)).squeeze(-1).tolist()
-    top_values, top_ids = logprobs.topk(max(rows[i].sampling.logprobs for i in wanted), -1)  # k = 0 gives empty rows
-    for i, value, values, ids in zip(wanted, chosen, top_values.tolist(), top_ids.tolist()):
+    scored = _scored(logits[wanted], [tokens[i] for i in wanted], max(rows[i].sampling.logprobs for i in wanted))
+    for i, value, values, ids in zip(wanted, *scored):
         keep = rows[i].sampling.logprobs
         out[i] = TokenLogprob(tokens[i], value, tuple(zip(ids[:keep], values[:keep])))
     return out
@@ -188,9 +195,6 @@ def prompt_token_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -
     """The log-probability of each prompt token after the ones before it, and the k most likely
     tokens there, from `logits` [len(prompt_ids), vocab] (a prefill's logits at every position);
     the first token's logprob is None. `chars` is left 0 (the caller knows the text)."""
-    logprobs = logits[:-1].to(torch.float32).log_softmax(-1)
-    targets = torch.tensor(prompt_ids[1:], device=logprobs.device)
-    chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
-    top_values, top_ids = logprobs.topk(k, -1)
+    scored = _scored(logits[:-1], prompt_ids[1:], k)
     return [TokenLogprob(prompt_ids[0], None)] + [TokenLogprob(token, value, tuple(zip(ids, values)))
-                     for token, value, values, ids in zip(prompt_ids[1:], chosen, top_values.tolist(), top_ids.tolist())]
+                                                  for token, value, values, ids in zip(prompt_ids[1:], *scored)]
