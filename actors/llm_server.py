@@ -122,7 +122,7 @@ class LLMServer:
                                     think_prefilled=self.think_prefilled)
                         if delta.prompt_logprobs is not None:
                             item["prompt_logprobs"] = [tuple(entry) for entry in delta.prompt_logprobs]
-                    if delta.logprobs is not None:  # plain data: (token id, logprob, ((id, logprob), ...)) per token
+                    if delta.logprobs is not None:  # plain data: (token id, logprob, ((id, logprob), ...), chars) per token
                         item["logprobs"] = [tuple(entry) for entry in delta.logprobs]
                     if delta.usage is not None:
                         item["usage"] = {"prompt_tokens": delta.usage.prompt_tokens, "completion_tokens": delta.usage.completion_tokens}

@@ -202,8 +202,7 @@ class ScreenedStream:
         self._state: dict[str, Any] | None = None
         self.action = "allow"
         self.rule_ids: list[str] = []
-        self._fed_chars = 0
-        self.screened_chars = 0  # characters of the fed text decided on (emitted or replaced)
+        self.screened_chars = 0  # characters of the fed text decided on (emitted or replaced), until `finish`
         self.withheld_spans: list[list[int]] = []  # (start, end) in the fed text of what was replaced or dropped
 
     async def feed(self, chunk: str) -> str:
@@ -211,7 +210,6 @@ class ScreenedStream:
         reply = await self._client.feed(self._state, chunk, self._direction, self._context)
         self._state, self._context = reply["state"], ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
-        self._fed_chars += len(chunk)
         self.screened_chars, self.withheld_spans = self._state["emitted_chars"], self._state["withheld"]
         return reply["text"]
 
@@ -227,8 +225,7 @@ class ScreenedStream:
         reply = await self._client.feed(self._state, chunk, self._direction, self._context, inject_context())
         self._state, self._context = None, ""
         self.action, self.rule_ids = reply["action"], reply["rule_ids"]
-        self._fed_chars += len(chunk)
-        self.screened_chars, self.withheld_spans = self._fed_chars, reply["withheld"]
+        self.withheld_spans = reply["withheld"]  # everything fed is decided now
         return reply["text"]
 
 
