@@ -455,6 +455,11 @@ def test_json_schema_constrains_the_reply_and_ends_it_when_complete(engine):
     number = engine.generate_batch(["Is 12 + 7 = 19?"], greedy.model_copy(update={"max_new_tokens": 24, "json_schema": {
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}))[0]
     assert __import__("re").fullmatch(r'\{"n": -?\d*\}?', number.text), number.text
+    # Properties come in the schema's order (a schema compiled with sorted keys wrote "a" first).
+    ordered = {"type": "object", "properties": {"z": {"enum": [1]}, "a": {"enum": [2]}}, "required": ["z", "a"],
+               "additionalProperties": False}
+    in_order = engine.generate_batch(["Is 12 + 7 = 19?"], greedy.model_copy(update={"json_schema": ordered}))[0]
+    assert in_order.text == '{"z": 1, "a": 2}', in_order.text
 
 
 @pytest.mark.parametrize("schema, message", [

@@ -56,7 +56,7 @@ class Grammars:
     def compile(self, schema: dict[str, Any]) -> Any:
         """The compiled grammar of `schema`; a RequestError naming response_format if it is not a
         schema xgrammar can compile."""
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # not sorted: the order of "properties" is the order the reply writes them
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
