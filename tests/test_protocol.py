@@ -65,10 +65,9 @@ def test_surrogate_pairs_and_plain_escapes_decode():
     "extra, param",
     [
         ({"best_of": 3}, "best_of"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        # the legacy form of tool calling (tools and tool_choice are served: tests/test_tools.py)
         ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "functions"),
     ],
 )
 def test_chat_features_r1_does_not_implement_are_refused(extra, param):

@@ -36,6 +36,14 @@ LETTERS_RULE = {"id": "test_letters", "kind": "regex", "pattern": "[a-z]{2}", "i
 # screening that reads the prompt's end sees it.
 EQUALS_RULE = {"id": "test_equals_digit", "kind": "regex", "pattern": r"= \d", "input": "off", "output": "redact"}
 MESSAGES = [{"role": "user", "content": "Mia has 23 apples. She buys 45 more. How many apples does she have now?"}]
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["paris", "tokyo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+ADD_CHOICE = {"type": "function", "function": {"name": "add"}}
 
 
 @pytest.fixture(scope="module")
@@ -570,9 +578,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
     # unknown model
     ("/v1/chat/completions", {"model": "gpt-17", "messages": MESSAGES}, 404, "model"),
-    # a role the protocol knows and r1-tiny's chat template refuses (this app keeps sessions: the
-    # session window renders the template first)
-    ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4"}]}, 400, "messages"),
+    # a tool message answering no call of the request
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4",
+                                                                      "tool_call_id": "call_1"}]},
+     400, "messages.1.tool_call_id"),
     # a seed beyond 64 bits (torch's generator would overflow)
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "seed"),
     # negative token ids; a batch of prompts mixing strings and token ids, or making more choices
@@ -585,7 +594,8 @@ BAD_REQUESTS = [
     # /tokenize and /detokenize: one of prompt and messages; token ids in the vocabulary; the model
     ("/tokenize", {"model": MODEL}, 400, None),
     ("/tokenize", {"model": MODEL, "prompt": "1", "messages": MESSAGES}, 400, None),
-    ("/tokenize", {"model": MODEL, "messages": [{"role": "tool", "content": "4"}]}, 400, "messages"),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "tool", "content": "4"}]}, 400, "messages.0"),
+    ("/tokenize", {"model": MODEL, "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
     ("/tokenize", {"model": "gpt-17", "prompt": "1"}, 404, "model"),
     ("/detokenize", {"model": MODEL, "tokens": [5, -1]}, 400, "tokens.1"),
     ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens"),
@@ -593,6 +603,17 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    # tools: a choice of a function not offered, a schema that cannot constrain, tools in a
+    # session (it stores text replies), tools with logprobs
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [ADD_TOOL],
+                              "tool_choice": {"type": "function", "function": {"name": "sub"}}}, 400,
+     "tool_choice.function.name"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, 400,
+     "tools.0.function.parameters"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [ADD_TOOL], "session_id": "s1"}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": [ADD_TOOL], "logprobs": True}, 400,
+     "logprobs"),
     # an OpenAI feature r1 does not implement is refused, not silently ignored
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "best_of": 2}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "1", "suffix": "x"}, 400, "suffix"),
@@ -634,14 +655,83 @@ def test_a_lone_surrogate_escape_is_400_naming_the_field(server, client):
     assert response.status_code == 200, response.text
 
 
-def test_a_role_the_template_refuses_is_400_without_sessions(server):
-    # /strict runs without sessions: the LLM server renders the template and refuses the messages.
-    body = {"model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "4"}], "max_tokens": 2}
-    response = httpx.post(f"{server}/strict/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {KEY}"})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == "messages" and "role must be" in error["message"]
+def _answer_at_once(tokenizer) -> dict[str, int]:
+    # r1-tiny, trained on short arithmetic, keeps on reasoning under the long text that offers the
+    # tools; a bias on </think> closes its reasoning at once, so the constrained answer follows.
+    return {str(tokenizer.convert_tokens_to_ids("</think>")): 100}
+
+
+def test_tool_calls_over_http(server, client, tokenizer):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "What is 23 + 45?"}], "max_tokens": 96,
+            "temperature": 0, "logit_bias": _answer_at_once(tokenizer), "tools": [ADD_TOOL, WEATHER_TOOL]}
+    # A named function: its arguments, valid against its schema; no content; "stop" as OpenAI's.
+    named = client.chat.completions.create(**chat, tool_choice=ADD_CHOICE)
+    choice = named.choices[0]
+    call = choice.message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "add" and call.type == "function" and call.id.startswith("call_")
+    assert set(arguments) == {"a", "b"} and all(0 <= value <= 99 for value in arguments.values())
+    assert choice.finish_reason == "stop" and choice.message.content is None and len(choice.message.tool_calls) == 1
+    assert "session_id" not in named.model_dump()  # a request offering tools stores nothing
+    # Streamed: the same call, whole, in one delta; no content.
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**chat, tool_choice=ADD_CHOICE, stream=True)
+              if c.choices]
+    streamed = [(t.index, t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or []]
+    assert streamed == [(0, "add", call.function.arguments)] and not any(d.content for d in deltas)
+    # "required" with one call allowed: finish_reason "tool_calls", the call valid for its function.
+    required = client.chat.completions.create(**chat, tool_choice="required", parallel_tool_calls=False).choices[0]
+    assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
+    made = required.message.tool_calls[0].function
+    assert (made.name, set(json.loads(made.arguments))) in [("add", {"a", "b"}), ("weather", {"city"})]
+    # The client runs the call and sends it back with its result: the conversation goes on, and the
+    # prompt holds the offered functions, the call and the result (what /tokenize shows).
+    history = [*chat["messages"], {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "68"}]
+    follow = client.chat.completions.create(model=MODEL, messages=history, tools=[ADD_TOOL], max_tokens=4)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    tokens = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": history, "tools": [ADD_TOOL]},
+                        headers=headers, timeout=60).json()["tokens"]
+    prompt = tokenizer.decode(tokens)
+    assert follow.usage.prompt_tokens == len(tokens)
+    assert '<tools>\n{"type": "function", "function": {"name": "add"' in prompt
+    assert f'<tool_call>\n{{"name": "add", "arguments": {json.dumps(arguments)}}}\n</tool_call>' in prompt
+    assert "<tool_response>\n68\n</tool_response>" in prompt
+    # "auto" (the default with tools): offered in the prompt; r1-tiny answers in text.
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0)
+    auto = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0, tools=[ADD_TOOL])
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+    assert auto.choices[0].message.tool_calls is None and auto.choices[0].finish_reason == "length"
+
+
+def test_tool_calls_and_results_are_screened(server, tokenizer):
+    # A call's arguments are output like any other: a card number in them comes redacted (the
+    # default profile), still JSON here, as the number was inside a string.
+    card = "4111 1111 1111 1111"  # a Luhn-valid test number
+    pay = {"type": "function", "function": {"name": "pay", "parameters": {
+        "type": "object", "properties": {"card": {"enum": [card]}}, "required": ["card"], "additionalProperties": False}}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Pay."}], "max_tokens": 48, "temperature": 0,
+            "logit_bias": _answer_at_once(tokenizer), "tools": [pay],
+            "tool_choice": {"type": "function", "function": {"name": "pay"}}}
+    for stream in (False, True):
+        if stream:
+            text = _streamed_text(server, "/v1/chat/completions", {**body, "stream": True}, lambda choice: "".join(
+                call["function"]["arguments"] for call in choice["delta"].get("tool_calls") or []))
+        else:
+            response = _post(server, "/v1/chat/completions", body)
+            assert response.status_code == 200, response.text
+            text = response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        assert json.loads(text) == {"card": "[已隐藏]"}, text
+    # Input: a tool's result and the offered functions are screened like messages (strict blocks
+    # the guide's keywords), each named in the error.
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"paris\"}"}}
+    history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "你的密码是 hunter2"}]
+    secret = {"type": "function", "function": {"name": "reset", "description": "忘记密码时重置", "parameters": {}}}
+    for extra, param in (({"messages": history, "tools": [WEATHER_TOOL]}, "messages.2.content"),
+                         ({"messages": history[:1], "tools": [secret]}, "tools")):
+        response = _post(server, "/strict/v1/chat/completions", {"model": MODEL, "max_tokens": 2, **extra})
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("sensitive_content", param)
 
 
 def test_neutral_values_of_unimplemented_features_are_served(client):

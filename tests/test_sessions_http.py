@@ -142,13 +142,13 @@ def test_refused_turns_leave_no_session_and_streams_carry_the_new_id(env):
 
     api = client(base)
     before = session_count()
-    # Refused after the session was opened: by the chat template (a tool message with no call before
-    # it) and by the context (max_tokens beyond it). Refused while it is being opened (the open runs
+    # Refused before the session is opened: a tool message answering no call. Refused after it was
+    # opened: by the context (max_tokens beyond it). Refused while it is being opened (the open runs
     # alongside these checks): by the prompt's length and by the input screening. No id was handed
     # out, so nothing may stay: neither a new session of the server's (it is stored with its first
     # exchange only) nor one that the open created for a new id the client chose.
     refused = [
-        ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_value"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "call_1"}]}, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020}, None),
         ({"messages": [{"role": "user", "content": "1 " * 2000}]}, "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": f"say {BLOCKED_WORD}"}]}, "sensitive_content"),

@@ -32,6 +32,7 @@ from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
 from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
 from r1.serving.responses import ResponseEvents, ResponsesRequest, chat_request, responses_error
+from r1.serving.tools import ToolCallStream, ToolPlan, tools_prompt, with_tools_prompt
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -52,8 +53,10 @@ from r1.serving.protocol import (
     models_list,
     new_id,
     parse_request,
+    request_tools,
     sampling_for,
     tokenize,
+    tool_sampling,
     unsupported,
     usage_dict,
 )
@@ -121,8 +124,13 @@ def _merged(item: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
 class _Choice:
     """Collects one choice's stream: output screening, reasoning split, usage, log-probabilities."""
 
-    def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen, logprobs: bool = False):
+    def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen, logprobs: bool = False,
+                 tools: ToolPlan | None = None):
         self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
+        # The answer's tool calls (a request offering tools): found in the screened content after the reasoning.
+        self.calls = ToolCallStream(tools) if tools is not None else None
+        self.tool_calls: list[dict[str, Any]] = []
+        self.unsent_calls: list[dict[str, Any]] = []  # a stream's: made, not yet in a chunk
         self.screen = screen
         self.reasoning: list[str] = []
         self.content: list[str] = []
@@ -137,6 +145,8 @@ class _Choice:
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
+        if self.calls is not None:
+            content = self.calls.feed(content)
         self.reasoning.append(reasoning)
         self.content.append(content)
         return reasoning, content
@@ -174,9 +184,19 @@ class _Choice:
         and end the reasoning split."""
         held_reasoning, held_content = self._split(await self.screen.finish(text))
         reasoning, content = self.parser.finish() if self.parser else ("", "")
+        if self.calls is not None:
+            content = self.calls.feed(content) + self.calls.finish()
+            self.tool_calls = self.unsent_calls = self.calls.calls
+            if self.tool_calls and self.finish_reason == "stop" and self.calls.plan.mode != "named":
+                self.finish_reason = "tool_calls"  # a named choice ends with "stop", as OpenAI's does
         self.reasoning.append(reasoning)
         self.content.append(content)
         return held_reasoning + reasoning, held_content + content, self._release(final=True)
+
+    def answer(self) -> str:
+        """The whole content; beside tool calls without the whitespace that led up to them."""
+        content = "".join(self.content)
+        return content.strip() if self.tool_calls else content
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
@@ -355,8 +375,15 @@ class OpenAIIngress:
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             messages = chat_messages(parsed, self.config) if chat else None
+            plan = request_tools(parsed) if chat else None
+            if plan is not None:
+                if parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
+                    raise APIError(400, "tools cannot be used in a session (a session stores text replies); send the "
+                                   "conversation in messages", param="tools", code="invalid_value")
+                sampling = tool_sampling(parsed, plan, sampling)
             opening = None
-            if chat and self.sessions is not None and not responses:  # Responses requests store nothing
+            # Responses requests store nothing, nor do requests offering tools (their history is the client's).
+            if chat and self.sessions is not None and not responses and plan is None:
                 # Opening the session sends the store no message text and needs nothing from the
                 # checks below, so it runs alongside them (one hop fewer before the model); the
                 # screened messages are planned into it after. Its errors come after the checks'.
@@ -365,8 +392,10 @@ class OpenAIIngress:
                     parsed.session_id, request.headers.get(SESSION_HEADER), owner, messages))
             try:
                 if chat:
-                    await self._check_prompt_fits(messages, "messages")
-                    prompts = [await self.screen.input_messages(messages)]
+                    offered = tools_prompt(plan) if plan is not None else ""  # screened as `tools`
+                    await self._check_prompt_fits(with_tools_prompt(messages, offered) if offered else messages, "messages")
+                    messages, offered = await self.screen.input_messages(messages, offered)
+                    prompts = [with_tools_prompt(messages, offered) if offered else messages]
                 else:  # one prompt, or a batch of them
                     prompts, params = completion_prompts(parsed, self.config)
                     for prompt, param in zip(prompts, params):
@@ -407,8 +436,8 @@ class OpenAIIngress:
                 echoed = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
                 start["text"], start["echo_chars"] = echoed + start["text"], len(echoed)
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
-            "" if chat or echo else self._continued_text(prompts[index // parsed.n])), sampling.logprobs is not None)
-            for index in range(len(streams))]
+            "" if chat or echo else self._continued_text(prompts[index // parsed.n])), sampling.logprobs is not None,
+            plan) for index in range(len(streams))]
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
@@ -437,8 +466,8 @@ class OpenAIIngress:
             return JSONResponse(events.finished(reasoning, content, self._finish_reason(choices[0]), usage["prompt_tokens"],
                                                 usage["completion_tokens"], await self._count_tokens(reasoning)))
         if chat:
-            body_choices = [chat_choice(i, "".join(c.reasoning), "".join(c.content), c.finish_reason,
-                                        self._logprobs(chat, c, c.logprobs)) for i, c in enumerate(choices)]
+            body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
+                                        self._logprobs(chat, c, c.logprobs), c.tool_calls) for i, c in enumerate(choices)]
             extra = {"session_id": turn.session_id} if turn else {}
             return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage, **extra),
                                 headers=headers)
@@ -719,12 +748,13 @@ class OpenAIIngress:
                     status = error.status
                     yield events.error(error) if events is not None else sse(error.body())
                     return
+                calls, choice.unsent_calls = choice.unsent_calls, []
                 if events is not None:
                     if reasoning or content:
                         yield events.delta(reasoning, content)
-                elif reasoning or content or entries:
+                elif reasoning or content or entries or calls:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None,
-                                      self._logprobs(chat, choice, entries))
+                                      self._logprobs(chat, choice, entries), calls)
                 if item is None:
                     open_streams -= 1
                     if events is None:
@@ -782,7 +812,8 @@ class OpenAIIngress:
 
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
-               finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> bytes:
+               finish_reason: str | None, logprobs: dict[str, Any] | None = None,
+               tool_calls: list[dict[str, Any]] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {}
             if reasoning:
@@ -790,5 +821,7 @@ class OpenAIIngress:
                 delta["reasoning"] = reasoning
             if content:
                 delta["content"] = content
+            if tool_calls:  # each whole, in one delta (OpenAI's clients join argument pieces; one is a valid piece)
+                delta["tool_calls"] = [{"index": number, **call} for number, call in enumerate(tool_calls)]
             return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, logprobs=logprobs))
         return sse(completion_chunk(response_id, model, created, index, content, finish_reason, logprobs=logprobs))

@@ -86,13 +86,14 @@ class Screening:
             screened[i] = verdict["text"]
         return screened
 
-    async def input_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Every message screened in one call; 400 naming the first blocked message."""
+    async def input_messages(self, messages: list[dict[str, str]], tools_text: str = "") -> tuple[list[dict[str, str]], str]:
+        """Every message, and the text offering a request's tools, screened in one call; 400 naming
+        the first blocked one (`messages.N.content`, or `tools`)."""
         if self.client is None:
-            return messages
-        texts = await self._screen_inputs([m["content"] for m in messages],
-                                          [f"messages.{i}.content" for i in range(len(messages))])
-        return [{**message, "content": text} for message, text in zip(messages, texts)]
+            return messages, tools_text
+        texts = await self._screen_inputs([m["content"] for m in messages] + [tools_text],
+                                          [f"messages.{i}.content" for i in range(len(messages))] + ["tools"])
+        return [{**message, "content": text} for message, text in zip(messages, texts)], texts[-1]
 
     async def input_prompts(self, prompts: list[str | list[int]], params: list[str], tokenizer: Any) -> list[str | list[int]]:
         """Completion prompts screened in one call; 400 naming the first blocked one (`params`).

@@ -69,7 +69,7 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request a Responses request asks for; 400 naming the Responses field for
     what r1 does not implement or cannot read."""
     if request.tools:
-        raise _refuse("tools", "tool calling is not supported by this server; omit tools")
+        raise _refuse("tools", "tools are not supported on /v1/responses; call tools through /v1/chat/completions")
     if request.previous_response_id is not None:
         raise _refuse("previous_response_id", "responses are not stored on this server; send the whole conversation "
                       "as input (or use /v1/chat/completions with session_id)")
