@@ -542,3 +542,48 @@ def test_tokenize_requests():
     with pytest.raises(APIError) as error:
         parse_request(DetokenizeRequest, {"model": "m", "tokens": [1, True]})
     assert error.value.param == "tokens.1"
+
+
+def test_responses_function_tools_read_as_chat_tools_and_calls_come_as_items():
+    import json as json_module
+
+    from r1.serving.responses import ResponseEvents, ResponsesRequest, chat_request, responses_error
+
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "add", "arguments": "{\"a\": 1}",
+            "status": "completed"}
+    wanted = parse_request(ResponsesRequest, {
+        "model": "m", "tools": [{"type": "function", "name": "add", "parameters": {"type": "object"}}],
+        "tool_choice": {"type": "function", "name": "add"}, "parallel_tool_calls": False,
+        "input": [{"role": "user", "content": "add"},
+                  {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "t"}]},
+                  call, {**call, "call_id": "call_2"},
+                  {"type": "function_call_output", "call_id": "call_1", "output": "1"},
+                  {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "2"}]}]})
+    chat = chat_request(wanted)
+    assert chat.tools == [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert chat.tool_choice == {"type": "function", "function": {"name": "add"}} and chat.parallel_tool_calls is False
+    # The reasoning item is dropped; the two calls are one assistant message; each output a tool message.
+    assert [m.role for m in chat.messages] == ["user", "assistant", "tool", "tool"]
+    assert [c.id for c in chat.messages[1].tool_calls] == ["call_1", "call_2"]
+    assert [(m.tool_call_id, m.text()) for m in chat.messages[2:]] == [("call_1", "1"), ("call_2", "2")]
+    # Chat's field names back in the Responses request's words.
+    for chat_param, param in (("messages.3.tool_call_id", "input.5.call_id"), ("messages.2.content", "input.4.output"),
+                              ("messages.1.content", "input.2"), ("tools.0.function.parameters", "tools.0.parameters"),
+                              ("tool_choice.function.name", "tool_choice.name")):
+        assert responses_error(APIError(400, "x", param=chat_param), wanted).param == param
+    # Calls as output items: none streamed as a message; arguments whole in one delta.
+    events = ResponseEvents(wanted, "m")
+    made = [{"id": "call_9", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2}"}}]
+    raw = events.opening() + events.delta("thinking", "") + events.function_calls(made) + events.closing("tool_calls", 3, 4, 1)
+    stream = [json_module.loads(block.split("data: ", 1)[1]) for block in raw.decode().split("\n\n") if block]
+    assert [e["type"] for e in stream][2:] == [
+        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.done",
+        "response.output_item.done", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    final = stream[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "function_call"]
+    assert final["output"][1] | {"id": None} == {"type": "function_call", "id": None, "call_id": "call_9", "name": "add",
+                                                "arguments": "{\"a\": 2}", "status": "completed"}
+    assert final["tools"] == wanted.tools and final["parallel_tool_calls"] is False
+    whole = ResponseEvents(wanted, "m").finished("", "", "tool_calls", 1, 1, 0, made)
+    assert [item["type"] for item in whole["output"]] == ["function_call"] and whole["status"] == "completed"

@@ -421,13 +421,52 @@ def test_responses_api_answers_as_chat_does(server, client):
     assert [e.item.type for e in done] == [item.type for item in response.output]
 
 
+def test_responses_api_function_calls(server, client, tokenizer):
+    # Function tools in the Responses shape: the call chat makes, as a function_call output item;
+    # streamed as events; sent back with its output, the conversation goes on.
+    tools = [{"type": "function", "name": "add", "description": "Add two numbers",
+              "parameters": ADD_TOOL["function"]["parameters"]}]
+    ask = {"model": MODEL, "input": "What is 23 + 45?", "tools": tools, "max_output_tokens": 96, "temperature": 0,
+           "tool_choice": {"type": "function", "name": "add"}, "extra_body": {"logit_bias": _answer_at_once(tokenizer)}}
+    response = client.responses.create(**ask)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "add" and calls[0].call_id.startswith("call_")
+    assert response.status == "completed" and "message" not in [item.type for item in response.output]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ask["input"]}],
+                                          tools=[ADD_TOOL], tool_choice=ADD_CHOICE, max_tokens=96, temperature=0,
+                                          logit_bias=_answer_at_once(tokenizer))
+    assert calls[0].arguments == chat.choices[0].message.tool_calls[0].function.arguments
+    assert response.tools[0].name == "add" and response.tool_choice.name == "add"
+    events = list(client.responses.create(**ask, stream=True))
+    final = events[-1].response
+    assert [(i.type, getattr(i, "arguments", None)) for i in final.output] == \
+        [(i.type, getattr(i, "arguments", None)) for i in response.output]
+    assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == [calls[0].arguments]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # The client sends the output back with the call's result (reasoning items included: dropped).
+    history = [{"role": "user", "content": ask["input"]}, *[item.model_dump(exclude_none=True) for item in response.output],
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "68"}]
+    follow = client.responses.create(model=MODEL, input=history, tools=tools, max_output_tokens=4)
+    assert follow.status == "incomplete" and follow.usage.input_tokens > response.usage.input_tokens
+    # A result answering no call is named as sent: its position in the input and `call_id`.
+    wrong = _post(server, "/v1/responses", {"model": MODEL, "tools": tools, "input": [
+        *history[:-1], {"type": "function_call_output", "call_id": "call_nope", "output": "68"}]})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == f"input.{len(history) - 1}.call_id", wrong.text
+
+
 @pytest.mark.parametrize("body, status, param", [
-    ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools.0"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+     400, "tool_choice.name"),
+    ({"input": "hi", "tool_choice": "required", "tools": [{"type": "function", "name": "f", "parameters": {
+        "type": "nonsense"}}]}, 400, "tools.0.parameters"),
     ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input.0.content.0"),
     ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "input.0.role"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, 400, "input.0"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, 400, "input.0.call_id"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, 400, "input.0.arguments"),
+    ({"input": [{"type": "file_search_call", "id": "x"}]}, 400, "input.0"),
     ({"input": []}, 400, "input"),
     ({"input": "hi", "max_output_tokens": 10**6}, 400, "max_output_tokens"),
     ({"input": "hi", "temperature": 9}, 400, "temperature"),

@@ -462,9 +462,10 @@ class OpenAIIngress:
         self._record_generation(route, root, choices)
         usage = _usage(choices)
         if events is not None:
-            reasoning, content = "".join(choices[0].reasoning), "".join(choices[0].content)
-            return JSONResponse(events.finished(reasoning, content, self._finish_reason(choices[0]), usage["prompt_tokens"],
-                                                usage["completion_tokens"], await self._count_tokens(reasoning)))
+            reasoning = "".join(choices[0].reasoning)
+            return JSONResponse(events.finished(reasoning, choices[0].answer(), self._finish_reason(choices[0]),
+                                                usage["prompt_tokens"], usage["completion_tokens"],
+                                                await self._count_tokens(reasoning), choices[0].tool_calls))
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs), c.tool_calls) for i, c in enumerate(choices)]
@@ -752,6 +753,8 @@ class OpenAIIngress:
                 if events is not None:
                     if reasoning or content:
                         yield events.delta(reasoning, content)
+                    if calls:
+                        yield events.function_calls(calls)
                 elif reasoning or content or entries or calls:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None,
                                       self._logprobs(chat, choice, entries), calls)

@@ -11,7 +11,14 @@ and for streams the event sequence the stock `openai` client reads (`response.cr
 
 `text.format` json_object / json_schema is chat's `response_format` (structured output).
 
-Not implemented, refused with a 400 naming the field when asked for: `tools`,
+Function tools are chat's tool calling (`r1.serving.tools`) in the Responses shape: `tools` of
+`{"type": "function", "name", "parameters"}`, `tool_choice` (`{"type": "function", "name"}` for a
+named one), calls as `function_call` output items, and in the input `function_call` items (an
+earlier answer's calls, as the client sends them back) and `function_call_output` items (their
+results). A `reasoning` item sent back in the input is dropped: an R1-style template shows no
+earlier reasoning to the model.
+
+Not implemented, refused with a 400 naming the field when asked for: tools other than functions,
 `previous_response_id` (nothing is stored: `store` is accepted and has no effect), `background`,
 `include`. `reasoning` settings are accepted and not used.
 """
@@ -39,6 +46,19 @@ class InputMessage(LenientModel):
     content: str | list[InputPart]
 
 
+class FunctionCallItem(LenientModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(LenientModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputPart]
+
+
 class ResponsesRequest(LenientModel):
     model: str
     input: str | list[dict[str, Any]]
@@ -53,8 +73,11 @@ class ResponsesRequest(LenientModel):
     reasoning: dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     tool_choice: Any = None
-    # Refused when they ask for something (`chat_request`).
     tools: list[Any] | None = None
+    # r1 extensions with chat's meaning (not in OpenAI's Responses API).
+    seed: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    # Refused when they ask for something (`chat_request`).
     previous_response_id: str | None = None
     background: StrictBool | None = None
     include: list[str] | None = None
@@ -68,8 +91,6 @@ def _refuse(param: str, message: str) -> APIError:
 def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request a Responses request asks for; 400 naming the Responses field for
     what r1 does not implement or cannot read."""
-    if request.tools:
-        raise _refuse("tools", "tools are not supported on /v1/responses; call tools through /v1/chat/completions")
     if request.previous_response_id is not None:
         raise _refuse("previous_response_id", "responses are not stored on this server; send the whole conversation "
                       "as input (or use /v1/chat/completions with session_id)")
@@ -77,31 +98,83 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         raise _refuse("background", "background responses are not supported; omit background")
     if request.include:
         raise _refuse("include", "include is not supported; omit it")
-    messages: list[dict[str, Any]] = []
-    if request.instructions is not None:
-        messages.append({"role": "system", "content": request.instructions})
-    if isinstance(request.input, str):
-        messages.append({"role": "user", "content": request.input})
-    else:
-        if not request.input:
-            raise APIError(400, "input is empty; send a string or at least one message", param="input",
-                           code="invalid_value")
-        for index, item in enumerate(request.input):
-            if item.get("type", "message") != "message":
-                raise _refuse(f"input.{index}", f"input items of type {item.get('type')!r} are not supported; send messages")
-            try:
-                message = parse_request(InputMessage, item)
-            except APIError as error:
-                raise APIError(400, error.message.replace("for '", f"for 'input.{index}."),
-                               param=f"input.{index}" + (f".{error.param}" if error.param else ""), code=error.code) from None
-            messages.append({"role": message.role, "content": _text(message, index)})
+    messages = [message for message, _ in _messages(request)]
     body = {"model": request.model, "messages": messages, "stream": request.stream, "user": request.user,
             "max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p,
-            "response_format": _response_format(request.text)}
+            "response_format": _response_format(request.text), "tools": _chat_tools(request.tools),
+            "tool_choice": _chat_tool_choice(request.tool_choice), "parallel_tool_calls": request.parallel_tool_calls,
+            "seed": request.seed, "logit_bias": request.logit_bias}
     try:
         return parse_request(ChatCompletionRequest, {k: v for k, v in body.items() if v is not None})
     except APIError as error:
         raise responses_error(error, request) from None
+
+
+def _messages(request: ResponsesRequest) -> list[tuple[dict[str, Any], str]]:
+    """The chat messages of `request`, each with the Responses field it came from (`instructions`,
+    `input`, `input.N`): a chat error names that field. Consecutive `function_call` items are one
+    assistant message (one answer's calls)."""
+    messages: list[tuple[dict[str, Any], str]] = []
+    if request.instructions is not None:
+        messages.append(({"role": "system", "content": request.instructions}, "instructions"))
+    if isinstance(request.input, str):
+        messages.append(({"role": "user", "content": request.input}, "input"))
+        return messages
+    if not request.input:
+        raise APIError(400, "input is empty; send a string or at least one message", param="input",
+                       code="invalid_value")
+    for index, item in enumerate(request.input):
+        kind = item.get("type", "message")
+        if kind == "reasoning":  # an earlier answer's reasoning, sent back: the template would drop it
+            continue
+        if kind == "function_call":
+            call = _item(FunctionCallItem, item, index)
+            tool_call = {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            previous = messages[-1][0] if messages else None
+            if previous is not None and previous["role"] == "assistant" and previous.get("tool_calls") and \
+                    messages[-1][1].endswith("calls"):
+                previous["tool_calls"].append(tool_call)
+            else:
+                messages.append(({"role": "assistant", "content": None, "tool_calls": [tool_call]}, f"input.{index}.calls"))
+        elif kind == "function_call_output":
+            result = _item(FunctionCallOutputItem, item, index)
+            output = result.output if isinstance(result.output, str) else _parts(result.output, index, "output")
+            messages.append(({"role": "tool", "tool_call_id": result.call_id, "content": output}, f"input.{index}"))
+        elif kind == "message":
+            message = _item(InputMessage, item, index)
+            content = message.content if isinstance(message.content, str) else _parts(message.content, index, "content")
+            messages.append(({"role": message.role, "content": content}, f"input.{index}"))
+        else:
+            raise _refuse(f"input.{index}", f"input items of type {kind!r} are not supported; send messages, "
+                          "function_call and function_call_output items")
+    return messages
+
+
+def _item(kind: type, item: dict[str, Any], index: int) -> Any:
+    try:
+        return parse_request(kind, item)
+    except APIError as error:
+        raise APIError(400, error.message.replace("for '", f"for 'input.{index}."),
+                       param=f"input.{index}" + (f".{error.param}" if error.param else ""), code=error.code) from None
+
+
+def _chat_tools(tools: list[Any] | None) -> list[Any] | None:
+    """Responses function tools (flat: name, parameters) in chat's shape (under `function`)."""
+    if tools is None:
+        return None
+    converted = []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise _refuse(f"tools.{index}", f"only function tools are supported, not {kind!r}")
+        converted.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    return converted
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -112,18 +185,18 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {key: value for key, value in format_.items() if key != "type"}}
 
 
-def _text(message: InputMessage, index: int) -> str:
-    if isinstance(message.content, str):
-        return message.content
+def _parts(parts: list[InputPart], index: int, field: str) -> str:
     texts = []
-    for position, part in enumerate(message.content):
+    for position, part in enumerate(parts):
         if part.type not in ("input_text", "output_text") or part.text is None:
-            raise _refuse(f"input.{index}.content.{position}", f"only text content parts are supported, not {part.type!r}")
+            raise _refuse(f"input.{index}.{field}.{position}", f"only text content parts are supported, not {part.type!r}")
         texts.append(part.text)
     return "\n".join(texts)
 
 
 _MESSAGE_PARAM = re.compile(r"messages(?:\.(\d+))?(.*)")
+# Chat's names of a tool's fields and of a named tool choice, and the Responses request's.
+_TOOL_PARAM = re.compile(r"(tools\.\d+|tool_choice)\.function(.*)")
 
 
 def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
@@ -133,16 +206,20 @@ def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
         param = "max_output_tokens"
     elif param is not None and param.startswith("response_format"):
         param = "text.format" + param.removeprefix("response_format").replace(".json_schema", "")
+    elif param is not None and (match := _TOOL_PARAM.fullmatch(param)):
+        param = match.group(1) + match.group(2)
     elif param is not None and (match := _MESSAGE_PARAM.fullmatch(param)):
-        index = None if match.group(1) is None else int(match.group(1))
-        if request.instructions is not None and index is not None:
-            index -= 1
-        if index == -1:
-            param = "instructions"
-        elif index is None or isinstance(request.input, str):
+        if match.group(1) is None:
             param = "input"
         else:
-            param = f"input.{index}{match.group(2)}"
+            source = _messages(request)[int(match.group(1))][1]
+            rest = match.group(2)
+            if source.endswith(".calls"):  # an answer's calls, from one or more items: the first named
+                source, rest = source.removesuffix(".calls"), ""
+            elif source.startswith("input.") and rest in (".tool_call_id", ".content") and \
+                    request.input[int(source.split(".")[1])].get("type") == "function_call_output":
+                rest = {".tool_call_id": ".call_id", ".content": ".output"}[rest]
+            param = source + ("" if source in ("instructions", "input") else rest)
     message = error.message.replace("max_tokens", "max_output_tokens")
     return APIError(error.status, message, param=param, code=error.code, type=error.type)
 
@@ -166,7 +243,8 @@ class ResponseEvents:
         self._reasoning_id = new_id("rs")
         self._message_id = new_id("msg")
         self._open: str | None = None  # the item being streamed: "reasoning" or "message"
-        self._items: list[str] = []  # the output items opened so far, in order
+        self._items: list[str] = []  # the output items opened so far, in order ("call:N" for calls[N])
+        self.calls: list[dict[str, Any]] = []  # function_call items (chat tool calls in the Responses shape)
 
     # -- the response object -------------------------------------------------------------------
     def _reasoning_item(self, status: str) -> dict[str, Any]:
@@ -178,7 +256,18 @@ class ResponseEvents:
                 "content": [{"type": "output_text", "text": self.content, "annotations": [], "logprobs": []}]}
 
     def _item(self, kind: str, status: str) -> dict[str, Any]:
+        if kind.startswith("call:"):
+            return {**self.calls[int(kind[5:])], "status": status}
         return self._reasoning_item(status) if kind == "reasoning" else self._message_item(status)
+
+    def _add_calls(self, calls: list[dict[str, Any]]) -> list[str]:
+        """Chat tool calls as function_call items; their item kinds."""
+        kinds = []
+        for call in calls:
+            kinds.append(f"call:{len(self.calls)}")
+            self.calls.append({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+                               "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+        return kinds
 
     def response(self, status: str = "in_progress", finish_reason: str | None = None,
                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -195,16 +284,19 @@ class ResponseEvents:
             "incomplete_details": None if status != "incomplete" else
             {"reason": "max_output_tokens" if finish_reason == "length" else "content_filter"},
             "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
-            "metadata": request.metadata or {}, "output": output, "parallel_tool_calls": False, "tool_choice": "none",
-            "tools": [], "temperature": request.temperature, "top_p": request.top_p,
+            "metadata": request.metadata or {}, "output": output,
+            "parallel_tool_calls": request.parallel_tool_calls is not False,
+            "tool_choice": request.tool_choice if request.tool_choice is not None else "auto" if request.tools else "none",
+            "tools": request.tools or [], "temperature": request.temperature, "top_p": request.top_p,
             "text": {"format": {"type": "text"}}, "store": False, "usage": usage,
         }
 
     def finished(self, reasoning: str, content: str, finish_reason: str | None, input_tokens: int, output_tokens: int,
-                 reasoning_tokens: int) -> dict[str, Any]:
-        """The whole (not streamed) response."""
+                 reasoning_tokens: int, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The whole (not streamed) response: a message item unless the answer is calls alone."""
         self.reasoning, self.content = reasoning, content
-        self._items = (["reasoning"] if reasoning else []) + ["message"]
+        self._items = (["reasoning"] if reasoning else []) + (["message"] if content or not calls else [])
+        self._items += self._add_calls(calls or [])
         return self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
 
     # -- streamed events -------------------------------------------------------------------------
@@ -263,10 +355,26 @@ class ResponseEvents:
                                content_index=0, delta=content, logprobs=[])
         return out
 
+    def function_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """Events for the answer's calls: each a function_call item whose arguments come whole."""
+        out = self._close()
+        for kind in self._add_calls(calls):
+            self._items.append(kind)
+            index, item = len(self._items) - 1, self._item(kind, "completed")
+            out += self._event("response.output_item.added", output_index=index,
+                               item={**item, "arguments": "", "status": "in_progress"})
+            out += self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                               delta=item["arguments"])
+            out += self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                               arguments=item["arguments"])
+            out += self._event("response.output_item.done", output_index=index, item=item)
+        return out
+
     def closing(self, finish_reason: str | None, input_tokens: int, output_tokens: int, reasoning_tokens: int) -> bytes:
-        """The end of the stream: the open item's done events, an empty answer if none came, and
-        `response.completed` (or `response.incomplete` at max_output_tokens) with the usage."""
-        out = b"" if "message" in self._items else self._switch("message")
+        """The end of the stream: the open item's done events, an empty answer if neither an answer
+        nor calls came, and `response.completed` (or `response.incomplete` at max_output_tokens)
+        with the usage."""
+        out = b"" if "message" in self._items or self.calls else self._switch("message")
         out += self._close()
         response = self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
