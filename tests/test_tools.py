@@ -190,6 +190,17 @@ def test_what_cannot_go_with_tools_is_400(extra, param):
     assert (error.value.status, error.value.param) == (400, param)
 
 
+def test_a_constrained_choice_needs_the_transformers_engine():
+    # The GPU engines do no structured output: a constrained choice is refused naming tool_choice
+    # (not response_format, which the request did not send); "auto" needs nothing of the engine.
+    request = parse_request(ChatCompletionRequest, {**CHAT, "tools": [ADD], "tool_choice": "required"})
+    with pytest.raises(APIError) as error:
+        tool_sampling(request, request_tools(request), SamplingConfig(), "vllm")
+    assert (error.value.param, "vllm" in error.value.message) == ("tool_choice", True)
+    auto = parse_request(ChatCompletionRequest, {**CHAT, "tools": [ADD]})
+    assert tool_sampling(auto, request_tools(auto), SamplingConfig(), "trtllm").json_schema is None
+
+
 def test_constrained_choices_set_the_schema():
     request = parse_request(ChatCompletionRequest, {**CHAT, "tools": [ADD], "tool_choice": "required"})
     sampling = tool_sampling(request, request_tools(request), SamplingConfig())

@@ -380,7 +380,7 @@ class OpenAIIngress:
                 if parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
                     raise APIError(400, "tools cannot be used in a session (a session stores text replies); send the "
                                    "conversation in messages", param="tools", code="invalid_value")
-                sampling = tool_sampling(parsed, plan, sampling)
+                sampling = tool_sampling(parsed, plan, sampling, self.config.engine.engine)
             opening = None
             # Responses requests store nothing, nor do requests offering tools (their history is the client's).
             if chat and self.sessions is not None and not responses and plan is None:

@@ -417,10 +417,15 @@ def request_tools(request: ChatCompletionRequest | TokenizeRequest) -> tools.Too
     return tools.tool_plan(request.tools, request.tool_choice, request.parallel_tool_calls)
 
 
-def tool_sampling(request: ChatCompletionRequest, plan: tools.ToolPlan, sampling: SamplingConfig) -> SamplingConfig:
+def tool_sampling(request: ChatCompletionRequest, plan: tools.ToolPlan, sampling: SamplingConfig,
+                  engine: str = "transformers") -> SamplingConfig:
     """`sampling` for a request that offers tools: a constrained choice ("required", a named
-    function) constrains the answer to its schema. 400 for what cannot go with tools."""
+    function) constrains the answer to its schema (structured output: the transformers `engine`
+    only). 400 for what cannot go with tools."""
     conflicts = [
+        ("tool_choice", plan.mode != "auto" and engine != "transformers",
+         f"tool_choice {plan.mode!r} constrains the answer, which engine.name: {engine} does not support; "
+         "use tool_choice \"auto\" or the transformers engine"),
         ("logprobs", bool(request.logprobs), "logprobs are not returned with tools; omit logprobs or tools"),
         ("response_format", sampling.json_schema is not None,
          "response_format cannot be combined with tools; an answer is either a tool call or JSON text"),
