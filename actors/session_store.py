@@ -302,6 +302,23 @@ class SessionClient:
             logger.info("session %s… was deleted or expired during a turn; the exchange was not stored", turn.session_id[:6])
         return stored
 
+    async def read(self, session_id: str, owner: str | None) -> Session | None:
+        """A stored session with every message (a stored response's conversation); None when missing,
+        expired, not `owner`'s, or not an id the store could hold."""
+        try:
+            check_session_id(session_id)
+        except ValueError:
+            return None
+        return await self._call(session_id, "get", session_id, owner or "", None)
+
+    async def remove(self, session_id: str, owner: str | None) -> bool:
+        """Delete a stored session; False when missing, expired, not `owner`'s or not a valid id."""
+        try:
+            check_session_id(session_id)
+        except ValueError:
+            return False
+        return await self._call(session_id, "delete", session_id, owner or "")
+
     # -- the session routes ------------------------------------------------------------------
     async def history(self, session_id: str, owner: str | None) -> dict[str, Any]:
         """Body of GET /v1/sessions/{id}: every stored message. 404 when missing, expired or not yours."""

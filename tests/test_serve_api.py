@@ -460,7 +460,7 @@ def test_responses_api_function_calls(server, client, tokenizer):
      400, "tool_choice.name"),
     ({"input": "hi", "tool_choice": "required", "tools": [{"type": "function", "name": "f", "parameters": {
         "type": "nonsense"}}]}, 400, "tools.0.parameters"),
-    ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, 404, "previous_response_id"),  # never stored
     ({"input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input.0.content.0"),
     ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "input.0.role"),

@@ -247,3 +247,78 @@ def test_sessions_survive_an_app_restart_redis(env, redis_url):
     base = restart(env, redis_url)
     messages = history(base, session_id).json()["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["stored in redis"]
+
+
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
+    # A Responses request is stored (store defaults to true) as a session named by its id: the whole
+    # conversation with its answer. previous_response_id continues it: the model sees the earlier
+    # input and answer (not the earlier instructions), and any stored response can be continued
+    # again (a branch). The store's actor is killed in between: nothing is lost.
+    backend = shared_backend(env)
+    base = deploy(env, backend)
+    api = client(base)
+    tokenizer = load_tokenizer(ModelConfig())
+    ask = {"model": MODEL, "max_output_tokens": 6, "temperature": 0}
+    first = api.responses.create(**ask, input="What is 2 + 3?", instructions="Be brief.")
+    assert first.store is True and first.previous_response_id is None
+    ray.kill(SessionClient(SessionConfig(backend_url=backend, num_partitions=2)).actor_for(first.id), no_restart=False)
+    asked = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": first.output_text}]
+    second = api.responses.create(**ask, input="And 4 + 4?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.store is True
+    assert second.usage.input_tokens == _prompt_tokens(tokenizer, [*asked, {"role": "user", "content": "And 4 + 4?"}])
+    # A branch from the first (streamed), and the chain from the second.
+    branch = list(api.responses.create(**ask, input="And 5 + 5?", previous_response_id=first.id, stream=True))[-1].response
+    assert branch.usage.input_tokens == _prompt_tokens(tokenizer, [*asked, {"role": "user", "content": "And 5 + 5?"}])
+    chain = [*asked, {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": second.output_text}]
+    chained = api.responses.create(**ask, input="And 1 + 1?", previous_response_id=second.id)
+    assert chained.usage.input_tokens == _prompt_tokens(tokenizer, [*chain, {"role": "user", "content": "And 1 + 1?"}])
+    # A stored conversation is a session: the owner can read it.
+    assert history(base, second.id).json()["messages"] == chain
+    assert history(base, branch.id).json()["messages"][-1] == {"role": "assistant", "content": branch.output_text}
+    # store: false keeps nothing; another key's response is not found, nor an id never given out.
+    unsaved = api.responses.create(**ask, input="hi", store=False)
+    assert unsaved.store is False
+    for key, response_id in ((KEY, unsaved.id), (OTHER_KEY, first.id), (KEY, "resp-never-given-out")):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client(base, key).responses.create(**ask, input="x", previous_response_id=response_id)
+        assert missing.value.body["param"] == "previous_response_id"
+    # The owner deletes one: then it cannot be continued; its branches stay.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    deleted = httpx.delete(f"{base}/v1/responses/{first.id}", headers=headers, timeout=30)
+    assert deleted.status_code == 200 and deleted.json() == {"id": first.id, "object": "response", "deleted": True}
+    assert httpx.delete(f"{base}/v1/responses/{first.id}", headers=headers, timeout=30).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        api.responses.create(**ask, input="x", previous_response_id=first.id)
+    assert api.responses.create(**ask, input="x", previous_response_id=second.id).status == "incomplete"
+
+
+def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):
+    # The answer's calls are stored as the model writes them; the next request sends only the
+    # function_call_output, which answers a call of the stored response (its id is not in this request).
+    from r1.serving.tools import call_text, result_text, tool_plan, tools_prompt, with_tools_prompt
+
+    base = deploy(env, shared_backend(env))
+    api = client(base)
+    tokenizer = load_tokenizer(ModelConfig())
+    parameters = {"type": "object", "properties": {"a": {"enum": [23]}, "b": {"enum": [45]}}, "required": ["a", "b"],
+                  "additionalProperties": False}
+    tools = [{"type": "function", "name": "add", "parameters": parameters}]
+    close_reasoning = {str(tokenizer.convert_tokens_to_ids("</think>")): 100}  # see test_serve_api._answer_at_once
+    called = api.responses.create(model=MODEL, input="What is 23 + 45?", tools=tools, max_output_tokens=48,
+                                  temperature=0, tool_choice={"type": "function", "name": "add"},
+                                  extra_body={"logit_bias": close_reasoning})
+    call = next(item for item in called.output if item.type == "function_call")
+    assert call.arguments == '{"a": 23, "b": 45}'
+    answered = api.responses.create(model=MODEL, previous_response_id=called.id, tools=tools, max_output_tokens=4,
+                                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "68"}])
+    offered = tools_prompt(tool_plan([{"type": "function", "function": {"name": "add", "parameters": parameters}}],
+                                     None, None))
+    expected = with_tools_prompt([{"role": "user", "content": "What is 23 + 45?"},
+                                  {"role": "assistant", "content": call_text("add", call.arguments)},
+                                  {"role": "user", "content": result_text("68")}], offered)
+    assert answered.usage.input_tokens == _prompt_tokens(tokenizer, expected)

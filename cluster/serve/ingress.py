@@ -8,6 +8,7 @@ here answers 500 for a bad request, and every wait on the LLM server has a deadl
 
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -32,7 +33,7 @@ from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
 from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
 from r1.serving.responses import ResponseEvents, ResponsesRequest, chat_request, responses_error
-from r1.serving.tools import ToolCallStream, ToolPlan, tools_prompt, with_tools_prompt
+from r1.serving.tools import ToolCallStream, ToolPlan, call_text, tools_prompt, with_tools_prompt
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -60,6 +61,7 @@ from r1.serving.protocol import (
     unsupported,
     usage_dict,
 )
+from r1.sessions import pending_session
 from r1.telemetry import (
     TRACE_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -198,6 +200,11 @@ class _Choice:
         content = "".join(self.content)
         return content.strip() if self.tool_calls else content
 
+    def stored_reply(self) -> str:
+        """The answer as a stored conversation keeps it: its text, and its calls as the model writes them."""
+        calls = [call_text(call["function"]["name"], call["function"]["arguments"]) for call in self.tool_calls]
+        return "\n".join(([self.answer()] if self.answer() else []) + calls) if calls else self.answer()
+
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
     """The request's usage: each prompt's tokens once, however many choices it has, and every
@@ -301,6 +308,18 @@ class OpenAIIngress:
         """OpenAI's Responses API: a chat request in other words (r1/serving/responses.py)."""
         return await self._handle(request, chat=True, responses=True)
 
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str, request: Request) -> Response:
+        """Forget a stored response (`client.responses.delete`): it can no longer be continued."""
+        async def answer(*_: Any) -> Response:
+            owner = self.auth.check(request.headers.get("authorization"))
+            if self.sessions is None or not await self.sessions.remove(response_id, owner):
+                raise APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id",
+                               code="response_not_found")
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+        return await self._traced(request, "responses", answer)
+
     @app.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
@@ -342,6 +361,18 @@ class OpenAIIngress:
             metrics.record_request(route, response.status_code, timer.elapsed_s())
         return response
 
+    async def _stored_response(self, response_id: str, owner: str | None) -> Any:
+        """The stored conversation of a response (a `previous_response_id`); 404 when it is not stored."""
+        if self.sessions is None:
+            raise APIError(400, "responses are not stored on this server (sessions.enabled=false); send the whole "
+                           "conversation as input", param="previous_response_id", code="unsupported")
+        stored = await self.sessions.read(response_id, owner)
+        if stored is None:
+            raise APIError(404, f"response '{response_id[:64]}' is not stored: it does not exist, has expired, was "
+                           "deleted or was created with store: false", param="previous_response_id",
+                           code="response_not_found")
+        return stored
+
     def _session_client(self) -> SessionClient:
         if self.sessions is None:
             raise APIError(404, "sessions are disabled on this server (sessions.enabled=false)", code="sessions_disabled")
@@ -362,19 +393,25 @@ class OpenAIIngress:
             self._abandon(turn)
             return error_response(error if wanted is None else responses_error(error, wanted))
 
+        events = None  # a Responses request's response
+        previous = None  # the stored conversation a Responses request continues (previous_response_id)
         try:
             owner = self.auth.check(request.headers.get("authorization"))
             body = await self._read_json(request)
             if responses:
                 wanted = parse_request(ResponsesRequest, body)
                 parsed = chat_request(wanted)
+                events = ResponseEvents(wanted, self.config.model_name)
             else:
                 parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             unsupported(parsed)
             self._check_model(parsed.model)
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
-            messages = chat_messages(parsed, self.config) if chat else None
+            continued = responses and wanted.previous_response_id is not None
+            messages = chat_messages(parsed, self.config, stored_calls=continued) if chat else None
+            if continued:
+                previous = await self._stored_response(wanted.previous_response_id, owner)
             plan = request_tools(parsed) if chat else None
             if plan is not None:
                 if parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
@@ -382,7 +419,8 @@ class OpenAIIngress:
                                    "conversation in messages", param="tools", code="invalid_value")
                 sampling = tool_sampling(parsed, plan, sampling, self.config.engine.engine)
             opening = None
-            # Responses requests store nothing, nor do requests offering tools (their history is the client's).
+            # A chat session: not for Responses requests (stored under their response's id, below), nor
+            # for requests offering tools (their history is the client's).
             if chat and self.sessions is not None and not responses and plan is None:
                 # Opening the session sends the store no message text and needs nothing from the
                 # checks below, so it runs alongside them (one hop fewer before the model); the
@@ -410,6 +448,16 @@ class OpenAIIngress:
             if session is not None:
                 turn = await self.sessions.plan(session, prompts[0], sampling.max_new_tokens)
                 prompts = [turn.prompt]
+            elif responses and self.sessions is not None and (previous is not None or wanted.store is not False):
+                # The stored conversation's window, then this request's messages; stored (unless store:
+                # false) under the response's id as the whole conversation with its answer.
+                planned = await self.sessions.plan(previous or pending_session(owner or ""), prompts[0],
+                                                   sampling.max_new_tokens)
+                prompts = [planned.prompt]
+                if wanted.store is not False:
+                    turn = dataclasses.replace(planned, session_id=events.id, created=True, pending=True, new_messages=[
+                        *(previous.messages if previous is not None else []), *planned.new_messages])
+                    events.stored = True
             elif parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
                 # The header form too: a session the client names must not be ignored without a word.
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
@@ -441,8 +489,7 @@ class OpenAIIngress:
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
-        headers = {SESSION_HEADER: turn.session_id} if turn else {}
-        events = ResponseEvents(wanted, self.config.model_name) if responses else None
+        headers = {SESSION_HEADER: turn.session_id} if turn and not responses else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
@@ -453,7 +500,7 @@ class OpenAIIngress:
         try:
             await self._drain(streams, starts, choices)
             if turn is not None:
-                await self.sessions.finish_turn(turn, "".join(choices[0].content))
+                await self.sessions.finish_turn(turn, choices[0].stored_reply())
         except APIError as error:
             return failed(error)
         except asyncio.CancelledError:
@@ -766,7 +813,7 @@ class OpenAIIngress:
                 # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
                 try:
                     with use_span(root):
-                        await self.sessions.finish_turn(turn, "".join(choices[0].content))
+                        await self.sessions.finish_turn(turn, choices[0].stored_reply())
                 except APIError as error:
                     status = error.status
                     yield sse(error.body())

@@ -387,11 +387,14 @@ def completion_prompts(request: CompletionRequest, config: ServeConfig) -> tuple
     return batch, [f"prompt.{index}" for index in range(len(batch))]
 
 
-def chat_messages(request: ChatCompletionRequest | TokenizeRequest, config: ServeConfig) -> list[dict[str, str]]:
+def chat_messages(request: ChatCompletionRequest | TokenizeRequest, config: ServeConfig,
+                  stored_calls: bool = False) -> list[dict[str, str]]:
     """The request's messages as the chat template gets them, one for each: text contents,
     `developer` as `system`, tool calls and their results written out as text (`r1.serving.tools`),
     a result as a user turn. (One for each, so that `messages.N` in an error names the request's
-    message N.) The functions a request offers are not in them (`tool_messages` adds them)."""
+    message N.) The functions a request offers are not in them (`tool_messages` adds them).
+    A tool message must answer a call made earlier in the request, or, with `stored_calls` (the
+    request continues a stored conversation, which keeps calls as text without their ids), in it."""
     if len(request.messages) > config.max_messages:
         raise APIError(400, f"{len(request.messages)} messages exceed this server's limit of {config.max_messages}", param="messages")
     messages: list[dict[str, str]] = []
@@ -399,7 +402,7 @@ def chat_messages(request: ChatCompletionRequest | TokenizeRequest, config: Serv
     for index, message in enumerate(request.messages):
         text = message.text(index)
         if message.role == "tool":
-            if message.tool_call_id not in calls:
+            if message.tool_call_id not in calls and not stored_calls:
                 raise APIError(400, f"tool message answers call {message.tool_call_id!r}, which no earlier assistant "
                                "message of this request made", param=f"messages.{index}.tool_call_id", code="invalid_value")
             messages.append({"role": "user", "content": tools.result_text(text)})

@@ -18,9 +18,13 @@ earlier answer's calls, as the client sends them back) and `function_call_output
 results). A `reasoning` item sent back in the input is dropped: an R1-style template shows no
 earlier reasoning to the model.
 
+Stored responses (`store`, true unless the request says false, and `previous_response_id`) are
+kept by the ingress in the session store (`actors.session_store`): a stored response is a session
+named by the response's id, holding the conversation up to and including its answer, so any
+stored response can be continued, again and again (branches), and survives a restart of the store.
+
 Not implemented, refused with a 400 naming the field when asked for: tools other than functions,
-`previous_response_id` (nothing is stored: `store` is accepted and has no effect), `background`,
-`include`. `reasoning` settings are accepted and not used.
+`background`, `include`. `reasoning` settings are accepted and not used.
 """
 
 from __future__ import annotations
@@ -74,14 +78,14 @@ class ResponsesRequest(LenientModel):
     parallel_tool_calls: StrictBool | None = None
     tool_choice: Any = None
     tools: list[Any] | None = None
+    previous_response_id: str | None = None
+    text: dict[str, Any] | None = None
     # r1 extensions with chat's meaning (not in OpenAI's Responses API).
     seed: int | None = None
     logit_bias: dict[str, Any] | None = None
     # Refused when they ask for something (`chat_request`).
-    previous_response_id: str | None = None
     background: StrictBool | None = None
     include: list[str] | None = None
-    text: dict[str, Any] | None = None
 
 
 def _refuse(param: str, message: str) -> APIError:
@@ -91,9 +95,6 @@ def _refuse(param: str, message: str) -> APIError:
 def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request a Responses request asks for; 400 naming the Responses field for
     what r1 does not implement or cannot read."""
-    if request.previous_response_id is not None:
-        raise _refuse("previous_response_id", "responses are not stored on this server; send the whole conversation "
-                      "as input (or use /v1/chat/completions with session_id)")
     if request.background:
         raise _refuse("background", "background responses are not supported; omit background")
     if request.include:
@@ -236,6 +237,7 @@ class ResponseEvents:
         self.request = request
         self.model = model
         self.id = new_id("resp")
+        self.stored = False  # kept in the store once finished (its id can be a previous_response_id)
         self.created = int(time.time())
         self._sequence = 0
         self.reasoning = ""
@@ -288,7 +290,8 @@ class ResponseEvents:
             "parallel_tool_calls": request.parallel_tool_calls is not False,
             "tool_choice": request.tool_choice if request.tool_choice is not None else "auto" if request.tools else "none",
             "tools": request.tools or [], "temperature": request.temperature, "top_p": request.top_p,
-            "text": {"format": {"type": "text"}}, "store": False, "usage": usage,
+            "text": {"format": {"type": "text"}}, "store": self.stored,
+            "previous_response_id": request.previous_response_id, "usage": usage,
         }
 
     def finished(self, reasoning: str, content: str, finish_reason: str | None, input_tokens: int, output_tokens: int,
