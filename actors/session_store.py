@@ -305,19 +305,13 @@ class SessionClient:
     async def read(self, session_id: str, owner: str | None) -> Session | None:
         """A stored session with every message (a stored response's conversation); None when missing,
         expired, not `owner`'s, or not an id the store could hold."""
-        try:
-            check_session_id(session_id)
-        except ValueError:
+        if not _storable(session_id):
             return None
         return await self._call(session_id, "get", session_id, owner or "", None)
 
     async def remove(self, session_id: str, owner: str | None) -> bool:
         """Delete a stored session; False when missing, expired, not `owner`'s or not a valid id."""
-        try:
-            check_session_id(session_id)
-        except ValueError:
-            return False
-        return await self._call(session_id, "delete", session_id, owner or "")
+        return _storable(session_id) and await self._call(session_id, "delete", session_id, owner or "")
 
     # -- the session routes ------------------------------------------------------------------
     async def history(self, session_id: str, owner: str | None) -> dict[str, Any]:
@@ -334,6 +328,14 @@ class SessionClient:
         if not await self._call(session_id, "delete", session_id, owner or ""):
             raise _not_found(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+def _storable(session_id: str) -> bool:
+    try:
+        check_session_id(session_id)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_path_id(session_id: str) -> None:

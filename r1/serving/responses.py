@@ -131,10 +131,8 @@ def _messages(request: ResponsesRequest) -> list[tuple[dict[str, Any], str]]:
         if kind == "function_call":
             call = _item(FunctionCallItem, item, index)
             tool_call = {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-            previous = messages[-1][0] if messages else None
-            if previous is not None and previous["role"] == "assistant" and previous.get("tool_calls") and \
-                    messages[-1][1].endswith("calls"):
-                previous["tool_calls"].append(tool_call)
+            if messages and messages[-1][1].endswith(".calls"):  # the same answer's next call
+                messages[-1][0]["tool_calls"].append(tool_call)
             else:
                 messages.append(({"role": "assistant", "content": None, "tool_calls": [tool_call]}, f"input.{index}.calls"))
         elif kind == "function_call_output":
