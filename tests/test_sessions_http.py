@@ -322,3 +322,33 @@ def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):
                                   {"role": "assistant", "content": call_text("add", call.arguments)},
                                   {"role": "user", "content": result_text("68")}], offered)
     assert answered.usage.input_tokens == _prompt_tokens(tokenizer, expected)
+
+
+def test_tool_calls_in_a_session(env):
+    # A session keeps an agent's conversation: the answer's calls are stored as the model writes
+    # them, the next turn sends only the tool's result (answering a call the session holds), and the
+    # model sees the functions (sent again: system text is not stored), the history and the result.
+    from r1.serving.tools import call_text, result_text, tool_plan, tools_prompt, with_tools_prompt
+
+    base = deploy(env, shared_backend(env))
+    api = client(base)
+    tokenizer = load_tokenizer(ModelConfig())
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"enum": [23]}, "b": {"enum": [45]}}, "required": ["a", "b"],
+        "additionalProperties": False}}}]
+    close_reasoning = {str(tokenizer.convert_tokens_to_ids("</think>")): 100}  # see test_serve_api._answer_at_once
+    question = {"role": "user", "content": "What is 23 + 45?"}
+    raw = api.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[question], tools=tools, tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=48, temperature=0, logit_bias=close_reasoning)
+    session_id, called = raw.headers.get("x-session-id"), raw.parse()
+    call = called.choices[0].message.tool_calls[0]
+    assert session_id and call.function.arguments == '{"a": 23, "b": 45}'
+    assert history(base, session_id).json()["messages"] == [
+        question, {"role": "assistant", "content": call_text("add", call.function.arguments)}]
+    answered = api.chat.completions.create(model=MODEL, tools=tools, max_tokens=4, extra_body={"session_id": session_id},
+                                           messages=[{"role": "tool", "tool_call_id": call.id, "content": "68"}])
+    expected = with_tools_prompt([question, {"role": "assistant", "content": call_text("add", call.function.arguments)},
+                                  {"role": "user", "content": result_text("68")}], tools_prompt(tool_plan(tools, None, None)))
+    assert answered.usage.prompt_tokens == _prompt_tokens(tokenizer, expected)
+    assert [m["role"] for m in history(base, session_id).json()["messages"]] == ["user", "assistant"] * 2

@@ -409,19 +409,17 @@ class OpenAIIngress:
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             continued = responses and wanted.previous_response_id is not None
-            messages = chat_messages(parsed, self.config, stored_calls=continued) if chat else None
+            named_session = parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None
+            # A tool message may answer a call stored in the conversation it continues.
+            messages = chat_messages(parsed, self.config, stored_calls=continued or named_session) if chat else None
             if continued:
                 previous = await self._stored_response(wanted.previous_response_id, owner)
             plan = request_tools(parsed) if chat else None
             if plan is not None:
-                if parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
-                    raise APIError(400, "tools cannot be used in a session (a session stores text replies); send the "
-                                   "conversation in messages", param="tools", code="invalid_value")
                 sampling = tool_sampling(parsed, plan, sampling, self.config.engine.engine)
             opening = None
-            # A chat session: not for Responses requests (stored under their response's id, below), nor
-            # for requests offering tools (their history is the client's).
-            if chat and self.sessions is not None and not responses and plan is None:
+            # A chat session (not for Responses requests: stored under their response's id, below).
+            if chat and self.sessions is not None and not responses:
                 # Opening the session sends the store no message text and needs nothing from the
                 # checks below, so it runs alongside them (one hop fewer before the model); the
                 # screened messages are planned into it after. Its errors come after the checks'.
@@ -458,7 +456,7 @@ class OpenAIIngress:
                     turn = dataclasses.replace(planned, session_id=events.id, created=True, pending=True, new_messages=[
                         *(previous.messages if previous is not None else []), *planned.new_messages])
                     events.stored = True
-            elif parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None:
+            elif named_session:
                 # The header form too: a session the client names must not be ignored without a word.
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
                                param="session_id")
