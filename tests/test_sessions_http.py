@@ -142,13 +142,13 @@ def test_refused_turns_leave_no_session_and_streams_carry_the_new_id(env):
 
     api = client(base)
     before = session_count()
-    # Refused before the session is opened: a tool message answering no call. Refused after it was
+    # Refused before the session is opened: a tool message naming no call. Refused after it was
     # opened: by the context (max_tokens beyond it). Refused while it is being opened (the open runs
     # alongside these checks): by the prompt's length and by the input screening. No id was handed
     # out, so nothing may stay: neither a new session of the server's (it is stored with its first
     # exchange only) nor one that the open created for a new id the client chose.
     refused = [
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "call_1"}]}, "invalid_value"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1020}, None),
         ({"messages": [{"role": "user", "content": "1 " * 2000}]}, "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": f"say {BLOCKED_WORD}"}]}, "sensitive_content"),
@@ -295,6 +295,24 @@ def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
     with pytest.raises(openai.NotFoundError):
         api.responses.create(**ask, input="x", previous_response_id=first.id)
     assert api.responses.create(**ask, input="x", previous_response_id=second.id).status == "incomplete"
+
+
+def test_a_long_chain_of_responses_stores_the_window_it_shows(env):
+    # Each stored response keeps the window a continuation shows the model (the last 10 messages of
+    # the conversation before it) and its own exchange: a chain's storage per response is bounded,
+    # and what the model sees is unchanged by it.
+    base = deploy(env, shared_backend(env))
+    api = client(base)
+    tokenizer = load_tokenizer(ModelConfig())
+    conversation, previous = [], None
+    for number in range(7):
+        question = {"role": "user", "content": f"What is {number} + 1?"}
+        response = api.responses.create(model=MODEL, input=question["content"], max_output_tokens=2, temperature=0,
+                                        previous_response_id=previous)
+        assert response.usage.input_tokens == _prompt_tokens(tokenizer, [*conversation[-10:], question])
+        conversation += [question, {"role": "assistant", "content": response.output_text}]
+        previous = response.id
+    assert history(base, previous).json()["messages"] == conversation[-12:]
 
 
 def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):

@@ -448,13 +448,16 @@ class OpenAIIngress:
                 prompts = [turn.prompt]
             elif responses and self.sessions is not None and (previous is not None or wanted.store is not False):
                 # The stored conversation's window, then this request's messages; stored (unless store:
-                # false) under the response's id as the whole conversation with its answer.
+                # false) under the response's id with its answer, after the part of the stored
+                # conversation a continuation can show (the window: storage per response stays bounded).
                 planned = await self.sessions.plan(previous or pending_session(owner or ""), prompts[0],
                                                    sampling.max_new_tokens)
                 prompts = [planned.prompt]
                 if wanted.store is not False:
-                    turn = dataclasses.replace(planned, session_id=events.id, created=True, pending=True, new_messages=[
-                        *(previous.messages if previous is not None else []), *planned.new_messages])
+                    window = self.sessions.config.window_messages
+                    kept = previous.messages[-window:] if previous is not None and window else []
+                    turn = dataclasses.replace(planned, session_id=events.id, created=True, pending=True,
+                                               new_messages=[*kept, *planned.new_messages])
                     events.stored = True
             elif named_session:
                 # The header form too: a session the client names must not be ignored without a word.
