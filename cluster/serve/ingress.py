@@ -202,8 +202,9 @@ class _Choice:
 
     def stored_reply(self) -> str:
         """The answer as a stored conversation keeps it: its text, and its calls as the model writes them."""
+        answer = self.answer()
         calls = [call_text(call["function"]["name"], call["function"]["arguments"]) for call in self.tool_calls]
-        return "\n".join(([self.answer()] if self.answer() else []) + calls) if calls else self.answer()
+        return "\n".join(([answer] if answer else []) + calls)
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
@@ -361,6 +362,21 @@ class OpenAIIngress:
             metrics.record_request(route, response.status_code, timer.elapsed_s())
         return response
 
+    async def _plan_response(self, events: ResponseEvents, previous: Any, owner: str | None, messages: list[dict[str, str]],
+                             max_new_tokens: int) -> tuple[list[dict[str, str]], Any]:
+        """A Responses request's prompt (the stored conversation's window, then its messages) and the
+        turn that stores it (None for store: false) under the response's id with its answer, after
+        the part of the stored conversation a continuation can show: the window, so the storage of
+        each response stays bounded however long the chain."""
+        planned = await self.sessions.plan(previous or pending_session(owner or ""), messages, max_new_tokens)
+        if events.request.store is False:
+            return planned.prompt, None
+        window = self.sessions.config.window_messages
+        kept = previous.messages[-window:] if previous is not None and window else []
+        events.stored = True
+        return planned.prompt, dataclasses.replace(planned, session_id=events.id, created=True, pending=True,
+                                                   new_messages=[*kept, *planned.new_messages])
+
     async def _stored_response(self, response_id: str, owner: str | None) -> Any:
         """The stored conversation of a response (a `previous_response_id`); 404 when it is not stored."""
         if self.sessions is None:
@@ -447,18 +463,8 @@ class OpenAIIngress:
                 turn = await self.sessions.plan(session, prompts[0], sampling.max_new_tokens)
                 prompts = [turn.prompt]
             elif responses and self.sessions is not None and (previous is not None or wanted.store is not False):
-                # The stored conversation's window, then this request's messages; stored (unless store:
-                # false) under the response's id with its answer, after the part of the stored
-                # conversation a continuation can show (the window: storage per response stays bounded).
-                planned = await self.sessions.plan(previous or pending_session(owner or ""), prompts[0],
-                                                   sampling.max_new_tokens)
-                prompts = [planned.prompt]
-                if wanted.store is not False:
-                    window = self.sessions.config.window_messages
-                    kept = previous.messages[-window:] if previous is not None and window else []
-                    turn = dataclasses.replace(planned, session_id=events.id, created=True, pending=True,
-                                               new_messages=[*kept, *planned.new_messages])
-                    events.stored = True
+                prompt, turn = await self._plan_response(events, previous, owner, prompts[0], sampling.max_new_tokens)
+                prompts = [prompt]
             elif named_session:
                 # The header form too: a session the client names must not be ignored without a word.
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
