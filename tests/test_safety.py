@@ -152,6 +152,11 @@ DEFAULT_CASES = [
     # English labels of two words
     ("OTP code: 123456", "OTP code: [已隐藏]", {"secret"}),
     ("PIN number: 1234", "PIN number: [已隐藏]", {"secret"}),
+    # keys of JSON (a tool call's arguments) and of a Python dict: the values go, the JSON stays valid
+    ('{"user": "bob", "password": "hunter2", "otp": "384920"}',
+     '{"user": "bob", "password": "[已隐藏]", "otp": "[已隐藏]"}', {"secret"}),
+    ('{"密码": "abc12345"}', '{"密码": "[已隐藏]"}', {"secret"}),
+    ("{'pin': '1234'}", "{'pin': '[已隐藏]'}", {"secret"}),
 ]
 
 
@@ -196,6 +201,8 @@ HARMLESS = [
     "密码学是computer science的分支，密码算法如AES-256",
     # a price before a comma, with no code keyword after it
     "价格是 100，谢谢",
+    # a function's parameters schema naming a password (the text offering tools): keys, no value
+    '{"password": {"type": "string", "description": "the new password"}, "otp": {"type": "string"}}',
 ]
 
 

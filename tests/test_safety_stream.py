@@ -217,6 +217,8 @@ FRAGMENTS = [
     "信用卡", "8-20", "位", "\u3000", "'", "㍱", "ﬁ", "❤\ufe0f", "é", "\n",
     # value grammar: digit groups, asides, openers, qualifiers, topics, units
     "384 ", "92", "如下", "（新）", "【", "】", "(", "登录", "学", "个字符", "code", "CVV码", "口",
+    # keys and values of JSON (a tool call's arguments)
+    '"', '": "', "{", "}",
 ]
 
 

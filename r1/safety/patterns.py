@@ -97,6 +97,9 @@ _OPENER = char_class(set("\"'“‘「『【〔〖（［(<[{") | {"\uff02", "\uf
 _ASIDE = "[(（][^()（）\n]{0,10}[)）]"
 # Spaces, then at most one line break and more spaces: "密码：\nabc123".
 _GAP = f"{SPACE}{{0,3}}(?:\r?\n{SPACE}{{0,3}})?"
+# A quote closing a keyword that is a key ("password": "hunter2", {'otp': '384920'}: a tool call's
+# arguments, JSON, a Python dict).
+_KEY_CLOSE = tolerant_class("\"'")
 # Words that make a keyword a topic, not a secret's label: 密码学 (cryptography), 密码算法, ….
 _NOT_A_LABEL = "(?!学|算法|分析|体制|协议|技术|破译)"
 _DIGIT_SEPARATOR = tolerant_class(" -")
@@ -113,12 +116,12 @@ _WEAK = "|".join(tolerant_word(w) for w in ("is", "was", "are"))
 #   (4+ characters, or 3 digits),
 # - weak: English "is/was/are"; the value must contain a digit ("password is hunter2"),
 # - bare: nothing; the value must contain a digit ("验证码384920", "OTP 123456").
-# A quote or bracket may open the value in each case. Not after words that make the keyword a
-# topic (密码学, 密码算法).
+# A quote may close a keyword that is a key, and a quote or bracket may open the value in each
+# case. Not after words that make the keyword a topic (密码学, 密码算法).
 def value_grammar(tag: str = "") -> str:
     """VALUE_GRAMMAR with its value groups named strong{tag}, weak{tag}, bare{tag}."""
     return (
-        f"{_NOT_A_LABEL}{SPACE}{{0,3}}(?:"
+        f"{_NOT_A_LABEL}{_KEY_CLOSE}?{SPACE}{{0,3}}(?:"
         f"(?:{_BRIDGE}{{0,6}}?(?:是|为|成)了?{SPACE}{{0,2}}{_CONNECTOR_SIGN}?"
         f"|{_BRIDGE}{{0,6}}?(?:{_ASIDE})?{SPACE}{{0,2}}{_CONNECTOR_SIGN})"
         f"{_GAP}{_OPENER}?{SPACE}{{0,2}}"
@@ -131,9 +134,10 @@ def value_grammar(tag: str = "") -> str:
 
 VALUE_GRAMMAR = value_grammar()
 VALUE_AFTER_KEYWORD = re.compile(VALUE_GRAMMAR)
-# Longest distance from a keyword's end to its value's start allowed by the grammar above: spaces
-# (3), bridge (6), aside (12), spaces (2), connector (1), gap (3 + 2 + 3), opener (1), spaces (2).
-SECRET_BRIDGE_MAX_CHARS = 33
+# Longest distance from a keyword's end to its value's start allowed by the grammar above: key
+# quote (1), spaces (3), bridge (6), aside (12), spaces (2), connector (1), gap (3 + 2 + 3), opener
+# (1), spaces (2).
+SECRET_BRIDGE_MAX_CHARS = 34
 # A value token (optionally after groups of spaced digits) at the end of a folded text: a secret
 # value that may still be growing (streams).
 TRAILING_TOKEN = re.compile(f"(?:[0-9]{{1,4}}[ \\-])*{VALUE_CHAR}*\\Z")
