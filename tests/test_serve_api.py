@@ -757,6 +757,14 @@ def test_tool_calls_and_results_are_screened(server, tokenizer):
             assert response.status_code == 200, response.text
             text = response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
         assert json.loads(text) == {"card": "[已隐藏]"}, text
+    # A secret after its key (the default profile's secret rule reads JSON keys too).
+    login = {"type": "function", "function": {"name": "login", "parameters": {
+        "type": "object", "properties": {"password": {"enum": ["hunter42"]}}, "required": ["password"],
+        "additionalProperties": False}}}
+    response = _post(server, "/v1/chat/completions", {**body, "tools": [login], "tool_choice": {
+        "type": "function", "function": {"name": "login"}}})
+    arguments = response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == {"password": "[已隐藏]"}, arguments
     # Input: a tool's result and the offered functions are screened like messages (strict blocks
     # the guide's keywords), each named in the error.
     call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"paris\"}"}}
