@@ -327,9 +327,11 @@ def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):
                   "additionalProperties": False}
     tools = [{"type": "function", "name": "add", "parameters": parameters}]
     close_reasoning = {str(tokenizer.convert_tokens_to_ids("</think>")): 100}  # see test_serve_api._answer_at_once
-    called = api.responses.create(model=MODEL, input="What is 23 + 45?", tools=tools, max_output_tokens=48,
-                                  temperature=0, tool_choice={"type": "function", "name": "add"},
-                                  extra_body={"logit_bias": close_reasoning})
+    # Streamed, as agent loops ask: the stream's final response is stored with its call.
+    called = list(api.responses.create(model=MODEL, input="What is 23 + 45?", tools=tools, max_output_tokens=48,
+                                       temperature=0, tool_choice={"type": "function", "name": "add"}, stream=True,
+                                       extra_body={"logit_bias": close_reasoning}))[-1].response
+    assert called.store is True
     call = next(item for item in called.output if item.type == "function_call")
     assert call.arguments == '{"a": 23, "b": 45}'
     answered = api.responses.create(model=MODEL, previous_response_id=called.id, tools=tools, max_output_tokens=4,
