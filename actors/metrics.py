@@ -110,6 +110,12 @@ def record_generation(route: str, timer: GenerationTimer | None, prompt_tokens: 
 
 
 @_never_raises
+def record_tool_calls(route: str, mode: str, calls: int) -> None:
+    """The tool calls one request's answers made (0 counts the request's mode without a call)."""
+    _inc("r1_tool_calls_total", calls, route=route, mode=mode)
+
+
+@_never_raises
 def record_engine_load(stats: Mapping[str, int]) -> None:
     """The engine's `stats()`: {"running": n, "waiting": n}."""
     _set("r1_running_requests", stats.get("running"))

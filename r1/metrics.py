@@ -76,6 +76,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("r1_tokens_total", "counter", "Prompt (in) and generated (out) tokens.", ("direction",)),
     MetricSpec("r1_queue_depth", "gauge", "Requests waiting for an engine slot, per LLMServer replica."),
     MetricSpec("r1_running_requests", "gauge", "Requests being decoded, per LLMServer replica."),
+    MetricSpec("r1_tool_calls_total", "counter",
+               "Tool calls in answers, by route and tool_choice mode (auto, required, named).", ("route", "mode")),
     # -- safety, code validation, sessions --
     MetricSpec("r1_safety_findings_total", "counter", "Safety rule matches, by rule id and direction (input/output).",
                ("rule_id", "direction")),

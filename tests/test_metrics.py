@@ -207,6 +207,7 @@ def recorder_class() -> type:
             timer.tokens_arrived(1)
             metrics.record_generation("chat", timer, prompt_tokens=12, completion_tokens=3)
             metrics.record_engine_load({"running": 2, "waiting": 5})
+            metrics.record_tool_calls("chat", "required", 2)
             metrics.record_safety_findings(["card_number", "card_number", "password"], "output")
             metrics.record_sandbox_run("passed")
             metrics.record_session_turn("stored")
@@ -277,6 +278,7 @@ def test_ray_exports_every_r1_series_with_sane_values(exported):
     assert value(exported, "ray_r1_tokens_total", direction="in") == 12
     assert value(exported, "ray_r1_tokens_total", direction="out") == 3
     assert (value(exported, "ray_r1_running_requests"), value(exported, "ray_r1_queue_depth")) == (2, 5)
+    assert value(exported, "ray_r1_tool_calls_total", route="chat", mode="required") == 2
     assert value(exported, "ray_r1_safety_findings_total", rule_id="card_number", direction="output") == 2
     assert value(exported, "ray_r1_sandbox_runs_total", status="passed") == 1
     assert value(exported, "ray_r1_sessions_turns_total", outcome="stored") == 1

@@ -1312,6 +1312,9 @@ def test_real_requests_show_up_in_the_prometheus_export(server, client, metrics_
         "stored session turns": lambda s: total(s, "ray_r1_sessions_turns_total", outcome="stored") >= 1,
         "llm memory ratio": lambda s: 0 < total(s, "ray_r1_memory_utilization_ratio", component="llm_server") < 10,
         "models route": lambda s: total(s, "ray_r1_requests_total", route="models", status="200") >= 1,
+        # test_tool_calls_over_http made calls with a named function and with "required"
+        "tool calls by mode": lambda s: total(s, "ray_r1_tool_calls_total", route="chat", mode="named") >= 2
+                                        and total(s, "ray_r1_tool_calls_total", route="chat", mode="required") >= 1,
         # test_client_disconnect_cancels_generation left a stream early: not counted as a success
         "a client that left a stream": lambda s: total(s, "ray_r1_requests_total", route="completions",
                                                        status="499") >= 1,

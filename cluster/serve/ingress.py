@@ -856,6 +856,10 @@ class OpenAIIngress:
         usage = _usage(choices)
         root.set_attributes({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]})
         metrics.record_generation(route, choices[0].timer, usage["prompt_tokens"], usage["completion_tokens"])
+        if choices[0].calls is not None:  # a request that offered tools: how many calls its answers made
+            calls = sum(len(choice.tool_calls) for choice in choices)
+            root.set_attribute("tool_calls", calls)
+            metrics.record_tool_calls(route, choices[0].calls.plan.mode, calls)
 
     def _logprobs(self, chat: bool, choice: _Choice, entries: list[Entry]) -> dict[str, Any] | None:
         """A choice's (or chunk's) `logprobs` body of released `entries`; None if it did not ask."""
