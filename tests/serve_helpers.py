@@ -43,6 +43,13 @@ def small_deployment(**overrides: Any) -> dict[str, Any]:
     return base
 
 
+def answer_at_once(tokenizer: Any) -> dict[str, int]:
+    """A logit_bias that closes r1-tiny's reasoning at once: trained on short arithmetic, it keeps on
+    reasoning under the long text that offers tools, so a constrained answer (a tool call) would
+    never start within a test's token budget."""
+    return {str(tokenizer.convert_tokens_to_ids("</think>")): 100}
+
+
 def wait_http_ok(url: str, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     last = None

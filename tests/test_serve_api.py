@@ -25,7 +25,7 @@ from r1.config import ModelConfig, SamplingConfig
 from r1.model import load_tokenizer
 from r1.reasoning import split_reasoning
 from r1.trace_file import read_spans
-from tests.serve_helpers import free_port, ray_serve, small_deployment, wait_http_ok
+from tests.serve_helpers import answer_at_once, free_port, ray_serve, small_deployment, wait_http_ok
 
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
@@ -427,14 +427,14 @@ def test_responses_api_function_calls(server, client, tokenizer):
     tools = [{"type": "function", "name": "add", "description": "Add two numbers",
               "parameters": ADD_TOOL["function"]["parameters"]}]
     ask = {"model": MODEL, "input": "What is 23 + 45?", "tools": tools, "max_output_tokens": 96, "temperature": 0,
-           "tool_choice": {"type": "function", "name": "add"}, "extra_body": {"logit_bias": _answer_at_once(tokenizer)}}
+           "tool_choice": {"type": "function", "name": "add"}, "extra_body": {"logit_bias": answer_at_once(tokenizer)}}
     response = client.responses.create(**ask)
     calls = [item for item in response.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "add" and calls[0].call_id.startswith("call_")
     assert response.status == "completed" and "message" not in [item.type for item in response.output]
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ask["input"]}],
                                           tools=[ADD_TOOL], tool_choice=ADD_CHOICE, max_tokens=96, temperature=0,
-                                          logit_bias=_answer_at_once(tokenizer))
+                                          logit_bias=answer_at_once(tokenizer))
     assert calls[0].arguments == chat.choices[0].message.tool_calls[0].function.arguments
     assert response.tools[0].name == "add" and response.tool_choice.name == "add"
     events = list(client.responses.create(**ask, stream=True))
@@ -692,15 +692,9 @@ def test_a_lone_surrogate_escape_is_400_naming_the_field(server, client):
     assert response.status_code == 200, response.text
 
 
-def _answer_at_once(tokenizer) -> dict[str, int]:
-    # r1-tiny, trained on short arithmetic, keeps on reasoning under the long text that offers the
-    # tools; a bias on </think> closes its reasoning at once, so the constrained answer follows.
-    return {str(tokenizer.convert_tokens_to_ids("</think>")): 100}
-
-
 def test_tool_calls_over_http(server, client, tokenizer):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "What is 23 + 45?"}], "max_tokens": 96,
-            "temperature": 0, "logit_bias": _answer_at_once(tokenizer), "tools": [ADD_TOOL, WEATHER_TOOL]}
+            "temperature": 0, "logit_bias": answer_at_once(tokenizer), "tools": [ADD_TOOL, WEATHER_TOOL]}
     # A named function: its arguments, valid against its schema; no content; "stop" as OpenAI's.
     named = client.chat.completions.create(**chat, tool_choice=ADD_CHOICE)
     choice = named.choices[0]
@@ -746,7 +740,7 @@ def test_tool_calls_and_results_are_screened(server, tokenizer):
     pay = {"type": "function", "function": {"name": "pay", "parameters": {
         "type": "object", "properties": {"card": {"enum": [card]}}, "required": ["card"], "additionalProperties": False}}}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Pay."}], "max_tokens": 48, "temperature": 0,
-            "logit_bias": _answer_at_once(tokenizer), "tools": [pay],
+            "logit_bias": answer_at_once(tokenizer), "tools": [pay],
             "tool_choice": {"type": "function", "function": {"name": "pay"}}}
     for stream in (False, True):
         if stream:

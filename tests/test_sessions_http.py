@@ -17,7 +17,9 @@ from actors.session_store import ACTOR_NAME_PREFIX, SessionClient, stop_session_
 from cluster.serve.app import build_app
 from r1.config import ModelConfig, SessionConfig
 from r1.model import load_tokenizer
-from tests.serve_helpers import free_port, ray_serve, redis_server, small_deployment, wait_for, wait_http_ok
+from tests.serve_helpers import (
+    answer_at_once, free_port, ray_serve, redis_server, small_deployment, wait_for, wait_http_ok,
+)
 
 KEY, OTHER_KEY = "session-key-a", "session-key-b"
 BLOCKED_WORD = "forbidden-word"
@@ -326,11 +328,10 @@ def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):
     parameters = {"type": "object", "properties": {"a": {"enum": [23]}, "b": {"enum": [45]}}, "required": ["a", "b"],
                   "additionalProperties": False}
     tools = [{"type": "function", "name": "add", "parameters": parameters}]
-    close_reasoning = {str(tokenizer.convert_tokens_to_ids("</think>")): 100}  # see test_serve_api._answer_at_once
     # Streamed, as agent loops ask: the stream's final response is stored with its call.
     called = list(api.responses.create(model=MODEL, input="What is 23 + 45?", tools=tools, max_output_tokens=48,
                                        temperature=0, tool_choice={"type": "function", "name": "add"}, stream=True,
-                                       extra_body={"logit_bias": close_reasoning}))[-1].response
+                                       extra_body={"logit_bias": answer_at_once(tokenizer)}))[-1].response
     assert called.store is True
     call = next(item for item in called.output if item.type == "function_call")
     assert call.arguments == '{"a": 23, "b": 45}'
@@ -356,11 +357,10 @@ def test_tool_calls_in_a_session(env):
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"a": {"enum": [23]}, "b": {"enum": [45]}}, "required": ["a", "b"],
         "additionalProperties": False}}}]
-    close_reasoning = {str(tokenizer.convert_tokens_to_ids("</think>")): 100}  # see test_serve_api._answer_at_once
     question = {"role": "user", "content": "What is 23 + 45?"}
     raw = api.chat.completions.with_raw_response.create(
         model=MODEL, messages=[question], tools=tools, tool_choice={"type": "function", "function": {"name": "add"}},
-        max_tokens=48, temperature=0, logit_bias=close_reasoning)
+        max_tokens=48, temperature=0, logit_bias=answer_at_once(tokenizer))
     session_id, called = raw.headers.get("x-session-id"), raw.parse()
     call = called.choices[0].message.tool_calls[0]
     assert session_id and call.function.arguments == '{"a": 23, "b": 45}'

@@ -156,6 +156,7 @@ def test_history_with_calls_and_results_is_written_out_as_text():
     assert offered[0]["content"].startswith("Be brief.\n\nYou can call these functions:\n<tools>\n")
     assert json.dumps(ADD["function"]["parameters"]) in offered[0]["content"] and offered[1:] == messages[1:]
     assert with_tools_prompt(messages[1:], "T")[0] == {"role": "system", "content": "T"}
+    assert with_tools_prompt(messages, "") is messages  # nothing offered: the messages as they are
 
 
 @pytest.mark.parametrize("messages, param", [

@@ -131,7 +131,6 @@ class _Choice:
         self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
         # The answer's tool calls (a request offering tools): found in the screened content after the reasoning.
         self.calls = ToolCallStream(tools) if tools is not None else None
-        self.tool_calls: list[dict[str, Any]] = []
         self.unsent_calls: list[dict[str, Any]] = []  # a stream's: made, not yet in a chunk
         self.screen = screen
         self.reasoning: list[str] = []
@@ -188,12 +187,17 @@ class _Choice:
         reasoning, content = self.parser.finish() if self.parser else ("", "")
         if self.calls is not None:
             content = self.calls.feed(content) + self.calls.finish()
-            self.tool_calls = self.unsent_calls = self.calls.calls
+            self.unsent_calls = self.calls.calls
             if self.tool_calls and self.finish_reason == "stop" and self.calls.plan.mode != "named":
                 self.finish_reason = "tool_calls"  # a named choice ends with "stop", as OpenAI's does
         self.reasoning.append(reasoning)
         self.content.append(content)
         return held_reasoning + reasoning, held_content + content, self._release(final=True)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The answer's calls, once it is finished (none for a request that offered no tools)."""
+        return self.calls.calls if self.calls is not None else []
 
     def answer(self) -> str:
         """The whole content; beside tool calls without the whitespace that led up to them."""
@@ -445,9 +449,9 @@ class OpenAIIngress:
             try:
                 if chat:
                     offered = tools_prompt(plan) if plan is not None else ""  # screened as `tools`
-                    await self._check_prompt_fits(with_tools_prompt(messages, offered) if offered else messages, "messages")
+                    await self._check_prompt_fits(with_tools_prompt(messages, offered), "messages")
                     messages, offered = await self.screen.input_messages(messages, offered)
-                    prompts = [with_tools_prompt(messages, offered) if offered else messages]
+                    prompts = [with_tools_prompt(messages, offered)]
                 else:  # one prompt, or a batch of them
                     prompts, params = completion_prompts(parsed, self.config)
                     for prompt, param in zip(prompts, params):

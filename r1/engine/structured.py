@@ -28,6 +28,11 @@ from r1.engine.types import RequestError
 _ERROR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 
+def xgrammar_reason(error: Exception) -> str:
+    """The reason in an xgrammar error, without its source location."""
+    return _ERROR_PREFIX.sub("", str(error)).strip()
+
+
 class Grammars:
     """Compiles (and caches) JSON-schema grammars for one tokenizer and vocabulary."""
 
@@ -69,7 +74,7 @@ class Grammars:
             try:
                 compiled = self._compiler.compile_json_schema(key, any_whitespace=False)
             except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
-                reason = _ERROR_PREFIX.sub("", str(error)).strip()
+                reason = xgrammar_reason(error)
                 raise RequestError(f"response_format: the JSON schema cannot be used: {reason}", "response_format") from None
             if len(self._cache) >= 256:
                 self._cache.clear()

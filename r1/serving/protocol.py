@@ -445,7 +445,7 @@ def tool_sampling(request: ChatCompletionRequest, plan: tools.ToolPlan, sampling
 
 def tool_messages(messages: list[dict[str, str]], plan: tools.ToolPlan | None) -> list[dict[str, str]]:
     """`messages` with the functions of `plan` offered in the system text."""
-    return messages if plan is None else tools.with_tools_prompt(messages, tools.tools_prompt(plan))
+    return tools.with_tools_prompt(messages, tools.tools_prompt(plan) if plan is not None else "")
 
 
 def new_id(prefix: str) -> str:

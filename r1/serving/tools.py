@@ -148,6 +148,8 @@ def check_schemas(plan: ToolPlan) -> None:
         return
     try:
         import xgrammar
+
+        from r1.engine.structured import xgrammar_reason
     except ImportError:
         raise APIError(400, f"tool_choice {plan.mode!r} constrains the answer and needs the xgrammar package: "
                        "pip install 'r1-cluster[structured]'", param="tool_choice", code="unsupported") from None
@@ -157,8 +159,7 @@ def check_schemas(plan: ToolPlan) -> None:
         try:
             xgrammar.Grammar.from_json_schema(json.dumps(function.parameters), any_whitespace=False)
         except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
-            reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(error)).strip()
-            raise APIError(400, f"the function's parameters schema cannot be used: {reason}",
+            raise APIError(400, f"the function's parameters schema cannot be used: {xgrammar_reason(error)}",
                            param=f"tools.{index}.function.parameters", code="invalid_value") from None
 
 
@@ -180,7 +181,9 @@ def tools_prompt(plan: ToolPlan) -> str:
 
 def with_tools_prompt(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
     """`messages` with the tools text at the end of the leading system message (or in a new one):
-    templates differ in how many system messages they show, all show the first."""
+    templates differ in how many system messages they show, all show the first. No text: `messages`."""
+    if not text:
+        return messages
     if messages and messages[0]["role"] == "system":
         first = messages[0]["content"]
         return [{"role": "system", "content": f"{first}\n\n{text}" if first else text}, *messages[1:]]
