@@ -33,6 +33,7 @@ CHAT = {"model": "r1-tiny", "messages": [{"role": "user", "content": "What is 2 
     (["add"], None, "tools.0"),
     ([{"type": "function", "function": {}}], None, "tools.0.function.name"),
     ([{"type": "function", "function": {"name": "add two"}}], None, "tools.0.function.name"),
+    ([{"type": "function", "function": {"name": "add\n"}}], None, "tools.0.function.name"),
     ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "tools.0.function.parameters"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], None, "tools.0.function.description"),
     ([ADD, ADD], None, "tools.1.function.name"),

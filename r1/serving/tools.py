@@ -43,7 +43,7 @@ from r1.serving.errors import APIError
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would let a final "\n" through
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.DOTALL)
 
 
@@ -128,7 +128,7 @@ def _function(tool: Any, index: int) -> Function:
                        param=param, code="invalid_value")
     spec = tool["function"]
     name = spec.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise APIError(400, "a function name is 1 to 64 letters, digits, underscores or dashes",
                        param=f"{param}.function.name", code="invalid_value")
     description = spec.get("description", "")
