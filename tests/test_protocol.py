@@ -149,9 +149,16 @@ def test_vllm_sampling_extensions_reach_sampling():
     assert (defaults.min_p, defaults.min_tokens, defaults.ignore_eos, defaults.stop_token_ids) == (0.0, 0, False, [])
 
 
+@pytest.mark.parametrize("top_k, expected", [(-1, 0), (0, 0), (5, 5)])
+def test_top_k_minus_one_means_no_top_k_as_in_vllm(top_k, expected):
+    sampling = sampling_for(parse_request(ChatCompletionRequest, {**CHAT, "top_k": top_k}), ServeConfig())
+    assert sampling.top_k == expected
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
+        ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"ignore_eos": "yes"}, "ignore_eos"),

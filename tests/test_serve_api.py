@@ -630,6 +630,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", [5, 6]]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 ="] * 5, "n": 2}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "1 " * 2000]}, 400, "prompt.1"),
+    # token ids outside the vocabulary, refused before the screening decodes them (an id past 2**32
+    # overflowed the tokenizer: a 500), a batch's by its position
+    ("/v1/completions", {"model": MODEL, "prompt": [5, 10**12]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7, 4096]]}, 400, "prompt.1"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_k": -2}, 400, "top_k"),
     # /tokenize and /detokenize: one of prompt and messages; token ids in the vocabulary; the model
     ("/tokenize", {"model": MODEL}, 400, None),
     ("/tokenize", {"model": MODEL, "prompt": "1", "messages": MESSAGES}, 400, None),

@@ -280,10 +280,7 @@ class OpenAIIngress:
         """Text of token ids (vLLM's route)."""
         async def answer(*_: Any) -> Response:
             parsed = await self._model_request(request, DetokenizeRequest)
-            vocab = len(self.tokenizer)
-            if any(token >= vocab for token in parsed.tokens):
-                raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens",
-                               code="invalid_value")
+            self._check_token_ids(parsed.tokens, "tokens")
             return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, parsed.tokens)})
 
         return await self._traced(request, "detokenize", answer)
@@ -455,6 +452,8 @@ class OpenAIIngress:
                 else:  # one prompt, or a batch of them
                     prompts, params = completion_prompts(parsed, self.config)
                     for prompt, param in zip(prompts, params):
+                        if isinstance(prompt, list):
+                            self._check_token_ids(prompt, param)
                         await self._check_prompt_fits(prompt, param)
                     prompts = await self.screen.input_prompts(prompts, params, self.tokenizer)
                 # Shielded: a client that goes away now must not cancel the open halfway (a session
@@ -613,6 +612,13 @@ class OpenAIIngress:
         if isinstance(prompt, str):
             return prompt[-CONTINUED_CHARS:]
         return self.tokenizer.decode(prompt[-CONTINUED_CHARS:], skip_special_tokens=False)
+
+    def _check_token_ids(self, tokens: list[int], param: str) -> None:
+        """Refuse ids the tokenizer does not have before anything decodes them (the screening of a
+        token-id prompt does; an id past 2**32 overflows the tokenizer). Ids are >= 0 by the schema."""
+        vocab = len(self.tokenizer)
+        if any(token >= vocab for token in tokens):
+            raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param=param, code="invalid_value")
 
     async def _check_prompt_fits(self, prompt: Any, param: str) -> None:
         """Refuse a prompt longer than the model's context before it is screened: screening takes

@@ -95,7 +95,7 @@ class _SamplingFields(LenientModel):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1 (vLLM's spelling): no top-k filtering
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     # Strict: JSON true/false only (lax parsing would read "no" as false, "yes" and 1 as true).
@@ -327,6 +327,8 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
         value = getattr(request, field)
         if value is not None:
             updates[field] = value
+    if updates.get("top_k") == -1:
+        updates["top_k"] = 0
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     updates["logprobs"] = requested_logprobs(request)
