@@ -9,7 +9,9 @@ traces into one JSON-lines file (R1_TRACE_FILE), so the tests can follow a reque
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import random
 import time
 import uuid
 from pathlib import Path
@@ -672,6 +674,95 @@ def test_bad_input_gets_4xx_naming_the_field(server, client, path, body, status,
     if param is not None:
         assert error["param"] == param
     # the server keeps serving afterwards
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+# Valid requests of each route; the test below breaks one or two of their fields at a time.
+FUZZ_BODIES = [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": "be brief"}, *MESSAGES],
+                              "max_tokens": 4, "stop": ["\n"], "temperature": 0.7, "top_p": 0.9, "seed": 3,
+                              "logit_bias": {"5": 2}, "presence_penalty": 0.5}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True, "n": 2,
+                              "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "2+2"}]},
+                                                           {"role": "assistant", "content": None, "tool_calls": [
+                                                               {"id": "call_1", "type": "function",
+                                                                "function": {"name": "add", "arguments": "{}"}}]},
+                                                           {"role": "tool", "tool_call_id": "call_1", "content": "4"}],
+                              "tools": [ADD_TOOL], "tool_choice": ADD_CHOICE, "max_tokens": 4}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "2 + 2 ="], "max_tokens": 4, "echo": True, "logprobs": 2,
+                         "stream": True, "min_tokens": 1, "top_k": 3, "min_p": 0.1, "stop_token_ids": [1]}),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "stop": "x", "ignore_eos": True}),
+    ("/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_text", "text": "2+2"}]},
+                                                 {"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"},
+                                                 {"type": "function_call_output", "call_id": "c1", "output": "4"}],
+                       "instructions": "be brief", "max_output_tokens": 4, "stream": True, "store": False,
+                       "tools": [{"type": "function", **ADD_TOOL["function"]}], "text": {"format": {"type": "json_object"}}}),
+    ("/tokenize", {"model": MODEL, "messages": MESSAGES, "add_generation_prompt": True, "tools": [ADD_TOOL]}),
+    ("/detokenize", {"model": MODEL, "tokens": [5, 6, 7]}),
+]
+FUZZ_VALUES = [None, True, 0, -1, 1, 10**30, 1e308, -0.5, "", "x", MODEL, "\x00", [], [None], [1, "a"], {}, {"a": 1},
+               {"type": "x"}, [{}], [{"role": "user"}]]
+FUZZ_FIELDS = ["n", "best_of", "stream", "logprobs", "echo", "session_id", "previous_response_id", "tool_choice",
+               "parallel_tool_calls", "max_completion_tokens", "functions", "store"]
+
+
+def _mutated(body: dict, rng: random.Random) -> tuple[dict, str]:
+    """`body` with one field, at any depth, removed, replaced by a value of another type or range, or
+    an OpenAI field added with such a value; and a description of the change."""
+    body = copy.deepcopy(body)
+    paths, stack = [], [((), body)]
+    while stack:
+        path, value = stack.pop()
+        if path:
+            paths.append(path)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((path + (key,), item) for key, item in items)
+    path = rng.choice(sorted(paths, key=repr))
+    parent = body
+    for key in path[:-1]:
+        parent = parent[key]
+    roll = rng.random()
+    if roll < 0.15:
+        parent.pop(path[-1])
+        return body, f"without {path}"
+    if roll < 0.25 and isinstance(parent, dict):
+        path = path[:-1] + (rng.choice(FUZZ_FIELDS),)
+    value = rng.choice(FUZZ_VALUES)
+    parent[path[-1]] = value
+    return body, f"{path} = {value!r:.40}"
+
+
+def test_requests_with_broken_fields_get_an_answer_or_a_4xx_never_a_500(server, client):
+    """"Never a 500 or a hang" on input nobody listed: valid requests of every route with one or two
+    fields broken at random (a fixed seed, so a failure reproduces). Each gets a 2xx whose stream
+    ends without an error event, or a 4xx with an OpenAI error body."""
+    rng = random.Random(20261201)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answered = refused = 0
+    with httpx.Client(timeout=60, headers=headers) as http:
+        for _ in range(150):
+            path, body = rng.choice(FUZZ_BODIES)
+            body, change = _mutated(body, rng)
+            if rng.random() < 0.3:
+                body, second = _mutated(body, rng)
+                change = f"{change}; {second}"
+            response = http.post(f"{server}{path}", content=json.dumps(body))
+            where = f"{path} with {change}: {response.status_code} {response.text[:300]}"
+            assert response.status_code < 500, where
+            if response.status_code >= 400:
+                refused += 1
+                assert response.json()["error"]["message"], where
+                continue
+            answered += 1
+            events = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+            for event in events:
+                if event != "[DONE]":
+                    parsed = json.loads(event)
+                    assert not parsed.get("error") and parsed.get("type") not in ("error", "response.failed"), where
+    assert answered > 20 and refused > 20  # both kinds of outcome were exercised
     assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
 
 
