@@ -80,19 +80,20 @@ class LLMServer:
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """body: {"request_id", "prompt" (str | token ids | chat messages), "chat" (bool), "sampling" (dict),
-        "trace" (W3C carrier, optional)}."""
+        "adapter" (a LoRA adapter's name, optional), "trace" (W3C carrier, optional)}."""
         # attach=False: an async generator must not make its span the caller's current span. The span
         # ends when the stream ends, fails, or is cancelled by the ingress (GeneratorExit / CancelledError).
         with span("llm.generate", body.get("trace"), attach=False, chat=bool(body.get("chat"))) as generate:
             try:
                 sampling = SamplingConfig.model_validate(body["sampling"])
-                request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"))
+                request = self.engine.make_request(body["prompt"], sampling, body.get("request_id"), body.get("adapter"))
             except ValueError as error:
                 # A RequestError names the sampling field at fault; any other (the chat template's) is the prompt's.
                 field = getattr(error, "field", None)
-                param = {"max_new_tokens": "max_tokens"}.get(field, field) or ("messages" if body.get("chat") else "prompt")
-                generate.set_attribute("http.status_code", 400)
-                yield self._error(400, str(error).replace("max_new_tokens", "max_tokens"), param=param,
+                param = {"max_new_tokens": "max_tokens", "adapter": "model"}.get(field, field) or ("messages" if body.get("chat") else "prompt")
+                status = 404 if field == "adapter" else 400
+                generate.set_attribute("http.status_code", status)
+                yield self._error(status, str(error).replace("max_new_tokens", "max_tokens"), param=param,
                                   code=getattr(error, "code", "invalid_value"))
                 return
             generate.set_attributes({"request_id": request.request_id, "prompt_tokens": len(request.prompt_token_ids),

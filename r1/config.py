@@ -198,6 +198,24 @@ class EngineConfig(StrictModel):
     # processes (the ingress, other replicas) OpenMP threads wait for each other and decoding can
     # get many times slower, so raise it only up to cores / busy processes on the node.
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
+    # transformers engine: LoRA adapters served beside the base model, name -> adapter directory
+    # (peft's format, as `r1 train` with lora.enabled writes it). Each name is a model clients can
+    # ask for; requests of different adapters and of the base model decode in one batch
+    # (r1/engine/lora.py). Not with compile, pipeline_stages > 1 or the GPU engines.
+    lora_adapters: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        from r1.engine.lora import ADAPTER_NAME_RE
+
+        for name, path in value.items():
+            if not ADAPTER_NAME_RE.fullmatch(name):
+                raise ValueError(f"adapter name {name!r} must be 1-128 characters from A-Z a-z 0-9 . _ : / - "
+                                 "(starting with a letter or digit)")
+            if not path.strip():
+                raise ValueError(f"adapter {name!r} needs the path of its directory")
+        return value
 
     @field_validator("prepack", mode="before")
     @classmethod
@@ -214,6 +232,16 @@ class EngineConfig(StrictModel):
         if self.engine == "transformers" and self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs engine=vllm or trtllm; the "
                              "transformers engine splits a model across actors with pipeline_stages")
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_need_the_transformers_engine(self) -> EngineConfig:
+        if self.lora_adapters and self.engine != "transformers":
+            raise ValueError(f"lora_adapters are served by engine=transformers, not engine={self.engine}; "
+                             "merge each adapter with `r1 model merge-lora` and serve the merged model")
+        if self.lora_adapters and self.compile:
+            raise ValueError("lora_adapters cannot be combined with compile=true (each batch's mix of adapters "
+                             "would recompile the model); set compile=false")
         return self
 
 
@@ -513,6 +541,16 @@ class ServeConfig(StrictModel):
     safety: SafetyConfig | None = Field(default_factory=lambda: SafetyConfig())
     # The CodeValidator deployment behind `code_validation: true` requests; null disables it.
     code_validator: CodeValidatorConfig | None = Field(default_factory=lambda: CodeValidatorConfig())
+
+    @model_validator(mode="after")
+    def _adapters_named_apart(self) -> ServeConfig:
+        if self.model_name in self.engine.lora_adapters:
+            raise ValueError(f"engine.lora_adapters names an adapter {self.model_name!r}, the served model's own "
+                             "name; give the adapter another name")
+        if self.engine.lora_adapters and self.pipeline_stages > 1:
+            raise ValueError(f"engine.lora_adapters are not served with pipeline_stages={self.pipeline_stages}; "
+                             "use pipeline_stages=1, or merge each adapter with `r1 model merge-lora`")
+        return self
 
     @model_validator(mode="after")
     def _gpu_engine_unsharded(self) -> ServeConfig:

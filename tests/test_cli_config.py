@@ -189,6 +189,10 @@ def test_api_keys_reach_the_replicas_only_as_digests(tmp_path, monkeypatch):
     (["--set", "safety.rule_actions.card_numbr.input=block"], "safety: rule_actions names unknown rule(s) ['card_numbr']"),
     # keys required (as on Kubernetes) and none configured: not an open API
     (["--set", "require_api_keys=true"], "require_api_keys is set and no API keys are configured"),
+    # a LoRA adapter directory that is not there, and an adapter named as the model itself
+    (["--lora", "math=/nonexistent/adapter"],
+     "engine.lora_adapters: LoRA adapter 'math' (/nonexistent/adapter): /nonexistent/adapter is not a LoRA adapter"),
+    (["--lora", "r1-tiny=/x"], "names an adapter 'r1-tiny', the served model's own name"),
 ])
 def test_serve_refuses_what_would_fail_in_a_replica_before_ray_starts(monkeypatch, capsys, argv, message):
     import ray
@@ -203,6 +207,27 @@ def test_serve_refuses_what_would_fail_in_a_replica_before_ray_starts(monkeypatc
     monkeypatch.setattr(ray, "init", no_ray)
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_lora_flags_add_adapters_with_absolute_paths(tmp_path, monkeypatch):
+    from cluster.serve.cli import preflight, serve_config
+    from tests.lora_helpers import write_adapter
+
+    write_adapter(tmp_path / "adapter", seed=1, targets=["q_proj"])
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["serve", "--lora", "math=adapter", "--set", "engine.lora_adapters={a: /x}"])
+    config, _ = serve_config(args)
+    assert config.engine.lora_adapters == {"a": "/x", "math": "adapter"}
+    args = build_parser().parse_args(["serve", "--lora", "math=adapter"])
+    checked = preflight(serve_config(args)[0], "local")
+    assert checked.engine.lora_adapters == {"math": str(tmp_path / "adapter")}  # the replicas' cwd may differ
+
+
+@pytest.mark.parametrize("value", ["math", "=x", "math="])
+def test_serve_lora_flag_needs_name_and_path(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--lora", value])
+    assert exit_info.value.code == 2 and "use NAME=PATH" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])

@@ -27,11 +27,13 @@ from r1.config import ModelConfig, SamplingConfig
 from r1.model import load_tokenizer
 from r1.reasoning import split_reasoning
 from r1.trace_file import read_spans
+from tests.lora_helpers import write_adapter
 from tests.serve_helpers import answer_at_once, free_port, ray_serve, small_deployment, wait_http_ok
 
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
 MODEL = "r1-tiny"
+ADAPTER = "tiny-lora"  # a LoRA adapter the main app serves beside MODEL
 SMALL_SAFETY = small_deployment(min_replicas=1, max_replicas=2, num_cpus=0.02)
 LETTERS_RULE = {"id": "test_letters", "kind": "regex", "pattern": "[a-z]{2}", "input": "off", "output": "redact"}
 # Fires where an output digit follows "= ": r1-tiny continues "23 + 45 =" with " 68", so only output
@@ -59,7 +61,14 @@ def metrics_port():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, trace_file, metrics_port):
+def lora_adapter(tmp_path_factory):
+    """A LoRA adapter of r1-tiny the main app serves as ADAPTER, and the model with it merged."""
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    return str(path), write_adapter(path, seed=7, targets=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, trace_file, metrics_port, lora_adapter):
     port = free_port()
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
@@ -86,7 +95,9 @@ def server(tmp_path_factory, trace_file, metrics_port):
         small = {**common, "llm": one_llm, "ingress": one_llm, "code_validator": None, "sessions": {"enabled": False}}
         # The four apps deploy together (their replicas start side by side, not one app after another).
         serve.run_many([
-            serve.RunTarget(build_app({**common, "llm": small_deployment(num_cpus=0.1)}), name="main", route_prefix="/"),
+            serve.RunTarget(build_app({**common, "llm": small_deployment(num_cpus=0.1),
+                                       "engine": {**common["engine"], "lora_adapters": {ADAPTER: lora_adapter[0]}}}),
+                            name="main", route_prefix="/"),
             # One replica of each and no sandbox: the sharded app's tests need the model path only.
             # Serve checks its LLM server's health rarely: the dead-shard test calls check_health
             # itself, and a replacement started by Serve's own check would race that test's requests.
@@ -128,10 +139,12 @@ def tokenizer():
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    # The model, then the LoRA adapter served beside it, whose parent it is (vLLM's model cards).
+    assert [(m.id, m.model_dump()["parent"]) for m in client.models.list().data] == [(MODEL, None), (ADAPTER, MODEL)]
     # The context in tokens, as vLLM's model card gives it (r1-tiny's: 1024).
     assert client.models.list().data[0].model_dump()["max_model_len"] == 1024
     assert client.models.retrieve(MODEL).model_dump()["max_model_len"] == 1024
+    assert client.models.retrieve(ADAPTER).model_dump()["parent"] == MODEL
     health = httpx.get(f"{server}/health", timeout=10)  # open without a key
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
@@ -880,6 +893,38 @@ def test_neutral_values_of_unimplemented_features_are_served(client):
     reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=2, seed=2**63 - 1,
                                            temperature=1.0)
     assert len(reply.choices) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lora_adapter_answers_as_its_merged_model_and_the_base_as_before(server, client, tokenizer, lora_adapter,
+                                                                          stream):
+    """`model` picks the adapter; its greedy answer is the merged model's (generated in-process),
+    the base model's is the plain model's, and each answer names the model asked for."""
+    from r1.config import SamplingConfig
+    from r1.engine import TransformersEngine
+    from r1.model import load_model
+
+    prompt = "Mia has 23 apples. She buys 45 more. How many apples does she have now?"
+    sampling = SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True)
+    plain, _ = load_model(ModelConfig(model=MODEL, device="cpu", dtype="fp32"))
+    expected = {ADAPTER: TransformersEngine(lora_adapter[1], tokenizer).generate_batch([prompt], sampling)[0].text,
+                MODEL: TransformersEngine(plain, tokenizer).generate_batch([prompt], sampling)[0].text}
+    assert expected[ADAPTER] != expected[MODEL]
+    for model in (ADAPTER, MODEL):
+        kwargs = dict(model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(**kwargs, stream=True))
+            text, named = "".join(c.choices[0].text for c in chunks if c.choices), {c.model for c in chunks}
+        else:
+            reply = client.completions.create(**kwargs)
+            text, named = reply.choices[0].text, {reply.model}
+        assert (text, named) == (expected[model], {model})
+    chat = client.chat.completions.create(model=ADAPTER, messages=MESSAGES, max_tokens=4)
+    assert chat.model == ADAPTER and chat.usage.completion_tokens == 4
+    response = httpx.post(f"{server}/v1/responses", json={"model": ADAPTER, "input": "1 + 1 =", "max_output_tokens": 4,
+                                                          "store": False},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 200 and response.json()["model"] == ADAPTER
 
 
 def test_model_retrieve_and_unknown_routes_answer_openai_style(server, client):

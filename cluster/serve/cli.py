@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from cluster.cli import path_argument
@@ -88,20 +89,34 @@ def serve_config(args: argparse.Namespace) -> tuple[ServeConfig, dict[str, Any]]
     # a directory named 2024 would become a number).
     flags = {key: value for key, value in (("model.model", args.model), ("api_keys_file", args.api_keys_file),
                                             ("pipeline_stages", args.pipeline_stages)) if value is not None}
+    if args.lora:  # added to the config's adapters (a name given twice: the flag's path)
+        flags["engine.lora_adapters"] = {**config.engine.lora_adapters, **dict(args.lora)}
     return (set_values(config, flags, "command-line flags") if flags else config), http_options
 
 
-def preflight(config: ServeConfig, address: str) -> None:
+def preflight(config: ServeConfig, address: str) -> ServeConfig:
     """Checks that would otherwise fail inside a replica after Ray and Serve have started (a
-    replica that cannot start is retried until the ready timeout): the model's path and the safety
-    rules. A remote cluster (`ray://`) may see other paths, so the model is not checked there."""
+    replica that cannot start is retried until the ready timeout): the model's path, the LoRA
+    adapters' directories (made absolute: the replicas may run elsewhere on this machine) and the
+    safety rules. A remote cluster (`ray://`) may see other paths, so paths are not checked there.
+    Returns the config to serve."""
     if not address.startswith("ray://"):
+        from r1.engine.lora import check_adapter
         from r1.model import resolve_source
 
         try:
             resolve_source(config.model.model)
         except ValueError as error:
             raise ValueError(f"model.model: {error}") from None
+        adapters = {}
+        for name, path in config.engine.lora_adapters.items():
+            try:
+                check_adapter(name, Path(path).expanduser())
+            except ValueError as error:
+                raise ValueError(f"engine.lora_adapters: {error}") from None
+            adapters[name] = str(Path(path).expanduser().resolve())
+        if adapters:
+            config = set_values(config, {"engine.lora_adapters": adapters}, "engine.lora_adapters")
     if config.safety is not None:
         from r1.safety import SafetyFilter
 
@@ -109,6 +124,15 @@ def preflight(config: ServeConfig, address: str) -> None:
             SafetyFilter.from_config(config.safety)
         except ValueError as error:
             raise ValueError(f"safety: {error}") from None
+    return config
+
+
+def lora_argument(value: str) -> tuple[str, str]:
+    """An argparse type for `--lora NAME=PATH`."""
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: use NAME=PATH, e.g. --lora math=~/r1-runs/r1-tiny-lora/final")
+    return name.strip(), path.strip()
 
 
 def positive_seconds(value: str) -> float:
@@ -199,7 +223,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # No address: start a fresh local cluster (never attach to an unrelated one by accident).
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     refuse_open_api(config.require_api_keys, bool(keys), config.api_keys_env)
-    preflight(config, address)
+    config = preflight(config, address)
     haproxy = haproxy_env(address) if args.proxy == "haproxy" else {}
     os.environ.update(haproxy)
 
@@ -259,6 +283,9 @@ def register(subparsers) -> None:
     parser.add_argument("--host", help=f"address to listen on (default {LOOPBACK}; other hosts need API keys)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-keys-file", help="file with one API key per line (also read: env R1_API_KEYS, comma-separated)")
+    parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="NAME=PATH",
+                        help="serve the LoRA adapter in directory PATH (as `r1 train` with lora.enabled writes it) "
+                             "beside the model, as model NAME; repeat for more adapters (engine.lora_adapters)")
     parser.add_argument("--pipeline-stages", type=int,
                         help="split the model into N ModelShard actors per replica (default 1: the whole model)")
     parser.add_argument("--proxy", choices=("serve", "haproxy"), default="serve",

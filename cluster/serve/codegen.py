@@ -38,12 +38,13 @@ class HandleGenerator:
     sampling: SamplingConfig
     timeout_s: float
     loop: asyncio.AbstractEventLoop  # the ingress's: the handle is called there (see run_on_loop)
+    adapter: str | None = None  # the LoRA adapter the request named (None: the base model)
     generations: list[Generation] = field(default_factory=list)
 
     def __call__(self, prompt: str, *, temperature: float) -> str:
         body = {"prompt": [{"role": "user", "content": prompt}], "chat": True, "request_id": new_id("code"),
                 "sampling": self.sampling.model_copy(update={"temperature": temperature}).model_dump(),
-                "trace": inject_context()}
+                "adapter": self.adapter, "trace": inject_context()}
 
         async def collect() -> list[dict[str, Any]]:
             return [item async for item in self.llm.options(stream=True).stream.remote(body)]
@@ -73,11 +74,11 @@ class HandleGenerator:
 def run_code_loop(llm: Any, validator: Any, task: str, tests: list[str] | str | None, sampling: SamplingConfig,
                   config: CodeCheckConfig, max_repairs: int | None, timeout_s: float,
                   loop: asyncio.AbstractEventLoop, cancelled: threading.Event | None = None,
-                  ) -> tuple[RepairOutcome, HandleGenerator]:
+                  adapter: str | None = None) -> tuple[RepairOutcome, HandleGenerator]:
     """Blocking: run it in a worker thread. `loop` is the caller's event loop; the handles are called
     there (an ingress with `ingress_single_loop` can call them nowhere else). Once `cancelled` is set
     (the client went away) no further generation or sandbox run starts."""
-    generate = HandleGenerator(llm, sampling, timeout_s, loop)
+    generate = HandleGenerator(llm, sampling, timeout_s, loop, adapter)
     outcome = solve_with_repair(task, generate, tests=tests, config=config,
                                 validator=HandleValidator(validator, timeout_s, loop=loop),
                                 temperature=sampling.temperature, max_repairs=max_repairs,

@@ -252,7 +252,8 @@ class OpenAIIngress:
     async def models(self, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
-            return JSONResponse(models_list(self.config.model_name, self.created, self.context_tokens))
+            return JSONResponse(models_list(self.config.model_name, self.created, self.context_tokens,
+                                            list(self.config.engine.lora_adapters)))
 
         return await self._traced(request, "models", answer)
 
@@ -260,8 +261,9 @@ class OpenAIIngress:
     async def model(self, model_id: str, request: Request) -> Response:
         async def answer(*_: Any) -> Response:
             self.auth.check(request.headers.get("authorization"))
-            self._check_model(model_id)
-            return JSONResponse(model_object(self.config.model_name, self.created, self.context_tokens))
+            adapter = self._check_model(model_id)
+            return JSONResponse(model_object(model_id, self.created, self.context_tokens,
+                                             None if adapter is None else self.config.model_name))
 
         return await self._traced(request, "models", answer)
 
@@ -292,10 +294,15 @@ class OpenAIIngress:
         self._check_model(parsed.model)
         return parsed
 
-    def _check_model(self, model: str) -> None:
-        if model != self.config.model_name:
-            raise APIError(404, f"model '{model}' does not exist; this server serves '{self.config.model_name}'",
-                           param="model", code="model_not_found")
+    def _check_model(self, model: str) -> str | None:
+        """The LoRA adapter `model` names (None: the base model); 404 for a model not served here."""
+        if model == self.config.model_name:
+            return None
+        if model in self.config.engine.lora_adapters:
+            return model
+        served = ", ".join(repr(name) for name in (self.config.model_name, *self.config.engine.lora_adapters))
+        raise APIError(404, f"model '{model}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -418,11 +425,11 @@ class OpenAIIngress:
             if responses:
                 wanted = parse_request(ResponsesRequest, body)
                 parsed = chat_request(wanted)
-                events = ResponseEvents(wanted, self.config.model_name)
+                events = ResponseEvents(wanted, wanted.model)
             else:
                 parsed = parse_request(ChatCompletionRequest if chat else CompletionRequest, body)
             unsupported(parsed)
-            self._check_model(parsed.model)
+            adapter = self._check_model(parsed.model)
             sampling = sampling_for(parsed, self.config)
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
             continued = responses and wanted.previous_response_id is not None
@@ -473,10 +480,10 @@ class OpenAIIngress:
                 raise APIError(400, "session_id is only supported on /v1/chat/completions with sessions enabled",
                                param="session_id")
             if chat and parsed.code_validation:
-                return await self._code_validation(parsed, prompts[0], sampling, turn)
+                return await self._code_validation(parsed, prompts[0], sampling, turn, adapter)
             # `n` choices per prompt; choice j of each prompt is seeded as choice j of a request
             # holding that prompt alone, so a batch answers as one request per prompt would.
-            streams = [self._open(prompt, chat, sampling, index) for prompt in prompts for index in range(parsed.n)]
+            streams = [self._open(prompt, chat, sampling, index, adapter) for prompt in prompts for index in range(parsed.n)]
             starts = await self._first_items(streams)
         except APIError as error:
             return failed(error)
@@ -503,7 +510,8 @@ class OpenAIIngress:
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_body(streams, starts, choices, response_id, chat, include_usage, turn, root, route, events),
+                self._stream_body(streams, starts, choices, response_id, chat, include_usage, turn, root, route,
+                                  parsed.model, events),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **headers},
             )
@@ -527,14 +535,14 @@ class OpenAIIngress:
             body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs), c.tool_calls) for i, c in enumerate(choices)]
             extra = {"session_id": turn.session_id} if turn else {}
-            return JSONResponse(chat_response(response_id, self.config.model_name, body_choices, usage, **extra),
+            return JSONResponse(chat_response(response_id, parsed.model, body_choices, usage, **extra),
                                 headers=headers)
         body_choices = [completion_choice(i, "".join(c.content), c.finish_reason, self._logprobs(chat, c, c.logprobs))
                         for i, c in enumerate(choices)]
-        return JSONResponse(completion_response(response_id, self.config.model_name, body_choices, usage))
+        return JSONResponse(completion_response(response_id, parsed.model, body_choices, usage))
 
     async def _code_validation(self, parsed: ChatCompletionRequest, prompt: list[dict[str, str]], sampling: Any,
-                               turn: Any) -> Response:
+                               turn: Any, adapter: str | None) -> Response:
         """Generate code for the last user message, validate it in the sandbox, repair on failure."""
         if self.code_validator is None or self.config.code_validator is None:
             raise APIError(400, "code validation is disabled on this server (code_validator: null)",
@@ -567,7 +575,7 @@ class OpenAIIngress:
                     run_code_loop, self.llm, self.code_validator, task, parsed.tests, sampling,
                     self.config.code_validator.codecheck, parsed.max_repairs, self.config.request_timeout_s,
                     asyncio.get_running_loop(),  # the worker thread calls the handles on this loop
-                    cancelled,
+                    cancelled, adapter,
                 )
             except asyncio.CancelledError:  # the client went away: start no more rounds
                 cancelled.set()
@@ -590,7 +598,7 @@ class OpenAIIngress:
         if turn is not None:
             extra["session_id"] = turn.session_id
             headers[SESSION_HEADER] = turn.session_id
-        return JSONResponse(chat_response(new_id("chatcmpl"), self.config.model_name, choices, usage, **extra),
+        return JSONResponse(chat_response(new_id("chatcmpl"), parsed.model, choices, usage, **extra),
                             headers=headers)
 
     @staticmethod
@@ -682,11 +690,13 @@ class OpenAIIngress:
                 raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
         return decode_json(bytes(received))
 
-    def _open(self, prompt: Any, chat: bool, sampling: Any, index: int) -> Any:
+    def _open(self, prompt: Any, chat: bool, sampling: Any, index: int, adapter: str | None = None) -> Any:
         if sampling.seed is not None and index:
             sampling = sampling.model_copy(update={"seed": choice_seed(sampling.seed, index)})
         body = {"prompt": prompt, "chat": chat, "sampling": sampling.model_dump(), "request_id": new_id("gen"),
                 "trace": inject_context()}
+        if adapter is not None:
+            body["adapter"] = adapter
         return self.llm.options(stream=True).stream.remote(body)
 
     async def _first_items(self, streams: list[Any]) -> list[dict[str, Any]]:
@@ -764,13 +774,12 @@ class OpenAIIngress:
 
     async def _stream_body(
         self, streams: list[Any], starts: list[dict[str, Any]], choices: list[_Choice], response_id: str, chat: bool,
-        include_usage: bool, turn: Any, root: Any, route: str, events: ResponseEvents | None = None,
+        include_usage: bool, turn: Any, root: Any, route: str, model: str, events: ResponseEvents | None = None,
     ) -> AsyncIterator[bytes]:
         """The SSE body: chat or completion chunks and [DONE], or a Responses request's events."""
         # What the request is recorded with, set when the stream ends: 200 (HTTP already said so), or
         # an error's status sent inside the stream. Still None in `finally`: the client went away.
         status: int | None = None
-        model = self.config.model_name
         created = int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
 

@@ -22,7 +22,9 @@ class Engine(Protocol):
     tokenizer: Any
     context_tokens: int
 
-    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request: ...
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
+                     adapter: str | None = None) -> Request:
+        """`adapter`: a LoRA adapter's name (`engine.lora_adapters`); None: the base model."""
 
     # True when the chat template pre-fills "<think>\n" (the reasoning split must know).
     think_prefilled: bool

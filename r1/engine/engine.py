@@ -28,6 +28,7 @@ import torch
 from r1.chat_template import render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
+from r1.engine.lora import BASE, AdapterRows, attach_adapters
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
 from r1.engine.structured import Grammars
@@ -335,9 +336,11 @@ class TransformersEngine:
         runner: ModelRunner | None = None,
         context_tokens: int | None = None,
         stop_ids: frozenset[int] | None = None,
+        adapters: tuple[dict[str, int], AdapterRows] | None = None,
     ):
         """`model` may be None when a `runner` (e.g. the sharded one) runs the model elsewhere; then
-        `context_tokens` must be given."""
+        `context_tokens` must be given. `adapters`: what `r1.engine.lora.attach_adapters` returned
+        for `model` (each adapter's index, and the rows its layers read)."""
         from r1.model import context_length
 
         if model is None and (runner is None or context_tokens is None):
@@ -347,7 +350,8 @@ class TransformersEngine:
         self.config = config or EngineConfig()
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0)
+        self.adapters, adapter_rows = adapters if adapters is not None else ({}, None)
+        self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0, adapter_rows=adapter_rows)
         self.context_tokens = context_tokens or context_length(model, tokenizer)
         self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
         self.grammars = Grammars(tokenizer, self.runner.vocab_size, self.stop_token_ids)  # compiled on first use
@@ -370,15 +374,28 @@ class TransformersEngine:
         engine_config = engine_config or EngineConfig()
         check_engine_options(engine_config, resolve_device(model_config.device))  # before the weights load
         model, tokenizer = load_model(model_config)
-        return cls(apply_engine_options(model, engine_config), tokenizer, engine_config)
+        # Before the engine options: they may replace the Linear layers the adapters wrap (prepack
+        # and int8 then replace the wrapped layer inside its wrapper).
+        adapters = attach_adapters(model, engine_config.lora_adapters) if engine_config.lora_adapters else None
+        return cls(apply_engine_options(model, engine_config), tokenizer, engine_config, adapters=adapters)
 
     # -- inputs ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.runner.vocab_size)
 
-    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
+                     adapter: str | None = None) -> Request:
+        """`adapter`: the name of a LoRA adapter of `engine.lora_adapters` (None: the base model)."""
+        adapter_index = BASE
+        if adapter is not None:
+            if adapter not in self.adapters:
+                served = ", ".join(repr(name) for name in self.adapters) or "none"
+                raise RequestError(f"no LoRA adapter {adapter!r} is loaded (adapters: {served})", "adapter",
+                                   code="model_not_found")
+            adapter_index = self.adapters[adapter]
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+        request.adapter = adapter_index
         if sampling.json_schema is not None:
             if sampling.min_tokens:  # it would hold back the end-of-sequence a complete JSON reply must take
                 raise RequestError("min_tokens cannot be combined with response_format json_object/json_schema",

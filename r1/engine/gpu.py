@@ -306,7 +306,10 @@ class AsyncPackageEngine:
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.vocab_size)
 
-    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
+                     adapter: str | None = None) -> Request:
+        if adapter is not None:  # the config refuses lora_adapters with the GPU engines
+            raise RequestError(f"LoRA adapters are not served with engine.name: {self.name}", "adapter", "model_not_found")
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
                                "logprobs", "unsupported")

@@ -157,7 +157,10 @@ class PipelineRunner:
         # engine's warm-up then covers every batch size and a padded full batch, as on a GPU.
         self.on_gpu = on_gpu
 
-    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False,
+            adapters: list[int] | None = None) -> torch.Tensor:
+        if adapters is not None and any(adapters):  # the config refuses lora_adapters with pipeline_stages > 1
+            raise ValueError("LoRA adapters are not served with pipeline_stages > 1")
         out: Any = prompts
         for stage in self.stages:
             out = stage.add(seq_ids, out, all_logits)

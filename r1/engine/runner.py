@@ -34,14 +34,19 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from r1.engine.lora import BASE, AdapterRows
+
 
 class ModelRunner(Protocol):
     vocab_size: int
     on_gpu: bool  # the model runs on GPUs (the engine's warm-up then covers every shape it can)
 
-    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False,
+            adapters: list[int] | None = None) -> torch.Tensor:
         """Prefill: each prompt's next-token logits [n, vocab]; with `all_logits`, the logits at every
-        (left-padded) prompt position [n, length, vocab], for the prompt's log-probabilities."""
+        (left-padded) prompt position [n, length, vocab], for the prompt's log-probabilities.
+        `adapters`: each sequence's LoRA adapter index (`r1.engine.lora`; None: all the base model),
+        kept for its decode steps."""
         ...
 
     def step(self, seq_ids: list[str], token_ids: list[int]) -> torch.Tensor: ...
@@ -264,8 +269,12 @@ class BatchedKVCache:
 class LocalModelRunner:
     """Runs a whole Hugging Face causal LM in this process."""
 
-    def __init__(self, model: Any, pad_token_id: int = 0, growing_cache: bool | None = None):
+    def __init__(self, model: Any, pad_token_id: int = 0, growing_cache: bool | None = None,
+                 adapter_rows: AdapterRows | None = None):
         self.model = model
+        # The model's LoRA layers read each row's adapter from here (None: the model has none).
+        self.adapter_rows = adapter_rows
+        self.adapter_of: dict[str, int] = {}  # sequence id -> its adapter, for sequences not of the base
         self.device = next(model.parameters()).device
         self.on_gpu = self.device.type == "cuda"
         self.pad_token_id = pad_token_id
@@ -281,22 +290,35 @@ class LocalModelRunner:
         self.dtype = next(model.parameters()).dtype
         self._mask_kind = decode_mask_kind(model)
 
-    def _forward(self, *, all_logits: bool = False, **kwargs: Any) -> torch.Tensor:
+    def _forward(self, *, all_logits: bool = False, adapters: list[int] | None = None, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
-        with attention_kernels(self.device):
-            out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        if adapters is not None:
+            self.adapter_rows.set(adapters, self.device)
+        try:
+            with attention_kernels(self.device):
+                out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        finally:
+            if adapters is not None:
+                self.adapter_rows.clear()
         return out.logits if all_logits else out.logits[:, -1, :]
 
     @torch.inference_mode()
-    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+    def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False,
+            adapters: list[int] | None = None) -> torch.Tensor:
         """Prefill; identical prompts (a GRPO group, a request with n > 1) are computed once and
-        their cache rows repeated."""
-        distinct: dict[tuple[int, ...], int] = {}
-        rows = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
-        input_ids, mask = left_pad([list(prompt) for prompt in distinct], self.pad_token_id, self.device)
+        their cache rows repeated (identical prompts of the same adapter)."""
+        if adapters is not None and self.adapter_rows is None and any(adapters):
+            raise ValueError("this model runner has no LoRA adapters")
+        if adapters is None or self.adapter_rows is None:
+            adapters = [BASE] * len(prompts)
+        distinct: dict[tuple[int, tuple[int, ...]], int] = {}
+        rows = [distinct.setdefault((adapter, tuple(prompt)), len(distinct)) for adapter, prompt in zip(adapters, prompts)]
+        input_ids, mask = left_pad([list(prompt) for _, prompt in distinct], self.pad_token_id, self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.growing_cache)
-        logits = self._forward(all_logits=all_logits, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache)
+        logits = self._forward(all_logits=all_logits, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                               cache=cache, adapters=[adapter for adapter, _ in distinct] if any(adapters) else None)
+        self.adapter_of.update((seq_id, adapter) for seq_id, adapter in zip(seq_ids, adapters) if adapter != BASE)
         if len(distinct) < len(prompts):
             index = torch.tensor(rows, device=self.device)
             cache.batch_select_indices(index)
@@ -312,11 +334,15 @@ class LocalModelRunner:
         tokens = torch.empty(len(rows), dtype=torch.long)
         tokens[rows] = torch.tensor(token_ids, dtype=torch.long)
         mask, position_ids = self.kv.extend_for_step()
+        adapter_of = self.adapter_of
         logits = self._forward(
             input_ids=tokens.to(self.device).unsqueeze(1), attention_mask=decode_attention_mask(mask, self._mask_kind, self.dtype),
             position_ids=position_ids, cache=self.kv.cache,
+            adapters=[adapter_of.get(seq_id, BASE) for seq_id in self.kv.order] if adapter_of else None,
         )
         return logits[rows]
 
     def remove(self, seq_ids: list[str]) -> None:
         self.kv.remove(seq_ids)
+        for seq_id in seq_ids:
+            self.adapter_of.pop(seq_id, None)

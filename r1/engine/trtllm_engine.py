@@ -128,11 +128,12 @@ class TensorRTLLMEngine(AsyncPackageEngine):
     def from_config(cls, model_config: ModelConfig, engine_config: EngineConfig) -> TensorRTLLMEngine:
         return cls(read_checkpoint(model_config), model_config, engine_config)
 
-    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None) -> Request:
+    def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
+                     adapter: str | None = None) -> Request:
         if sampling.logit_bias:
             raise RequestError("logit_bias is not supported with engine.name: trtllm; use the transformers or vllm engine",
                                "logit_bias", "unsupported")
-        return super().make_request(prompt, sampling, request_id)
+        return super().make_request(prompt, sampling, request_id, adapter)
 
     def _build_llm(self, facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig) -> Any:
         import torch

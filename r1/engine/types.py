@@ -107,6 +107,8 @@ class Request:
     # the token after which it applies (None: from the first token).
     grammar: Any = None
     grammar_gate: int | None = None
+    # The LoRA adapter the request runs with (`r1.engine.lora`; 0: the base model).
+    adapter: int = 0
 
     def stop_kind(self, token: int) -> Literal["eos", "stop_token"] | None:
         """How `token` ends the reply: as end-of-sequence (no text of its own), as one of the

@@ -19,6 +19,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
@@ -501,11 +502,14 @@ def completion_chunk(response_id: str, model: str, created: int, index: int, tex
     return chunk
 
 
-def model_object(model: str, created: int, max_model_len: int) -> dict[str, Any]:
-    """The model card; `max_model_len` (the context in tokens, prompt and reply together) as vLLM
-    gives it, for clients that size their requests."""
-    return {"id": model, "object": "model", "created": created, "owned_by": "r1-cluster", "max_model_len": max_model_len}
+def model_object(model: str, created: int, max_model_len: int, parent: str | None = None) -> dict[str, Any]:
+    """The model card; `max_model_len` (the context in tokens, prompt and reply together) and
+    `parent` (a LoRA adapter's base model, null for the base) as vLLM gives them."""
+    return {"id": model, "object": "model", "created": created, "owned_by": "r1-cluster", "max_model_len": max_model_len,
+            "parent": parent}
 
 
-def models_list(model: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(model, created, max_model_len)]}
+def models_list(model: str, created: int, max_model_len: int, adapters: Sequence[str] = ()) -> dict[str, Any]:
+    """The base model, then each LoRA adapter served beside it."""
+    return {"object": "list", "data": [model_object(model, created, max_model_len),
+                                       *(model_object(name, created, max_model_len, model) for name in adapters)]}
