@@ -43,6 +43,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                   ["--models", "tiny", "--variants", "fp32,bf16,int8", "--repeats", "1", "--new-tokens", "8",
                    "--num-requests", "4", "--eval-problems", "10", "--probe-batch", "1", "--probe-context", "64",
                    "--peak-size", "256", "--decode-batches", ""]),
+    "lora": (["--models", "tiny,100m", "--adapters", "4", "--rank", "16", "--repeats", "3"],
+             ["--models", "tiny", "--repeats", "1", "--new-tokens", "8", "--num-requests", "4"]),
     "training": ([], ["--steps", "1", "--warmup", "0", "--rounds", "1", "--num-prompts", "4", "--max-new-tokens", "16"]),
 }
 QUICK_DIR = Path(tempfile.gettempdir()) / "r1-bench-quick"

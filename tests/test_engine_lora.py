@@ -135,3 +135,15 @@ def test_an_adapter_of_another_model_is_refused_naming_the_layer(tmp_path):
 def test_adapter_settings_the_server_cannot_honour_are_config_errors(settings, message):
     with pytest.raises(ValueError, match=message):
         ServeConfig.model_validate(settings)
+
+
+def test_the_lora_benchmark_runs_and_reports_against_its_baseline():
+    from bench.contract import validate
+    from bench.lora import METHODS, main
+
+    result = main(["--models", "tiny", "--adapters", "2", "--rank", "4", "--repeats", "1", "--new-tokens", "4",
+                   "--num-requests", "4"])
+    assert validate(result) == []
+    rows = result["tables"][0]["rows"]
+    assert [row[2] for row in rows] == METHODS and rows[0][4] == "1.00×"
+    assert all(row[3] > 0 for row in rows)

@@ -15,8 +15,8 @@ peft's LoRA forward without dropout. Adapter 0 is all zeros (the base model), so
 zero-padded to the largest (extra rank rows of A and columns of B that are zero add nothing).
 
 Which adapter each row uses is set per forward on the shared `AdapterRows` by the runner. A batch
-of one adapter (the common case) runs two plain matmuls; a mixed one gathers each row's matrices
-and runs two batched matmuls. Only what inference needs is read from an adapter; one that asks for
+of one adapter (the common case) runs two plain matmuls; a mixed one runs two matmuls over all
+adapters' matrices side by side, keeping each row's own adapter's columns between them. Only what inference needs is read from an adapter; one that asks for
 more (DoRA, trained biases, modules saved whole such as a reward model's head, per-module alpha
 patterns, layers other than Linear) is refused with the reason, since its outputs would differ
 from peft's; `r1 model merge-lora` serves those as merged checkpoints.
@@ -114,32 +114,60 @@ def _read_weights(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]
 
 class AdapterRows:
     """The adapter of each row of the batch being run, shared by every `MultiLoRALinear` of a model.
-    `rows`: a LongTensor of adapter indices, or None when every row uses `single`."""
 
-    def __init__(self) -> None:
+    `rows` None: every row uses `single`. Otherwise a batch that mixes adapters: `onehot`
+    [batch, adapters] marks each row's adapter (all zeros for a base row), and `mask(rank)` spreads
+    it over each adapter's `rank` columns, once per rank and forward for all layers."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count  # adapters (index 0, the base model, not counted)
         self.rows: torch.Tensor | None = None
         self.single = BASE
+        self._onehot: torch.Tensor | None = None
+        self._masks: dict[int, torch.Tensor] = {}
 
-    def set(self, adapters: list[int], device: torch.device) -> None:
+    def set(self, adapters: list[int], device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         first = adapters[0]
         if all(index == first for index in adapters):
             self.rows, self.single = None, first
-        else:
-            self.rows = torch.tensor(adapters, dtype=torch.long, device=device)
+            return
+        self.rows = torch.tensor(adapters, dtype=torch.long, device=device)
+        onehot = torch.zeros(len(adapters), self.count + 1, dtype=dtype, device=device)
+        onehot[torch.arange(len(adapters), device=device), self.rows] = 1
+        self._onehot, self._masks = onehot[:, 1:], {}
+
+    def mask(self, rank: int) -> torch.Tensor:
+        """[batch, adapters × rank]: 1 on the columns of each row's adapter."""
+        mask = self._masks.get(rank)
+        if mask is None:
+            mask = self._masks[rank] = self._onehot.repeat_interleave(rank, dim=1)
+        return mask
 
     def clear(self) -> None:
-        self.rows, self.single = None, BASE
+        self.rows, self.single, self._onehot, self._masks = None, BASE, None, {}
 
 
 class MultiLoRALinear(nn.Module):
     """A Linear layer plus the low-rank updates of several adapters; row b of a batch gets adapter
-    `rows.rows[b]` (see the module docstring)."""
+    `rows.rows[b]` (see the module docstring).
+
+    A batch of one adapter runs its two matmuls. A mixed batch runs two matmuls over all adapters'
+    matrices side by side (inner size adapters × rank, still small beside the layer's own) with the
+    columns of other adapters zeroed per row between them: measured on a 768 → 2048 layer, 16 rows,
+    4 adapters of rank 16, 58 µs against 169 µs for gathering each row's matrices into two batched
+    matmuls and 114 µs for a matmul pair per adapter over its rows (the layer itself: 438 µs)."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, rows: AdapterRows):
         super().__init__()
         self.base = base
+        count, self.rank, in_features = a.shape[0] - 1, a.shape[1], a.shape[2]
         self.register_buffer("lora_a", a, persistent=False)  # [adapters + 1, rank, in]
         self.register_buffer("lora_b", b, persistent=False)  # [adapters + 1, out, rank], scaled
+        # All adapters' matrices side by side (adapter 0, all zeros, left out): [adapters × rank, in]
+        # and [out, adapters × rank].
+        self.register_buffer("lora_a_all", a[1:].reshape(count * self.rank, in_features), persistent=False)
+        self.register_buffer("lora_b_all", b[1:].permute(1, 0, 2).reshape(b.shape[1], count * self.rank).contiguous(),
+                             persistent=False)
         self.adapter_rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +178,9 @@ class MultiLoRALinear(nn.Module):
                 return y
             a, b = self.lora_a[rows.single], self.lora_b[rows.single]
             return y + (x @ a.T) @ b.T
-        a, b = self.lora_a[rows.rows], self.lora_b[rows.rows]  # [batch, rank, in], [batch, out, rank]
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
-        update = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-        return y + update.reshape(y.shape)
+        mask = rows.mask(self.rank)  # [batch, adapters × rank]
+        hidden = (x @ self.lora_a_all.T) * mask.view(mask.shape[0], *(1,) * (x.dim() - 2), mask.shape[1])
+        return y + hidden @ self.lora_b_all.T
 
 
 def attach_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> tuple[dict[str, int], AdapterRows]:
@@ -161,7 +188,7 @@ def attach_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> tuple[
     index (1, 2, … in the order given) and the `AdapterRows` the runner sets per forward."""
     loaded = [load_lora(name, path) for name, path in adapters.items()]
     modules = dict(model.named_modules())
-    rows = AdapterRows()
+    rows = AdapterRows(len(loaded))
     targets = sorted({module for adapter in loaded for module in adapter.modules})
     dtype = next(model.parameters()).dtype
     for target in targets:

@@ -293,7 +293,7 @@ class LocalModelRunner:
     def _forward(self, *, all_logits: bool = False, adapters: list[int] | None = None, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.pop("cache")
         if adapters is not None:
-            self.adapter_rows.set(adapters, self.device)
+            self.adapter_rows.set(adapters, self.device, self.dtype)
         try:
             with attention_kernels(self.device):
                 out = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, logits_to_keep=0 if all_logits else 1)
