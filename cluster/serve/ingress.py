@@ -431,7 +431,7 @@ class OpenAIIngress:
             unsupported(parsed)
             adapter = self._check_model(parsed.model)
             sampling = sampling_for(parsed, self.config)
-            root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream)})
+            root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream), "model": parsed.model})
             continued = responses and wanted.previous_response_id is not None
             named_session = parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None
             # A tool message may answer a call stored in the conversation it continues.
