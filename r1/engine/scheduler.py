@@ -176,11 +176,12 @@ class Scheduler:
         admitted alone) gets them from the logits of every position, kept for its first delta."""
         ids, prompts = [s.seq_id for s in admitted], [s.request.prompt_token_ids for s in admitted]
         adapters = [s.request.adapter for s in admitted]
-        adapters = adapters if any(adapters) else None  # runners without adapters take none
+        # LoRA adapters only when a request has one: a runner that serves none need not take them.
+        extra = {"adapters": adapters} if any(adapters) else {}
         k = admitted[0].request.sampling.prompt_logprobs
         if k is None:
-            return self.runner.add(ids, prompts, adapters=adapters)
-        logits = self.runner.add(ids, prompts, all_logits=True, adapters=adapters)
+            return self.runner.add(ids, prompts, **extra)
+        logits = self.runner.add(ids, prompts, all_logits=True, **extra)
         detok = IncrementalDetokenizer(self.tokenizer)  # each token's share of the prompt's decoded text
         entries = [e._replace(chars=len(detok.add(e.token_id))) for e in prompt_token_logprobs(logits[0], prompts[0], k)]
         entries[-1] = entries[-1]._replace(chars=entries[-1].chars + len(detok.finish()))
