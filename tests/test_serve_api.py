@@ -487,6 +487,8 @@ def test_responses_api_function_calls(server, client, tokenizer):
     ({"input": "hi", "temperature": 9}, 400, "temperature"),
     ({"input": "1 " * 1100}, 400, "input"),  # beyond the context
     ({"model": "gpt-17", "input": "hi"}, 404, "model"),
+    # chat's session extension: refused, not ignored (previous_response_id continues a conversation here)
+    ({"input": "hi", "session_id": "a" * 20}, 400, "session_id"),
 ])
 def test_responses_api_bad_input_names_the_responses_field(server, body, status, param):
     response = _post(server, "/v1/responses", {"model": MODEL, **body})

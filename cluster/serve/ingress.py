@@ -434,6 +434,10 @@ class OpenAIIngress:
             root.set_attributes({"n": parsed.n, "stream": bool(parsed.stream), "model": parsed.model})
             continued = responses and wanted.previous_response_id is not None
             named_session = parsed.session_id is not None or request.headers.get(SESSION_HEADER) is not None
+            if responses and (named_session or body.get("session_id") is not None):
+                # Not a Responses field; ignoring it would drop the conversation the client means to continue.
+                raise APIError(400, "session_id is for /v1/chat/completions; on /v1/responses continue a stored "
+                               "response with previous_response_id", param="session_id")
             # A tool message may answer a call stored in the conversation it continues.
             messages = chat_messages(parsed, self.config, stored_calls=continued or named_session) if chat else None
             if continued:
