@@ -23,6 +23,10 @@
 #                       batch; the first batch after the warm-up is printed too), a stop string and an abort
 #                       mid-stream freeing the request; fp32 structured output (an enum schema, 16/16 valid)
 #                       and logprobs (within 1e-3 of a plain forward pass)
+#   engine_lora_cuda    r1's engine on the GPU with two LoRA adapters beside the model (engine.lora_adapters):
+#                       16 prompts each for the base model and both adapters streamed at once (mixed
+#                       batches), greedy tokens vs each merged model's engine, fp32 (PASS >= 44/48 equal)
+#                       and bf16 (printed), tokens/s of the mixed batch and of base requests alone
 #   serve_gpu           `r1 serve` with its LLM-server replicas on the GPU (fp32, 0.25 GPU each), then with
 #                       pipeline_stages=2 (ModelShard actors on the GPU): 16 concurrent greedy chat
 #                       completions through the stock openai client vs the in-process engine's (PASS >= 14/16
@@ -216,6 +220,67 @@ def main():
 
 if __name__ == "__main__":
     sys.exit(main())
+EOF
+
+cat >"$RUNS/engine_lora.py" <<'EOF'
+"""LoRA adapters served beside the model (r1/engine/lora.py) on the GPU: mixed batches vs merged models."""
+import asyncio, copy, sys, tempfile, time
+import torch
+from peft import LoraConfig, get_peft_model
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import TransformersEngine
+from r1.model import load_model
+from r1.tasks.arithmetic import generate_problems
+
+device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+root = tempfile.mkdtemp()
+base_cpu, tokenizer = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
+merged_cpu, paths = {}, {}
+for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"])):
+    generator = torch.Generator().manual_seed(index)
+    peft_model = get_peft_model(copy.deepcopy(base_cpu), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    name = f"adapter{index}"
+    paths[name] = f"{root}/{name}"
+    peft_model.save_pretrained(paths[name])
+    merged_cpu[name] = peft_model.merge_and_unload()
+prompts = [[{"role": "user", "content": p.question}] for p in generate_problems(16, level=1, seed=3, split="test")]
+sampling = SamplingConfig(temperature=0, max_new_tokens=48, ignore_eos=True)
+failed = False
+for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    engine = TransformersEngine.from_config(ModelConfig(model="r1-tiny", device=device, dtype=dtype_name),
+                                            EngineConfig(lora_adapters=paths))
+    expected = {None: [c.token_ids for c in TransformersEngine(copy.deepcopy(base_cpu).to(device, dtype), tokenizer)
+                       .generate_batch(prompts, sampling)]}
+    for name, model in merged_cpu.items():
+        expected[name] = [c.token_ids for c in TransformersEngine(copy.deepcopy(model).to(device, dtype), tokenizer)
+                          .generate_batch(prompts, sampling)]
+    combos = [(i, adapter) for adapter in (None, *paths) for i in range(len(prompts))]
+
+    async def streams(pairs):
+        async def one(i, adapter):
+            request = engine.make_request(prompts[i], sampling, adapter=adapter)
+            return [t async for d in engine.stream(request) for t in d.token_ids]
+        return await asyncio.gather(*(one(i, a) for i, a in pairs))
+
+    engine.start()
+    asyncio.run(streams(combos[:2]))  # warm-up
+    start = time.perf_counter()
+    answers = asyncio.run(streams(combos))
+    mixed = sum(map(len, answers)) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    alone = asyncio.run(streams(combos[:16]))
+    base_only = sum(map(len, alone)) / (time.perf_counter() - start)
+    engine.shutdown()
+    equal = sum(tokens == expected[adapter][i] for (i, adapter), tokens in zip(combos, answers))
+    print(f"RESULT lora {dtype_name}: {equal}/{len(combos)} greedy answers equal to the merged models' "
+          f"(base and two adapters, 48 streams at once); {mixed:.0f} tok/s mixed, {base_only:.0f} tok/s for 16 base requests")
+    if dtype_name == "fp32" and equal < 44:
+        failed = True
+sys.exit(1 if failed else 0)
 EOF
 
 cat >"$RUNS/engine_cuda.py" <<'EOF'
@@ -452,6 +517,8 @@ for name in ray_train_nccl_bf16 ray_train_grpo_ds; do
 done
 check engine_cuda "$PY" "$RUNS/engine_cuda.py"
 grep -h "^RESULT" "$LOGS/engine_cuda.log" 2>/dev/null | sed 's/^/    /'
+check engine_lora_cuda "$PY" "$RUNS/engine_lora.py"
+grep -h "^RESULT" "$LOGS/engine_lora_cuda.log" 2>/dev/null | sed 's/^/    /'
 check serve_gpu env R1_CHECK_LOGS="$LOGS" "$PY" "$RUNS/serve_check.py"
 grep -h "^RESULT" "$LOGS/serve_gpu.log" 2>/dev/null | sed 's/^/    /'
 check bench_training "$PY" -m bench.training --device cuda --steps 3
