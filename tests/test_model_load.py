@@ -50,6 +50,12 @@ def test_directory_without_config_is_rejected(tmp_path):
         resolve(ModelConfig(model=str(tmp_path)))
 
 
+def test_an_adapter_directory_given_as_the_model_says_how_to_use_it(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(ValueError, match=r"holds LoRA adapters, not a whole model: .*r1 serve --lora NAME=.*merge-lora"):
+        resolve(ModelConfig(model=str(tmp_path)))
+
+
 def test_damaged_weights_are_an_error_naming_the_model(tmp_path):
     # A truncated download or a Git LFS pointer where model.safetensors should be.
     import shutil

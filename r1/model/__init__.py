@@ -76,6 +76,11 @@ def resolve_source(name: str) -> tuple[str, bool]:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
+            if (path / "adapter_config.json").exists():  # a LoRA run's output: adapters, not a model
+                raise ValueError(
+                    f"{path} holds LoRA adapters, not a whole model: serve them beside their base model with "
+                    f"`r1 serve --lora NAME={name}` (engine.lora_adapters), or write a merged model with "
+                    f"`r1 model merge-lora --adapter {name} --out DIR` and use DIR")
             raise ValueError(f"model directory {path} has no config.json; point model= at a Hugging Face model directory")
         return str(path.resolve()), True
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
