@@ -307,10 +307,10 @@ class LocalModelRunner:
             adapters: list[int] | None = None) -> torch.Tensor:
         """Prefill; identical prompts (a GRPO group, a request with n > 1) are computed once and
         their cache rows repeated (identical prompts of the same adapter)."""
-        if adapters is not None and self.adapter_rows is None and any(adapters):
-            raise ValueError("this model runner has no LoRA adapters")
-        if adapters is None or self.adapter_rows is None:
+        if adapters is None:
             adapters = [BASE] * len(prompts)
+        elif self.adapter_rows is None and any(adapters):
+            raise ValueError("this model runner has no LoRA adapters")
         distinct: dict[tuple[int, tuple[int, ...]], int] = {}
         rows = [distinct.setdefault((adapter, tuple(prompt)), len(distinct)) for adapter, prompt in zip(adapters, prompts)]
         input_ids, mask = left_pad([list(prompt) for _, prompt in distinct], self.pad_token_id, self.device)
