@@ -19,12 +19,18 @@ from r1.config import GenerateConfig, apply_overrides, load_yaml, set_values
 from r1.reasoning import ReasoningParser
 
 
+LORA_NAME = "lora"  # the name `--lora DIR` serves its adapter under
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and sampling")
     group.add_argument("--config", help="YAML file with model, sampling and engine sections (keys as in --set)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set sampling.top_k=20 (repeatable)")
     group.add_argument("--model", type=path_argument, help="'r1-tiny' (embedded default), a local model directory, or a Hugging Face hub id")
+    group.add_argument("--lora", type=path_argument, metavar="DIR",
+                       help="answer with the LoRA adapter in DIR (as `r1 train` with lora.enabled writes it) on top of "
+                            "--model, its base model, without merging it first")
     group.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (auto: bf16 on GPU, fp32 on CPU)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run the model (auto: GPU if present)")
     group.add_argument("--temperature", type=float,
@@ -70,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
             flags[key] = check_text(value, f"--{flag.replace('_', '-')}")
     if getattr(args, "json_schema", None) is not None:
         flags["sampling.json_schema"] = read_json_schema(args.json_schema)
+    if getattr(args, "lora", None) is not None:  # served beside the model, as `r1 serve --lora` does
+        flags["engine.lora_adapters"] = {LORA_NAME: args.lora}
     # Flag values are set as they are (not re-read as YAML: a '#' or '[' in a path stays in it).
     return set_values(config, flags, "command-line flags") if flags else config
 
@@ -130,11 +138,12 @@ class ReasoningPrinter:
         self.section = section
 
 
-async def stream_reply(engine, messages_or_prompt, sampling, printer: ReasoningPrinter, think_prefilled: bool) -> tuple[str, str]:
+async def stream_reply(engine, messages_or_prompt, sampling, printer: ReasoningPrinter, think_prefilled: bool,
+                       adapter: str | None = None) -> tuple[str, str]:
     parser = ReasoningParser(think_prefilled=think_prefilled)
     reasoning, content = [], []
     finish = None
-    async for delta in engine.stream(messages_or_prompt, sampling):
+    async for delta in engine.stream(engine.make_request(messages_or_prompt, sampling, adapter=adapter)):
         r, c = parser.feed(delta.text)
         reasoning.append(r), content.append(c)
         printer.write(r, c)
@@ -148,6 +157,11 @@ async def stream_reply(engine, messages_or_prompt, sampling, printer: ReasoningP
     if finish is not None and finish.finish_reason == "length":
         printer.out.write("[stopped at max_new_tokens; raise --max-new-tokens for longer answers]\n")
     return "".join(reasoning), "".join(content)
+
+
+def _adapter(config: GenerateConfig) -> str | None:
+    """The adapter `--lora` loaded, which every reply uses (None: the model alone)."""
+    return LORA_NAME if LORA_NAME in config.engine.lora_adapters else None
 
 
 def _load_engine(config: GenerateConfig):
@@ -164,7 +178,8 @@ def run_generate(args: argparse.Namespace) -> int:
     printer = ReasoningPrinter(sys.stdout, args.hide_reasoning)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     try:
-        asyncio.run(stream_reply(engine, prompt, config.sampling, printer, think_prefilled=not args.raw))
+        asyncio.run(stream_reply(engine, prompt, config.sampling, printer, think_prefilled=not args.raw,
+                                 adapter=_adapter(config)))
     finally:
         engine.shutdown()
     return 0
@@ -200,7 +215,8 @@ def run_chat(args: argparse.Namespace) -> int:
             try:
                 check_text(text, "this message")
                 messages = _window(history, args.window) + [{"role": "user", "content": text}]
-                _, answer = asyncio.run(stream_reply(engine, messages, config.sampling, printer, think_prefilled=True))
+                _, answer = asyncio.run(stream_reply(engine, messages, config.sampling, printer, think_prefilled=True,
+                                                     adapter=_adapter(config)))
             except ValueError as error:  # e.g. the dialog outgrew the context; the chat goes on
                 print(f"error: {error}", file=sys.stderr)
                 continue

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 
-def write_adapter(out_dir: Path, seed: int, targets: list[str], rank: int = 4, **lora: Any) -> Any:
+def write_adapter(out_dir: Path, seed: int, targets: list[str], rank: int = 4, scale: float = 0.05, **lora: Any) -> Any:
     """Write a peft LoRA adapter of r1-tiny to `out_dir` and return the model with it merged.
 
     peft starts B at zero (an adapter that changes nothing); here B is random too, so the adapter's
@@ -24,6 +24,6 @@ def write_adapter(out_dir: Path, seed: int, targets: list[str], rank: int = 4, *
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     peft_model.save_pretrained(str(out_dir))
     return peft_model.merge_and_unload().eval()

@@ -147,3 +147,31 @@ def test_the_lora_benchmark_runs_and_reports_against_its_baseline():
     rows = result["tables"][0]["rows"]
     assert [row[2] for row in rows] == METHODS and rows[0][4] == "1.00×"
     assert all(row[3] > 0 for row in rows)
+
+
+def test_generate_with_lora_answers_as_the_merged_model_and_eval_merges_it(adapters, tmp_path, capsys):
+    """`r1 generate --lora DIR` (the adapter served beside its base) prints what `r1 generate --model`
+    of the `r1 model merge-lora` output prints; `r1 eval --lora DIR` evaluates the merged model."""
+    from cluster.cli import main as r1_main
+
+    paths, _ = adapters
+    merged_dir = tmp_path / "merged"
+    assert r1_main(["model", "merge-lora", "--adapter", paths["mlp"], "--out", str(merged_dir)]) == 0
+    capsys.readouterr()
+    flags = ["--temperature", "0", "--max-new-tokens", "24", "--device", "cpu", "--dtype", "fp32"]
+    answers = {}
+    for label, model_flags in (("lora", ["--lora", paths["mlp"]]), ("merged", ["--model", str(merged_dir)]),
+                               ("base", [])):
+        assert r1_main(["generate", "What is 12 + 7?", *flags, *model_flags]) == 0
+        answers[label] = capsys.readouterr().out
+    assert answers["lora"] == answers["merged"] != answers["base"]
+
+    # An adapter strong enough to break the arithmetic: evaluated with it, r1-tiny gets problems wrong
+    # that it gets right alone (its base model as the baseline).
+    write_adapter(tmp_path / "strong", seed=3, targets=["q_proj", "v_proj", "down_proj"], scale=0.5)
+    evaluate = ["eval", "--num-problems", "8", "--device", "cpu", "--json"]
+    assert r1_main([*evaluate, "--lora", str(tmp_path / "strong"), "--baseline", "r1-tiny"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["lora"] == str(tmp_path / "strong") and record["comparison"]["broken"] > 0
+    assert r1_main([*evaluate, "--lora", str(tmp_path / "missing")]) == 2
+    assert "LoRA adapter '--lora'" in capsys.readouterr().err

@@ -50,19 +50,30 @@ def _eval(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as error:
                 raise ValueError(f"{flag} {source}: {error}") from None
 
-    def evaluate_all(source: str) -> list[Any]:
+    if args.lora is not None:  # found before anything is evaluated, like the models
+        from r1.engine.lora import check_adapter
+
+        check_adapter("--lora", args.lora)
+
+    def evaluate_all(source: str, adapter: str | None = None) -> list[Any]:
         model, tokenizer = load_model(ModelConfig(model=source, device=args.device))
+        if adapter is not None:  # merged in memory, as `r1 model merge-lora` would write it
+            from r1.train.lora import load_adapter
+
+            model = load_adapter(model, adapter, trainable=False).merge_and_unload().eval()
         return [
             evaluate_arithmetic(model, tokenizer, num_problems=args.num_problems, level=level, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
             for level in dict.fromkeys(args.level)  # each level once, in the order given
         ]
 
-    results = evaluate_all(args.model)
+    results = evaluate_all(args.model, args.lora)
     baselines = evaluate_all(args.baseline) if args.baseline else []
     records = []
     for index, result in enumerate(results):
         record = result.to_dict()
+        if args.lora is not None:
+            record["lora"] = args.lora
         line = (f"{args.task} level {result.level}: exact match {100 * result.accuracy:.1f}% "
                 f"({sum(result.correct)}/{result.num_problems}), format rate {100 * result.format_rate:.1f}%")
         if baselines:
@@ -115,6 +126,9 @@ def register(subparsers: Any) -> None:
         "well-formed <think>...</think> answers.",
     )
     evaluate.add_argument("--model", default="r1-tiny", type=path_argument, help="model directory, hub id or r1-tiny (default r1-tiny)")
+    evaluate.add_argument("--lora", metavar="DIR", type=path_argument,
+                          help="evaluate --model with the LoRA adapter in DIR merged into it (a LoRA run's final/ "
+                               "directory); compare with its base model by --baseline")
     evaluate.add_argument("--task", default="arithmetic", choices=["arithmetic"], help="task (default arithmetic)")
     evaluate.add_argument("--num-problems", type=int, default=200, help="held-out problems per level (default 200)")
     evaluate.add_argument("--level", type=int, nargs="+", default=[1], choices=[1, 2, 3],
