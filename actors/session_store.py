@@ -58,7 +58,7 @@ SESSION_HEADER = "X-Session-Id"
 # and deletes are idempotent, `open` is get-or-create, appends carry a turn id.
 MAX_TASK_RETRIES = 3
 # Bumped when the actor's methods change, so a deploy never talks to detached actors of an older version.
-ACTOR_PROTOCOL_VERSION = 3  # 2: every method takes a `trace` carrier; 3: `append` can create
+ACTOR_PROTOCOL_VERSION = 4  # 2: every method takes a `trace` carrier; 3: `append` can create; 4: and store data
 # Config fields that change what an actor does; the ingress-side ones (window, timeouts) do not.
 _ACTOR_FIELDS = ("num_partitions", "backend_url", "idle_ttl_s", "max_stored_messages", "sqlite_synchronous",
                  "sweep_interval_s", "num_cpus", "call_timeout_s")
@@ -91,9 +91,9 @@ class SessionStoreActor:
             return self.backend.get(session_id, owner, last=last)
 
     def append(self, session_id: str, owner: str, messages: list[Message], turn_id: str | None = None,
-               create: bool = False, trace: dict | None = None) -> bool:
+               create: bool = False, data: str | None = None, trace: dict | None = None) -> bool:
         with span("session_store.append", trace, num_messages=len(messages), create=create) as current:
-            stored = self.backend.append(session_id, owner, messages, turn_id=turn_id, create=create)
+            stored = self.backend.append(session_id, owner, messages, turn_id=turn_id, create=create, data=data)
             current.set_attribute("stored", stored)
             return stored
 
@@ -289,11 +289,12 @@ class SessionClient:
         except APIError:  # the store is down: the empty session expires with its idle TTL
             logger.info("could not delete the empty session %s… of a failed turn", session_id[:6])
 
-    async def finish_turn(self, turn: Turn, reply: str) -> bool:
-        """Store the turn's messages and the (screened) reply; False if the session was deleted meanwhile."""
+    async def finish_turn(self, turn: Turn, reply: str, data: str | None = None) -> bool:
+        """Store the turn's messages and the (screened) reply, and `data` with them (a stored
+        response's object); False if the session was deleted meanwhile."""
         try:
             stored = await self._call(turn.session_id, "append", turn.session_id, turn.owner, turn.exchange(reply),
-                                      turn.turn_id, turn.pending)
+                                      turn.turn_id, turn.pending, data)
         except APIError:
             metrics.record_session_turn("failed")
             raise

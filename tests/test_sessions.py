@@ -5,6 +5,7 @@ The Redis cases run against a real `redis-server` started for this module on a f
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 
@@ -429,6 +430,53 @@ def test_append_with_create_stores_a_pending_session_with_its_first_exchange(mak
     assert backend.append(SID, "key-b", [user(3), assistant(3)], turn_id="t1", create=True) is True
     assert backend.get(SID, "key-b").messages == exchanges(3, 3)
     assert backend.get(SID, "key-a") is None
+
+
+def test_data_is_stored_with_an_append_and_kept_by_later_ones(make_backend):
+    """A stored response's object rides along with its exchange: one transaction, read back by get
+    and open, replaced only by an append that brings new data, gone with the session."""
+    clock = FakeClock()
+    backend = make_backend(clock=clock)
+    data = json.dumps({"id": "resp-1", "output": [{"text": "密码 ✓"}]}, ensure_ascii=False)
+    assert backend.append(SID, "key-a", [user(1), assistant(1)], create=True, data=data)
+    assert backend.get(SID, "key-a").data == data and backend.open(SID, "key-a").data == data
+    assert backend.get(SID, "key-b") is None  # another key sees nothing of it
+    assert backend.append(SID, "key-a", [user(2)])  # no data: kept
+    assert backend.get(SID, "key-a").data == data
+    assert backend.append(SID, "key-a", [user(3)], data="{}")
+    assert backend.get(SID, "key-a").data == "{}"
+    backend.open(OTHER_SID, "key-a")
+    assert backend.get(OTHER_SID, "key-a").data is None  # never given any
+    assert backend.delete(SID, "key-a") and backend.get(SID, "key-a") is None
+    clock.now += TTL_S + 1  # an expired session is replaced without its data
+    assert backend.append(OTHER_SID, "key-a", [user(1)], create=True) and backend.get(OTHER_SID, "key-a").data is None
+    with pytest.raises(ValueError, match="data must be"):
+        backend.append(SID, "key-a", [user(1)], data=b"{}")
+
+
+def test_sqlite_opens_a_version_1_file_and_adds_the_data_column(tmp_path):
+    """A database written before sessions.data: its sessions and messages are kept."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at REAL NOT NULL,
+                               updated_at REAL NOT NULL, next_seq INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE messages (session_id TEXT NOT NULL, seq INTEGER NOT NULL, role TEXT NOT NULL,
+                               content TEXT NOT NULL, turn_id TEXT, PRIMARY KEY (session_id, seq)) WITHOUT ROWID;
+        PRAGMA user_version=1;
+    """)
+    db.execute("INSERT INTO sessions VALUES (?, 'key-a', 1.0, 1.0, 1)", (SID,))
+    db.execute("INSERT INTO messages VALUES (?, 0, 'user', 'old', NULL)", (SID,))
+    db.commit()
+    db.close()
+    backend = SQLiteBackend(path, clock=lambda: 2.0)
+    assert backend.get(SID, "key-a").messages == [{"role": "user", "content": "old"}]
+    assert backend.append(SID, "key-a", [user(1)], data="{}") and backend.get(SID, "key-a").data == "{}"
+    assert backend._db.execute("PRAGMA user_version").fetchone()[0] == 2
+    backend.close()
+    assert SQLiteBackend(path, clock=lambda: 2.0).get(SID, "key-a").num_messages == 2  # opens again as version 2
 
 
 def test_pending_session_and_its_turn():

@@ -282,6 +282,9 @@ def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
     # A stored conversation is a session: the owner can read it.
     assert history(base, second.id).json()["messages"] == chain
     assert history(base, branch.id).json()["messages"][-1] == {"role": "assistant", "content": branch.output_text}
+    # The response objects are stored with them, as they were answered, streamed or not.
+    for answered in (first, second, branch, chained):
+        assert api.responses.retrieve(answered.id).model_dump() == answered.model_dump()
     # store: false keeps nothing; another key's response is not found, nor an id never given out.
     unsaved = api.responses.create(**ask, input="hi", store=False)
     assert unsaved.store is False
@@ -289,6 +292,13 @@ def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
         with pytest.raises(openai.NotFoundError) as missing:
             client(base, key).responses.create(**ask, input="x", previous_response_id=response_id)
         assert missing.value.body["param"] == "previous_response_id"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client(base, key).responses.retrieve(response_id)
+        assert missing.value.body["param"] == "response_id"
+    # A chat session is no response, whatever its id.
+    session_id, _ = turn(api, "a chat turn", None)
+    assert httpx.get(f"{base}/v1/responses/{session_id}", headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=30).status_code == 404
     # The owner deletes one: then it cannot be continued; its branches stay.
     headers = {"Authorization": f"Bearer {KEY}"}
     deleted = httpx.delete(f"{base}/v1/responses/{first.id}", headers=headers, timeout=30)
@@ -296,6 +306,8 @@ def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
     assert httpx.delete(f"{base}/v1/responses/{first.id}", headers=headers, timeout=30).status_code == 404
     with pytest.raises(openai.NotFoundError):
         api.responses.create(**ask, input="x", previous_response_id=first.id)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(first.id)
     assert api.responses.create(**ask, input="x", previous_response_id=second.id).status == "incomplete"
 
 
@@ -335,6 +347,7 @@ def test_a_stored_response_with_calls_is_continued_with_their_outputs(env):
     assert called.store is True
     call = next(item for item in called.output if item.type == "function_call")
     assert call.arguments == '{"a": 23, "b": 45}'
+    assert api.responses.retrieve(called.id).model_dump() == called.model_dump()  # with its call
     answered = api.responses.create(model=MODEL, previous_response_id=called.id, tools=tools, max_output_tokens=4,
                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": "68"}])
     offered = tools_prompt(tool_plan([{"type": "function", "function": {"name": "add", "parameters": parameters}}],

@@ -211,6 +211,10 @@ class _Choice:
         return "\n".join(([answer] if answer else []) + calls)
 
 
+def _json_text(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
 def _usage(choices: list[_Choice]) -> dict[str, int]:
     """The request's usage: each prompt's tokens once, however many choices it has, and every
     choice's completion tokens."""
@@ -316,6 +320,19 @@ class OpenAIIngress:
     async def responses(self, request: Request) -> Response:
         """OpenAI's Responses API: a chat request in other words (r1/serving/responses.py)."""
         return await self._handle(request, chat=True, responses=True)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str, request: Request) -> Response:
+        """A stored response as it was answered (`client.responses.retrieve`)."""
+        async def answer(*_: Any) -> Response:
+            owner = self.auth.check(request.headers.get("authorization"))
+            stored = await self.sessions.read(response_id, owner) if self.sessions is not None else None
+            if stored is None or stored.data is None:  # a chat session of that id holds no response
+                raise APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id",
+                               code="response_not_found")
+            return Response(stored.data, media_type="application/json")
+
+        return await self._traced(request, "responses", answer)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(self, response_id: str, request: Request) -> Response:
@@ -521,20 +538,18 @@ class OpenAIIngress:
             )
         try:
             await self._drain(streams, starts, choices)
-            if turn is not None:
-                await self.sessions.finish_turn(turn, choices[0].stored_reply())
+            answered = await self._response_object(events, choices) if events is not None else None
+            if turn is not None:  # a stored response keeps its object, for GET /v1/responses/{id}
+                await self.sessions.finish_turn(turn, choices[0].stored_reply(), _json_text(answered))
         except APIError as error:
             return failed(error)
         except asyncio.CancelledError:
             self._abandon(turn)
             raise
         self._record_generation(route, root, choices)
+        if answered is not None:
+            return JSONResponse(answered)
         usage = _usage(choices)
-        if events is not None:
-            reasoning = "".join(choices[0].reasoning)
-            return JSONResponse(events.finished(reasoning, choices[0].answer(), self._finish_reason(choices[0]),
-                                                usage["prompt_tokens"], usage["completion_tokens"],
-                                                await self._count_tokens(reasoning), choices[0].tool_calls))
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs), c.tool_calls) for i, c in enumerate(choices)]
@@ -604,6 +619,13 @@ class OpenAIIngress:
             headers[SESSION_HEADER] = turn.session_id
         return JSONResponse(chat_response(new_id("chatcmpl"), parsed.model, choices, usage, **extra),
                             headers=headers)
+
+    async def _response_object(self, events: ResponseEvents, choices: list[_Choice]) -> dict[str, Any]:
+        """A Responses request's whole (not streamed) response."""
+        usage = _usage(choices)
+        reasoning = "".join(choices[0].reasoning)
+        return events.finished(reasoning, choices[0].answer(), self._finish_reason(choices[0]), usage["prompt_tokens"],
+                               usage["completion_tokens"], await self._count_tokens(reasoning), choices[0].tool_calls)
 
     @staticmethod
     def _finish_reason(choice: _Choice) -> str | None:
@@ -839,20 +861,24 @@ class OpenAIIngress:
                     open_streams -= 1
                     if events is None:
                         yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
+            closing = None
+            if events is not None:  # the response's last events, and its object (stored with the exchange)
+                usage = _usage(choices)
+                closing = events.closing(self._finish_reason(choices[0]), usage["prompt_tokens"],
+                                         usage["completion_tokens"], await self._count_tokens(events.reasoning))
             if turn is not None:
-                # Store the exchange before [DONE]: a client that saw [DONE] can rely on the history.
+                # Store the exchange before [DONE] (or response.completed): a client that saw it can rely on the history.
                 try:
                     with use_span(root):
-                        await self.sessions.finish_turn(turn, choices[0].stored_reply())
+                        await self.sessions.finish_turn(turn, choices[0].stored_reply(),
+                                                        _json_text(events.last_response if events is not None else None))
                 except APIError as error:
                     status = error.status
-                    yield sse(error.body())
+                    yield events.error(error) if events is not None else sse(error.body())
                     return
-            if events is not None:
-                usage = _usage(choices)
+            if closing is not None:
                 status = 200
-                yield events.closing(self._finish_reason(choices[0]), usage["prompt_tokens"], usage["completion_tokens"],
-                                     await self._count_tokens(events.reasoning))
+                yield closing
                 return
             if include_usage:
                 usage = _usage(choices)

@@ -245,6 +245,7 @@ class ResponseEvents:
         self._open: str | None = None  # the item being streamed: "reasoning" or "message"
         self._items: list[str] = []  # the output items opened so far, in order ("call:N" for calls[N])
         self.calls: list[dict[str, Any]] = []  # function_call items (chat tool calls in the Responses shape)
+        self.last_response: dict[str, Any] | None = None  # the finished response object, once `closing` made it
 
     # -- the response object -------------------------------------------------------------------
     def _reasoning_item(self, status: str) -> dict[str, Any]:
@@ -377,7 +378,8 @@ class ResponseEvents:
         with the usage."""
         out = b"" if "message" in self._items or self.calls else self._switch("message")
         out += self._close()
-        response = self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
+        response = self.last_response = self.response("completed", finish_reason,
+                                                      _usage(input_tokens, output_tokens, reasoning_tokens))
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return out + self._event(kind, response=response)
 

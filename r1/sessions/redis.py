@@ -3,7 +3,7 @@
 Per session three keys share one hash tag (`{id}`), so each operation is a single Lua script that
 Redis runs atomically (and that works on one Redis Cluster slot):
 
-    r1:session:{id}:meta      hash  owner, created_at, updated_at
+    r1:session:{id}:meta      hash  owner, created_at, updated_at, data (when an append gave one)
     r1:session:{id}:messages  list  JSON {"role", "content"} per message, oldest first
     r1:session:{id}:turns     list  the last 64 turn ids appended (makes retried appends no-ops)
 
@@ -28,6 +28,7 @@ from r1.sessions.store import (
     BackendBase,
     Clock,
     Session,
+    check_data,
     check_last,
     check_messages,
     check_owner,
@@ -40,21 +41,21 @@ KEY_PREFIX = "r1:session:"
 NUM_REMEMBERED_TURNS = 64
 
 # KEYS: meta, messages, turns. ARGV: owner, now, ttl_s, ttl_ms, last (-1 = all), create (0/1).
-# Returns {status, created_at, updated_at, num_messages, messages}; status 1 created, 0 found,
-# -1 another owner, -2 missing (create=0).
+# Returns {status, created_at, updated_at, num_messages, messages, data ('' = none)}; status 1
+# created, 0 found, -1 another owner, -2 missing (create=0).
 _OPEN = """
-local meta = redis.call('HMGET', KEYS[1], 'owner', 'created_at', 'updated_at')
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'created_at', 'updated_at', 'data')
 local now = tonumber(ARGV[2])
 if meta[1] and tonumber(meta[3]) + tonumber(ARGV[3]) < now then
   if ARGV[6] == '0' then return {-2} end
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  meta = {false, false, false}
+  meta = {false, false, false, false}
 end
 if not meta[1] then
   if ARGV[6] == '0' then return {-2} end
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return {1, ARGV[2], ARGV[2], 0, {}}
+  return {1, ARGV[2], ARGV[2], 0, {}, ''}
 end
 if meta[1] ~= ARGV[1] then return {-1} end
 if ARGV[6] == '1' and tonumber(meta[3]) + tonumber(ARGV[3]) / 2 < now then
@@ -71,12 +72,12 @@ if last < 0 then
 elseif last > 0 then
   items = redis.call('LRANGE', KEYS[2], -last, -1)
 end
-return {0, meta[2], meta[3], count, items}
+return {0, meta[2], meta[3], count, items, meta[4] or ''}
 """
 
 # KEYS: meta, messages, turns. ARGV: owner, now, ttl_s, ttl_ms, max_stored, turn_id ('' = none),
-# remembered turns, create (0/1: a missing or expired session is created first), then one JSON
-# message per argument. Returns 1 appended, 2 duplicate turn, 0 missing.
+# remembered turns, create (0/1: a missing or expired session is created first), data ('' = keep
+# the session's), then one JSON message per argument. Returns 1 appended, 2 duplicate turn, 0 missing.
 _APPEND = """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'updated_at')
 local expired = meta[1] and tonumber(meta[2]) + tonumber(ARGV[3]) < tonumber(ARGV[2])
@@ -94,9 +95,10 @@ if ARGV[6] ~= '' then
   redis.call('RPUSH', KEYS[3], ARGV[6])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
 end
-for i = 9, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'data', ARGV[9]) end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 return 1
 """
@@ -185,7 +187,8 @@ class RedisBackend(BackendBase):
         if status < 0:
             return None
         messages = [json.loads(item) for item in reply[4]]
-        return Session(session_id, owner, float(reply[1]), float(reply[2]), int(reply[3]), messages, created=status == 1)
+        return Session(session_id, owner, float(reply[1]), float(reply[2]), int(reply[3]), messages, created=status == 1,
+                       data=reply[5] or None)
 
     def open(self, session_id: str, owner: str, *, last: int | None = None) -> Session | None:
         return self._read(session_id, owner, last, create=True)
@@ -194,16 +197,17 @@ class RedisBackend(BackendBase):
         return self._read(session_id, owner, last, create=False)
 
     def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
-               create: bool = False) -> bool:
+               create: bool = False, data: str | None = None) -> bool:
         check_session_id(session_id)
         check_owner(owner)
         check_turn_id(turn_id)
+        check_data(data)
         messages = check_messages(messages)
         now = self.clock()
         encoded = [json.dumps(m, ensure_ascii=False) for m in messages]
         reply = self._append(keys=_keys(session_id), args=[
             owner, *self._ttl_args(now), self.max_stored_messages, turn_id or "", NUM_REMEMBERED_TURNS,
-            "1" if create else "0", *encoded,
+            "1" if create else "0", data or "", *encoded,
         ])
         return int(reply) > 0
 

@@ -23,6 +23,7 @@ from r1.sessions.store import (
     BackendBase,
     Clock,
     Session,
+    check_data,
     check_last,
     check_messages,
     check_owner,
@@ -30,14 +31,16 @@ from r1.sessions.store import (
     check_turn_id,
 )
 
-SCHEMA_VERSION = 1
+# 2: sessions.data (a stored response's object); a version-1 file gains the column when opened.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    next_seq INTEGER NOT NULL DEFAULT 0
+    next_seq INTEGER NOT NULL DEFAULT 0,
+    data TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_updated_at ON sessions (updated_at);
 CREATE TABLE IF NOT EXISTS messages (
@@ -104,7 +107,7 @@ class SQLiteBackend(BackendBase):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
+                if version not in (0, 1, SCHEMA_VERSION):
                     raise ValueError(
                         f"{self.path} has session schema version {version}, this r1-cluster reads {SCHEMA_VERSION}; "
                         "point sessions.backend_url at a new file"
@@ -112,6 +115,8 @@ class SQLiteBackend(BackendBase):
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+                if version == 1:  # its sessions table predates the data column
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN data TEXT")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:
@@ -160,7 +165,7 @@ class SQLiteBackend(BackendBase):
         self.maybe_sweep(now)
 
         def body(db: sqlite3.Connection) -> Session | None:
-            row = db.execute("SELECT owner, created_at, updated_at FROM sessions WHERE id=?", (session_id,)).fetchone()
+            row = db.execute("SELECT owner, created_at, updated_at, data FROM sessions WHERE id=?", (session_id,)).fetchone()
             if row is not None and self.is_expired(row[2], now):
                 self._drop(db, session_id)
                 row = None
@@ -178,7 +183,7 @@ class SQLiteBackend(BackendBase):
                 db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
                 updated_at = now
             return Session(session_id, owner, row[1], updated_at, self._count(db, session_id),
-                           self._read_messages(db, session_id, last))
+                           self._read_messages(db, session_id, last), data=row[3])
 
         return self._write(body)
 
@@ -191,20 +196,21 @@ class SQLiteBackend(BackendBase):
             # One read transaction, so the metadata and the messages are one snapshot.
             self._db.execute("BEGIN")
             try:
-                row = self._db.execute("SELECT owner, created_at, updated_at FROM sessions WHERE id=?",
+                row = self._db.execute("SELECT owner, created_at, updated_at, data FROM sessions WHERE id=?",
                                        (session_id,)).fetchone()
                 if row is None or row[0] != owner or self.is_expired(row[2], now):
                     return None
                 return Session(session_id, owner, row[1], row[2], self._count(self._db, session_id),
-                               self._read_messages(self._db, session_id, last))
+                               self._read_messages(self._db, session_id, last), data=row[3])
             finally:
                 self._db.execute("COMMIT")
 
     def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
-               create: bool = False) -> bool:
+               create: bool = False, data: str | None = None) -> bool:
         check_session_id(session_id)
         check_owner(owner)
         check_turn_id(turn_id)
+        check_data(data)
         messages = check_messages(messages)
         now = self.clock()
         self.maybe_sweep(now)
@@ -229,7 +235,8 @@ class SQLiteBackend(BackendBase):
                 [(session_id, first + i, m["role"], m["content"], turn_id) for i, m in enumerate(messages)],
             )
             next_seq = first + len(messages)
-            db.execute("UPDATE sessions SET updated_at=?, next_seq=? WHERE id=?", (now, next_seq, session_id))
+            db.execute("UPDATE sessions SET updated_at=?, next_seq=?, data=COALESCE(?, data) WHERE id=?",
+                       (now, next_seq, data, session_id))
             db.execute("DELETE FROM messages WHERE session_id=? AND seq < ?",
                        (session_id, next_seq - self.max_stored_messages))
             return True

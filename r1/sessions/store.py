@@ -88,6 +88,9 @@ class Session:
     created: bool = False
     # Not in storage yet (`pending_session`): the first append creates it.
     pending: bool = False
+    # A JSON text stored with the session, which the store does not read (a stored response's
+    # object, for GET /v1/responses/{id}); None when no append gave one.
+    data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The body of `GET /v1/sessions/{id}`."""
@@ -128,10 +131,11 @@ class SessionBackend(Protocol):
     def get(self, session_id: str, owner: str, *, last: int | None = None) -> Session | None: ...
 
     def append(self, session_id: str, owner: str, messages: list[dict[str, str]], *, turn_id: str | None = None,
-               create: bool = False) -> bool:
+               create: bool = False, data: str | None = None) -> bool:
         """Append messages as one unit and refresh the idle TTL; False if the session is missing
         (or another owner's). With `create`, a missing (or expired) session is created for `owner`
-        first, in the same transaction: the first append of a `pending_session`.
+        first, in the same transaction: the first append of a `pending_session`. `data` (a JSON
+        text) replaces the session's `data` in the same transaction.
 
         With a `turn_id`, a repeated call (a retry after a crash) appends nothing and returns True."""
 
@@ -174,6 +178,15 @@ class BackendBase:
         if self.sweep_interval_s is not None and now - self._last_sweep >= self.sweep_interval_s:
             self._last_sweep = now
             self.expire_idle(now)  # type: ignore[attr-defined]
+
+
+MAX_DATA_CHARS = 4_000_000  # a response object with its whole answer, far above any model's output
+
+
+def check_data(data: Any) -> str | None:
+    if data is not None and (not isinstance(data, str) or len(data) > MAX_DATA_CHARS):
+        raise ValueError(f"data must be None or a string of at most {MAX_DATA_CHARS} characters")
+    return data
 
 
 def check_last(last: int | None) -> int | None:
