@@ -7,6 +7,7 @@ error that names the key and lists the allowed ones instead of a silently ignore
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
@@ -161,6 +162,10 @@ class SamplingConfig(StrictModel):
         return self.temperature < GREEDY_TEMPERATURE
 
 
+# A LoRA adapter's name as a model name clients send (`engine.lora_adapters`).
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
 class EngineConfig(StrictModel):
     """The continuous-batching engine."""
 
@@ -207,8 +212,6 @@ class EngineConfig(StrictModel):
     @field_validator("lora_adapters")
     @classmethod
     def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
-        from r1.engine.lora import ADAPTER_NAME_RE
-
         for name, path in value.items():
             if not ADAPTER_NAME_RE.fullmatch(name):
                 raise ValueError(f"adapter name {name!r} must be 1-128 characters from A-Z a-z 0-9 . _ : / - "

@@ -110,11 +110,12 @@ def preflight(config: ServeConfig, address: str) -> ServeConfig:
             raise ValueError(f"model.model: {error}") from None
         adapters = {}
         for name, path in config.engine.lora_adapters.items():
+            directory = Path(path).expanduser()
             try:
-                check_adapter(name, Path(path).expanduser())
+                check_adapter(name, directory)
             except ValueError as error:
                 raise ValueError(f"engine.lora_adapters: {error}") from None
-            adapters[name] = str(Path(path).expanduser().resolve())
+            adapters[name] = str(directory.resolve())
         if adapters:
             config = set_values(config, {"engine.lora_adapters": adapters}, "engine.lora_adapters")
     if config.safety is not None:

@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 
 BASE = 0  # the adapter index of the base model
-ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 # peft's key of a LoRA weight: base_model.model.<module path>.lora_A.weight (the adapter's name is not saved)
 _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
