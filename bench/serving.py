@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import httpx
@@ -312,7 +313,9 @@ def start_stack(port: int, overrides: list[str]):
     one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1}
     from r1.config import ServeConfig, apply_overrides, parse_config
 
-    config = apply_overrides(parse_config(ServeConfig, {"ingress": one_replica, "llm": one_replica,
+    # Sessions in a database of the run's own: not the user's session store, and every run starts empty.
+    sessions = {"backend_url": f"sqlite:///{tempfile.mkdtemp(prefix='r1-bench-sessions-')}/sessions.db"}
+    config = apply_overrides(parse_config(ServeConfig, {"ingress": one_replica, "llm": one_replica, "sessions": sessions,
                                                         "engine": {"max_num_seqs": 64}}), overrides)
     serve.run(build_app(config.model_dump()), name="bench")
     return config
