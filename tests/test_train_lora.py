@@ -87,6 +87,25 @@ def test_merge_lora_cli_output_is_served_by_the_engine(adapter_dir, tmp_path, ca
     assert len(completion.token_ids) >= 1 and completion.finish_reason in ("stop", "length")
 
 
+def test_an_adapter_as_training_writes_it_serves_beside_its_base_as_its_merged_model(adapter_dir, tmp_path):
+    """The adapter format `apply_lora` + `save_pretrained` write is what `engine.lora_adapters` reads:
+    served beside the base model, the adapter's logits are the merged model's (within float
+    rounding: two small matmuls instead of one folded weight)."""
+    from r1.engine.lora import attach_adapters
+    from r1.engine.runner import LocalModelRunner
+    from r1.model import load_model
+
+    merged_dir = merge_lora(adapter_dir, tmp_path / "merged")
+    merged, tokenizer = load_model(ModelConfig(model=str(merged_dir), device="cpu", dtype="fp32"))
+    base, _ = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
+    names, rows = attach_adapters(base, {"trained": str(adapter_dir)})
+    prompt = tokenizer.encode("Mia has 3 pens. She buys 4 more.")
+    expected = LocalModelRunner(merged).add(["a"], [prompt])
+    served = LocalModelRunner(base, adapter_rows=rows).add(["a", "b"], [prompt, prompt], adapters=[names["trained"], 0])
+    torch.testing.assert_close(served[0], expected[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(served[1], expected[0], atol=1e-3)  # the base row is not the adapter's
+
+
 def test_merge_lora_refuses_a_plain_model_directory(tmp_path):
     with pytest.raises(ValueError, match="not a LoRA adapter directory"):
         merge_lora(resolve_source("r1-tiny")[0], tmp_path / "out")
