@@ -254,7 +254,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"Ray cluster at {gcs_address} (e.g. `RAY_AUTH_MODE=token ray status --address {gcs_address}`)",
               flush=True)
     proxy = ", HAProxy in front of the ingress replicas" if args.proxy == "haproxy" else ""
-    print(f"r1-cluster is ready: http://{host}:{port}/v1 serving model '{config.model_name}' "
+    adapters = ", ".join(f"'{name}'" for name in config.engine.lora_adapters)
+    adapters = f" and its LoRA adapter(s) {adapters}" if adapters else ""
+    print(f"r1-cluster is ready: http://{host}:{port}/v1 serving model '{config.model_name}'{adapters} "
           f"({'API keys required' if keys else 'no API keys: loopback only'}{proxy}). Ctrl-C stops it.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
