@@ -38,6 +38,9 @@
 #                       stop string in a stream, an abort mid-stream freeing the request
 #   vllm_fp8_engine     engine=vllm quantization=fp8: exact-match accuracy on 64 held-out arithmetic
 #                       problems vs the transformers engine's (PASS within 0.15)
+#   vllm_lora_engine    engine=vllm with two LoRA adapters (vLLM's multi-LoRA) vs r1's own engine serving the
+#                       same adapters: 48 greedy chat answers (base and both adapters at once), PASS >= 0.75
+#                       equal and the adapters changing answers
 #   trtllm_engine       engine=trtllm, as vllm_engine
 #   trtllm_fp8_engine   engine=trtllm quantization=fp8 (FP8 engine build, r1's offline calibration
 #                       text), as vllm_fp8_engine
@@ -281,6 +284,54 @@ for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     if dtype_name == "fp32" and equal < 44:
         failed = True
 sys.exit(1 if failed else 0)
+EOF
+
+cat >"$RUNS/vllm_lora.py" <<'EOF'
+"""engine=vllm with engine.lora_adapters (vLLM's multi-LoRA) against r1's own engine serving the same adapters."""
+import asyncio, copy, sys, tempfile
+import torch
+from peft import LoraConfig, get_peft_model
+from r1.config import EngineConfig, ModelConfig, SamplingConfig
+from r1.engine import create_engine
+from r1.model import load_model
+from r1.tasks.arithmetic import generate_problems
+
+root = tempfile.mkdtemp()
+base, _ = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
+paths = {}
+for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"])):
+    generator = torch.Generator().manual_seed(index)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    paths[f"adapter{index}"] = f"{root}/adapter{index}"
+    peft_model.save_pretrained(paths[f"adapter{index}"])
+prompts = [[{"role": "user", "content": p.question}] for p in generate_problems(16, level=1, seed=5, split="test")]
+sampling = SamplingConfig(temperature=0, max_new_tokens=64)
+combos = [(i, adapter) for adapter in (None, *paths) for i in range(len(prompts))]
+
+def answers(engine):
+    async def run():
+        async def one(i, adapter):
+            request = engine.make_request(prompts[i], sampling, adapter=adapter)
+            return "".join([d.text async for d in engine.stream(request)])
+        return await asyncio.gather(*(one(i, a) for i, a in combos))
+    engine.start()
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+reference = answers(create_engine(ModelConfig(model="r1-tiny", device="cuda"), EngineConfig(lora_adapters=paths)))
+got = answers(create_engine(ModelConfig(model="r1-tiny"), EngineConfig(engine="vllm", lora_adapters=paths,
+                                                                       gpu_memory_utilization=0.3)))
+same = sum(a == b for a, b in zip(got, reference))
+differs = sum(got[i] != got[i + len(prompts) * k] for k in (1, 2) for i in range(len(prompts)))
+print(f"RESULT vllm lora: {same}/{len(combos)} greedy texts equal to r1's engine with the same adapters "
+      f"(base and two adapters, all at once); {differs}/{2 * len(prompts)} adapter answers differ from the base's")
+sys.exit(0 if same >= 0.75 * len(combos) and differs > 0 else 1)
 EOF
 
 cat >"$RUNS/engine_cuda.py" <<'EOF'
@@ -527,6 +578,14 @@ check first_batch "$PY" -m bench.first_batch --device cuda --profile
 grep -h "^RESULT\\|^FAILED\\|^ *Self CUDA time\\|^ *Self CPU time" "$LOGS/first_batch.log" 2>/dev/null | sed 's/^/    /'
 gpu_engine_check vllm_engine vllm vllm none
 gpu_engine_check vllm_fp8_engine vllm vllm fp8
+if selected vllm_lora_engine; then
+  if "$PY" -c "import vllm" >/dev/null 2>&1; then
+    check vllm_lora_engine "$PY" "$RUNS/vllm_lora.py"
+    grep -h "^RESULT" "$LOGS/vllm_lora_engine.log" 2>/dev/null | sed 's/^/    /'
+  else
+    echo "SKIP vllm_lora_engine (package not installed: vllm)"
+  fi
+fi
 gpu_engine_check trtllm_engine tensorrt_llm trtllm none
 gpu_engine_check trtllm_fp8_engine tensorrt_llm trtllm fp8
 exit $failed

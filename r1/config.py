@@ -206,7 +206,8 @@ class EngineConfig(StrictModel):
     # transformers engine: LoRA adapters served beside the base model, name -> adapter directory
     # (peft's format, as `r1 train` with lora.enabled writes it). Each name is a model clients can
     # ask for; requests of different adapters and of the base model decode in one batch
-    # (r1/engine/lora.py). Not with compile, pipeline_stages > 1 or the GPU engines.
+    # (r1/engine/lora.py; with engine=vllm, vLLM's own multi-LoRA). Not with compile,
+    # pipeline_stages > 1 or engine=trtllm.
     lora_adapters: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("lora_adapters")
@@ -239,9 +240,9 @@ class EngineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _adapters_need_the_transformers_engine(self) -> EngineConfig:
-        if self.lora_adapters and self.engine != "transformers":
-            raise ValueError(f"lora_adapters are served by engine=transformers, not engine={self.engine}; "
-                             "merge each adapter with `r1 model merge-lora` and serve the merged model")
+        if self.lora_adapters and self.engine == "trtllm":
+            raise ValueError("lora_adapters are served by engine=transformers or vllm, not trtllm; merge each "
+                             "adapter with `r1 model merge-lora` and serve the merged model")
         if self.lora_adapters and self.compile:
             raise ValueError("lora_adapters cannot be combined with compile=true (each batch's mix of adapters "
                              "would recompile the model); set compile=false")

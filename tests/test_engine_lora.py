@@ -127,7 +127,7 @@ def test_an_adapter_of_another_model_is_refused_naming_the_layer(tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     ({"engine": {"lora_adapters": {"a": "/x"}, "compile": True}}, "compile"),
-    ({"engine": {"lora_adapters": {"a": "/x"}, "engine": "vllm"}}, "merge-lora"),
+    ({"engine": {"lora_adapters": {"a": "/x"}, "engine": "trtllm"}}, "not trtllm"),
     ({"engine": {"lora_adapters": {"a": "/x"}}, "pipeline_stages": 2}, "pipeline_stages=2"),
     ({"engine": {"lora_adapters": {"r1-tiny": "/x"}}}, "the served model's own name"),
     ({"engine": {"lora_adapters": {"bad name": "/x"}}}, "adapter name 'bad name'"),

@@ -42,7 +42,7 @@ from r1.engine.trtllm_engine import (
 )
 from r1.engine.trtllm_engine import first_output as trtllm_first_output
 from r1.engine.vllm_engine import first_output as vllm_first_output
-from r1.engine.vllm_engine import vllm_engine_kwargs, vllm_sampling_kwargs
+from r1.engine.vllm_engine import vllm_engine_kwargs, vllm_lora_kwargs, vllm_lora_request_args, vllm_sampling_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30.0
@@ -321,6 +321,38 @@ def test_package_engine_arguments(tmp_path):
         "model": "/models/m", "tokenizer": "/models/m", "trust_remote_code": False, "dtype": "float16",
         "tensor_parallel_size": 1, "max_batch_size": 8, "max_seq_len": 1024,
     }
+
+
+def test_vllm_serves_lora_adapters_with_its_own_multi_lora(tmp_path):
+    """engine=vllm with lora_adapters: vLLM's engine arguments enable LoRA for all of them at the
+    smallest rank size vLLM has that holds the largest; each request names its adapter."""
+    import json
+
+    from safetensors.torch import save_file
+
+    adapters = {}
+    for name, rank, pattern in (("small", 4, {}), ("wide", 8, {"q_proj": 24})):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8,
+                                                                    "rank_pattern": pattern}))
+        save_file({"base_model.model.x.lora_A.weight": torch.zeros(rank, 4)}, str(directory / "adapter_model.safetensors"))
+        adapters[name] = str(directory)
+    config = EngineConfig(engine="vllm", lora_adapters=adapters)
+    facts = SimpleNamespace(source="/models/m", context_tokens=1024)
+    arguments = vllm_engine_kwargs(facts, ModelConfig(), config, bf16_supported=True)
+    assert (arguments["enable_lora"], arguments["max_loras"], arguments["max_lora_rank"]) == (True, 2, 32)
+    assert "enable_lora" not in vllm_engine_kwargs(facts, ModelConfig(), EngineConfig(engine="vllm"), True)
+    request = Request("r", [1], SamplingConfig(), 4)
+    assert vllm_lora_request_args(request, config) is None
+    request.adapter = 2
+    assert vllm_lora_request_args(request, config) == ("wide", 2, adapters["wide"])
+    (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1024}))
+    with pytest.raises(ValueError, match="rank 1024 is above vLLM's largest max_lora_rank"):
+        vllm_lora_kwargs(config)
+    (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "use_dora": True}))
+    with pytest.raises(ValueError, match="uses DoRA"):
+        vllm_lora_kwargs(config)
 
 
 def test_fp8_plan_and_offline_calibration_set(tmp_path):
@@ -652,5 +684,14 @@ def test_adapter_inputs_follow_the_transformers_engine(facts, reference_engine):
             engine.make_request("hello", SamplingConfig(logprobs=0))
         with pytest.raises(ValueError, match="^response_format json_object/json_schema is not supported"):
             engine.make_request("hello", SamplingConfig(json_schema={"type": "object"}))
+        # A request names a LoRA adapter of engine.lora_adapters by name; the adapter gets its index.
+        with pytest.raises(ValueError, match="no LoRA adapter 'math' is loaded") as unknown:
+            engine.make_request("hello", sampling, adapter="math")
+        assert unknown.value.field == "adapter"
+    finally:
+        engine.shutdown()
+    engine = ReplayEngine(facts, EngineConfig(lora_adapters={"math": "/a", "code": "/b"}), lambda request: [])
+    try:
+        assert [engine.make_request("hello", sampling, adapter=name).adapter for name in (None, "math", "code")] == [0, 1, 2]
     finally:
         engine.shutdown()

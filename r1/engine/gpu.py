@@ -292,6 +292,8 @@ class AsyncPackageEngine:
         self.vocab_size = facts.vocab_size
         self.stop_token_ids = facts.stop_ids
         self.config = config
+        # LoRA adapter name -> index (1, 2, ...: the order of engine.lora_adapters; 0 is the base model)
+        self.adapters = {name: index for index, name in enumerate(config.lora_adapters, start=1)}
         self._lock = threading.Lock()
         self._num_in_flight = 0
         self._num_aborted = 0
@@ -308,16 +310,23 @@ class AsyncPackageEngine:
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
                      adapter: str | None = None) -> Request:
-        if adapter is not None:  # the config refuses lora_adapters with the GPU engines
-            raise RequestError(f"LoRA adapters are not served with engine.name: {self.name}", "adapter", "model_not_found")
+        adapter_index = 0
+        if adapter is not None:  # names from engine.lora_adapters (vLLM; the config refuses them for the others)
+            if adapter not in self.adapters:
+                served = ", ".join(repr(name) for name in self.adapters) or "none"
+                raise RequestError(f"no LoRA adapter {adapter!r} is loaded (adapters: {served})", "adapter",
+                                   "model_not_found")
+            adapter_index = self.adapters[adapter]
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
                                "logprobs", "unsupported")
         if sampling.json_schema is not None:
             raise RequestError(f"response_format json_object/json_schema is not supported with engine.name: {self.name}; "
                                "use the transformers engine", "response_format", "unsupported")
-        return new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
-                           context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+        request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
+                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+        request.adapter = adapter_index
+        return request
 
     @property
     def think_prefilled(self) -> bool:

@@ -8,9 +8,11 @@ rules as the transformers engine (`r1/engine/gpu.py`).
 
 Options used: `max_num_seqs`, `max_queued_requests` (r1's admission limit), `quantization`
 (fp8: weights quantized to FP8 on load, activations scaled dynamically; no calibration data),
-`gpu_memory_utilization` (share of the GPU vLLM may take, weights and KV cache together) and
-`tensor_parallel_size`. `max_prefill_tokens`, `cpu_threads` and the `cuda_*` cache settings are the
-transformers engine's and do not apply.
+`gpu_memory_utilization` (share of the GPU vLLM may take, weights and KV cache together),
+`tensor_parallel_size` and `lora_adapters` (vLLM's own multi-LoRA: `enable_lora`, every adapter
+resident, `max_lora_rank` the smallest of vLLM's sizes that holds the largest rank; each request
+names its adapter with a `LoRARequest`). `max_prefill_tokens`, `cpu_threads` and the `cuda_*`
+cache settings are the transformers engine's and do not apply.
 """
 
 from __future__ import annotations
@@ -52,6 +54,36 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
     }
 
 
+# The values vLLM accepts for max_lora_rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_kwargs(engine_config: EngineConfig) -> dict[str, Any]:
+    """`AsyncEngineArgs` for `engine.lora_adapters` (none without adapters); ValueError naming an
+    adapter r1 does not serve (`r1.engine.lora.check_adapter`) or a rank vLLM has no size for."""
+    if not engine_config.lora_adapters:
+        return {}
+    from r1.engine.lora import check_adapter
+
+    ranks = []
+    for name, path in engine_config.lora_adapters.items():
+        config = check_adapter(name, path)
+        ranks += [int(config.get("r", 8)), *(int(rank) for rank in (config.get("rank_pattern") or {}).values())]
+    rank = next((size for size in VLLM_LORA_RANKS if size >= max(ranks)), None)
+    if rank is None:
+        raise ValueError(f"engine.lora_adapters: rank {max(ranks)} is above vLLM's largest max_lora_rank "
+                         f"({VLLM_LORA_RANKS[-1]}); serve the adapter with engine=transformers")
+    return {"enable_lora": True, "max_loras": len(engine_config.lora_adapters), "max_lora_rank": rank}
+
+
+def vllm_lora_request_args(request: Request, engine_config: EngineConfig) -> tuple[str, int, str] | None:
+    """`vllm.lora.request.LoRARequest(name, int id, path)` arguments for the request's adapter (None: the base)."""
+    if not request.adapter:
+        return None
+    name, path = list(engine_config.lora_adapters.items())[request.adapter - 1]
+    return name, request.adapter, path
+
+
 def vllm_engine_kwargs(
     facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig, bf16_supported: bool
 ) -> dict[str, Any]:
@@ -68,6 +100,7 @@ def vllm_engine_kwargs(
         "max_num_seqs": engine_config.max_num_seqs,
         "max_model_len": facts.context_tokens,
         "disable_log_stats": True,
+        **vllm_lora_kwargs(engine_config),
     }
 
 
@@ -104,7 +137,14 @@ class VLLMEngine(AsyncPackageEngine):
         from vllm import SamplingParams
 
         params = SamplingParams(**vllm_sampling_kwargs(request))
-        outputs = self._backend.generate({"prompt_token_ids": request.prompt_token_ids}, params, request.request_id)
+        lora = vllm_lora_request_args(request, self.config)
+        extra = {}
+        if lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            extra["lora_request"] = LoRARequest(*lora)
+        outputs = self._backend.generate({"prompt_token_ids": request.prompt_token_ids}, params, request.request_id,
+                                         **extra)
         try:
             async for request_output in outputs:
                 yield first_output(request_output)
