@@ -175,3 +175,25 @@ def test_generate_with_lora_answers_as_the_merged_model_and_eval_merges_it(adapt
     assert record["lora"] == str(tmp_path / "strong") and record["comparison"]["broken"] > 0
     assert r1_main([*evaluate, "--lora", str(tmp_path / "missing")]) == 2
     assert "LoRA adapter '--lora'" in capsys.readouterr().err
+
+
+def test_int8_keeps_an_adapted_lm_head_in_full_precision_as_it_keeps_a_plain_one(tmp_path):
+    """quantization=int8 skips the LM head by name; wrapped by an adapter, it is still the LM head."""
+    from r1.engine.optimize import Int8DynamicLinear, quantize_int8
+    from r1.model import load_model
+
+    from safetensors.torch import save_file
+
+    model, _ = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
+    hidden, vocab = model.lm_head.in_features, model.lm_head.out_features
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.randn(2, hidden),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(vocab, 2),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, hidden),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+                   torch.randn(model.model.layers[0].self_attn.q_proj.out_features, 2)},
+              str(tmp_path / "adapter_model.safetensors"))
+    attach_adapters(model, {"head": str(tmp_path)})
+    quantize_int8(model)
+    assert type(model.lm_head.base) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, Int8DynamicLinear)

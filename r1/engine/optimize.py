@@ -147,11 +147,22 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _layer_name(model: nn.Module, name: str) -> str:
+    """The model's name for the Linear layer at `name`: a layer that LoRA adapters wrap
+    (`r1.engine.lora.MultiLoRALinear`, its layer in `.base`) keeps the name of the wrapper."""
+    from r1.engine.lora import MultiLoRALinear
+
+    parent_name, _, child = name.rpartition(".")
+    if child == "base" and parent_name and isinstance(model.get_submodule(parent_name), MultiLoRALinear):
+        return parent_name
+    return name
+
+
 def replace_linears(model: nn.Module, replacement: Callable[[nn.Linear], nn.Module], skip: tuple[str, ...] = ()) -> int:
     """Replace every nn.Linear not named in `skip` with `replacement(linear)` (in place); returns the count."""
     targets = [
         (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+        if isinstance(module, nn.Linear) and _layer_name(model, name).rsplit(".", 1)[-1] not in skip
     ]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
