@@ -100,13 +100,15 @@ def record_request(route: str, status: int, e2e_s: float | None) -> None:
 
 
 @_never_raises
-def record_generation(route: str, timer: GenerationTimer | None, prompt_tokens: int, completion_tokens: int) -> None:
-    """One request's generation: TTFT and TPOT from `timer`, tokens in and out."""
+def record_generation(route: str, timer: GenerationTimer | None, prompt_tokens: int, completion_tokens: int,
+                      model: str = "") -> None:
+    """One request's generation: TTFT and TPOT from `timer`, tokens in and out of `model` (a served
+    model's name: the base model or a LoRA adapter, never a name the server does not serve)."""
     if timer is not None:
         _observe("r1_ttft_seconds", timer.ttft_s, route=route)
         _observe("r1_tpot_seconds", timer.tpot_s, route=route)
-    _inc("r1_tokens_total", prompt_tokens, direction="in")
-    _inc("r1_tokens_total", completion_tokens, direction="out")
+    _inc("r1_tokens_total", prompt_tokens, direction="in", model=model)
+    _inc("r1_tokens_total", completion_tokens, direction="out", model=model)
 
 
 @_never_raises

@@ -205,7 +205,7 @@ def recorder_class() -> type:
             timer.tokens_arrived(1)
             timer.tokens_arrived(1)
             timer.tokens_arrived(1)
-            metrics.record_generation("chat", timer, prompt_tokens=12, completion_tokens=3)
+            metrics.record_generation("chat", timer, prompt_tokens=12, completion_tokens=3, model="r1-tiny")
             metrics.record_engine_load({"running": 2, "waiting": 5})
             metrics.record_tool_calls("chat", "required", 2)
             metrics.record_safety_findings(["card_number", "card_number", "password"], "output")
@@ -275,8 +275,8 @@ def test_ray_exports_every_r1_series_with_sane_values(exported):
     assert value(exported, "ray_r1_ttft_seconds_bucket", route="chat", le="0.25") == 1  # 0.2 s
     assert value(exported, "ray_r1_tpot_seconds_bucket", route="chat", le="0.1") == 0
     assert value(exported, "ray_r1_tpot_seconds_bucket", route="chat", le="0.25") == 1  # (10.5 - 10.2) / 2
-    assert value(exported, "ray_r1_tokens_total", direction="in") == 12
-    assert value(exported, "ray_r1_tokens_total", direction="out") == 3
+    assert value(exported, "ray_r1_tokens_total", direction="in", model="r1-tiny") == 12
+    assert value(exported, "ray_r1_tokens_total", direction="out", model="r1-tiny") == 3
     assert (value(exported, "ray_r1_running_requests"), value(exported, "ray_r1_queue_depth")) == (2, 5)
     assert value(exported, "ray_r1_tool_calls_total", route="chat", mode="required") == 2
     assert value(exported, "ray_r1_safety_findings_total", rule_id="card_number", direction="output") == 2

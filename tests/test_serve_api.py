@@ -1443,6 +1443,9 @@ def test_real_requests_show_up_in_the_prometheus_export(server, client, metrics_
         "tpot": lambda s: total(s, "ray_r1_tpot_seconds_count") >= 1,
         "tokens out": lambda s: total(s, "ray_r1_tokens_total", direction="out") > 0,
         "tokens in": lambda s: total(s, "ray_r1_tokens_total", direction="in") > 0,
+        # test_a_lora_adapter_answers_as_its_merged_model… asked the adapter: its tokens under its name
+        "tokens by model": lambda s: total(s, "ray_r1_tokens_total", direction="out", model=ADAPTER) > 0
+                                     and total(s, "ray_r1_tokens_total", direction="out", model=MODEL) > 0,
         "queue gauge": lambda s: "ray_r1_queue_depth" in s and "ray_r1_running_requests" in s,
         "safety findings by rule id": lambda s: total(s, "ray_r1_safety_findings_total", rule_id="test_letters") >= 1,
         "sandbox runs": lambda s: total(s, "ray_r1_sandbox_runs_total") >= 1,

@@ -546,7 +546,7 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             self._abandon(turn)
             raise
-        self._record_generation(route, root, choices)
+        self._record_generation(route, root, choices, parsed.model)
         if answered is not None:
             return JSONResponse(answered)
         usage = _usage(choices)
@@ -610,7 +610,7 @@ class OpenAIIngress:
             await self.sessions.finish_turn(turn, content)
         usage = usage_dict(sum(g.prompt_tokens for g in generations.generations),
                            sum(g.completion_tokens for g in generations.generations))
-        metrics.record_generation("chat", None, usage["prompt_tokens"], usage["completion_tokens"])
+        metrics.record_generation("chat", None, usage["prompt_tokens"], usage["completion_tokens"], parsed.model)
         choices = [chat_choice(0, reasoning, content, last.finish_reason)]
         extra: dict[str, Any] = {"code_validation": report}
         headers = {}
@@ -896,15 +896,15 @@ class OpenAIIngress:
                 task.cancel()
             self._cancel(streams)
             # The request's span and metrics end with the last byte (or when the client went away).
-            self._record_generation(route, root, choices)
+            self._record_generation(route, root, choices, model)
             end_span(root, **{"http.status_code": status})
             metrics.record_request(route, status, choices[0].timer.elapsed_s() if choices[0].timer else None)
 
     @staticmethod
-    def _record_generation(route: str, root: Any, choices: list[_Choice]) -> None:
+    def _record_generation(route: str, root: Any, choices: list[_Choice], model: str) -> None:
         usage = _usage(choices)
         root.set_attributes({"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]})
-        metrics.record_generation(route, choices[0].timer, usage["prompt_tokens"], usage["completion_tokens"])
+        metrics.record_generation(route, choices[0].timer, usage["prompt_tokens"], usage["completion_tokens"], model)
         if choices[0].calls is not None:  # a request that offered tools: how many calls its answers made
             calls = sum(len(choice.tool_calls) for choice in choices)
             root.set_attribute("tool_calls", calls)
