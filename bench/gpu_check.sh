@@ -158,6 +158,26 @@ async def stream_text(engine, prompt, sampling):
     deltas = [d async for d in engine.stream(prompt, sampling)]
     return "".join(d.text for d in deltas), deltas[-1]
 
+def write_adapters(base):
+    """Two LoRA adapters of `base` (other targets each, random A and B so they change answers) in a
+    temporary directory: ({name: directory}, {name: the model with it merged})."""
+    import copy, tempfile
+    from peft import LoraConfig, get_peft_model
+    root = tempfile.mkdtemp()
+    paths, merged = {}, {}
+    for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"])):
+        generator = torch.Generator().manual_seed(index)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        name = f"adapter{index}"
+        paths[name] = f"{root}/{name}"
+        peft_model.save_pretrained(paths[name])
+        merged[name] = peft_model.merge_and_unload()
+    return paths, merged
+
 async def abort_frees(engine, prompt):
     stream = engine.stream(prompt, SamplingConfig(temperature=0, max_new_tokens=512, ignore_eos=True))
     for _ in range(3):
@@ -227,29 +247,17 @@ EOF
 
 cat >"$RUNS/engine_lora.py" <<'EOF'
 """LoRA adapters served beside the model (r1/engine/lora.py) on the GPU: mixed batches vs merged models."""
-import asyncio, copy, sys, tempfile, time
+import asyncio, copy, sys, time
 import torch
-from peft import LoraConfig, get_peft_model
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import TransformersEngine
 from r1.model import load_model
 from r1.tasks.arithmetic import generate_problems
+from engine_checks import write_adapters
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-root = tempfile.mkdtemp()
 base_cpu, tokenizer = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
-merged_cpu, paths = {}, {}
-for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"])):
-    generator = torch.Generator().manual_seed(index)
-    peft_model = get_peft_model(copy.deepcopy(base_cpu), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    name = f"adapter{index}"
-    paths[name] = f"{root}/{name}"
-    peft_model.save_pretrained(paths[name])
-    merged_cpu[name] = peft_model.merge_and_unload()
+paths, merged_cpu = write_adapters(base_cpu)
 prompts = [[{"role": "user", "content": p.question}] for p in generate_problems(16, level=1, seed=3, split="test")]
 sampling = SamplingConfig(temperature=0, max_new_tokens=48, ignore_eos=True)
 failed = False
@@ -288,26 +296,14 @@ EOF
 
 cat >"$RUNS/vllm_lora.py" <<'EOF'
 """engine=vllm with engine.lora_adapters (vLLM's multi-LoRA) against r1's own engine serving the same adapters."""
-import asyncio, copy, sys, tempfile
-import torch
-from peft import LoraConfig, get_peft_model
+import asyncio, sys
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine import create_engine
 from r1.model import load_model
 from r1.tasks.arithmetic import generate_problems
+from engine_checks import write_adapters
 
-root = tempfile.mkdtemp()
-base, _ = load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))
-paths = {}
-for index, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"])):
-    generator = torch.Generator().manual_seed(index)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    paths[f"adapter{index}"] = f"{root}/adapter{index}"
-    peft_model.save_pretrained(paths[f"adapter{index}"])
+paths, _ = write_adapters(load_model(ModelConfig(model="r1-tiny", device="cpu", dtype="fp32"))[0])
 prompts = [[{"role": "user", "content": p.question}] for p in generate_problems(16, level=1, seed=5, split="test")]
 sampling = SamplingConfig(temperature=0, max_new_tokens=64)
 combos = [(i, adapter) for adapter in (None, *paths) for i in range(len(prompts))]
