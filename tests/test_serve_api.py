@@ -897,21 +897,31 @@ def test_neutral_values_of_unimplemented_features_are_served(client):
     assert len(reply.choices) == 2
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_lora_adapter_answers_as_its_merged_model_and_the_base_as_before(server, client, tokenizer, lora_adapter,
-                                                                          stream):
-    """`model` picks the adapter; its greedy answer is the merged model's (generated in-process),
-    the base model's is the plain model's, and each answer names the model asked for."""
+LORA_PROMPTS = ["Mia has 23 apples. She buys 45 more. How many apples does she have now?", "What is 12 + 7?"]
+
+
+@pytest.fixture(scope="module")
+def lora_expected(tokenizer, lora_adapter):
+    """{model: greedy 12-token completions of LORA_PROMPTS}: the merged model's for ADAPTER, the plain
+    model's for MODEL, generated in-process."""
     from r1.config import SamplingConfig
     from r1.engine import TransformersEngine
     from r1.model import load_model
 
-    prompt = "Mia has 23 apples. She buys 45 more. How many apples does she have now?"
     sampling = SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True)
     plain, _ = load_model(ModelConfig(model=MODEL, device="cpu", dtype="fp32"))
-    expected = {ADAPTER: TransformersEngine(lora_adapter[1], tokenizer).generate_batch([prompt], sampling)[0].text,
-                MODEL: TransformersEngine(plain, tokenizer).generate_batch([prompt], sampling)[0].text}
-    assert expected[ADAPTER] != expected[MODEL]
+    expected = {model: [c.text for c in TransformersEngine(weights, tokenizer).generate_batch(LORA_PROMPTS, sampling)]
+                for model, weights in ((ADAPTER, lora_adapter[1]), (MODEL, plain))}
+    assert expected[ADAPTER][0] != expected[MODEL][0]
+    return expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lora_adapter_answers_as_its_merged_model_and_the_base_as_before(server, client, lora_expected, stream):
+    """`model` picks the adapter; its greedy answer is the merged model's (generated in-process),
+    the base model's is the plain model's, and each answer names the model asked for."""
+    prompt = LORA_PROMPTS[0]
+    expected = {model: texts[0] for model, texts in lora_expected.items()}
     for model in (ADAPTER, MODEL):
         kwargs = dict(model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
         if stream:
@@ -927,6 +937,24 @@ def test_a_lora_adapter_answers_as_its_merged_model_and_the_base_as_before(serve
                                                           "store": False},
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert response.status_code == 200 and response.json()["model"] == ADAPTER
+
+
+def test_adapter_and_base_requests_sent_at_once_answer_as_each_alone(server, lora_expected):
+    """Six greedy completions at once, half for the adapter and half for the base model, over the
+    LLM server replicas (whose batches then mix adapters): each is what its model answers alone.
+    (Six: what one replica's engine takes, 4 running and 2 queued, should they all go to one.)"""
+    sent = [(ADAPTER, 0), (MODEL, 0), (ADAPTER, 1), (MODEL, 1), (ADAPTER, 0), (MODEL, 1)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            return await asyncio.gather(*(http.post(f"{server}/v1/completions", json={
+                "model": model, "prompt": LORA_PROMPTS[prompt], "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+                for model, prompt in sent))
+
+    responses = asyncio.run(asyncio.wait_for(main(), timeout=300))
+    assert [r.status_code for r in responses] == [200] * len(sent), [r.text for r in responses]
+    assert [(r.json()["model"], r.json()["choices"][0]["text"]) for r in responses] == [
+        (model, lora_expected[model][prompt]) for model, prompt in sent]
 
 
 def test_model_retrieve_and_unknown_routes_answer_openai_style(server, client):
