@@ -28,7 +28,7 @@ import torch
 from r1.chat_template import render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
-from r1.engine.lora import BASE, AdapterRows, attach_adapters
+from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
 from r1.engine.structured import Grammars
@@ -386,16 +386,10 @@ class TransformersEngine:
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
                      adapter: str | None = None) -> Request:
         """`adapter`: the name of a LoRA adapter of `engine.lora_adapters` (None: the base model)."""
-        adapter_index = BASE
-        if adapter is not None:
-            if adapter not in self.adapters:
-                served = ", ".join(repr(name) for name in self.adapters) or "none"
-                raise RequestError(f"no LoRA adapter {adapter!r} is loaded (adapters: {served})", "adapter",
-                                   code="model_not_found")
-            adapter_index = self.adapters[adapter]
+        index = adapter_index(self.adapters, adapter)
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
-        request.adapter = adapter_index
+        request.adapter = index
         if sampling.json_schema is not None:
             if sampling.min_tokens:  # it would hold back the end-of-sequence a complete JSON reply must take
                 raise RequestError("min_tokens cannot be combined with response_format json_object/json_schema",

@@ -28,6 +28,7 @@ import torch
 
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.detok import IncrementalDetokenizer
+from r1.engine.lora import adapter_index, adapter_indices
 from r1.engine.engine import (
     BatchResults,
     Mailboxes,
@@ -293,7 +294,7 @@ class AsyncPackageEngine:
         self.stop_token_ids = facts.stop_ids
         self.config = config
         # LoRA adapter name -> index (1, 2, ...: the order of engine.lora_adapters; 0 is the base model)
-        self.adapters = {name: index for index, name in enumerate(config.lora_adapters, start=1)}
+        self.adapters = adapter_indices(config.lora_adapters)
         self._lock = threading.Lock()
         self._num_in_flight = 0
         self._num_aborted = 0
@@ -310,13 +311,8 @@ class AsyncPackageEngine:
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
                      adapter: str | None = None) -> Request:
-        adapter_index = 0
-        if adapter is not None:  # names from engine.lora_adapters (vLLM; the config refuses them for the others)
-            if adapter not in self.adapters:
-                served = ", ".join(repr(name) for name in self.adapters) or "none"
-                raise RequestError(f"no LoRA adapter {adapter!r} is loaded (adapters: {served})", "adapter",
-                                   "model_not_found")
-            adapter_index = self.adapters[adapter]
+        # Adapters of engine.lora_adapters (vLLM; the config refuses them for the others).
+        index = adapter_index(self.adapters, adapter)
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
                                "logprobs", "unsupported")
@@ -325,7 +321,7 @@ class AsyncPackageEngine:
                                "use the transformers engine", "response_format", "unsupported")
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
-        request.adapter = adapter_index
+        request.adapter = index
         return request
 
     @property

@@ -26,15 +26,35 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from r1.engine.types import RequestError
+
 BASE = 0  # the adapter index of the base model
 # peft's key of a LoRA weight: base_model.model.<module path>.lora_A.weight (the adapter's name is not saved)
 _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+
+
+def adapter_indices(names: Iterable[str]) -> dict[str, int]:
+    """Each adapter's index, as every engine numbers them: 1, 2, … in the order of
+    `engine.lora_adapters` (0, BASE, is the base model)."""
+    return {name: index for index, name in enumerate(names, start=1)}
+
+
+def adapter_index(adapters: dict[str, int], name: str | None) -> int:
+    """The index of the adapter a request names (None: the base model); a RequestError naming
+    `adapter` for one that is not loaded (the LLM server answers it as a 404 naming `model`)."""
+    if name is None:
+        return BASE
+    if name not in adapters:
+        served = ", ".join(repr(known) for known in adapters) or "none"
+        raise RequestError(f"no LoRA adapter {name!r} is loaded (adapters: {served})", "adapter", code="model_not_found")
+    return adapters[name]
 
 
 @dataclass
@@ -214,4 +234,4 @@ def attach_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> tuple[
         wrapped = MultiLoRALinear(linear, stacked_a.to(device, dtype), stacked_b.to(device, dtype), rows)
         parent_name, _, child = target.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, wrapped)
-    return {adapter.name: index for index, adapter in enumerate(loaded, start=1)}, rows
+    return adapter_indices(adapter.name for adapter in loaded), rows
