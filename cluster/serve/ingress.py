@@ -211,6 +211,11 @@ class _Choice:
         return "\n".join(([answer] if answer else []) + calls)
 
 
+def _response_not_stored(response_id: str) -> APIError:
+    """The 404 of the stored-response routes (GET and DELETE /v1/responses/{id})."""
+    return APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id", code="response_not_found")
+
+
 def _json_text(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -328,8 +333,7 @@ class OpenAIIngress:
             owner = self.auth.check(request.headers.get("authorization"))
             stored = await self.sessions.read(response_id, owner) if self.sessions is not None else None
             if stored is None or stored.data is None:  # a chat session of that id holds no response
-                raise APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id",
-                               code="response_not_found")
+                raise _response_not_stored(response_id)
             return Response(stored.data, media_type="application/json")
 
         return await self._traced(request, "responses", answer)
@@ -340,8 +344,7 @@ class OpenAIIngress:
         async def answer(*_: Any) -> Response:
             owner = self.auth.check(request.headers.get("authorization"))
             if self.sessions is None or not await self.sessions.remove(response_id, owner):
-                raise APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id",
-                               code="response_not_found")
+                raise _response_not_stored(response_id)
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
         return await self._traced(request, "responses", answer)
