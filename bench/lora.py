@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,20 +36,29 @@ METHODS = ["no adapters loaded", "adapters loaded, base requests", "one adapter 
            "requests spread over the adapters"]
 
 
-def write_adapters(model, count: int, rank: int, root: Path) -> dict[str, str]:
-    """`count` peft adapters of `model` with random A and B (so they change the answers)."""
+def write_random_adapter(model, out_dir: Path, seed: int, targets: list[str], rank: int, alpha: float,
+                         scale: float, **lora: Any) -> Any:
+    """Write a peft LoRA adapter of `model` (which it wraps: pass a copy to keep the model) to
+    `out_dir`, as `r1 train` with lora.enabled writes one, and return the peft model. peft starts B
+    at zero (an adapter that changes nothing); here A and B are random (× `scale`), so the adapter
+    changes the answers. Also used by the LoRA tests."""
     from peft import LoraConfig, get_peft_model
 
-    paths = {}
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if "lora_" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        paths[f"adapter-{index}"] = str(root / f"adapter-{index}")
-        peft_model.save_pretrained(paths[f"adapter-{index}"])
+    generator = torch.Generator().manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **lora))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model
+
+
+def write_adapters(model, count: int, rank: int, root: Path) -> dict[str, str]:
+    """`count` adapters of `model` on every decoder Linear layer: {name: directory}."""
+    paths = {f"adapter-{index}": str(root / f"adapter-{index}") for index in range(count)}
+    for index, path in enumerate(paths.values()):
+        write_random_adapter(copy.deepcopy(model), Path(path), index, TARGETS, rank, 2 * rank, 0.02)
     return paths
 
 
