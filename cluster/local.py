@@ -54,6 +54,14 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json-schema", type=path_argument, metavar="PATH|object",
                        help="structured output: the answer must be JSON valid against the JSON schema in PATH "
                             "('object': any JSON object); the reasoning before it stays free text")
+    group.add_argument("--regex", metavar="PATTERN",
+                       help="guided decoding: the answer must match this regular expression (xgrammar's dialect: "
+                            "no lookaround or backreferences); the reasoning before it stays free text")
+    group.add_argument("--choice", action="append", metavar="TEXT",
+                       help="guided decoding: the answer is exactly one of these strings (repeat the flag for each)")
+    group.add_argument("--grammar", type=path_argument, metavar="PATH",
+                       help="guided decoding: the answer is a sentence of the EBNF grammar in PATH "
+                            "(GBNF, as llama.cpp writes it: root ::= ...)")
     group.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     group.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
     parser.add_argument("--hide-reasoning", action="store_true", help="print only the answer, not the <think> reasoning")
@@ -74,8 +82,21 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         value = getattr(args, flag, None)
         if value is not None:
             flags[key] = check_text(value, f"--{flag.replace('_', '-')}")
+    guides = [flag for flag in ("json_schema", "regex", "choice", "grammar") if getattr(args, flag, None) is not None]
+    if len(guides) > 1:
+        raise ValueError(f"{' and '.join('--' + flag.replace('_', '-') for flag in guides)} each constrain the answer; "
+                         "give one of them")
     if getattr(args, "json_schema", None) is not None:
         flags["sampling.json_schema"] = read_json_schema(args.json_schema)
+    if getattr(args, "regex", None) is not None:
+        flags["sampling.regex"] = check_text(args.regex, "--regex")
+    if getattr(args, "choice", None) is not None:
+        flags["sampling.choice"] = check_text(args.choice, "--choice")
+    if getattr(args, "grammar", None) is not None:
+        try:
+            flags["sampling.grammar"] = Path(args.grammar).read_text(encoding="utf-8")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--grammar {args.grammar}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
     if getattr(args, "lora", None) is not None:  # served beside the model, as `r1 serve --lora` does
         flags["engine.lora_adapters"] = {LORA_NAME: args.lora}
     # Flag values are set as they are (not re-read as YAML: a '#' or '[' in a path stays in it).

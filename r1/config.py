@@ -69,10 +69,17 @@ MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 # Most alternatives a request may ask log-probabilities for at each token (OpenAI's chat API allows 20).
 MAX_LOGPROBS = 20
+# Guided decoding: the longest regex or grammar a request may give, and the most choices.
+MAX_GUIDE_CHARS = 65536
+MAX_CHOICES = 1024
 
 
 # Temperatures below this decode greedily (see SamplingConfig.greedy).
 GREEDY_TEMPERATURE = 1e-5
+
+
+# SamplingConfig's fields that constrain the reply (structured output); at most one per request.
+STRUCTURED_FIELDS = ("json_schema", "regex", "choice", "grammar")
 
 
 class SamplingConfig(StrictModel):
@@ -110,6 +117,13 @@ class SamplingConfig(StrictModel):
     # JSON schema ({"type": "object"} for json_object); a chat reply of a reasoning model is
     # constrained after its reasoning. Needs the `structured` extra (xgrammar); transformers engine.
     json_schema: dict[str, Any] | None = None
+    # Guided decoding (vLLM's guided_regex / guided_choice / guided_grammar; constrained the same way,
+    # after the reasoning): the reply matches this regular expression, is exactly one of these
+    # strings, or is a sentence of this EBNF grammar (GBNF: `root ::= ...`). At most one of
+    # json_schema, regex, choice and grammar.
+    regex: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDE_CHARS)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDE_CHARS)
     # Token ids that end the reply when generated (vLLM's stop_token_ids), besides end-of-sequence;
     # they apply with ignore_eos too. Their text stays in the reply (none for special tokens).
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
@@ -154,6 +168,13 @@ class SamplingConfig(StrictModel):
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias: the bias of token {token} is {value}; use -100 to 100")
         return bias
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingConfig:
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} each constrain the reply; give at most one of them")
+        return self
 
     @property
     def greedy(self) -> bool:

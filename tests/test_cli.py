@@ -74,10 +74,26 @@ def test_generate_with_a_json_schema_answers_json_after_the_reasoning(tmp_path):
     assert json.loads(result.stdout) in ({"answer": "yes"}, {"answer": "no"})  # the answer alone, as JSON
 
 
+def test_generate_with_choices_or_a_grammar_answers_one_after_the_reasoning(tmp_path):
+    grammar = tmp_path / "sum.gbnf"
+    grammar.write_text('root ::= "The sum is " [0-9] [0-9]? "."\n')
+    chosen = run("generate", "Is 2 + 3 = 5?", "--temperature", "0", "--max-new-tokens", "64", "--choice", "正确",
+                 "--choice", "错误", "--hide-reasoning")
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() in ("正确", "错误")
+    summed = run("generate", "What is 2 + 3?", "--temperature", "0", "--max-new-tokens", "64", "--grammar", str(grammar),
+                 "--hide-reasoning")
+    assert summed.returncode == 0, summed.stderr
+    assert __import__("re").fullmatch(r"The sum is [0-9]{1,2}\.", summed.stdout.strip()), summed.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--json-schema", "./missing.json"], "--json-schema ./missing.json: cannot read it"),
+        (["--regex", "[0-"], "regex: the regular expression cannot be used: Regex parsing error"),
+        (["--regex", "a", "--choice", "b"], "--regex and --choice each constrain the answer"),
+        (["--grammar", "./missing.gbnf"], "--grammar ./missing.gbnf: cannot read it"),
         (["--json-schema", "pyproject.toml"], "--json-schema pyproject.toml: not JSON"),
         (["--temperature", "-1"], "sampling.temperature"),  # out of range, named
         (["--max-new-tokens", "5000"], "use max_new_tokens <= "),  # beyond r1-tiny's 1024-token context

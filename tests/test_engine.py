@@ -462,6 +462,64 @@ def test_json_schema_constrains_the_reply_and_ends_it_when_complete(engine):
     assert in_order.text == '{"z": 1, "a": 2}', in_order.text
 
 
+def test_guided_decoding_regex_choice_and_grammar_constrain_the_reply(engine):
+    # vLLM's guided_regex / guided_choice / guided_grammar: the reply matches the regex, is one of the
+    # choices (Chinese ones too: byte-level tokens), or is a sentence of the grammar; a chat reply
+    # reasons first and is constrained after </think>; a row batched beside them is untouched.
+    import re
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=48)
+    prompt = "Is 12 + 7 = 19?"
+    plain = engine.generate_batch([prompt, PROMPTS[6]], greedy)
+    regex = r"(yes|no), [0-9]{1,3}\."
+    choices = ["正确", "错误", "not sure"]
+    grammar = 'root ::= "The sum is " digit digit? "."\ndigit ::= [0-9]'
+    assert not re.fullmatch(regex, plain[0].text) and plain[0].text not in choices  # what the constraints change
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    by_regex, by_choice, by_grammar, in_chat, beside = engine.generate_batch(
+        [prompt, prompt, prompt, chat, PROMPTS[6]],
+        [greedy.model_copy(update={"regex": regex}), greedy.model_copy(update={"choice": choices}),
+         greedy.model_copy(update={"grammar": grammar}), greedy.model_copy(update={"choice": choices}), greedy])
+    assert re.fullmatch(regex, by_regex.text) and by_regex.finish_reason == "stop", by_regex.text
+    assert by_choice.text in choices and by_choice.finish_reason == "stop", by_choice.text
+    assert re.fullmatch(r"The sum is [0-9]{1,2}\.", by_grammar.text) and by_grammar.finish_reason == "stop"
+    reasoning, _, answer = in_chat.text.partition("</think>")
+    assert reasoning.strip() and answer in choices and in_chat.finish_reason == "stop", in_chat.text
+    assert beside.token_ids == plain[1].token_ids
+    # Sampled rows follow them too, and the choices they take differ by seed (not one forced answer).
+    sampled = engine.generate_batch([prompt] * 8, [greedy.model_copy(update={"choice": choices, "temperature": 2.0,
+                                                                             "seed": seed}) for seed in range(8)])
+    assert all(c.text in choices for c in sampled) and len({c.text for c in sampled}) > 1
+    # A lone choice is the only reply there is.
+    assert engine.generate_batch([prompt], greedy.model_copy(update={"choice": ["只有这个"]}))[0].text == "只有这个"
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    ("regex", "[a-", "Unclosed"),
+    ("regex", "(?<=a)b", "Lookbehind"),
+    ("grammar", "root ::= missing", "not defined"),
+])
+def test_a_guide_that_cannot_be_compiled_names_its_field(engine, kind, value, message):
+    from r1.engine import RequestError
+    from r1.engine.structured import check_constraint
+
+    with pytest.raises(RequestError, match=message) as error:
+        engine.make_request("1", SamplingConfig(**{kind: value}))
+    assert error.value.field == kind and ".cc:" not in str(error.value)
+    with pytest.raises(RequestError, match=message) as error:  # the server's check, before any model work
+        check_constraint(kind, value, f"guided_{kind}")
+    assert error.value.field == f"guided_{kind}" and str(error.value).startswith(f"guided_{kind}: ")
+
+
+def test_sampling_takes_one_constraint_at_most():
+    with pytest.raises(ValueError, match="json_schema and choice each constrain the reply"):
+        SamplingConfig(json_schema={"type": "object"}, choice=["a"])
+    with pytest.raises(ValueError):
+        SamplingConfig(choice=[])
+    with pytest.raises(ValueError):
+        SamplingConfig(choice=["a", ""])
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"type": "nonsense"}, "Unsupported type"),
     ({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "nowhere"),

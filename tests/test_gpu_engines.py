@@ -682,8 +682,13 @@ def test_adapter_inputs_follow_the_transformers_engine(facts, reference_engine):
         # answered without (the LLM server makes this a 400 naming logprobs).
         with pytest.raises(ValueError, match="^logprobs is not supported with engine.name: replay"):
             engine.make_request("hello", SamplingConfig(logprobs=0))
-        with pytest.raises(ValueError, match="^response_format json_object/json_schema is not supported"):
+        with pytest.raises(ValueError, match=r"^structured output \(response_format\) is not supported") as refused:
             engine.make_request("hello", SamplingConfig(json_schema={"type": "object"}))
+        assert refused.value.field == "response_format"
+        # So is guided decoding, naming its field.
+        with pytest.raises(ValueError, match=r"^structured output \(choice\) is not supported") as refused:
+            engine.make_request("hello", SamplingConfig(choice=["yes", "no"]))
+        assert refused.value.field == "choice"
         # A request names a LoRA adapter of engine.lora_adapters by name; the adapter gets its index.
         with pytest.raises(ValueError, match="no LoRA adapter 'math' is loaded") as unknown:
             engine.make_request("hello", sampling, adapter="math")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1.config import SEED_MAX, SEED_MIN, ServeConfig
+from r1.config import SEED_MAX, SEED_MIN, STRUCTURED_FIELDS, ServeConfig
 from r1.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -185,6 +185,58 @@ def test_response_format_becomes_a_json_schema(kind, response_format, schema):
         parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **extra})
     unsupported(request)
     assert sampling_for(request, ServeConfig()).json_schema == schema
+
+
+@pytest.mark.parametrize("fields, expected", [
+    # vLLM's guided decoding, each spelling, to the SamplingConfig field the engine constrains with.
+    ({"guided_json": {"type": "integer"}}, {"json_schema": {"type": "integer"}}),
+    ({"guided_json": '{"type": "integer"}'}, {"json_schema": {"type": "integer"}}),  # a schema's JSON text
+    ({"guided_regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+    ({"guided_choice": ["yes", "否"]}, {"choice": ["yes", "否"]}),
+    ({"guided_grammar": 'root ::= "a" | "b"'}, {"grammar": 'root ::= "a" | "b"'}),
+    ({"structured_outputs": {"json": {"type": "integer"}}}, {"json_schema": {"type": "integer"}}),
+    ({"structured_outputs": {"regex": "x+", "disable_fallback": True}}, {"regex": "x+"}),  # an option taken
+    ({"structured_outputs": {"json_object": True}}, {"json_schema": {"type": "object"}}),
+    ({"structured_outputs": {"choice": None, "grammar": 'root ::= "a"'}}, {"grammar": 'root ::= "a"'}),
+    ({"guided_choice": ["a"], "guided_decoding_backend": "xgrammar", "response_format": {"type": "text"}},
+     {"choice": ["a"]}),
+    ({}, {}),
+])
+def test_guided_decoding_fields_become_the_constraint(fields, expected):
+    for request in (parse_request(ChatCompletionRequest, {**CHAT, **fields}),
+                    parse_request(CompletionRequest, {"model": "m", "prompt": "1 +", **fields})):
+        unsupported(request)
+        sampling = sampling_for(request, ServeConfig())
+        assert {kind: getattr(sampling, kind) for kind in STRUCTURED_FIELDS if getattr(sampling, kind) is not None} \
+            == expected
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs.regex"),
+    ({"guided_json": [1]}, "guided_json"),
+    ({"guided_json": '"a string"'}, "guided_json"),
+    ({"guided_regex": ""}, "guided_regex"),
+    ({"guided_regex": "a" * 70000}, "guided_regex"),
+    ({"guided_choice": ["a", 1]}, "guided_choice"),
+    ({"guided_choice": ["a"] * 1025}, "guided_choice"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
+])
+def test_bad_guides_are_400_naming_the_field(fields, param):
+    with pytest.raises(APIError) as error:
+        sampling_for(parse_request(ChatCompletionRequest, {**CHAT, **fields}), ServeConfig())
+    assert (error.value.status, error.value.param) == (400, param), error.value.message
+
+
+def test_guides_are_refused_naming_the_field_on_an_engine_without_them():
+    config = ServeConfig.model_validate({"engine": {"engine": "vllm"}})
+    for fields, param in (({"guided_choice": ["a"]}, "guided_choice"), ({"response_format": {"type": "json_object"}},
+                                                                        "response_format")):
+        with pytest.raises(APIError, match="not supported with engine.name: vllm") as error:
+            sampling_for(parse_request(ChatCompletionRequest, {**CHAT, **fields}), config)
+        assert error.value.param == param
 
 
 @pytest.mark.parametrize("response_format, param", [

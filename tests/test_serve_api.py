@@ -551,6 +551,50 @@ def test_structured_output_over_http(server, client, tokenizer):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
+def test_guided_decoding_over_http(server, client):
+    # vLLM's guided decoding through the stock client's extra_body: guided_choice on chat (the answer
+    # after the reasoning, streamed and not), guided_regex on completions, structured_outputs (vLLM's
+    # newer spelling) and guided_json; bad guides and two constraints are 400s naming the field.
+    import re
+
+    choices = ["正确", "错误"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Is 2 + 3 = 5?"}], "max_tokens": 64, "temperature": 0}
+    reply = client.chat.completions.create(**chat, extra_body={"guided_choice": choices})
+    message = reply.choices[0].message.model_dump()
+    assert message["content"] in choices and message["reasoning_content"] and reply.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **chat, stream=True, extra_body={"structured_outputs": {"choice": choices}}) if c.choices)
+    assert streamed == message["content"]
+    regex = r"(yes|no), [0-9]{1,3}\."
+    plain = client.completions.create(model=MODEL, prompt="Is 12 + 7 = 19?", max_tokens=24, temperature=0)
+    guided = client.completions.create(model=MODEL, prompt="Is 12 + 7 = 19?", max_tokens=24, temperature=0,
+                                       extra_body={"guided_regex": regex})
+    assert not re.fullmatch(regex, plain.choices[0].text) and re.fullmatch(regex, guided.choices[0].text)
+    as_text = client.completions.create(model=MODEL, prompt="Is 12 + 7 = 19?", max_tokens=24, temperature=0,
+                                        extra_body={"guided_json": json.dumps(YES_NO)})
+    assert json.loads(as_text.choices[0].text) in ({"answer": "yes"}, {"answer": "no"})
+    completion = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+    for body, param, words in (
+        ({**completion, "guided_regex": "[0-"}, "guided_regex", "Unclosed"),
+        ({**completion, "guided_grammar": "root ::= missing"}, "guided_grammar", "not defined"),
+        ({**completion, "guided_choice": []}, "guided_choice", "non-empty list"),
+        ({**completion, "guided_json": "{not json"}, "guided_json", "must be JSON"),
+        ({**completion, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice",
+         "each constrain the reply"),
+        ({**completion, "structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag",
+         "not supported"),
+        ({**completion, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+        ({**chat, "guided_choice": ["a"], "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+         "guided_choice", "cannot be combined with tools"),
+        ({**chat, "guided_regex": "def .*", "code_validation": True}, "guided_regex", "omit guided_regex"),
+        ({**completion, "guided_choice": ["a"], "min_tokens": 2}, "min_tokens", "cannot be combined with structured"),
+    ):
+        response = _post(server, "/v1/chat/completions" if "messages" in body else "/v1/completions", body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and words in error["message"], error
+
+
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -710,6 +754,9 @@ FUZZ_BODIES = [
     ("/v1/completions", {"model": MODEL, "prompt": ["1 + 1 =", "2 + 2 ="], "max_tokens": 4, "echo": True, "logprobs": 2,
                          "stream": True, "min_tokens": 1, "top_k": 3, "min_p": 0.1, "stop_token_ids": [1]}),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "stop": "x", "ignore_eos": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "2 + 2 =", "max_tokens": 4, "guided_choice": ["4", "四"]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True,
+                              "structured_outputs": {"regex": "[0-9]{1,3}", "disable_fallback": True}}),
     ("/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_text", "text": "2+2"}]},
                                                  {"type": "function_call", "call_id": "c1", "name": "add", "arguments": "{}"},
                                                  {"type": "function_call_output", "call_id": "c1", "output": "4"}],
@@ -721,7 +768,8 @@ FUZZ_BODIES = [
 FUZZ_VALUES = [None, True, 0, -1, 1, 10**30, 1e308, -0.5, "", "x", MODEL, "\x00", [], [None], [1, "a"], {}, {"a": 1},
                {"type": "x"}, [{}], [{"role": "user"}]]
 FUZZ_FIELDS = ["n", "best_of", "stream", "logprobs", "echo", "session_id", "previous_response_id", "tool_choice",
-               "parallel_tool_calls", "max_completion_tokens", "functions", "store"]
+               "parallel_tool_calls", "max_completion_tokens", "functions", "store", "guided_json",
+               "guided_grammar"]
 
 
 def _mutated(body: dict, rng: random.Random) -> tuple[dict, str]:

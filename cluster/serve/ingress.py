@@ -49,6 +49,7 @@ from r1.serving.protocol import (
     completion_chunk,
     completion_prompts,
     completion_response,
+    constraint_param,
     decode_json,
     model_object,
     models_list,
@@ -576,8 +577,10 @@ class OpenAIIngress:
             raise APIError(400, "code_validation supports n=1 only", param="n")
         if parsed.logprobs:
             raise APIError(400, "code_validation does not return logprobs; omit logprobs", param="logprobs")
-        if sampling.json_schema is not None:
-            raise APIError(400, "code_validation answers with code, not JSON; omit response_format", param="response_format")
+        constrained = constraint_param(parsed)
+        if constrained is not None:
+            raise APIError(400, f"code_validation answers with code, not constrained text; omit {constrained}",
+                           param=constrained)
         if parsed.tests is not None:
             from r1.codecheck.harness import parse_tests
 

@@ -31,7 +31,7 @@ from r1.engine.openmp import release_thread_pool
 from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
-from r1.engine.structured import Grammars
+from r1.engine.structured import Grammars, constraint_of
 from r1.engine.types import Completion, Delta, Request, RequestError
 
 logger = logging.getLogger(__name__)
@@ -390,11 +390,12 @@ class TransformersEngine:
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
         request.adapter = index
-        if sampling.json_schema is not None:
-            if sampling.min_tokens:  # it would hold back the end-of-sequence a complete JSON reply must take
-                raise RequestError("min_tokens cannot be combined with response_format json_object/json_schema",
-                                   "min_tokens")
-            request.grammar = self.grammars.compile(sampling.json_schema)
+        constraint = constraint_of(sampling)
+        if constraint is not None:
+            if sampling.min_tokens:  # it would hold back the end-of-sequence a complete reply must take
+                raise RequestError("min_tokens cannot be combined with structured output (response_format json_object/"
+                                   "json_schema, guided decoding)", "min_tokens")
+            request.grammar = self.grammars.compile(*constraint)
             chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
             request.grammar_gate = self.grammars.think_end_id if chat and self.think_prefilled else None
         return request

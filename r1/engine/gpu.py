@@ -28,6 +28,7 @@ import torch
 
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.detok import IncrementalDetokenizer
+from r1.engine.structured import constraint_of
 from r1.engine.lora import adapter_index, adapter_indices
 from r1.engine.engine import (
     BatchResults,
@@ -316,9 +317,12 @@ class AsyncPackageEngine:
         if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
             raise RequestError(f"logprobs is not supported with engine.name: {self.name}; use the transformers engine",
                                "logprobs", "unsupported")
-        if sampling.json_schema is not None:
-            raise RequestError(f"response_format json_object/json_schema is not supported with engine.name: {self.name}; "
-                               "use the transformers engine", "response_format", "unsupported")
+        constraint = constraint_of(sampling)
+        if constraint is not None:
+            kind = constraint[0]
+            raise RequestError(f"structured output ({'response_format' if kind == 'json_schema' else kind}) is not "
+                               f"supported with engine.name: {self.name}; use the transformers engine",
+                               "response_format" if kind == "json_schema" else kind, "unsupported")
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
         request.adapter = index

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from r1.config import SamplingConfig
-from r1.engine.structured import JsonConstraint
+from r1.engine.structured import GrammarConstraint
 from r1.engine.types import TokenLogprob
 
 
@@ -35,12 +35,12 @@ class RowState:
     # The ids that would end the reply, held back (min_tokens) for `hold_steps` more tokens.
     ending_ids: torch.Tensor | None = None
     hold_steps: int = 0
-    # Structured output: masks the tokens that would break the JSON (r1.engine.structured).
-    constraint: JsonConstraint | None = None
+    # Structured output: masks the tokens that would break the constraint (r1.engine.structured).
+    constraint: GrammarConstraint | None = None
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device,
-               ending_ids: frozenset[int] = frozenset(), constraint: JsonConstraint | None = None) -> RowState:
+               ending_ids: frozenset[int] = frozenset(), constraint: GrammarConstraint | None = None) -> RowState:
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")

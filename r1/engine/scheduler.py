@@ -28,7 +28,7 @@ from r1.engine.detok import IncrementalDetokenizer
 from r1.engine.memory import CudaCachePolicy
 from r1.engine.runner import ModelRunner
 from r1.engine.sampling import RowState, prompt_token_logprobs, sample_rows, token_logprobs
-from r1.engine.structured import JsonConstraint
+from r1.engine.structured import GrammarConstraint
 from r1.engine.types import Delta, FinishReason, Request, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Scheduler:
             request=request,
             emit=emit,
             row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids(),
-                                None if request.grammar is None else JsonConstraint(request.grammar, request.grammar_gate)),
+                                None if request.grammar is None else GrammarConstraint(request.grammar, request.grammar_gate)),
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop, request.sampling.min_tokens),
         )
         with self._lock:

@@ -1,15 +1,24 @@
-"""Structured output: replies that must be JSON valid against a schema (OpenAI's `response_format`).
+"""Structured output: replies that must be JSON valid against a schema (OpenAI's `response_format`),
+match a regular expression, be one of given strings, or follow an EBNF grammar (vLLM's guided
+decoding: `guided_regex`, `guided_choice`, `guided_grammar`).
 
-xgrammar compiles the schema into a grammar over the model's vocabulary; at each decode step a
+xgrammar compiles the constraint into a grammar over the model's vocabulary; at each decode step a
 row's `GrammarMatcher` gives the tokens that keep the reply a valid prefix (a bitmask the sampler
-applies to the row's logits after penalties and bias), and takes the chosen token. Once the JSON
-is complete only end-of-sequence is allowed, so the reply ends there.
+applies to the row's logits after penalties and bias), and takes the chosen token. Once the reply
+is complete (and cannot grow: a closed JSON value, the last choice's end) only end-of-sequence is
+allowed, so the reply ends there; where it could still grow (`[0-9]+`) end-of-sequence is one of
+the allowed tokens.
 
 Whitespace between JSON tokens is not allowed (compact JSON): a grammar that allows any amount
 lets a small model fill its whole budget with spaces. A chat request to a model whose template
 opens the reasoning block (`<think>`, DeepSeek-R1 style) reasons freely first: its matcher starts
 after the model closes the block with `</think>` (when that is one token), so only the answer is
 constrained, as vLLM's reasoning-aware structured output does.
+
+A choice is compiled as the grammar `root ::= "first" | "second" | ...`; a grammar is xgrammar's
+EBNF (GBNF, as llama.cpp writes it: `root ::= ...`); a regex is xgrammar's dialect (no
+lookaround, no backreferences). `check_constraint` compiles one without a vocabulary, so the
+server refuses a broken one (400 naming the field) before any model work.
 
 xgrammar is imported when a request first asks for structured output (the `structured` extra).
 """
@@ -22,6 +31,7 @@ import re
 import threading
 from typing import Any
 
+from r1.config import STRUCTURED_FIELDS
 from r1.engine.types import RequestError
 
 # xgrammar's errors open with "[time] source.cc:line: "; the reason follows.
@@ -33,8 +43,58 @@ def xgrammar_reason(error: Exception) -> str:
     return _ERROR_PREFIX.sub("", str(error)).strip()
 
 
+def constraint_of(sampling: Any) -> tuple[str, Any] | None:
+    """The constraint `sampling` puts on the reply: ("json_schema", schema), ("regex", pattern),
+    ("choice", strings) or ("grammar", ebnf); None when the reply is free."""
+    for kind in STRUCTURED_FIELDS:
+        value = getattr(sampling, kind)
+        if value is not None:
+            return kind, value
+    return None
+
+
+def _ebnf_of_choice(choices: list[str]) -> str:
+    # JSON string escapes (\", \\, \n, \uXXXX) are EBNF's.
+    return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)
+
+
+def _source(kind: str, value: Any) -> str:
+    """The text xgrammar compiles for a constraint (a schema's JSON, the choices' grammar...)."""
+    if kind == "json_schema":
+        return json.dumps(value)  # not sorted: the order of "properties" is the order the reply writes them
+    return _ebnf_of_choice(value) if kind == "choice" else value
+
+
+def _xgrammar(field: str = "response_format") -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise RequestError("structured output (response_format json_object / json_schema, guided decoding) needs the "
+                           "xgrammar package: pip install 'r1-cluster[structured]'", field, "unsupported") from None
+    return xgrammar
+
+
+_DESCRIBED = {"json_schema": "the JSON schema", "regex": "the regular expression", "choice": "the choices",
+              "grammar": "the grammar"}
+
+
+def check_constraint(kind: str, value: Any, field: str) -> None:
+    """Compile a constraint without a vocabulary; a RequestError naming `field` (the request field
+    that gave it) when xgrammar cannot use it, with xgrammar's reason."""
+    xgr = _xgrammar(field)
+    try:
+        if kind == "json_schema":
+            xgr.Grammar.from_json_schema(_source(kind, value), any_whitespace=False)
+        elif kind == "regex":
+            xgr.Grammar.from_regex(value)
+        else:
+            xgr.Grammar.from_ebnf(_source(kind, value))
+    except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
+        raise RequestError(f"{field}: {_DESCRIBED[kind]} cannot be used: {xgrammar_reason(error)}", field) from None
+
+
 class Grammars:
-    """Compiles (and caches) JSON-schema grammars for one tokenizer and vocabulary."""
+    """Compiles (and caches) the grammars of constraints for one tokenizer and vocabulary."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: frozenset[int]):
         self._tokenizer = tokenizer
@@ -42,7 +102,7 @@ class Grammars:
         self._stop_ids = sorted(stop_ids)
         self._compiler: Any = None
         self._lock = threading.Lock()
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[tuple[str, str], Any] = {}
 
     @functools.cached_property
     def think_end_id(self) -> int | None:
@@ -50,39 +110,37 @@ class Grammars:
         request first needs it: the vocabulary map costs tens of milliseconds on a large model)."""
         return self._tokenizer.get_vocab().get("</think>")
 
-    def _xgrammar(self) -> Any:
-        try:
-            import xgrammar
-        except ImportError:
-            raise RequestError("structured output (response_format json_object / json_schema) needs the xgrammar "
-                               "package: pip install 'r1-cluster[structured]'", "response_format", "unsupported") from None
-        return xgrammar
-
-    def compile(self, schema: dict[str, Any]) -> Any:
-        """The compiled grammar of `schema`; a RequestError naming response_format if it is not a
-        schema xgrammar can compile."""
-        key = json.dumps(schema)  # not sorted: the order of "properties" is the order the reply writes them
+    def compile(self, kind: str, value: Any) -> Any:
+        """The compiled grammar of a constraint (`constraint_of`); a RequestError naming
+        response_format (a JSON schema) or the sampling field if xgrammar cannot compile it."""
+        key = (kind, _source(kind, value))
+        field = "response_format" if kind == "json_schema" else kind
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
                 return compiled
-            xgr = self._xgrammar()
+            xgr = _xgrammar(field)
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
                                                           stop_token_ids=self._stop_ids or None)
                 self._compiler = xgr.GrammarCompiler(info)
             try:
-                compiled = self._compiler.compile_json_schema(key, any_whitespace=False)
+                if kind == "json_schema":
+                    compiled = self._compiler.compile_json_schema(key[1], any_whitespace=False)
+                elif kind == "regex":
+                    compiled = self._compiler.compile_regex(key[1])
+                else:
+                    compiled = self._compiler.compile_grammar(key[1])
             except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
-                reason = xgrammar_reason(error)
-                raise RequestError(f"response_format: the JSON schema cannot be used: {reason}", "response_format") from None
+                raise RequestError(f"{field}: {_DESCRIBED[kind]} cannot be used: {xgrammar_reason(error)}",
+                                   field) from None
             if len(self._cache) >= 256:
                 self._cache.clear()
             self._cache[key] = compiled
             return compiled
 
 
-class JsonConstraint:
+class GrammarConstraint:
     """One row's constraint: a matcher over the compiled grammar, waiting for `gate` (the token
     that ends the reasoning) when given."""
 
@@ -99,7 +157,7 @@ class JsonConstraint:
         return self.gate is None and not self.matcher.is_terminated()
 
     def mask(self, logits_row: Any) -> None:
-        """Set the logits of tokens that would break the JSON to -inf (in place; [1, vocab])."""
+        """Set the logits of tokens that would break the constraint to -inf (in place; [1, vocab])."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         self._xgr.apply_token_bitmask_inplace(logits_row, self.bitmask.to(logits_row.device))
 
@@ -113,5 +171,5 @@ class JsonConstraint:
 
     @property
     def done(self) -> bool:
-        """The JSON is complete and its end accepted."""
+        """The constrained reply is complete and its end accepted."""
         return self.gate is None and self.matcher.is_terminated()

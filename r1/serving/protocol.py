@@ -10,7 +10,8 @@ with a 400 naming the field when a request asks for them, rather than silently i
 neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (`tools`,
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-and `response_format` on completions.
+guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+`structured_outputs`) and `response_format` on completions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from r1.chat_template import render_chat
-from r1.config import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
+from r1.config import MAX_CHOICES, MAX_GUIDE_CHARS, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
 from r1.serving import tools
 from r1.serving.errors import APIError
 
@@ -117,8 +118,20 @@ class _SamplingFields(LenientModel):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # vLLM's guided decoding (`requested_constraint`): at most one of these, structured_outputs and a
+    # non-text response_format. guided_json: a JSON schema (an object, or its JSON text).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Any] | None = None
+    guided_grammar: str | None = None
+    # vLLM's newer spelling: {"json" | "regex" | "choice" | "grammar": ..., or "json_object": true}.
+    structured_outputs: dict[str, Any] | None = None
+    # Taken for vLLM clients: r1 has one guided-decoding backend (xgrammar), named or not.
+    guided_decoding_backend: str | None = None
     # A known OpenAI field r1 does not implement: refused when it asks for something (`unsupported`).
     best_of: int | None = None
+    # vLLM's: refused when given (r1's JSON is compact, `r1.engine.structured`).
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -226,6 +239,9 @@ def unsupported(request: _SamplingFields) -> None:
     asked: list[tuple[str, str]] = []
     if request.best_of not in (None, 1):
         asked.append(("best_of", "best_of is not supported; use n to get several choices"))
+    if request.guided_whitespace_pattern is not None:
+        asked.append(("guided_whitespace_pattern", "guided_whitespace_pattern is not supported: guided JSON is "
+                      "compact (no whitespace between tokens); omit it"))
     if isinstance(request, ChatCompletionRequest):
         if request.functions or request.function_call not in (None, "none", "auto"):
             asked.append(("functions", "the legacy functions / function_call are not supported; send them as tools "
@@ -333,7 +349,10 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     updates["logprobs"] = requested_logprobs(request)
-    updates["json_schema"] = requested_schema(request)
+    constraint = requested_constraint(request, config.engine.engine)
+    if constraint is not None:
+        _, kind, value = constraint
+        updates[kind] = value
     if getattr(request, "echo", False):  # the echoed prompt's tokens get theirs too
         updates["prompt_logprobs"] = updates["logprobs"]
     if request.stop is not None:
@@ -361,6 +380,100 @@ def requested_schema(request: _SamplingFields) -> dict[str, Any] | None:
         return spec["schema"]
     raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
                    param="response_format.type", code="invalid_value")
+
+
+# vLLM's guided-decoding fields and structured_outputs' keys, with the SamplingConfig field each sets.
+_GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+_STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                            "json_object": "json_schema"}
+# structured_outputs' options that change nothing here (r1's JSON is compact already, one backend).
+_STRUCTURED_OUTPUTS_OPTIONS = frozenset({"disable_fallback", "disable_any_whitespace", "disable_additional_properties"})
+
+
+def _given_constraints(request: _SamplingFields) -> list[tuple[str, str, Any]]:
+    """Every constraint the request gives, as (the field that gives it, SamplingConfig field, raw
+    value), unchecked: response_format (not text), the guided_* fields, structured_outputs' keys."""
+    given = []
+    format_ = request.response_format
+    if format_ is not None and format_.get("type", "text") != "text":
+        given.append(("response_format", "json_schema", format_))
+    given += [(field, kind, getattr(request, field)) for field, kind in _GUIDED_FIELDS.items()
+              if getattr(request, field) is not None]
+    for key, value in (request.structured_outputs or {}).items():
+        param = f"structured_outputs.{key}"
+        if key in _STRUCTURED_OUTPUTS_KEYS:
+            if value is not None and value is not False:
+                given.append((param, _STRUCTURED_OUTPUTS_KEYS[key], value))
+        elif key not in _STRUCTURED_OUTPUTS_OPTIONS:
+            raise APIError(400, f"structured_outputs.{key[:64]} is not supported; structured_outputs takes one of "
+                           "json, regex, choice, grammar, json_object", param=param[:128], code="unsupported")
+    return given
+
+
+def constraint_param(request: _SamplingFields) -> str | None:
+    """The field that constrains the request's reply (response_format, guided_regex, ...), if any."""
+    given = _given_constraints(request)
+    return given[0][0] if given else None
+
+
+def requested_constraint(request: _SamplingFields, engine: str = "transformers") -> tuple[str, str, Any] | None:
+    """The one constraint on the reply the request asks for, as (the field that asks, SamplingConfig
+    field, checked value): response_format json_object / json_schema (a JSON schema), or vLLM's guided
+    decoding (guided_json, guided_regex, guided_choice, guided_grammar, or the same as keys of
+    structured_outputs). 400 naming the field for two of them, a value of the wrong shape, one xgrammar
+    cannot compile (`check_constraint`, before any model work) or an engine without structured output."""
+    given = _given_constraints(request)
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"{given[0][0]} and {given[1][0]} each constrain the reply; give one of them",
+                       param=given[1][0], code="invalid_value")
+    param, kind, value = given[0]
+    value = requested_schema(request) if param == "response_format" else _guide_value(param, kind, value)
+    if engine != "transformers":
+        raise APIError(400, f"{param} (structured output) is not supported with engine.name: {engine}; use the "
+                       "transformers engine", param=param, code="unsupported")
+    if param != "response_format":  # response_format's schema is compiled by the engine, as before
+        from r1.engine.structured import check_constraint
+        from r1.engine.types import RequestError
+
+        try:
+            check_constraint(kind, value, param)
+        except RequestError as error:
+            raise APIError(400, str(error), param=param, code=error.code) from None
+    return param, kind, value
+
+
+def _guide_value(param: str, kind: str, value: Any) -> Any:
+    """A guided-decoding value in the shape SamplingConfig takes; 400 naming `param` otherwise."""
+    def invalid(message: str) -> APIError:
+        return APIError(400, f"invalid value for '{param}': {message}", param=param, code="invalid_value")
+
+    if param == "structured_outputs.json_object":
+        if value is not True:
+            raise invalid("json_object is true (any JSON object) or left out")
+        return {"type": "object"}
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as error:
+                raise invalid(f"a JSON schema as text must be JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise invalid("a JSON schema is an object")
+        return value
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+            raise invalid("a non-empty list of non-empty strings")
+        if len(value) > MAX_CHOICES:
+            raise invalid(f"{len(value)} choices; at most {MAX_CHOICES} are allowed")
+        return value
+    if not isinstance(value, str) or not value:
+        raise invalid(f"a non-empty string ({'a regular expression' if kind == 'regex' else 'an EBNF grammar'})")
+    if len(value) > MAX_GUIDE_CHARS:
+        raise invalid(f"{len(value)} characters; at most {MAX_GUIDE_CHARS} are allowed")
+    return value
 
 
 def requested_logprobs(request: _SamplingFields) -> int | None:
@@ -428,13 +541,14 @@ def tool_sampling(request: ChatCompletionRequest, plan: tools.ToolPlan, sampling
     """`sampling` for a request that offers tools: a constrained choice ("required", a named
     function) constrains the answer to its schema (structured output: the transformers `engine`
     only). 400 for what cannot go with tools."""
+    constrained = constraint_param(request)
     conflicts = [
         ("tool_choice", plan.mode != "auto" and engine != "transformers",
          f"tool_choice {plan.mode!r} constrains the answer, which engine.name: {engine} does not support; "
          "use tool_choice \"auto\" or the transformers engine"),
         ("logprobs", bool(request.logprobs), "logprobs are not returned with tools; omit logprobs or tools"),
-        ("response_format", sampling.json_schema is not None,
-         "response_format cannot be combined with tools; an answer is either a tool call or JSON text"),
+        (constrained, constrained is not None,
+         f"{constrained} cannot be combined with tools; an answer is either a tool call or constrained text"),
         ("code_validation", request.code_validation, "code_validation cannot be combined with tools"),
         ("min_tokens", plan.mode != "auto" and bool(sampling.min_tokens),
          f"min_tokens cannot be combined with tool_choice {plan.mode!r}, which constrains the answer"),
