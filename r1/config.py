@@ -113,6 +113,8 @@ class SamplingConfig(StrictModel):
     # of every position (context × vocabulary floats).
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stop: list[str] = Field(default_factory=list)
+    # Keep the stop string that ended the reply at its end (vLLM's include_stop_str_in_output).
+    include_stop_str_in_output: bool = False
     # Structured output (OpenAI's response_format): the reply must be compact JSON valid against this
     # JSON schema ({"type": "object"} for json_object); a chat reply of a reasoning model is
     # constrained after its reasoning. Needs the `structured` extra (xgrammar); transformers engine.

@@ -305,6 +305,29 @@ def test_stop_string_truncates_text_and_finishes(engine):
     stopped = engine.generate_batch([PROMPTS[0]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop]))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
+    # vLLM's include_stop_str_in_output keeps the stop string at the end; streamed, the deltas add up
+    # to the same text, and the tokens are those of the request without it.
+    kept = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    included = engine.generate_batch([PROMPTS[0]], kept)[0]
+    assert included.text == free.text[: free.text.index(stop) + len(stop)] and included.finish_reason == "stop"
+    assert included.token_ids == stopped.token_ids
+
+    async def streamed() -> str:
+        return "".join([delta.text async for delta in engine.stream(PROMPTS[0], kept)])
+
+    assert asyncio.run(streamed()) == included.text
+
+
+def test_detokenizer_keeps_the_earliest_stop_string_when_asked(engine):
+    # Stop strings that overlap: the earliest match ends the text, and of two starting there the
+    # shorter (it completed first); with include_stop the matched string is kept, not the longer one.
+    from r1.engine.detok import IncrementalDetokenizer
+
+    ids = engine.tokenizer.encode("one two three four", add_special_tokens=False)
+    for include, expected in ((False, "one two "), (True, "one two thre")):  # "thre" and "three" end at "ee"
+        detok = IncrementalDetokenizer(engine.tokenizer, ["three", "four", "thre"], include_stop=include)
+        text = "".join(detok.add(token) for token in ids) + detok.finish()
+        assert (text, detok.stopped) == (expected, True)
 
 
 def test_repetition_penalty_changes_greedy_output(engine):

@@ -391,7 +391,17 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
                                         extra_body={"stop_token_ids": [ids[at]]})
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == at + 1
     assert stopped.choices[0].text == tokenizer.decode(ids[: at + 1])
-    for extra, param in (({"min_tokens": 9}, "min_tokens"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
+    # include_stop_str_in_output keeps a stop string at the end of the text, streamed and not.
+    text = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=8, temperature=0).choices[0].text
+    stop = text.strip()[1:3]
+    assert stop and stop in text
+    kept = {"model": MODEL, "prompt": "12 + 7 =", "max_tokens": 8, "temperature": 0, "stop": [stop],
+            "extra_body": {"include_stop_str_in_output": True}}
+    expected = text[: text.index(stop) + len(stop)]
+    assert client.completions.create(**kept).choices[0].text == expected
+    assert "".join(c.choices[0].text for c in client.completions.create(**kept, stream=True) if c.choices) == expected
+    for extra, param in (({"min_tokens": 9}, "min_tokens"), ({"include_stop_str_in_output": "yes"},
+                                                             "include_stop_str_in_output"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
         response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 8, **extra})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 

@@ -5,7 +5,8 @@ byte-level tokens) and would emit the start of a stop string before knowing whet
 `IncrementalDetokenizer` decodes a sliding window of tokens and returns only text that is final:
 no trailing replacement character, and no suffix that could still grow into a stop string. While a
 reply is shorter than its `min_tokens`, no stop string may end in its text (vLLM checks stop strings
-only once the reply is long enough).
+only once the reply is long enough). The text ends before the stop string that matched, or after it
+with `include_stop` (vLLM's include_stop_str_in_output).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, min_tokens: int = 0):
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, min_tokens: int = 0, include_stop: bool = False):
         self.tokenizer = tokenizer
+        self.include_stop = include_stop
         # A fast tokenizer's Rust backend decodes as its `decode` does (no clean-up of spaces asked
         # for here) at a third of the cost: two decodes per token of every stream, at every step.
         self._backend_decode = getattr(getattr(tokenizer, "backend_tokenizer", None), "decode", None)
@@ -58,8 +60,9 @@ class IncrementalDetokenizer:
             hits = [(self.text.find(s, max(search_from, self._unchecked - len(s) + 1)), s) for s in self.stop]
             hits = [(pos, s) for pos, s in hits if pos >= 0]
             if hits:
-                pos = min(pos for pos, _ in hits)
-                self.text = self.text[:pos]
+                # The earliest; of two there ("ab", "abc"), the shorter, which completed first.
+                pos, stop = min(hits, key=lambda hit: (hit[0], len(hit[1])))
+                self.text = self.text[:pos + len(stop) if self.include_stop else pos]
                 self.stopped = True
                 final = True
         end = len(self.text)

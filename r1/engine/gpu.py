@@ -176,7 +176,8 @@ class TokenStream:
 
     def __init__(self, request: Request, tokenizer: Any):
         self.request = request
-        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop, request.sampling.min_tokens)
+        self.detok = IncrementalDetokenizer(tokenizer, request.sampling.stop, request.sampling.min_tokens,
+                                            request.sampling.include_stop_str_in_output)
         self.output_ids: list[int] = []
         self.num_seen = 0  # engine output tokens already consumed
         self.finished = False

@@ -82,7 +82,8 @@ class Scheduler:
             emit=emit,
             row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids(),
                                 None if request.grammar is None else GrammarConstraint(request.grammar, request.grammar_gate)),
-            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop, request.sampling.min_tokens),
+            detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop, request.sampling.min_tokens,
+                                        request.sampling.include_stop_str_in_output),
         )
         with self._lock:
             if seq.seq_id in self.running or any(other.seq_id == seq.seq_id for other in self._waiting):
