@@ -131,6 +131,8 @@ class LLMServer:
                         logger.error("generation %s failed: %s", request.request_id, delta.error)
                         item["error"] = "generation failed inside the engine"
                         generate.set_attribute("error.type", "engine")
+                    if delta.stop_reason is not None:
+                        item["stop_reason"] = delta.stop_reason
                     if delta.finish_reason is not None:
                         generate.set_attributes({"completion_tokens": completion_tokens, "finish_reason": delta.finish_reason})
                     yield item

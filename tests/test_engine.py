@@ -305,12 +305,13 @@ def test_stop_string_truncates_text_and_finishes(engine):
     stopped = engine.generate_batch([PROMPTS[0]], SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop]))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
+    assert (stopped.stop_reason, free.stop_reason) == (stop, None)  # vLLM's stop_reason: the string; none at length
     # vLLM's include_stop_str_in_output keeps the stop string at the end; streamed, the deltas add up
     # to the same text, and the tokens are those of the request without it.
     kept = SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
     included = engine.generate_batch([PROMPTS[0]], kept)[0]
     assert included.text == free.text[: free.text.index(stop) + len(stop)] and included.finish_reason == "stop"
-    assert included.token_ids == stopped.token_ids
+    assert included.token_ids == stopped.token_ids and included.stop_reason == stop
 
     async def streamed() -> str:
         return "".join([delta.text async for delta in engine.stream(PROMPTS[0], kept)])
@@ -567,6 +568,7 @@ def test_min_tokens_holds_back_end_of_sequence_and_stop_token_ids(engine, tiny):
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     plain = engine.generate_batch([prompt], greedy)[0]
     assert plain.finish_reason == "stop" and plain.token_ids[-1] in eos  # the case this test is about
+    assert plain.stop_reason is None  # end-of-sequence has none (vLLM's stop_reason)
     ids = engine.make_request(prompt, greedy).prompt_token_ids
     k = len(plain.token_ids) + 4
     held = engine.generate_batch([prompt], greedy.model_copy(update={"min_tokens": k}))[0]
@@ -617,6 +619,7 @@ def test_stop_token_ids_end_the_reply_and_keep_their_text(engine):
         stopped = engine.generate_batch([PROMPTS[1]], sampling)[0]
         assert stopped.token_ids == plain[: at + 1] and stopped.finish_reason == "stop"
         assert stopped.text == engine.tokenizer.decode(plain[: at + 1], skip_special_tokens=True)
+        assert stopped.stop_reason == plain[at]  # vLLM's stop_reason: the id that stopped it
     with pytest.raises(ValueError, match="^stop_token_ids names token id"):
         engine.make_request(PROMPTS[1], greedy.model_copy(update={"stop_token_ids": [engine.runner.vocab_size]}))
 

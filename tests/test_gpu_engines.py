@@ -395,6 +395,9 @@ REFERENCE_CASES = [
     ([{"role": "user", "content": "What is 12 + 7?"}], SamplingConfig(temperature=0, max_new_tokens=60)),  # eos or length
     ("Mia has 23 apples.", SamplingConfig(temperature=0, max_new_tokens=40, ignore_eos=True, stop=[" "])),  # stop string
     ("忘记密码怎么办？", SamplingConfig(temperature=0, max_new_tokens=24, ignore_eos=True, stop=["。", "\n"])),  # multi-byte
+    # A stop string kept at the end (vLLM's include_stop_str_in_output).
+    ("Mia has 23 apples.", SamplingConfig(temperature=0, max_new_tokens=40, ignore_eos=True, stop=[" "],
+                                          include_stop_str_in_output=True)),
 ]
 
 
@@ -430,6 +433,7 @@ def test_token_stream_reproduces_the_transformers_engine(reference_engine, refer
     assert "".join(d.text for d in deltas) == expected.text
     assert [t for d in deltas for t in d.token_ids] == expected.token_ids
     assert deltas[-1].finish_reason == expected.finish_reason
+    assert deltas[-1].stop_reason == expected.stop_reason  # the stop string that matched, or None
     assert deltas[-1].usage.completion_tokens == len(expected.token_ids)
     assert deltas[-1].usage.prompt_tokens == len(request.prompt_token_ids)
     assert all(d.finish_reason is None for d in deltas[:-1])

@@ -379,6 +379,7 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "temperature": 0}
     short = client.chat.completions.create(**chat, max_tokens=96)
     assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 90  # ends early by itself
+    assert short.choices[0].model_dump()["stop_reason"] is None  # vLLM's stop_reason: none for end-of-sequence
     fixed = client.chat.completions.create(**chat, max_tokens=90, extra_body={"ignore_eos": True})
     assert fixed.usage.completion_tokens == 90 and fixed.choices[0].finish_reason == "length"
     held = client.chat.completions.create(**chat, max_tokens=96,
@@ -391,6 +392,7 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
                                         extra_body={"stop_token_ids": [ids[at]]})
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == at + 1
     assert stopped.choices[0].text == tokenizer.decode(ids[: at + 1])
+    assert stopped.choices[0].model_dump()["stop_reason"] == ids[at]  # the id that stopped it
     # include_stop_str_in_output keeps a stop string at the end of the text, streamed and not.
     text = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=8, temperature=0).choices[0].text
     stop = text.strip()[1:3]
@@ -398,8 +400,13 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
     kept = {"model": MODEL, "prompt": "12 + 7 =", "max_tokens": 8, "temperature": 0, "stop": [stop],
             "extra_body": {"include_stop_str_in_output": True}}
     expected = text[: text.index(stop) + len(stop)]
-    assert client.completions.create(**kept).choices[0].text == expected
-    assert "".join(c.choices[0].text for c in client.completions.create(**kept, stream=True) if c.choices) == expected
+    answer = client.completions.create(**kept).choices[0].model_dump()
+    assert (answer["text"], answer["stop_reason"]) == (expected, stop)
+    chunks = [c.choices[0].model_dump() for c in client.completions.create(**kept, stream=True) if c.choices]
+    assert "".join(c["text"] for c in chunks) == expected and chunks[-1]["stop_reason"] == stop
+    chat_stop = client.chat.completions.create(**chat, max_tokens=96, stop=["="], stream=True)
+    last = [c.choices[0].model_dump() for c in chat_stop if c.choices][-1]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", "=")
     for extra, param in (({"min_tokens": 9}, "min_tokens"), ({"include_stop_str_in_output": "yes"},
                                                              "include_stop_str_in_output"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
         response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 8, **extra})

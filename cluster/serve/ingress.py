@@ -137,6 +137,7 @@ class _Choice:
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.prompt_tokens = 0  # its prompt's tokens on the first choice of each prompt, else 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
@@ -160,6 +161,7 @@ class _Choice:
             self.timer.tokens_arrived(item["num_tokens"])
         if item["finish_reason"] is not None:
             self.finish_reason = item["finish_reason"]
+            self.stop_reason = item.get("stop_reason")
         if self.ledger is not None:
             chars = len(item["text"])
             if "prompt_logprobs" in item:  # the echoed prompt opens the text: its tokens' entries first
@@ -556,11 +558,13 @@ class OpenAIIngress:
         usage = _usage(choices)
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
-                                        self._logprobs(chat, c, c.logprobs), c.tool_calls) for i, c in enumerate(choices)]
+                                        self._logprobs(chat, c, c.logprobs), c.tool_calls, c.stop_reason)
+                            for i, c in enumerate(choices)]
             extra = {"session_id": turn.session_id} if turn else {}
             return JSONResponse(chat_response(response_id, parsed.model, body_choices, usage, **extra),
                                 headers=headers)
-        body_choices = [completion_choice(i, "".join(c.content), c.finish_reason, self._logprobs(chat, c, c.logprobs))
+        body_choices = [completion_choice(i, "".join(c.content), c.finish_reason, self._logprobs(chat, c, c.logprobs),
+                                          c.stop_reason)
                         for i, c in enumerate(choices)]
         return JSONResponse(completion_response(response_id, parsed.model, body_choices, usage))
 
@@ -866,7 +870,8 @@ class OpenAIIngress:
                 if item is None:
                     open_streams -= 1
                     if events is None:
-                        yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort")
+                        yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort",
+                                          stop_reason=choice.stop_reason)
             closing = None
             if events is not None:  # the response's last events, and its object (stored with the exchange)
                 usage = _usage(choices)
@@ -929,7 +934,7 @@ class OpenAIIngress:
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
                finish_reason: str | None, logprobs: dict[str, Any] | None = None,
-               tool_calls: list[dict[str, Any]] | None = None) -> bytes:
+               tool_calls: list[dict[str, Any]] | None = None, stop_reason: str | int | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {}
             if reasoning:
@@ -939,5 +944,7 @@ class OpenAIIngress:
                 delta["content"] = content
             if tool_calls:  # each whole, in one delta (OpenAI's clients join argument pieces; one is a valid piece)
                 delta["tool_calls"] = [{"index": number, **call} for number, call in enumerate(tool_calls)]
-            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, logprobs=logprobs))
-        return sse(completion_chunk(response_id, model, created, index, content, finish_reason, logprobs=logprobs))
+            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, logprobs=logprobs,
+                                  stop_reason=stop_reason))
+        return sse(completion_chunk(response_id, model, created, index, content, finish_reason, logprobs=logprobs,
+                                    stop_reason=stop_reason))

@@ -28,6 +28,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (truncated at a stop string once one matched)
         self._emitted = 0  # characters of self.text already returned
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         # Text decoded while stop strings were not checked (min_tokens): a stop string ending in it
         # does not count, as in vLLM, which checks them only once the reply is long enough.
         self._unchecked = 0
@@ -62,6 +63,7 @@ class IncrementalDetokenizer:
             if hits:
                 # The earliest; of two there ("ab", "abc"), the shorter, which completed first.
                 pos, stop = min(hits, key=lambda hit: (hit[0], len(hit[1])))
+                self.matched = stop
                 self.text = self.text[:pos + len(stop) if self.include_stop else pos]
                 self.stopped = True
                 final = True

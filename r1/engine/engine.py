@@ -320,6 +320,7 @@ def completion_of(request: Request, deltas: list[Delta]) -> Completion:
         error=last.error,
         logprobs=[lp for d in deltas for lp in d.logprobs or ()] if request.sampling.logprobs is not None else None,
         prompt_logprobs=deltas[0].prompt_logprobs,
+        stop_reason=last.stop_reason,
     )
 
 

@@ -194,6 +194,7 @@ class TokenStream:
         token_ids: list[int] = []
         texts: list[str] = []
         reason: FinishReason | None = None
+        stop_reason = None
         for token in new_ids:
             self.output_ids.append(token)
             token_ids.append(token)
@@ -204,6 +205,7 @@ class TokenStream:
             texts.append(self.detok.add(token))
             if stop or self.detok.stopped:
                 reason = "stop"
+                stop_reason = self.request.stop_reason(token, self.detok)
             elif len(self.output_ids) >= self.request.max_new_tokens:
                 reason = "length"
             if reason is not None:
@@ -213,17 +215,19 @@ class TokenStream:
             reason, error = map_finish_reason(engine_finish)
         if reason is None:
             return Delta(self.request.request_id, token_ids, "".join(texts)) if token_ids else None
-        return self.finish(reason, error, token_ids, "".join(texts))
+        return self.finish(reason, error, token_ids, "".join(texts), stop_reason)
 
     def finish(
-        self, reason: FinishReason, error: str | None = None, token_ids: list[int] | None = None, text: str = ""
+        self, reason: FinishReason, error: str | None = None, token_ids: list[int] | None = None, text: str = "",
+        stop_reason: str | int | None = None,
     ) -> Delta:
         """The last delta of the request (flushes text held back for stop strings)."""
         self.finished = True
         if error is None:
             text += self.detok.finish()
         usage = Usage(len(self.request.prompt_token_ids), len(self.output_ids))
-        return Delta(self.request.request_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error)
+        return Delta(self.request.request_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error,
+                     stop_reason=stop_reason)
 
 
 # -- loading what every adapter needs from the checkpoint -----------------------------------------

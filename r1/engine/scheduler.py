@@ -209,13 +209,15 @@ class Scheduler:
             logprobs = None if logprob is None else [logprob._replace(chars=len(text))]
             self._emit(seq, Delta(request.request_id, [token], text, logprobs=logprobs))
         else:
-            self._finish(seq, reason, token_ids=[token], text=text, logprob=logprob)
+            stop_reason = request.stop_reason(token, seq.detok) if reason == "stop" else None
+            self._finish(seq, reason, token_ids=[token], text=text, logprob=logprob, stop_reason=stop_reason)
 
     def _finish(
         self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "", error: str | None = None,
-        logprob: TokenLogprob | None = None,
+        logprob: TokenLogprob | None = None, stop_reason: str | int | None = None,
     ) -> None:
-        """End a sequence; `token_ids`/`text`/`logprob`: its last token's, if it ends with one."""
+        """End a sequence; `token_ids`/`text`/`logprob`: its last token's, if it ends with one;
+        `stop_reason`: the stop string or stop token id that ended it."""
         seq.finish_reason = reason
         if reason == "abort":
             self.num_aborted += 1
@@ -224,7 +226,7 @@ class Scheduler:
         usage = Usage(len(seq.request.prompt_token_ids), len(seq.output_ids))
         logprobs = None if logprob is None else [logprob._replace(chars=len(text))]
         self._emit(seq, Delta(seq.seq_id, token_ids or [], text, finish_reason=reason, usage=usage, error=error,
-                              logprobs=logprobs))
+                              logprobs=logprobs, stop_reason=stop_reason))
 
     def _emit(self, seq: _Sequence, delta: Delta) -> None:
         """Hand a delta to the request's consumer. A consumer that cannot take it (its event loop

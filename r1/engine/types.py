@@ -63,6 +63,9 @@ class Delta:
     # The first delta only, when the request asked for `sampling.prompt_logprobs`: one per prompt
     # token (the first one's logprob None); `chars` of the prompt's decoded text.
     prompt_logprobs: list[TokenLogprob] | None = None
+    # The last delta's, when a stop string (that string) or one of sampling.stop_token_ids (that id)
+    # ended the reply; None for end-of-sequence and every other reason (vLLM's stop_reason).
+    stop_reason: str | int | None = None
 
     def followed_by(self, later: Delta) -> Delta:
         """One delta holding this one and the `later` one of the same request."""
@@ -71,7 +74,8 @@ class Delta:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
         return Delta(self.request_id, self.token_ids + later.token_ids, self.text + later.text,
                      later.finish_reason, later.usage or self.usage, self.error or later.error, logprobs,
-                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+                     later.stop_reason)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Completion:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
     prompt_logprobs: list[TokenLogprob] | None = None  # as Delta's, when the request asked for them
+    stop_reason: str | int | None = None  # as Delta's
 
     @property
     def usage(self) -> Usage:
@@ -109,6 +114,11 @@ class Request:
     grammar_gate: int | None = None
     # The LoRA adapter the request runs with (`r1.engine.lora`; 0: the base model).
     adapter: int = 0
+
+    def stop_reason(self, token: int, detok: Any) -> str | int | None:
+        """What ended a reply that finished with "stop" at `token`: the stop string its detokenizer
+        matched, the stop token id, or None (end-of-sequence, or the end of a constrained reply)."""
+        return token if self.stop_kind(token) == "stop_token" else detok.matched
 
     def stop_kind(self, token: int) -> Literal["eos", "stop_token"] | None:
         """How `token` ends the reply: as end-of-sequence (no text of its own), as one of the

@@ -580,18 +580,23 @@ def chat_response(response_id: str, model: str, choices: list[dict[str, Any]], u
 
 
 def chat_choice(index: int, reasoning: str, content: str, finish_reason: str | None,
-                logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None,
+                stop_reason: str | int | None = None) -> dict[str, Any]:
+    """A chat choice; `stop_reason` (vLLM's): the stop string or stop token id that ended it, else None."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None,
                                "reasoning": reasoning or None}
     if tool_calls:  # as OpenAI answers a call: no content when there is no text besides it
         message["tool_calls"] = tool_calls
         message["content"] = content or None
-    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
+    return {"index": index, "message": message, "finish_reason": finish_reason, "stop_reason": stop_reason,
+            "logprobs": logprobs}
 
 
 def chat_chunk(response_id: str, model: str, created: int, index: int, delta: dict[str, Any], finish_reason: str | None = None,
-               usage: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    choices = [] if index < 0 else [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
+               usage: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None,
+               stop_reason: str | int | None = None) -> dict[str, Any]:
+    """A chat stream chunk (index < 0: none, the usage chunk); a choice's last one carries its stop_reason."""
+    choices = [] if index < 0 else [_chunk_choice({"index": index, "delta": delta}, finish_reason, logprobs, stop_reason)]
     chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     if usage is not None:
         chunk["usage"] = usage
@@ -604,17 +609,27 @@ def completion_response(response_id: str, model: str, choices: list[dict[str, An
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+                      logprobs: dict[str, Any] | None = None, stop_reason: str | int | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "stop_reason": stop_reason, "logprobs": logprobs}
 
 
 def completion_chunk(response_id: str, model: str, created: int, index: int, text: str, finish_reason: str | None = None,
-                     usage: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
+                     usage: dict[str, int] | None = None, logprobs: dict[str, Any] | None = None,
+                     stop_reason: str | int | None = None) -> dict[str, Any]:
+    choices = [] if index < 0 else [_chunk_choice({"index": index, "text": text}, finish_reason, logprobs, stop_reason)]
     chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
     if usage is not None:
         chunk["usage"] = usage
     return chunk
+
+
+def _chunk_choice(choice: dict[str, Any], finish_reason: str | None, logprobs: dict[str, Any] | None,
+                  stop_reason: str | int | None) -> dict[str, Any]:
+    """A stream chunk's choice; its last chunk (with the finish reason) also says what stopped it."""
+    choice.update(finish_reason=finish_reason, logprobs=logprobs)
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    return choice
 
 
 def model_object(model: str, created: int, max_model_len: int, parent: str | None = None) -> dict[str, Any]:
