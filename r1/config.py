@@ -72,6 +72,8 @@ MAX_LOGPROBS = 20
 # Guided decoding: the longest regex or grammar a request may give, and the most choices.
 MAX_GUIDE_CHARS = 65536
 MAX_CHOICES = 1024
+# bad_words: the most words a request may ban.
+MAX_BAD_WORDS = 256
 
 
 # Temperatures below this decode greedily (see SamplingConfig.greedy).
@@ -137,6 +139,13 @@ class SamplingConfig(StrictModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # Stop at the tokenizer's end-of-sequence token(s).
     ignore_eos: bool = False
+    # vLLM's allowed_token_ids: the reply's tokens are only these (None: any); ids in the vocabulary.
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)
+    # vLLM's bad_words: words the reply never writes. Each is banned as the tokens the tokenizer
+    # gives it alone and after a space: the word's last token cannot follow the tokens before it in
+    # the reply (`r1.engine.engine.bad_words_token_ids`).
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_BAD_WORDS)
 
     @field_validator("stop")
     @classmethod
@@ -152,11 +161,11 @@ class SamplingConfig(StrictModel):
             raise ValueError(f"a stop string is {longest} characters; at most {MAX_STOP_CHARS} are allowed")
         return stop
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _stop_ids_not_negative(cls, ids: list[int]) -> list[int]:
-        if any(token < 0 for token in ids):
-            raise ValueError("stop_token_ids must be >= 0")
+    def _ids_not_negative(cls, ids: list[int] | None, info: Any) -> list[int] | None:
+        if ids and any(token < 0 for token in ids):
+            raise ValueError(f"{info.field_name} must be >= 0")
         return ids
 
     @field_validator("logit_bias")

@@ -624,6 +624,49 @@ def test_stop_token_ids_end_the_reply_and_keep_their_text(engine):
         engine.make_request(PROMPTS[1], greedy.model_copy(update={"stop_token_ids": [engine.runner.vocab_size]}))
 
 
+def test_allowed_token_ids_restrict_the_reply_to_them(engine):
+    # vLLM's allowed_token_ids: every token of the reply is one of them, greedy and sampled; a row
+    # beside them is untouched; ids outside the vocabulary are refused naming the field.
+    greedy = SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True)
+    plain = engine.generate_batch([PROMPTS[1]], greedy)[0]
+    digits = [engine.tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    assert not set(plain.token_ids) <= set(digits)  # what the restriction changes
+    only = greedy.model_copy(update={"allowed_token_ids": digits})
+    restricted, beside, *sampled = engine.generate_batch(
+        [PROMPTS[1], PROMPTS[1]] + [PROMPTS[1]] * 3,
+        [only, greedy] + [only.model_copy(update={"temperature": 1.5, "seed": seed}) for seed in range(3)])
+    assert set(restricted.token_ids) <= set(digits) and restricted.text.isdigit() and len(restricted.token_ids) == 12
+    assert all(set(c.token_ids) <= set(digits) for c in sampled) and beside.token_ids == plain.token_ids
+    with pytest.raises(ValueError, match="^allowed_token_ids names token id") as error:
+        engine.make_request("1", greedy.model_copy(update={"allowed_token_ids": [engine.runner.vocab_size]}))
+    assert error.value.field == "allowed_token_ids"
+    with pytest.raises(ValueError, match="^allowed_token_ids cannot be combined with structured output"):
+        engine.make_request("1", greedy.model_copy(update={"allowed_token_ids": digits, "choice": ["1"]}))
+
+
+@pytest.mark.parametrize("word", ["answer", "12"])  # one token after a space; two digit tokens
+def test_bad_words_are_never_written(engine, word):
+    # vLLM's bad_words: the word's last token cannot follow its other tokens, so the reply is the
+    # plain one up to where the word would end, and then goes another way without the word's tokens.
+    from r1.engine.engine import bad_words_token_ids
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=40, ignore_eos=True)
+    plain = engine.generate_batch([PROMPTS[1]], greedy)[0]
+    assert word in plain.text
+    sequences = bad_words_token_ids(engine.tokenizer, [word])
+    assert sequences and all(engine.tokenizer.decode(list(ids)).strip() == word for ids in sequences)
+
+    def first_end(tokens: list[int]) -> int | None:
+        ends = [at + len(ids) for ids in sequences for at in range(len(tokens)) if tuple(tokens[at:at + len(ids)]) == ids]
+        return min(ends, default=None)
+
+    end = first_end(plain.token_ids)
+    assert end is not None  # the word is written as one of its banned sequences
+    banned = engine.generate_batch([PROMPTS[1]], greedy.model_copy(update={"bad_words": [word]}))[0]
+    assert first_end(banned.token_ids) is None
+    assert banned.token_ids[: end - 1] == plain.token_ids[: end - 1] and banned.token_ids[end - 1] != plain.token_ids[end - 1]
+
+
 def test_min_p_keeps_the_tokens_near_the_most_likely_one():
     from r1.engine.sampling import filter_top_k_top_p
 

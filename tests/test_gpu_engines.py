@@ -267,6 +267,23 @@ def test_sampling_translation(sampling, vllm_expected, trtllm_expected):
     assert "stop" not in vllm and "stop" not in trtllm
 
 
+def test_token_masks_go_to_vllm_only_when_asked_and_trtllm_refuses_them():
+    # vLLM's own allowed_token_ids and bad_words (its SamplingParams tokenizes the words); absent
+    # when not asked for (vLLM releases before 0.7 have no such fields). TensorRT-LLM has no
+    # equivalent here: refused naming the field, before anything reaches the package.
+    from r1.engine.trtllm_engine import TensorRTLLMEngine
+
+    masked = vllm_sampling_kwargs(_request(SamplingConfig(temperature=0, allowed_token_ids=[3, 4], bad_words=["x"])))
+    assert (masked["allowed_token_ids"], masked["bad_words"]) == ([3, 4], ["x"])
+    plain = vllm_sampling_kwargs(_request(SamplingConfig(temperature=0)))
+    assert "allowed_token_ids" not in plain and "bad_words" not in plain
+    engine = object.__new__(TensorRTLLMEngine)  # no package needed: the refusal comes first
+    for field, value in (("allowed_token_ids", [3]), ("bad_words", ["x"]), ("logit_bias", {3: 1.0})):
+        with pytest.raises(ValueError, match=f"^{field} is not supported with engine.name: trtllm") as error:
+            engine.make_request("hi", SamplingConfig(**{field: value}))
+        assert error.value.field == field
+
+
 def test_max_new_tokens_is_the_resolved_request_limit():
     request = _request(SamplingConfig(temperature=0), max_new_tokens=37)
     assert vllm_sampling_kwargs(request)["max_tokens"] == 37

@@ -646,3 +646,55 @@ def test_responses_function_tools_read_as_chat_tools_and_calls_come_as_items():
     assert final["tools"] == wanted.tools and final["parallel_tool_calls"] is False
     whole = ResponseEvents(wanted, "m").finished("", "", "tool_calls", 1, 1, 0, made)
     assert [item["type"] for item in whole["output"]] == ["function_call"] and whole["status"] == "completed"
+
+
+def test_input_items_come_from_the_screened_messages():
+    # What GET /v1/responses/{id}/input_items lists is built from the chat messages as the input
+    # screening returned them (a redaction shows), one item per input item, instructions left out.
+    from r1.serving.responses import ResponsesRequest, chat_request, input_items
+
+    wanted = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief.", "input": [
+        {"role": "user", "content": "my card 4111 1111 1111 1111"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},  # dropped, as the prompt drops it
+        {"type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 1}'},
+        {"type": "function_call", "call_id": "c2", "name": "add", "arguments": '{"a": 2}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "1"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "2"}]}]})
+    messages = chat_messages(chat_request(wanted), ServeConfig())
+    screened = [{**m, "content": m["content"].replace("4111 1111 1111 1111", "[已隐藏]")} for m in messages]
+    items = input_items(wanted, screened)
+    assert [(item["type"], item.get("call_id")) for item in items] == [
+        ("message", None), ("function_call", "c1"), ("function_call", "c2"), ("function_call_output", "c1"),
+        ("function_call_output", "c2")]
+    assert items[0]["content"] == [{"type": "input_text", "text": "my card [已隐藏]"}]
+    assert [(item["name"], item["arguments"]) for item in items[1:3]] == [("add", '{"a": 1}'), ("add", '{"a": 2}')]
+    assert [item["output"] for item in items[3:]] == ["1", "2"]
+    assert all(item["status"] == "completed" for item in items) and len({item["id"] for item in items}) == 5
+    # A call whose written block the screening changed keeps the block's text as its arguments.
+    broken = [*screened[:2], {**screened[2], "content": screened[2]["content"].replace('"a": 2', '"a": [已隐藏')}]
+    assert input_items(wanted, broken + screened[3:])[2]["arguments"].endswith('"a": [已隐藏}}')
+
+
+def test_input_item_pages_and_the_stored_format():
+    from r1.serving.responses import page_of_items, read_stored_response, stored_response_data
+
+    items = [{"id": f"msg-{n}"} for n in range(5)]
+    ids = lambda page: [item["id"] for item in page["data"]]  # noqa: E731
+    assert ids(page_of_items(items, 20, "desc", None, None)) == ["msg-4", "msg-3", "msg-2", "msg-1", "msg-0"]
+    first = page_of_items(items, 2, "asc", None, None)
+    assert (ids(first), first["first_id"], first["last_id"], first["has_more"]) == (["msg-0", "msg-1"], "msg-0", "msg-1", True)
+    assert ids(page_of_items(items, 2, "asc", "msg-3", None)) == ["msg-4"]
+    assert not page_of_items(items, 2, "asc", "msg-2", None)["has_more"]
+    assert ids(page_of_items(items, 20, "desc", None, "msg-1")) == ["msg-4", "msg-3", "msg-2"]
+    assert ids(page_of_items(items, 20, "asc", "msg-0", "msg-3")) == ["msg-1", "msg-2"]
+    empty = page_of_items([], 20, "desc", None, None)
+    assert (empty["data"], empty["first_id"], empty["last_id"], empty["has_more"]) == ([], None, None, False)
+    with pytest.raises(APIError) as error:
+        page_of_items(items, 20, "desc", None, "msg-9")
+    assert (error.value.status, error.value.param) == (400, "before")
+    # The stored data: object and items; the items dropped past the size limit; the object alone
+    # (what an earlier revision stored) reads as a response without items.
+    response = {"id": "resp-1", "object": "response", "output": []}
+    assert read_stored_response(stored_response_data(response, items, 10_000)) == (response, items)
+    assert read_stored_response(stored_response_data(response, items, 100)) == (response, None)
+    assert read_stored_response(__import__("json").dumps(response)) == (response, None)

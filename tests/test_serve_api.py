@@ -407,8 +407,20 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
     chat_stop = client.chat.completions.create(**chat, max_tokens=96, stop=["="], stream=True)
     last = [c.choices[0].model_dump() for c in chat_stop if c.choices][-1]
     assert (last["finish_reason"], last["stop_reason"]) == ("stop", "=")
+    # allowed_token_ids: digits only; bad_words: the plain reply's word is not written.
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    only = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=8, temperature=0,
+                                     extra_body={"allowed_token_ids": digits, "ignore_eos": True})
+    assert only.choices[0].text.isdigit() and only.usage.completion_tokens == 8
+    answer = client.chat.completions.create(**chat, max_tokens=96).choices[0].message.model_dump()
+    word = next(w for w in answer["reasoning_content"].split() if w.isdigit() and len(w) >= 2)
+    banned = client.chat.completions.create(**chat, max_tokens=96, extra_body={"bad_words": [word]})
+    assert word not in (banned.choices[0].message.model_dump()["reasoning_content"] or "")
     for extra, param in (({"min_tokens": 9}, "min_tokens"), ({"include_stop_str_in_output": "yes"},
-                                                             "include_stop_str_in_output"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
+                                                             "include_stop_str_in_output"),
+                         ({"allowed_token_ids": [len(tokenizer) + 3]}, "allowed_token_ids"),
+                         ({"allowed_token_ids": []}, "allowed_token_ids"), ({"bad_words": [""]}, "bad_words.0"),
+                         ({"allowed_token_ids": digits, "guided_regex": "[0-9]+"}, "allowed_token_ids"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
         response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 8, **extra})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import itertools
 import time
 import uuid
@@ -309,6 +310,60 @@ def test_stored_responses_continue_branch_and_survive_a_killed_store(env):
     with pytest.raises(openai.NotFoundError):
         api.responses.retrieve(first.id)
     assert api.responses.create(**ask, input="x", previous_response_id=second.id).status == "incomplete"
+
+
+def test_input_items_list_the_screened_input_a_page_at_a_time(env):
+    # GET /v1/responses/{id}/input_items (the stock client's input_items.list): the request's own
+    # input as items (not the instructions), newest first by default, pages by limit and after
+    # (the client follows them); as the input screening let it through (a password redacted in the
+    # store too); function_call and function_call_output items keep their call ids.
+    base = deploy(env, shared_backend(env))
+    api = client(base)
+    arguments = '{"a": 2, "b": 3}'
+    sent = [{"role": "user", "content": "What is 2 + 3? 我的密码是hunter2"},
+            {"type": "function_call", "call_id": "call_7", "name": "add", "arguments": arguments},
+            {"type": "function_call_output", "call_id": "call_7", "output": "5"},
+            {"role": "assistant", "content": "It is 5."},
+            {"role": "developer", "content": [{"type": "input_text", "text": "Answer in words."}]}]
+    tools = [{"type": "function", "name": "add", "parameters": {"type": "object"}}]
+    response = api.responses.create(model=MODEL, input=sent, instructions="Be brief.", tools=tools, max_output_tokens=4,
+                                    temperature=0)
+    listed = [item.model_dump() for item in api.responses.input_items.list(response.id, order="asc", limit=2)]
+    assert [item["type"] for item in listed] == ["message", "function_call", "function_call_output", "message",
+                                                 "message"]
+    user, call, output, assistant, developer = listed
+    assert "hunter2" not in user["content"][0]["text"] and user["content"][0]["text"].startswith("What is 2 + 3? 我的密码是")
+    assert (user["role"], user["content"][0]["type"]) == ("user", "input_text")
+    assert (call["call_id"], call["name"], json.loads(call["arguments"])) == ("call_7", "add", json.loads(arguments))
+    assert (output["call_id"], output["output"]) == ("call_7", "5")
+    assert (assistant["role"], assistant["content"][0]["type"], assistant["content"][0]["text"]) == (
+        "assistant", "output_text", "It is 5.")
+    assert (developer["role"], developer["content"][0]["text"]) == ("developer", "Answer in words.")
+    assert len({item["id"] for item in listed}) == 5
+    # The default order is newest first; a page says where it ends and whether more follow.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    page = httpx.get(f"{base}/v1/responses/{response.id}/input_items", params={"limit": 2}, headers=headers,
+                     timeout=30).json()
+    assert [item["id"] for item in page["data"]] == [listed[4]["id"], listed[3]["id"]]
+    assert (page["object"], page["first_id"], page["last_id"], page["has_more"]) == (
+        "list", listed[4]["id"], listed[3]["id"], True)
+    rest = httpx.get(f"{base}/v1/responses/{response.id}/input_items", params={"after": page["last_id"], "limit": 5},
+                     headers=headers, timeout=30).json()
+    assert [item["id"] for item in rest["data"]] == [item["id"] for item in listed[2::-1]] and not rest["has_more"]
+    # A plain string input is one user message; a continued response lists its own input only.
+    first = api.responses.create(model=MODEL, input="What is 4 + 4?", max_output_tokens=2)
+    second = api.responses.create(model=MODEL, input="And 1 + 1?", previous_response_id=first.id, max_output_tokens=2)
+    assert [item.content[0].text for item in api.responses.input_items.list(second.id)] == ["And 1 + 1?"]
+    # Bad query parameters are 400s naming them; store: false, another key's and unknown ids are 404s.
+    for params, param in (({"limit": 0}, "limit"), ({"limit": "x"}, "limit"), ({"order": "up"}, "order"),
+                          ({"after": "msg-nope"}, "after"), ({"include": "x"}, "include")):
+        answer = httpx.get(f"{base}/v1/responses/{response.id}/input_items", params=params, headers=headers, timeout=30)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+    unsaved = api.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=2)
+    for key, response_id in ((KEY, unsaved.id), (OTHER_KEY, response.id), (KEY, "resp-never-given-out")):
+        with pytest.raises(openai.NotFoundError) as missing:
+            list(client(base, key).responses.input_items.list(response_id))
+        assert missing.value.body["param"] == "response_id"
 
 
 def test_a_long_chain_of_responses_stores_the_window_it_shows(env):

@@ -32,7 +32,16 @@ from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
 from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
-from r1.serving.responses import ResponseEvents, ResponsesRequest, chat_request, responses_error
+from r1.serving.responses import (
+    ResponseEvents,
+    ResponsesRequest,
+    chat_request,
+    input_items,
+    page_of_items,
+    read_stored_response,
+    responses_error,
+    stored_response_data,
+)
 from r1.serving.tools import ToolCallStream, ToolPlan, call_text, tools_prompt, with_tools_prompt
 from r1.serving.protocol import (
     APIError,
@@ -63,6 +72,7 @@ from r1.serving.protocol import (
     usage_dict,
 )
 from r1.sessions import pending_session
+from r1.sessions.store import MAX_DATA_CHARS
 from r1.telemetry import (
     TRACE_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -214,13 +224,26 @@ class _Choice:
         return "\n".join(([answer] if answer else []) + calls)
 
 
+def _list_limit(value: str | None) -> int:
+    """A list route's `limit` query parameter: 1 to 100, 20 when not given (OpenAI's)."""
+    if value is None:
+        return 20
+    if not value.isdigit() or not 1 <= int(value) <= 100:
+        raise APIError(400, f"limit must be an integer from 1 to 100, not {value[:32]!r}", param="limit",
+                       code="invalid_value")
+    return int(value)
+
+
 def _response_not_stored(response_id: str) -> APIError:
     """The 404 of the stored-response routes (GET and DELETE /v1/responses/{id})."""
     return APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id", code="response_not_found")
 
 
-def _json_text(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+def _stored_response(events: ResponseEvents | None, response: dict[str, Any] | None) -> str | None:
+    """What a stored response keeps beside its exchange (the session's `data`)."""
+    if events is None or response is None:
+        return None
+    return stored_response_data(response, events.input_items, MAX_DATA_CHARS)
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
@@ -337,7 +360,31 @@ class OpenAIIngress:
             stored = await self.sessions.read(response_id, owner) if self.sessions is not None else None
             if stored is None or stored.data is None:  # a chat session of that id holds no response
                 raise _response_not_stored(response_id)
-            return Response(stored.data, media_type="application/json")
+            return JSONResponse(read_stored_response(stored.data)[0])
+
+        return await self._traced(request, "responses", answer)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(self, response_id: str, request: Request) -> Response:
+        """A stored response's input items (`client.responses.input_items.list`), as screened, a
+        page at a time: `limit` (1-100, default 20), `order` (asc or desc, the default), `after` /
+        `before` an item id."""
+        async def answer(*_: Any) -> Response:
+            owner = self.auth.check(request.headers.get("authorization"))
+            query = request.query_params
+            limit, order = _list_limit(query.get("limit")), query.get("order", "desc")
+            if order not in ("asc", "desc"):
+                raise APIError(400, f"order must be asc or desc, not {order[:32]!r}", param="order", code="invalid_value")
+            if query.get("include"):
+                raise APIError(400, "include is not supported; omit it", param="include", code="unsupported")
+            stored = await self.sessions.read(response_id, owner) if self.sessions is not None else None
+            if stored is None or stored.data is None:
+                raise _response_not_stored(response_id)
+            items = read_stored_response(stored.data)[1]
+            if items is None:
+                raise APIError(404, f"the input items of response '{response_id[:64]}' were not kept (too large, or "
+                               "stored by an earlier r1-cluster)", param="response_id", code="response_not_found")
+            return JSONResponse(page_of_items(items, limit, order, query.get("after"), query.get("before")))
 
         return await self._traced(request, "responses", answer)
 
@@ -482,6 +529,8 @@ class OpenAIIngress:
                     offered = tools_prompt(plan) if plan is not None else ""  # screened as `tools`
                     await self._check_prompt_fits(with_tools_prompt(messages, offered), "messages")
                     messages, offered = await self.screen.input_messages(messages, offered)
+                    if events is not None:  # stored with the response: the screened input only
+                        events.input_items = input_items(wanted, messages)
                     prompts = [with_tools_prompt(messages, offered)]
                 else:  # one prompt, or a batch of them
                     prompts, params = completion_prompts(parsed, self.config)
@@ -546,7 +595,7 @@ class OpenAIIngress:
             await self._drain(streams, starts, choices)
             answered = await self._response_object(events, choices) if events is not None else None
             if turn is not None:  # a stored response keeps its object, for GET /v1/responses/{id}
-                await self.sessions.finish_turn(turn, choices[0].stored_reply(), _json_text(answered))
+                await self.sessions.finish_turn(turn, choices[0].stored_reply(), _stored_response(events, answered))
         except APIError as error:
             return failed(error)
         except asyncio.CancelledError:
@@ -882,7 +931,8 @@ class OpenAIIngress:
                 try:
                     with use_span(root):
                         await self.sessions.finish_turn(turn, choices[0].stored_reply(),
-                                                        _json_text(events.last_response if events is not None else None))
+                                                        _stored_response(events, events.last_response)
+                                                        if events is not None else None)
                 except APIError as error:
                     status = error.status
                     yield events.error(error) if events is not None else sse(error.body())

@@ -241,7 +241,8 @@ def new_request(
     prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
     if not prompt_ids:
         raise RequestError("the prompt is empty")
-    for field, ids in (("logit_bias", sampling.logit_bias), ("stop_token_ids", sampling.stop_token_ids)):
+    for field, ids in (("logit_bias", sampling.logit_bias), ("stop_token_ids", sampling.stop_token_ids),
+                       ("allowed_token_ids", sampling.allowed_token_ids or ())):
         beyond = [token for token in ids if token >= vocab_size]
         if beyond:
             raise RequestError(f"{field} names token id {beyond[0]}, outside the model's vocabulary of {vocab_size} tokens",
@@ -256,7 +257,22 @@ def new_request(
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         stop_token_ids=stop_ids,
+        bad_words_ids=bad_words_token_ids(tokenizer, sampling.bad_words),
     )
+
+
+def bad_words_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences `words` are banned as: each word (leading spaces dropped) as it is
+    tokenized alone, and after a space, which byte-level tokenizers often write as other tokens
+    (" answer" one token, "answer" three). vLLM keeps the spaced form only when it has as many
+    tokens as the bare one, so a word like that stays writable after a space there."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids:
+                sequences.append(ids)
+    return tuple(dict.fromkeys(sequences))
 
 
 def chat_template_prefills_think(tokenizer: Any) -> bool:
@@ -393,6 +409,9 @@ class TransformersEngine:
         request.adapter = index
         constraint = constraint_of(sampling)
         if constraint is not None:
+            if sampling.allowed_token_ids is not None:  # the two masks could leave no token at all
+                raise RequestError("allowed_token_ids cannot be combined with structured output (response_format "
+                                   "json_object/json_schema, guided decoding)", "allowed_token_ids")
             if sampling.min_tokens:  # it would hold back the end-of-sequence a complete reply must take
                 raise RequestError("min_tokens cannot be combined with structured output (response_format json_object/"
                                    "json_schema, guided decoding)", "min_tokens")

@@ -37,10 +37,17 @@ class RowState:
     hold_steps: int = 0
     # Structured output: masks the tokens that would break the constraint (r1.engine.structured).
     constraint: GrammarConstraint | None = None
+    # allowed_token_ids: the tokens the row may take (a vocabulary mask made at its first step).
+    allowed_ids: torch.Tensor | None = None
+    blocked: torch.Tensor | None = None
+    # bad_words: their token sequences, and the row's last tokens (as many as the longest's prefix).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    recent_ids: list[int] | None = None
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device,
-               ending_ids: frozenset[int] = frozenset(), constraint: GrammarConstraint | None = None) -> RowState:
+               ending_ids: frozenset[int] = frozenset(), constraint: GrammarConstraint | None = None,
+               bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> RowState:
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")
@@ -56,12 +63,37 @@ class RowState:
         hold = None
         if sampling.min_tokens and ending_ids:
             hold = torch.tensor(sorted(ending_ids), dtype=torch.long, device=device)
+        allowed = None
+        if sampling.allowed_token_ids is not None:
+            allowed = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long, device=device)
         return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias,
-                   ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0, constraint=constraint)
+                   ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0, constraint=constraint,
+                   allowed_ids=allowed, bad_words_ids=bad_words_ids, recent_ids=[] if bad_words_ids else None)
+
+    def banned_now(self) -> list[int]:
+        """The last tokens of the bad words whose other tokens the reply has just written (vLLM's
+        rule: a one-token word always; the prompt does not count)."""
+        recent = self.recent_ids or []
+        banned = []
+        for ids in self.bad_words_ids:
+            before = len(ids) - 1
+            if before <= len(recent) and (before == 0 or tuple(recent[-before:]) == ids[:-1]):
+                banned.append(ids[-1])
+        return banned
+
+    def mask_allowed(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of tokens outside allowed_token_ids to -inf (in place; [vocab])."""
+        if self.blocked is None or self.blocked.shape[-1] != logits_row.shape[-1]:
+            self.blocked = torch.ones(logits_row.shape[-1], dtype=torch.bool, device=logits_row.device)
+            self.blocked[self.allowed_ids] = False
+        logits_row.masked_fill_(self.blocked, float("-inf"))
 
     def observe(self, token_id: int) -> None:
         if self.constraint is not None:
             self.constraint.observe(token_id)
+        if self.recent_ids is not None:
+            self.recent_ids.append(token_id)
+            del self.recent_ids[: -max(len(ids) for ids in self.bad_words_ids)]
         if self.hold_steps:
             self.hold_steps -= 1
         if self.output_counts is not None:
@@ -138,6 +170,12 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
             logits[i, row.ending_ids] = float("-inf")
         if row.constraint is not None and row.constraint.active:
             row.constraint.mask(logits[i : i + 1])
+        if row.allowed_ids is not None:
+            row.mask_allowed(logits[i])
+        if row.bad_words_ids:
+            banned = row.banned_now()
+            if banned:
+                logits[i, banned] = float("-inf")
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:

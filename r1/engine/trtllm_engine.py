@@ -130,9 +130,11 @@ class TensorRTLLMEngine(AsyncPackageEngine):
 
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
                      adapter: str | None = None) -> Request:
-        if sampling.logit_bias:
-            raise RequestError("logit_bias is not supported with engine.name: trtllm; use the transformers or vllm engine",
-                               "logit_bias", "unsupported")
+        for field, value in (("logit_bias", sampling.logit_bias), ("allowed_token_ids", sampling.allowed_token_ids),
+                             ("bad_words", sampling.bad_words)):
+            if value:
+                raise RequestError(f"{field} is not supported with engine.name: trtllm; use the transformers or vllm "
+                                   "engine", field, "unsupported")
         return super().make_request(prompt, sampling, request_id, adapter)
 
     def _build_llm(self, facts: CheckpointFacts, model_config: ModelConfig, engine_config: EngineConfig) -> Any:

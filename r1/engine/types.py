@@ -108,6 +108,8 @@ class Request:
     # The model's end-of-sequence ids (ignored with sampling.ignore_eos; sampling.stop_token_ids
     # end the reply too).
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # sampling.bad_words as the token sequences they are banned as (`bad_words_token_ids`).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # Structured output: the compiled grammar of sampling.json_schema (`r1.engine.structured`), and
     # the token after which it applies (None: from the first token).
     grammar: Any = None

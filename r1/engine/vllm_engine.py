@@ -35,7 +35,11 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
     """
     sampling = request.sampling
     greedy = sampling.greedy
+    # Only when asked for: releases before vLLM 0.7 have no such SamplingParams field.
+    masks = {key: value for key, value in (("allowed_token_ids", sampling.allowed_token_ids),
+                                           ("bad_words", sampling.bad_words)) if value}
     return {
+        **masks,
         "n": 1,
         "max_tokens": request.max_new_tokens,
         "temperature": 0.0 if greedy else sampling.temperature,

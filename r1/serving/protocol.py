@@ -10,7 +10,7 @@ with a 400 naming the field when a request asks for them, rather than silently i
 neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (`tools`,
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`include_stop_str_in_output`, guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
 `structured_outputs`) and `response_format` on completions.
 """
 
@@ -119,6 +119,8 @@ class _SamplingFields(LenientModel):
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     include_stop_str_in_output: StrictBool | None = None
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    bad_words: list[str] | None = None
     # vLLM's guided decoding (`requested_constraint`): at most one of these, structured_outputs and a
     # non-text response_format. guided_json: a JSON schema (an object, or its JSON text).
     guided_json: dict[str, Any] | str | None = None
@@ -341,7 +343,8 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
         raise APIError(400, f"n={request.n} exceeds this server's limit of {config.max_n}; use n <= {config.max_n}", param="n", code="limit_exceeded")
     updates: dict[str, Any] = {}
     for field in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                  "logit_bias", "min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output"):
+                  "logit_bias", "min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                  "allowed_token_ids", "bad_words"):
         value = getattr(request, field)
         if value is not None:
             updates[field] = value

@@ -23,6 +23,10 @@ kept by the ingress in the session store (`actors.session_store`): a stored resp
 named by the response's id, holding the conversation up to and including its answer, so any
 stored response can be continued, again and again (branches), and survives a restart of the store.
 
+A stored response also keeps its request's input as items (`input_items`, listed by
+`GET /v1/responses/{id}/input_items`): built from the screened messages, so the store holds what
+the input screening let through, never the raw input.
+
 Not implemented, refused with a 400 naming the field when asked for: tools other than functions,
 `background`, `include`. `reasoning` settings are accepted and not used.
 """
@@ -36,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictBool
 
+from r1.serving import tools
 from r1.serving.protocol import APIError, ChatCompletionRequest, LenientModel, parse_request, new_id
 
 
@@ -223,6 +228,70 @@ def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
     return APIError(error.status, message, param=param, code=error.code, type=error.type)
 
 
+def input_items(request: ResponsesRequest, screened: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The request's input as the items `GET /v1/responses/{id}/input_items` lists, in input order:
+    its messages, function_call and function_call_output items (instructions are not input; a
+    reasoning item sent back is dropped, as the prompt drops it). `screened` holds the request's chat
+    messages (`chat_request`), as the input screening returned them: the texts come from there, so a
+    redaction shows in the stored items too."""
+    items: list[dict[str, Any]] = []
+    for (message, source), chat in zip(_messages(request), screened):
+        text = chat["content"]
+        if source == "instructions":
+            continue
+        if source.endswith(".calls"):  # written out as <tool_call> blocks, one per call
+            written = tools.written_calls(text)
+            for number, call in enumerate(message["tool_calls"]):
+                name, arguments = written[number] if number < len(written) else (None, "")
+                items.append({"type": "function_call", "id": new_id("fc"), "call_id": call["id"],
+                              "name": name or call["function"]["name"], "arguments": arguments, "status": "completed"})
+        elif message["role"] == "tool":  # a result, wrapped as the model reads results
+            output = text.removeprefix(tools.RESULT_OPEN).removesuffix(tools.RESULT_CLOSE)
+            items.append({"type": "function_call_output", "id": new_id("fco"), "call_id": message["tool_call_id"],
+                          "output": output, "status": "completed"})
+        else:
+            kind = "output_text" if message["role"] == "assistant" else "input_text"
+            part = {"type": kind, "text": text, **({"annotations": []} if kind == "output_text" else {})}
+            items.append({"type": "message", "id": new_id("msg"), "role": message["role"], "status": "completed",
+                          "content": [part]})
+    return items
+
+
+def stored_response_data(response: dict[str, Any], items: list[dict[str, Any]], max_chars: int) -> str:
+    """A stored response's `data` (kept with its exchange in the session store): the response object
+    and its input items; the items left out (null) when both would take more than `max_chars`."""
+    data = json.dumps({"response": response, "input_items": items}, ensure_ascii=False)
+    if len(data) > max_chars:
+        data = json.dumps({"response": response, "input_items": None}, ensure_ascii=False)
+    return data
+
+
+def read_stored_response(data: str) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """The response object and input items of a stored response's `data` (items None: not kept;
+    a response stored before input items were kept has the object alone as its data)."""
+    stored = json.loads(data)
+    if stored.get("object") == "response":
+        return stored, None
+    return stored["response"], stored["input_items"]
+
+
+def page_of_items(items: list[dict[str, Any]], limit: int, order: str, after: str | None,
+                  before: str | None) -> dict[str, Any]:
+    """One page of a response's input items, as OpenAI's list answers: `order` "asc" (input order)
+    or "desc" (the default: last first), after / before an item id, at most `limit` of them."""
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in ordered]
+    for param, cursor in (("after", after), ("before", before)):
+        if cursor is not None and cursor not in ids:
+            raise APIError(400, f"{param}: no input item '{cursor[:64]}' in this response", param=param,
+                           code="invalid_value")
+    start = ids.index(after) + 1 if after is not None else 0
+    end = ids.index(before) if before is not None else len(ordered)
+    page = ordered[start:end][:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": end - start > limit}
+
+
 def _usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
     return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens}, "total_tokens": input_tokens + output_tokens}
@@ -246,6 +315,7 @@ class ResponseEvents:
         self._items: list[str] = []  # the output items opened so far, in order ("call:N" for calls[N])
         self.calls: list[dict[str, Any]] = []  # function_call items (chat tool calls in the Responses shape)
         self.last_response: dict[str, Any] | None = None  # the finished response object, once `closing` made it
+        self.input_items: list[dict[str, Any]] = []  # the request's input, screened (`input_items`)
 
     # -- the response object -------------------------------------------------------------------
     def _reasoning_item(self, status: str) -> dict[str, Any]:

@@ -43,6 +43,8 @@ from r1.serving.errors import APIError
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+# A tool's result as the model reads it: between these (`result_text`).
+RESULT_OPEN, RESULT_CLOSE = "<tool_response>\n", "\n</tool_response>"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would let a final "\n" through
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.DOTALL)
 
@@ -202,7 +204,7 @@ def call_text(name: str, arguments: str) -> str:
 
 def result_text(content: str) -> str:
     """A tool's result as the model reads it."""
-    return f"<tool_response>\n{content}\n</tool_response>"
+    return f"{RESULT_OPEN}{content}{RESULT_CLOSE}"
 
 
 def new_call(name: str, arguments: str) -> dict[str, Any]:
@@ -211,6 +213,23 @@ def new_call(name: str, arguments: str) -> dict[str, Any]:
 
 def _arguments(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def written_calls(text: str) -> list[tuple[str | None, str]]:
+    """The calls written in `text` (as `call_text` writes them), each as (name, arguments JSON);
+    a block that is not such a call (changed by the input screening, say) as (None, its text)."""
+    calls: list[tuple[str | None, str]] = []
+    for block in _BLOCK.finditer(text):
+        try:
+            call = json.loads(block.group(1))
+        except ValueError:
+            call = None
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            arguments = call.get("arguments", {})
+            calls.append((call["name"], arguments if isinstance(arguments, str) else _arguments(arguments)))
+        else:
+            calls.append((None, block.group(1).strip()))
+    return calls
 
 
 def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[list[dict[str, Any]], str] | None:
