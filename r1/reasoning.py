@@ -17,6 +17,9 @@ Rules (the same for `split_reasoning` and `ReasoningParser`):
 - A `</think>` before any `<think>` in `think_prefilled=False` mode is ordinary content text, and a
   `<think>` inside reasoning that has already started is ordinary reasoning text.
 - Tags match exactly (case-sensitive, no inner spaces).
+- `continuing=True`: the stream continues text already written (a prefix message the reply goes
+  on from), so its start is taken as it is: no whitespace dropped there (rules 1 and 3 below) and
+  no repeated opener dropped; whitespace after `</think>` still is.
 
 Whitespace: exactly these runs are dropped, nothing else:
 
@@ -66,13 +69,14 @@ class ReasoningParser:
     totals as `split_reasoning(text)`. One parser per stream: feeding after `finish()` is an error.
     """
 
-    def __init__(self, think_prefilled: bool = True) -> None:
+    def __init__(self, think_prefilled: bool = True, continuing: bool = False) -> None:
         self.think_prefilled = think_prefilled
-        self._state = _REASONING_START if think_prefilled else _CONTENT_BEFORE
+        start = _REASONING if continuing else _REASONING_START
+        self._state = start if think_prefilled else _CONTENT_BEFORE
         self._pending = ""  # held-back text that may be the start of a tag
         # Drop whitespace until the next content text: true at the start of the content and right
         # after </think>.
-        self._strip_content_whitespace = True
+        self._strip_content_whitespace = not continuing
         self._closed = False
 
     @property

@@ -624,6 +624,33 @@ def test_stop_token_ids_end_the_reply_and_keep_their_text(engine):
         engine.make_request(PROMPTS[1], greedy.model_copy(update={"stop_token_ids": [engine.runner.vocab_size]}))
 
 
+def test_a_prefix_message_is_continued_as_its_rendering_would_be(engine):
+    # A final assistant message marked prefix (DeepSeek's prefix completion, vLLM's
+    # continue_final_message) is rendered cut after its text: the reply is the greedy continuation
+    # of that text, as a raw prompt of it gives. A prefix inside the reasoning goes on reasoning,
+    # so structured output waits for </think>; a prefix of the answer is constrained at once.
+    from r1.chat_template import render_chat
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=24)
+    question = {"role": "user", "content": "What is 2 + 3?"}
+    for start in ("The answer is", "<think>\nFirst, 2"):
+        chat = [question, {"role": "assistant", "content": start, "prefix": True}]
+        text = render_chat(engine.tokenizer, chat)
+        assert text.endswith("<｜Assistant｜>" + start)  # no end of turn, no generation prompt
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        continued, raw = engine.generate_batch([chat, ids], greedy)
+        assert continued.token_ids == raw.token_ids and continued.text == raw.text
+    plain = engine.generate_batch([[question]], greedy)[0]
+    assert continued.token_ids != plain.token_ids  # the prefix changed the reply
+    choices = SamplingConfig(temperature=0, max_new_tokens=64, choice=["5", "6"])
+    answer, reasoning = engine.generate_batch(
+        [[question, {"role": "assistant", "content": "The answer is ", "prefix": True}],
+         [question, {"role": "assistant", "content": "<think>\nFirst, 2", "prefix": True}]], choices)
+    assert answer.text in ("5", "6")
+    thought, closed, rest = reasoning.text.partition("</think>")
+    assert closed and thought.strip() and rest in ("5", "6"), reasoning.text
+
+
 def test_allowed_token_ids_restrict_the_reply_to_them(engine):
     # vLLM's allowed_token_ids: every token of the reply is one of them, greedy and sampled; a row
     # beside them is untouched; ids outside the vocabulary are refused naming the field.

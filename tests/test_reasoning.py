@@ -163,6 +163,20 @@ def test_non_prefilled_holds_back_a_partial_opener() -> None:
     assert parser.reasoning_closed
 
 
+@pytest.mark.parametrize(("think_prefilled", "chunks", "expected"), [
+    # Continuing the answer ("The answer is" + " 5."): its leading space stays; a stray </think> is text.
+    (False, [" 5", ".\n</think> x"], ("", " 5.\n</think> x")),
+    # Continuing the reasoning ("First, 2" + " + 3 = 5"): no whitespace or repeated opener dropped at
+    # the start; after </think> the answer's leading whitespace still is.
+    (True, [" + 3", " = 5\n</think>\n\n", "5"], (" + 3 = 5\n", "5")),
+    (True, ["<think>x</think>y"], ("<think>x", "y")),
+])
+def test_a_continued_stream_keeps_its_start(think_prefilled, chunks, expected) -> None:
+    parser = ReasoningParser(think_prefilled, continuing=True)
+    deltas = [parser.feed(chunk) for chunk in chunks] + [parser.finish()]
+    assert ("".join(r for r, _ in deltas), "".join(c for _, c in deltas)) == expected
+
+
 def test_reasoning_closed_flag() -> None:
     # The flag tells a caller whether the model ever closed its reasoning.
     parser = ReasoningParser()

@@ -624,6 +624,65 @@ def test_guided_decoding_over_http(server, client):
         assert error["param"] == param and words in error["message"], error
 
 
+def test_a_prefix_message_is_continued_over_http(server, client, tokenizer):
+    # DeepSeek's prefix completion ("prefix": true on the last assistant message; reasoning_content
+    # continues the reasoning) and vLLM's continue_final_message: the reply continues the rendered
+    # start as a raw completion of that rendering does; the session stores the start and the
+    # continuation as one message; /tokenize counts the same prompt; misuse is a 400 naming the field.
+    from r1.chat_template import render_chat
+
+    question = {"role": "user", "content": "What is 2 + 3?"}
+    ask = {"model": MODEL, "temperature": 0, "max_tokens": 48}
+    start = "The answer is"
+    raw = client.completions.create(**ask, prompt=render_chat(tokenizer, [question, {
+        "role": "assistant", "content": start, "prefix": True}])).choices[0].text
+    assert raw[:1].isspace()  # kept as it is: the continuation's leading space joins it to the start
+    reply = client.chat.completions.with_raw_response.create(
+        **ask, messages=[question, {"role": "assistant", "content": start}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    message = reply.parse().choices[0].message.model_dump()
+    assert (message["content"], message["reasoning_content"]) == (raw, None)
+    stored = httpx.get(f"{server}/v1/sessions/{reply.headers['x-session-id']}", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=30).json()["messages"]
+    assert stored == [question, {"role": "assistant", "content": start + raw}]
+    # A start of the reasoning (DeepSeek's reasoning_content on the prefix): the reply reasons on.
+    thinking = render_chat(tokenizer, [question, {"role": "assistant", "content": "<think>\nFirst, 2", "prefix": True}])
+    raw = client.completions.create(**ask, prompt=thinking).choices[0].text
+    streamed = list(client.chat.completions.create(**ask, stream=True, messages=[question, {
+        "role": "assistant", "content": "", "reasoning_content": "First, 2", "prefix": True}]))
+    reasoning = "".join(c.choices[0].delta.model_dump().get("reasoning_content") or "" for c in streamed if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert raw.startswith(reasoning) and reasoning.strip() and raw.endswith(content)
+    # The start is the output screening's context: digits after "密码是" are a password, redacted
+    # (the same digits without that start pass).
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    forced = {**ask, "max_tokens": 6, "extra_body": {"allowed_token_ids": digits, "ignore_eos": True}}
+    plain = client.chat.completions.create(**forced, messages=[question, {"role": "assistant", "content": "好的，",
+                                                                         "prefix": True}])
+    assert plain.choices[0].message.content.isdigit()
+    secret = client.chat.completions.create(**forced, messages=[question, {"role": "assistant", "content": "好的，我的密码是",
+                                                                          "prefix": True}])
+    assert not any(ch.isdigit() for ch in secret.choices[0].message.content), secret.choices[0].message.content
+    counted = httpx.post(f"{server}/tokenize", headers={"Authorization": f"Bearer {KEY}"}, timeout=30, json={
+        "model": MODEL, "messages": [question, {"role": "assistant", "content": start}], "continue_final_message": True,
+        "add_generation_prompt": False}).json()["tokens"]
+    assert counted == tokenizer.encode(render_chat(tokenizer, [question, {"role": "assistant", "content": start,
+                                                                          "prefix": True}]), add_special_tokens=False)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra, param in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+        ({"continue_final_message": True, "tools": tools}, "tools"),
+        ({"messages": [question], "continue_final_message": True}, "continue_final_message"),
+        ({"messages": [question, {"role": "assistant", "content": "<think>a</think>b", "prefix": True}]},
+         "messages.1.content"),
+        ({"messages": [{**question, "prefix": True}, {"role": "assistant", "content": "x"}]}, "messages.0.prefix"),
+    ):
+        body = {**ask, "messages": [question, {"role": "assistant", "content": start}], **extra}
+        response = _post(server, "/v1/chat/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_tokenize_counts_what_the_engine_sees_and_detokenize_inverts_it(server, client, tokenizer):
     headers = {"Authorization": f"Bearer {KEY}"}
 

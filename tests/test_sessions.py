@@ -251,6 +251,20 @@ def test_plan_turn():
         plan_turn(session, [{"role": "robot", "content": "x"}], window_messages=10)
 
 
+def test_a_continued_message_is_stored_as_one_with_its_reply():
+    # A final assistant message the reply continues (prefix) goes to the prompt marked, and is stored
+    # as one assistant message with the reply; a start inside the reasoning is not stored (nor is
+    # any reasoning).
+    session = Session(SID, "key-a", 1.0, 2.0, 2, exchanges(11, 11))
+    start = {"role": "assistant", "content": "The answer is", "prefix": True}
+    turn = plan_turn(session, [user(12), start], window_messages=10)
+    assert turn.prompt == exchanges(11, 11) + [user(12), start]
+    assert turn.exchange(" 5.") == [user(12), {"role": "assistant", "content": "The answer is 5."}]
+    thinking = {"role": "assistant", "content": "<think>\nFirst,", "prefix": True}
+    assert plan_turn(session, [user(12), thinking], window_messages=10).exchange("5.") == [
+        user(12), {"role": "assistant", "content": "5."}]
+
+
 @pytest.mark.parametrize("messages", [
     [{"role": ["user"], "content": "x"}],  # unhashable role: a ValueError, not a TypeError
     [{"role": "user", "content": [{"type": "text", "text": "x"}]}],  # content parts: the ingress joins them first

@@ -26,6 +26,7 @@ from actors.session_store import SESSION_HEADER, SessionClient, token_counting
 from actors.tracing import setup_actor_tracing
 from cluster.serve.codegen import run_code_loop
 from cluster.serve.screening import OutputScreen, Screening
+from r1.chat_template import continued_message, continues_reasoning
 from r1.config import ServeConfig
 from r1.metrics import GenerationTimer
 from r1.model import load_tokenizer
@@ -138,8 +139,9 @@ class _Choice:
     """Collects one choice's stream: output screening, reasoning split, usage, log-probabilities."""
 
     def __init__(self, split_reasoning: bool, think_prefilled: bool, screen: OutputScreen, logprobs: bool = False,
-                 tools: ToolPlan | None = None):
-        self.parser = ReasoningParser(think_prefilled=think_prefilled) if split_reasoning else None
+                 tools: ToolPlan | None = None, continuing: bool = False):
+        # continuing: the reply goes on from a prefix message (its start kept as it is).
+        self.parser = ReasoningParser(think_prefilled, continuing) if split_reasoning else None
         # The answer's tool calls (a request offering tools): found in the screened content after the reasoning.
         self.calls = ToolCallStream(tools) if tools is not None else None
         self.unsent_calls: list[dict[str, Any]] = []  # a stream's: made, not yet in a chunk
@@ -515,6 +517,11 @@ class OpenAIIngress:
             plan = request_tools(parsed) if chat else None
             if plan is not None:
                 sampling = tool_sampling(parsed, plan, sampling, self.config.engine.engine)
+            if chat and continued_message(messages) is not None:  # the reply continues the last message
+                for param, asked in (("tools", plan is not None), ("code_validation", parsed.code_validation)):
+                    if asked:
+                        raise APIError(400, f"{param} cannot be combined with a continued last message (prefix, "
+                                       "continue_final_message)", param=param, code="invalid_value")
             opening = None
             # A chat session (not for Responses requests: stored under their response's id, below).
             if chat and self.sessions is not None and not responses:
@@ -568,6 +575,9 @@ class OpenAIIngress:
             raise
         response_id = new_id("chatcmpl" if chat else "cmpl")
         think_prefilled = bool(starts[0].get("think_prefilled"))
+        prefill = continued_message(messages) if chat else None  # as screened
+        if prefill is not None:  # the reply goes on from it: reasoning only when it stopped inside the reasoning
+            think_prefilled = continues_reasoning(prefill)
         echo = not chat and parsed.echo
         if echo:
             # The prompt (as screened for input) opens each choice's text and goes through its output
@@ -577,8 +587,8 @@ class OpenAIIngress:
                 echoed = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
                 start["text"], start["echo_chars"] = echoed + start["text"], len(echoed)
         choices = [_Choice(chat, think_prefilled, self.screen.output_stream(
-            "" if chat or echo else self._continued_text(prompts[index // parsed.n])), sampling.logprobs is not None,
-            plan) for index in range(len(streams))]
+            self._screening_context(chat, echo, prompts[index // parsed.n], prefill)), sampling.logprobs is not None,
+            plan, continuing=prefill is not None) for index in range(len(streams))]
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
@@ -699,9 +709,16 @@ class OpenAIIngress:
             return 0
         return len(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False))
 
+    def _screening_context(self, chat: bool, echo: bool, prompt: Any, prefill: dict[str, Any] | None) -> str:
+        """The end of the text a reply continues, as its output screening's context: a completion's
+        prompt, the start of a continued assistant message; none for a new chat message (it comes
+        after the template's role markers) or an echoed prompt (screened as output itself)."""
+        if prefill is not None:
+            return prefill["content"][-CONTINUED_CHARS:]
+        return "" if chat or echo else self._continued_text(prompt)
+
     def _continued_text(self, prompt: str | list[int]) -> str:
-        """The end of the text a completion continues, as output screening's context (a chat reply
-        is a new message after the template's role markers, so it gets none)."""
+        """The end of the text a completion continues."""
         if isinstance(prompt, str):
             return prompt[-CONTINUED_CHARS:]
         return self.tokenizer.decode(prompt[-CONTINUED_CHARS:], skip_special_tokens=False)

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import torch
 
-from r1.chat_template import render_chat
+from r1.chat_template import continued_message, continues_reasoning, render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
 from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
@@ -417,7 +417,9 @@ class TransformersEngine:
                                    "json_schema, guided decoding)", "min_tokens")
             request.grammar = self.grammars.compile(*constraint)
             chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            request.grammar_gate = self.grammars.think_end_id if chat and self.think_prefilled else None
+            continued = continued_message(prompt) if chat else None
+            reasoning_first = self.think_prefilled if continued is None else continues_reasoning(continued)
+            request.grammar_gate = self.grammars.think_end_id if chat and reasoning_first else None
         return request
 
     # -- streaming API (background decode thread) ------------------------------------------

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Sequence
 
+from r1.chat_template import continued_message, continues_reasoning
 from r1.sessions.store import Session, check_messages, check_session_id
 from r1.sessions.window import Message, TokenCounter, build_window
 
@@ -36,8 +37,14 @@ class Turn:
     pending: bool = False
 
     def exchange(self, reply: str) -> list[Message]:
-        """What to append once the reply is known: the request's messages, then the assistant's."""
-        return [*self.new_messages, {"role": "assistant", "content": reply}]
+        """What to append once the reply is known: the request's messages, then the assistant's; a
+        start of the assistant's message the reply continues (`prefix`) becomes one message with it
+        (a start inside the reasoning adds nothing: the reasoning is not stored)."""
+        continued = continued_message(self.new_messages)
+        if continued is None:
+            return [*self.new_messages, {"role": "assistant", "content": reply}]
+        start = "" if continues_reasoning(continued) else continued["content"]
+        return [*self.new_messages[:-1], {"role": "assistant", "content": start + reply}]
 
 
 def resolve_session_id(body_value: object, header_value: str | None) -> str | None:
@@ -55,6 +62,8 @@ def new_turn_id() -> str:
 def turn_messages(request_messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
     """(all messages, the ones to store): validated; a turn needs at least one non-system message."""
     messages = check_messages(list(request_messages))
+    if request_messages and continued_message(list(request_messages)) is not None:
+        messages[-1]["prefix"] = True  # the reply continues it (`Turn.exchange`)
     new_messages = [m for m in messages if m["role"] != "system"]
     if not new_messages:
         raise ValueError("a turn in a session needs at least one non-system message (the user's message)")
