@@ -857,7 +857,8 @@ FUZZ_VALUES = [None, True, 0, -1, 1, 10**30, 1e308, -0.5, "", "x", MODEL, "\x00"
                {"type": "x"}, [{}], [{"role": "user"}]]
 FUZZ_FIELDS = ["n", "best_of", "stream", "logprobs", "echo", "session_id", "previous_response_id", "tool_choice",
                "parallel_tool_calls", "max_completion_tokens", "functions", "store", "guided_json",
-               "guided_grammar"]
+               "guided_grammar", "continue_final_message", "add_generation_prompt", "allowed_token_ids", "bad_words",
+               "include_stop_str_in_output"]
 
 
 def _mutated(body: dict, rng: random.Random) -> tuple[dict, str]:
