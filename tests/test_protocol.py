@@ -406,7 +406,7 @@ def test_response_events_stream_the_items_in_order_and_end_with_the_status():
 
 
 def test_logprobs_wire_formats():
-    from r1.serving.logprobs import chat_logprobs, completion_logprobs
+    from r1.serving.logprobs import chat_logprobs, completion_logprobs, token_id_name
 
     texts = {1: "Hi", 2: " 你", 3: "!"}.__getitem__
     entries = [(1, -0.25, ((1, -0.25), (3, -2.0)), 2), (2, -1.5, ((3, -0.5), (2, -1.5)), 2), (3, float("-inf"), (), 1)]
@@ -415,14 +415,21 @@ def test_logprobs_wire_formats():
                        "top_logprobs": [{"token": "!", "logprob": -0.5, "bytes": [33]},
                                         {"token": " 你", "logprob": -1.5, "bytes": list(" 你".encode())}]}
     assert chat[2]["logprob"] == -9999.0 and chat[2]["top_logprobs"] == []  # JSON has no -Infinity
-    legacy = completion_logprobs(entries, texts, offset=10)
+    legacy, end = completion_logprobs(entries, texts, offset=10)
     assert legacy["tokens"] == ["Hi", " 你", "!"] and legacy["token_logprobs"] == [-0.25, -1.5, -9999.0]
-    assert legacy["text_offset"] == [10, 12, 14]
+    assert legacy["text_offset"] == [10, 12, 14] and end == 15
     # The alternatives and, always, the chosen token.
     assert legacy["top_logprobs"] == [{"Hi": -0.25, "!": -2.0}, {"!": -0.5, " 你": -1.5}, {"!": -9999.0}]
     # An echoed prompt's first token: nothing before it, null logprob and alternatives.
-    echoed = completion_logprobs([(1, None, (), 2), *entries[:1]], texts)
+    echoed, _ = completion_logprobs([(1, None, (), 2), *entries[:1]], texts)
     assert echoed["token_logprobs"] == [None, -0.25] and echoed["top_logprobs"][0] is None
+    # vLLM's return_tokens_as_token_ids: tokens named by id; bytes and offsets still the text's.
+    named = chat_logprobs(entries, texts, token_id_name)["content"][1]
+    assert (named["token"], named["bytes"], [top["token"] for top in named["top_logprobs"]]) == (
+        "token_id:2", list(" 你".encode()), ["token_id:3", "token_id:2"])
+    legacy, end = completion_logprobs(entries, texts, offset=10, name_of=token_id_name)
+    assert legacy["tokens"] == ["token_id:1", "token_id:2", "token_id:3"] and legacy["text_offset"] == [10, 12, 14]
+    assert legacy["top_logprobs"][0] == {"token_id:1": -0.25, "token_id:3": -2.0} and end == 15
 
 
 @pytest.mark.parametrize(

@@ -314,6 +314,17 @@ def test_logprobs_over_http(server, client, tiny, tokenizer):
                 tokens += choice.logprobs.tokens
                 offsets += choice.logprobs.text_offset
     assert tokens == logprobs.tokens and offsets == logprobs.text_offset
+    # vLLM's return_tokens_as_token_ids: the same entries, each token named "token_id:N" by its id
+    # (streamed too), the offsets still those of the text.
+    named = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                      extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    assert named.tokens == [f"token_id:{e.token_id}" for e in expected] and named.text_offset == logprobs.text_offset
+    assert all(f"token_id:{e.token_id}" in top for e, top in zip(expected, named.top_logprobs))
+    streamed = [e.token for chunk in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True, stream=True,
+        extra_body={"return_tokens_as_token_ids": True}) for choice in chunk.choices if choice.logprobs
+        for e in choice.logprobs.content]
+    assert streamed == [f"token_id:{e.token_id}" for e in _in_process_logprobs(tiny, MESSAGES, 12, 0)]
     # n choices and a batch of prompts: each choice has its own tokens' entries.
     batch = client.completions.create(model=MODEL, prompt=[prompt, "3 + 4 ="], max_tokens=5, temperature=1.0, seed=3,
                                       n=2, logprobs=0)

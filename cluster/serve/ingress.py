@@ -32,7 +32,14 @@ from r1.metrics import GenerationTimer
 from r1.model import load_tokenizer
 from r1.reasoning import ReasoningParser
 from r1.serving.auth import APIKeyChecker, load_key_digests, refuse_open_api
-from r1.serving.logprobs import Entry, LogprobLedger, TokenTexts, chat_logprobs, completion_logprobs
+from r1.serving.logprobs import (
+    Entry,
+    LogprobLedger,
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    token_id_name,
+)
 from r1.serving.responses import (
     ResponseEvents,
     ResponsesRequest,
@@ -157,6 +164,7 @@ class _Choice:
         self.ledger = LogprobLedger() if logprobs else None
         self.logprobs: list[Entry] = []  # released so far
         self.text_offset = 0  # a completion's: characters of the released entries' tokens so far
+        self.tokens_as_ids = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
@@ -592,6 +600,7 @@ class OpenAIIngress:
         choices[0].timer = timer
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
+            choice.tokens_as_ids = bool(parsed.return_tokens_as_token_ids)
         headers = {SESSION_HEADER: turn.session_id} if turn and not responses else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -992,10 +1001,10 @@ class OpenAIIngress:
         """A choice's (or chunk's) `logprobs` body of released `entries`; None if it did not ask."""
         if choice.ledger is None:
             return None
+        name_of = token_id_name if choice.tokens_as_ids else None
         if chat:
-            return chat_logprobs(entries, self.token_texts)
-        body = completion_logprobs(entries, self.token_texts, choice.text_offset)
-        choice.text_offset += sum(len(token) for token in body["tokens"])
+            return chat_logprobs(entries, self.token_texts, name_of)
+        body, choice.text_offset = completion_logprobs(entries, self.token_texts, choice.text_offset, name_of)
         return body
 
     @staticmethod

@@ -95,26 +95,37 @@ def _value(logprob: float | None) -> float | None:
     return None if logprob is None else max(logprob, LOGPROB_FLOOR)
 
 
-def chat_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str]) -> dict[str, Any]:
-    """A chat choice's (or chunk's) `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+def token_id_name(token_id: int) -> str:
+    """A token as vLLM's return_tokens_as_token_ids names it in logprobs: "token_id:123"."""
+    return f"token_id:{token_id}"
+
+
+def chat_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str],
+                  name_of: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """A chat choice's (or chunk's) `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]};
+    `name_of` names the tokens (`token_id_name`) instead of their text (bytes stay the text's)."""
     def token(token_id: int, logprob: float) -> dict[str, Any]:
         text = text_of(token_id)
-        return {"token": text, "logprob": _value(logprob), "bytes": list(text.encode("utf-8"))}
+        return {"token": name_of(token_id) if name_of else text, "logprob": _value(logprob),
+                "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**token(token_id, logprob), "top_logprobs": [token(i, v) for i, v in top]}
                         for token_id, logprob, top, _ in entries]}
 
 
-def completion_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(entries: Sequence[Entry], text_of: Callable[[int], str], offset: int = 0,
+                        name_of: Callable[[int], str] | None = None) -> tuple[dict[str, Any], int]:
     """A completion choice's (or chunk's) `logprobs`, OpenAI's legacy format: tokens, token_logprobs,
-    top_logprobs (the alternatives and the chosen token, text → logprob) and text_offset (where each
-    token's text starts, counting from `offset`). An echoed prompt's first token has null for both."""
+    top_logprobs (the alternatives and the chosen token, name → logprob) and text_offset (where each
+    token's text starts, counting from `offset`), and the offset after the last token. An echoed
+    prompt's first token has null for both. `name_of` names the tokens (`token_id_name`) instead of
+    their text; the offsets still count text."""
+    name = name_of or text_of
     tokens, values, tops, offsets = [], [], [], []
     for token_id, logprob, top, _ in entries:
-        text = text_of(token_id)
-        tokens.append(text)
+        tokens.append(name(token_id))
         values.append(_value(logprob))
-        tops.append(None if logprob is None else {**{text_of(i): _value(v) for i, v in top}, text: _value(logprob)})
+        tops.append(None if logprob is None else {**{name(i): _value(v) for i, v in top}, name(token_id): _value(logprob)})
         offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+        offset += len(text_of(token_id))
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset

@@ -10,7 +10,7 @@ with a 400 naming the field when a request asks for them, rather than silently i
 neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (`tools`,
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `return_tokens_as_token_ids`, guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
 `structured_outputs`) and `response_format` on completions.
 """
 
@@ -126,6 +126,8 @@ class _SamplingFields(LenientModel):
     include_stop_str_in_output: StrictBool | None = None
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     bad_words: list[str] | None = None
+    # vLLM's: logprobs name each token "token_id:N" (its id) rather than by its text.
+    return_tokens_as_token_ids: StrictBool | None = None
     # vLLM's guided decoding (`requested_constraint`): at most one of these, structured_outputs and a
     # non-text response_format. guided_json: a JSON schema (an object, or its JSON text).
     guided_json: dict[str, Any] | str | None = None
