@@ -139,6 +139,10 @@ class SamplingConfig(StrictModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # Stop at the tokenizer's end-of-sequence token(s).
     ignore_eos: bool = False
+    # vLLM's thinking_token_budget: the reasoning (between <think> and </think>, or from the reply's
+    # start when the chat template opens it) takes at most this many tokens; then </think> is forced
+    # and the answer follows. 0: no reasoning. None: no limit. Needs one-token <think> and </think>.
+    thinking_token_budget: int | None = Field(default=None, ge=0)
     # vLLM's allowed_token_ids: the reply's tokens are only these (None: any); ids in the vocabulary.
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1)
     # vLLM's bad_words: words the reply never writes. Each is banned as the tokens the tokenizer
@@ -549,6 +553,10 @@ class ServeConfig(StrictModel):
     max_tokens_limit: int = Field(default=DEFAULT_MAX_NEW_TOKENS_CAP, ge=1)
     max_n: int = Field(default=8, ge=1)
     max_messages: int = Field(default=256, ge=1)
+    # The thinking_token_budget each reasoning_effort a request may name stands for (OpenAI's chat
+    # reasoning_effort, the Responses API's reasoning.effort); null: no limit for that level.
+    reasoning_effort_budgets: dict[str, Annotated[int, Field(ge=0)] | None] = Field(default_factory=lambda: {
+        "none": 0, "minimal": 128, "low": 1024, "medium": 2048, "high": 8192})
     # Seconds a request may wait for the first token before the server answers 503.
     request_timeout_s: float = Field(default=300.0, gt=0)
     # The LLM server sends the first token at once, then gathers the tokens decoded within this many

@@ -651,6 +651,38 @@ def test_a_prefix_message_is_continued_as_its_rendering_would_be(engine):
     assert closed and thought.strip() and rest in ("5", "6"), reasoning.text
 
 
+def test_thinking_token_budget_closes_the_reasoning_and_lets_the_answer_follow(engine):
+    # vLLM's thinking_token_budget: at most that many reasoning tokens, then </think> is forced and
+    # the model answers; the reasoning up to there is the unbudgeted one's. 0 answers at once; a
+    # budget the reasoning stays within changes nothing; with structured output the answer after
+    # the forced </think> is constrained as usual.
+    close = engine.tokenizer.convert_tokens_to_ids("</think>")
+    chat = [{"role": "user", "content": "Tom has 5 pens. He buys 17 more. How many pens does he have now?"}]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=160)
+    plain = engine.generate_batch([chat], greedy)[0]
+    thought = plain.token_ids.index(close)
+    assert thought > 8  # the case this test is about: a reasoning longer than the budgets below
+    budgets = [0, 3, 8, thought, thought + 20]
+    replies = engine.generate_batch([chat] * len(budgets), [greedy.model_copy(update={"thinking_token_budget": b})
+                                                            for b in budgets])
+    for budget, reply in zip(budgets, replies):
+        closed_at = reply.token_ids.index(close)
+        assert closed_at == min(budget, thought) and reply.token_ids[:closed_at] == plain.token_ids[:closed_at]
+        assert len(reply.token_ids) > closed_at + 1  # an answer follows
+    assert replies[-1].token_ids == plain.token_ids and replies[-2].token_ids == plain.token_ids
+    sampled = engine.generate_batch([chat] * 4, [greedy.model_copy(update={"thinking_token_budget": 5, "temperature": 1.2,
+                                                                           "seed": seed}) for seed in range(4)])
+    assert all(close in c.token_ids[:6] for c in sampled)
+    answered = engine.generate_batch([chat], greedy.model_copy(update={"thinking_token_budget": 4,
+                                                                       "choice": ["22", "twenty-two"]}))[0]
+    assert answered.token_ids.index(close) == 4 and answered.text.partition("</think>")[2] in ("22", "twenty-two")
+    # A completion prompt does not start inside the reasoning: the budget waits for a <think>.
+    completion = engine.generate_batch(["12 + 7 ="] * 2, [greedy.model_copy(update={"max_new_tokens": 12}),
+                                                          greedy.model_copy(update={"max_new_tokens": 12,
+                                                                                    "thinking_token_budget": 0})])
+    assert completion[0].token_ids == completion[1].token_ids
+
+
 def test_allowed_token_ids_restrict_the_reply_to_them(engine):
     # vLLM's allowed_token_ids: every token of the reply is one of them, greedy and sampled; a row
     # beside them is untouched; ids outside the vocabulary are refused naming the field.

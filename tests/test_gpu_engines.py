@@ -273,12 +273,14 @@ def test_token_masks_go_to_vllm_only_when_asked_and_trtllm_refuses_them():
     # equivalent here: refused naming the field, before anything reaches the package.
     from r1.engine.trtllm_engine import TensorRTLLMEngine
 
-    masked = vllm_sampling_kwargs(_request(SamplingConfig(temperature=0, allowed_token_ids=[3, 4], bad_words=["x"])))
-    assert (masked["allowed_token_ids"], masked["bad_words"]) == ([3, 4], ["x"])
+    masked = vllm_sampling_kwargs(_request(SamplingConfig(temperature=0, allowed_token_ids=[3, 4], bad_words=["x"],
+                                                          thinking_token_budget=0)))
+    assert (masked["allowed_token_ids"], masked["bad_words"], masked["thinking_token_budget"]) == ([3, 4], ["x"], 0)
     plain = vllm_sampling_kwargs(_request(SamplingConfig(temperature=0)))
-    assert "allowed_token_ids" not in plain and "bad_words" not in plain
+    assert not {"allowed_token_ids", "bad_words", "thinking_token_budget"} & set(plain)
     engine = object.__new__(TensorRTLLMEngine)  # no package needed: the refusal comes first
-    for field, value in (("allowed_token_ids", [3]), ("bad_words", ["x"]), ("logit_bias", {3: 1.0})):
+    for field, value in (("allowed_token_ids", [3]), ("bad_words", ["x"]), ("logit_bias", {3: 1.0}),
+                         ("thinking_token_budget", 0)):
         with pytest.raises(ValueError, match=f"^{field} is not supported with engine.name: trtllm") as error:
             engine.make_request("hi", SamplingConfig(**{field: value}))
         assert error.value.field == field

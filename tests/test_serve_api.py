@@ -635,6 +635,41 @@ def test_guided_decoding_over_http(server, client):
         assert error["param"] == param and words in error["message"], error
 
 
+def test_reasoning_budgets_over_http(server, client, tiny):
+    # thinking_token_budget (vLLM), thinking_budget (SGLang), reasoning_effort (OpenAI's chat, through
+    # the server's levels) and the Responses API's reasoning.effort: the reply is the in-process
+    # engine's with that budget, its reasoning cut and an answer after it.
+    from r1.engine import TransformersEngine
+    from r1.reasoning import split_reasoning
+
+    question = [{"role": "user", "content": "Tom has 5 pens. He buys 17 more. How many pens does he have now?"}]
+    engine = TransformersEngine(*tiny)
+    try:
+        expected = {budget: split_reasoning(engine.generate_batch([question], SamplingConfig(
+            temperature=0, max_new_tokens=96, thinking_token_budget=budget))[0].text) for budget in (0, 4)}
+    finally:
+        engine.shutdown()
+    ask = {"model": MODEL, "messages": question, "max_tokens": 96, "temperature": 0}
+    for extra, budget in (({"thinking_token_budget": 4}, 4), ({"thinking_budget": 4}, 4),
+                          ({"reasoning_effort": "none"}, 0)):
+        message = client.chat.completions.create(**ask, extra_body=extra).choices[0].message.model_dump()
+        assert ((message["reasoning_content"] or "").strip(), message["content"].strip()) == tuple(
+            part.strip() for part in expected[budget]), extra
+        assert message["content"].strip()  # an answer follows the cut reasoning
+    answered = client.responses.create(model=MODEL, input=question[0]["content"], max_output_tokens=96, temperature=0,
+                                       reasoning={"effort": "none"})
+    assert answered.output_text.strip() == expected[0][1].strip()
+    assert answered.usage.output_tokens_details.reasoning_tokens == 0
+    for path, body, param in (
+        ("/v1/chat/completions", {**ask, "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ("/v1/chat/completions", {**ask, "reasoning_effort": "low", "thinking_token_budget": 3}, "reasoning_effort"),
+        ("/v1/chat/completions", {**ask, "thinking_budget": -1}, "thinking_budget"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+    ):
+        response = _post(server, path, body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_a_prefix_message_is_continued_over_http(server, client, tokenizer):
     # DeepSeek's prefix completion ("prefix": true on the last assistant message; reasoning_content
     # continues the reasoning) and vLLM's continue_final_message: the reply continues the rendered

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import torch
 
-from r1.chat_template import continued_message, continues_reasoning, render_chat
+from r1.chat_template import THINK_CLOSE, THINK_OPEN, continued_message, continues_reasoning, render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
 from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
@@ -416,11 +416,23 @@ class TransformersEngine:
                 raise RequestError("min_tokens cannot be combined with structured output (response_format json_object/"
                                    "json_schema, guided decoding)", "min_tokens")
             request.grammar = self.grammars.compile(*constraint)
-            chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            continued = continued_message(prompt) if chat else None
-            reasoning_first = self.think_prefilled if continued is None else continues_reasoning(continued)
-            request.grammar_gate = self.grammars.think_end_id if chat and reasoning_first else None
+            request.grammar_gate = self.grammars.think_end_id if self._reasoning_first(prompt) else None
+        if sampling.thinking_token_budget is not None:
+            vocab = self.tokenizer.get_vocab()
+            request.think_ids = (vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE))
+            if None in request.think_ids:
+                raise RequestError(f"thinking_token_budget needs {THINK_OPEN} and {THINK_CLOSE} to be single tokens of "
+                                   "the model's vocabulary; this model has no such tokens", "thinking_token_budget")
+            request.reasoning_first = self._reasoning_first(prompt)
         return request
+
+    def _reasoning_first(self, prompt: Prompt) -> bool:
+        """Whether the reply to `prompt` starts inside the reasoning: a chat prompt whose template
+        opens it, or that continues a message stopped inside it."""
+        if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+            return False
+        continued = continued_message(prompt)
+        return self.think_prefilled if continued is None else continues_reasoning(continued)
 
     # -- streaming API (background decode thread) ------------------------------------------
     def start(self) -> None:

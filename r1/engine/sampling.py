@@ -43,11 +43,17 @@ class RowState:
     # bad_words: their token sequences, and the row's last tokens (as many as the longest's prefix).
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     recent_ids: list[int] | None = None
+    # thinking_token_budget: the reasoning tokens still allowed (None: no budget, or the reasoning
+    # is over), the <think> and </think> ids, and whether the reply is inside the reasoning now.
+    think_budget: int | None = None
+    think_ids: tuple[int, int] | None = None
+    in_reasoning: bool = False
 
     @classmethod
     def create(cls, sampling: SamplingConfig, prompt_token_ids: list[int], device: torch.device,
                ending_ids: frozenset[int] = frozenset(), constraint: GrammarConstraint | None = None,
-               bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> RowState:
+               bad_words_ids: tuple[tuple[int, ...], ...] = (), think_ids: tuple[int, int] | None = None,
+               reasoning_first: bool = False) -> RowState:
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(device="cpu")
@@ -68,7 +74,9 @@ class RowState:
             allowed = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long, device=device)
         return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias,
                    ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0, constraint=constraint,
-                   allowed_ids=allowed, bad_words_ids=bad_words_ids, recent_ids=[] if bad_words_ids else None)
+                   allowed_ids=allowed, bad_words_ids=bad_words_ids, recent_ids=[] if bad_words_ids else None,
+                   think_budget=sampling.thinking_token_budget if think_ids else None, think_ids=think_ids,
+                   in_reasoning=reasoning_first)
 
     def banned_now(self) -> list[int]:
         """The last tokens of the bad words whose other tokens the reply has just written (vLLM's
@@ -88,9 +96,25 @@ class RowState:
             self.blocked[self.allowed_ids] = False
         logits_row.masked_fill_(self.blocked, float("-inf"))
 
+    @property
+    def must_close_reasoning(self) -> bool:
+        """The reasoning has used its thinking_token_budget: the next token is </think>."""
+        return self.think_budget == 0 and self.in_reasoning
+
+    def _count_reasoning(self, token_id: int) -> None:
+        start, end = self.think_ids
+        if not self.in_reasoning:
+            self.in_reasoning = token_id == start
+        elif token_id == end:  # one reasoning block per reply (R1): no budget after it
+            self.think_budget = None
+        else:
+            self.think_budget -= 1
+
     def observe(self, token_id: int) -> None:
         if self.constraint is not None:
             self.constraint.observe(token_id)
+        if self.think_budget is not None:
+            self._count_reasoning(token_id)
         if self.recent_ids is not None:
             self.recent_ids.append(token_id)
             del self.recent_ids[: -max(len(ids) for ids in self.bad_words_ids)]
@@ -176,6 +200,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
             banned = row.banned_now()
             if banned:
                 logits[i, banned] = float("-inf")
+        if row.think_budget is not None and row.must_close_reasoning:  # overrides every other mask
+            end = row.think_ids[1]
+            logits[i] = float("-inf")
+            logits[i, end] = 0.0
         if row.seen_token_ids is not None:
             logits[i] = apply_repetition_penalty(logits[i], row.seen_token_ids, row.sampling.repetition_penalty)
         if row.output_counts:

@@ -82,7 +82,7 @@ class Scheduler:
             emit=emit,
             row=RowState.create(request.sampling, request.prompt_token_ids, self.device, request.ending_token_ids(),
                                 None if request.grammar is None else GrammarConstraint(request.grammar, request.grammar_gate),
-                                request.bad_words_ids),
+                                request.bad_words_ids, request.think_ids, request.reasoning_first),
             detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop, request.sampling.min_tokens,
                                         request.sampling.include_stop_str_in_output),
         )

@@ -131,8 +131,8 @@ class TensorRTLLMEngine(AsyncPackageEngine):
     def make_request(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None,
                      adapter: str | None = None) -> Request:
         for field, value in (("logit_bias", sampling.logit_bias), ("allowed_token_ids", sampling.allowed_token_ids),
-                             ("bad_words", sampling.bad_words)):
-            if value:
+                             ("bad_words", sampling.bad_words), ("thinking_token_budget", sampling.thinking_token_budget)):
+            if value not in (None, {}, []):
                 raise RequestError(f"{field} is not supported with engine.name: trtllm; use the transformers or vllm "
                                    "engine", field, "unsupported")
         return super().make_request(prompt, sampling, request_id, adapter)

@@ -116,6 +116,10 @@ class Request:
     grammar_gate: int | None = None
     # The LoRA adapter the request runs with (`r1.engine.lora`; 0: the base model).
     adapter: int = 0
+    # sampling.thinking_token_budget's: the <think> and </think> token ids, and whether the reply
+    # starts inside the reasoning (a chat template that opens it, or a continued reasoning).
+    think_ids: tuple[int, int] | None = None
+    reasoning_first: bool = False
 
     def stop_reason(self, token: int, detok: Any) -> str | int | None:
         """What ended a reply that finished with "stop" at `token`: the stop string its detokenizer

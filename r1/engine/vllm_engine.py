@@ -35,9 +35,12 @@ def vllm_sampling_kwargs(request: Request) -> dict[str, Any]:
     """
     sampling = request.sampling
     greedy = sampling.greedy
-    # Only when asked for: releases before vLLM 0.7 have no such SamplingParams field.
+    # Only when asked for: releases before vLLM 0.7 have no allowed_token_ids/bad_words, before 0.20
+    # no thinking_token_budget (SamplingParams refuses fields it does not know).
     masks = {key: value for key, value in (("allowed_token_ids", sampling.allowed_token_ids),
-                                           ("bad_words", sampling.bad_words)) if value}
+                                           ("bad_words", sampling.bad_words),
+                                           ("thinking_token_budget", sampling.thinking_token_budget))
+             if value not in (None, [])}
     return {
         **masks,
         "n": 1,

@@ -10,7 +10,8 @@ with a 400 naming the field when a request asks for them, rather than silently i
 neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (`tools`,
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `return_tokens_as_token_ids`, guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+`include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `return_tokens_as_token_ids`,
+`thinking_token_budget` (and SGLang's `thinking_budget`, OpenAI's `reasoning_effort`), guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
 `structured_outputs`) and `response_format` on completions.
 """
 
@@ -128,6 +129,11 @@ class _SamplingFields(LenientModel):
     bad_words: list[str] | None = None
     # vLLM's: logprobs name each token "token_id:N" (its id) rather than by its text.
     return_tokens_as_token_ids: StrictBool | None = None
+    # The reasoning's most tokens (vLLM's thinking_token_budget; SGLang's thinking_budget), or
+    # OpenAI's reasoning_effort, a level standing for a budget (`reasoning_budget`).
+    thinking_token_budget: int | None = Field(default=None, ge=0)
+    thinking_budget: int | None = Field(default=None, ge=0)
+    reasoning_effort: str | None = None
     # vLLM's guided decoding (`requested_constraint`): at most one of these, structured_outputs and a
     # non-text response_format. guided_json: a JSON schema (an object, or its JSON text).
     guided_json: dict[str, Any] | str | None = None
@@ -364,6 +370,9 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     if max_tokens is not None:
         updates["max_new_tokens"] = max_tokens
     updates["logprobs"] = requested_logprobs(request)
+    budget = reasoning_budget(request, config)
+    if budget is not None:
+        updates["thinking_token_budget"] = budget
     constraint = requested_constraint(request, config.engine.engine)
     if constraint is not None:
         _, kind, value = constraint
@@ -395,6 +404,27 @@ def requested_schema(request: _SamplingFields) -> dict[str, Any] | None:
         return spec["schema"]
     raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
                    param="response_format.type", code="invalid_value")
+
+
+def reasoning_budget(request: _SamplingFields, config: ServeConfig) -> int | None:
+    """The thinking_token_budget a request asks for: thinking_token_budget (vLLM), thinking_budget
+    (SGLang), or reasoning_effort (OpenAI) through the server's reasoning_effort_budgets; None for
+    no limit. 400 naming the field for two of them or an effort the server has no budget for."""
+    given = [(field, getattr(request, field)) for field in ("thinking_token_budget", "thinking_budget", "reasoning_effort")
+             if getattr(request, field) is not None]
+    if len(given) > 1:
+        raise APIError(400, f"{given[0][0]} and {given[1][0]} both limit the reasoning; give one of them",
+                       param=given[1][0], code="invalid_value")
+    if not given:
+        return None
+    field, value = given[0]
+    if field != "reasoning_effort":
+        return value
+    levels = config.reasoning_effort_budgets
+    if value not in levels:
+        raise APIError(400, f"reasoning_effort {value[:32]!r} is not one of {', '.join(levels)}", param="reasoning_effort",
+                       code="invalid_value")
+    return levels[value]
 
 
 # vLLM's guided-decoding fields and structured_outputs' keys, with the SamplingConfig field each sets.

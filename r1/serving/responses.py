@@ -28,7 +28,8 @@ A stored response also keeps its request's input as items (`input_items`, listed
 the input screening let through, never the raw input.
 
 Not implemented, refused with a 400 naming the field when asked for: tools other than functions,
-`background`, `include`. `reasoning` settings are accepted and not used.
+`background`, `include`. `reasoning.effort` limits the reasoning's tokens as chat's
+`reasoning_effort` does; `reasoning.summary` is accepted and not used.
 """
 
 from __future__ import annotations
@@ -109,11 +110,17 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
             "max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p,
             "response_format": _response_format(request.text), "tools": _chat_tools(request.tools),
             "tool_choice": _chat_tool_choice(request.tool_choice), "parallel_tool_calls": request.parallel_tool_calls,
-            "seed": request.seed, "logit_bias": request.logit_bias}
+            "seed": request.seed, "logit_bias": request.logit_bias, "reasoning_effort": _effort(request.reasoning)}
     try:
         return parse_request(ChatCompletionRequest, {k: v for k, v in body.items() if v is not None})
     except APIError as error:
         raise responses_error(error, request) from None
+
+
+def _effort(reasoning: dict[str, Any] | None) -> Any:
+    """`reasoning.effort`, chat's reasoning_effort (its budget of reasoning tokens); `summary` is
+    not produced (the whole reasoning is the reasoning item)."""
+    return None if reasoning is None else reasoning.get("effort")
 
 
 def _messages(request: ResponsesRequest) -> list[tuple[dict[str, Any], str]]:
@@ -208,6 +215,8 @@ def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
     param = error.param
     if param in ("max_tokens", "max_completion_tokens"):
         param = "max_output_tokens"
+    elif param == "reasoning_effort":
+        param = "reasoning.effort"
     elif param is not None and param.startswith("response_format"):
         param = "text.format" + param.removeprefix("response_format").replace(".json_schema", "")
     elif param is not None and (match := _TOOL_PARAM.fullmatch(param)):
@@ -224,7 +233,7 @@ def responses_error(error: APIError, request: ResponsesRequest) -> APIError:
                     request.input[int(source.split(".")[1])].get("type") == "function_call_output":
                 rest = {".tool_call_id": ".call_id", ".content": ".output"}[rest]
             param = source + ("" if source in ("instructions", "input") else rest)
-    message = error.message.replace("max_tokens", "max_output_tokens")
+    message = error.message.replace("max_tokens", "max_output_tokens").replace("reasoning_effort", "reasoning.effort")
     return APIError(error.status, message, param=param, code=error.code, type=error.type)
 
 
