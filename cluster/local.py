@@ -54,6 +54,9 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json-schema", type=path_argument, metavar="PATH|object",
                        help="structured output: the answer must be JSON valid against the JSON schema in PATH "
                             "('object': any JSON object); the reasoning before it stays free text")
+    group.add_argument("--thinking-budget", type=int, metavar="N",
+                       help="the reasoning takes at most N tokens, then </think> is forced and the answer follows "
+                            "(0: no reasoning; default: no limit)")
     group.add_argument("--regex", metavar="PATTERN",
                        help="guided decoding: the answer must match this regular expression (xgrammar's dialect: "
                             "no lookaround or backreferences); the reasoning before it stays free text")
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         ("max_new_tokens", "sampling.max_new_tokens"), ("repetition_penalty", "sampling.repetition_penalty"),
         ("frequency_penalty", "sampling.frequency_penalty"), ("presence_penalty", "sampling.presence_penalty"),
         ("min_p", "sampling.min_p"), ("min_tokens", "sampling.min_tokens"), ("seed", "sampling.seed"),
-        ("stop", "sampling.stop"),
+        ("stop", "sampling.stop"), ("thinking_budget", "sampling.thinking_token_budget"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:

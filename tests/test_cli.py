@@ -74,6 +74,17 @@ def test_generate_with_a_json_schema_answers_json_after_the_reasoning(tmp_path):
     assert json.loads(result.stdout) in ({"answer": "yes"}, {"answer": "no"})  # the answer alone, as JSON
 
 
+def test_generate_with_a_thinking_budget_cuts_the_reasoning():
+    # --thinking-budget 0: no reasoning, the answer at once (the reasoning heading has nothing under it).
+    free = run("generate", "Tom has 5 pens. He buys 17 more. How many pens does he have now?", "--temperature", "0",
+               "--max-new-tokens", "96")
+    cut = run("generate", "Tom has 5 pens. He buys 17 more. How many pens does he have now?", "--temperature", "0",
+              "--max-new-tokens", "96", "--thinking-budget", "0")
+    assert free.returncode == 0 and cut.returncode == 0, free.stderr + cut.stderr
+    thought = lambda out: out.partition("[thinking]")[2].partition("[answer]")[0].strip()  # noqa: E731
+    assert thought(free.stdout) and not thought(cut.stdout) and "[answer]" in cut.stdout
+
+
 def test_generate_with_choices_or_a_grammar_answers_one_after_the_reasoning(tmp_path):
     grammar = tmp_path / "sum.gbnf"
     grammar.write_text('root ::= "The sum is " [0-9] [0-9]? "."\n')
