@@ -11,8 +11,9 @@ neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
 `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `return_tokens_as_token_ids`,
-`thinking_token_budget` (and SGLang's `thinking_budget`, OpenAI's `reasoning_effort`), guided decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
-`structured_outputs`) and `response_format` on completions.
+`thinking_token_budget` (and SGLang's `thinking_budget`, OpenAI's `reasoning_effort`), guided
+decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, `structured_outputs`),
+`continue_final_message` (and DeepSeek's `prefix` messages) and `response_format` on completions.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ChatMessage(LenientModel):
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant message's calls
     tool_call_id: str | None = None  # a tool message's: the call it answers
-    # DeepSeek's prefix completion: a final assistant message the reply continues (`continuation`);
+    # DeepSeek's prefix completion: a final assistant message the reply continues (`_continuation`);
     # its reasoning_content continues the reasoning. (Elsewhere reasoning_content is dropped, as
     # the template drops earlier reasoning.)
     prefix: StrictBool | None = None
