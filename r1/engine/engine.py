@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -418,8 +419,7 @@ class TransformersEngine:
             request.grammar = self.grammars.compile(*constraint)
             request.grammar_gate = self.grammars.think_end_id if self._reasoning_first(prompt) else None
         if sampling.thinking_token_budget is not None:
-            vocab = self.tokenizer.get_vocab()
-            request.think_ids = (vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE))
+            request.think_ids = self._think_ids
             if None in request.think_ids:
                 raise RequestError(f"thinking_token_budget needs {THINK_OPEN} and {THINK_CLOSE} to be single tokens of "
                                    "the model's vocabulary; this model has no such tokens", "thinking_token_budget")
@@ -548,9 +548,16 @@ class TransformersEngine:
                 else:
                     threading.Event().wait(0.01)
 
-    @property
+    @functools.cached_property
     def think_prefilled(self) -> bool:
         return chat_template_prefills_think(self.tokenizer)
+
+    @functools.cached_property
+    def _think_ids(self) -> tuple[int | None, int | None]:
+        """The ids of <think> and </think> when each is one token (looked up once: the vocabulary map
+        costs tens of milliseconds on a large model)."""
+        vocab = self.tokenizer.get_vocab()
+        return vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
 
     @property
     def alive(self) -> bool:
