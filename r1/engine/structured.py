@@ -78,19 +78,22 @@ _DESCRIBED = {"json_schema": "the JSON schema", "regex": "the regular expression
               "grammar": "the grammar"}
 
 
+def _build(kind: str, source: str, field: str, json_schema: Any, regex: Any, ebnf: Any) -> Any:
+    """`source` (`_source`) built by the one of the three xgrammar builders its kind takes; a
+    RequestError naming `field` with xgrammar's reason when it cannot be built."""
+    try:
+        if kind == "json_schema":
+            return json_schema(source, any_whitespace=False)
+        return regex(source) if kind == "regex" else ebnf(source)
+    except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
+        raise RequestError(f"{field}: {_DESCRIBED[kind]} cannot be used: {xgrammar_reason(error)}", field) from None
+
+
 def check_constraint(kind: str, value: Any, field: str) -> None:
     """Compile a constraint without a vocabulary; a RequestError naming `field` (the request field
     that gave it) when xgrammar cannot use it, with xgrammar's reason."""
-    xgr = _xgrammar(field)
-    try:
-        if kind == "json_schema":
-            xgr.Grammar.from_json_schema(_source(kind, value), any_whitespace=False)
-        elif kind == "regex":
-            xgr.Grammar.from_regex(value)
-        else:
-            xgr.Grammar.from_ebnf(_source(kind, value))
-    except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
-        raise RequestError(f"{field}: {_DESCRIBED[kind]} cannot be used: {xgrammar_reason(error)}", field) from None
+    grammar = _xgrammar(field).Grammar
+    _build(kind, _source(kind, value), field, grammar.from_json_schema, grammar.from_regex, grammar.from_ebnf)
 
 
 class Grammars:
@@ -124,16 +127,9 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
                                                           stop_token_ids=self._stop_ids or None)
                 self._compiler = xgr.GrammarCompiler(info)
-            try:
-                if kind == "json_schema":
-                    compiled = self._compiler.compile_json_schema(key[1], any_whitespace=False)
-                elif kind == "regex":
-                    compiled = self._compiler.compile_regex(key[1])
-                else:
-                    compiled = self._compiler.compile_grammar(key[1])
-            except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with its reason
-                raise RequestError(f"{field}: {_DESCRIBED[kind]} cannot be used: {xgrammar_reason(error)}",
-                                   field) from None
+            compiler = self._compiler
+            compiled = _build(kind, key[1], field, compiler.compile_json_schema, compiler.compile_regex,
+                              compiler.compile_grammar)
             if len(self._cache) >= 256:
                 self._cache.clear()
             self._cache[key] = compiled
