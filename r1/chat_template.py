@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from r1.reasoning import THINK_CLOSE, THINK_OPEN
 
 
 def continued_message(messages: list[dict[str, Any]]) -> dict[str, Any] | None:

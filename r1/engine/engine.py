@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import torch
 
-from r1.chat_template import THINK_CLOSE, THINK_OPEN, continued_message, continues_reasoning, render_chat
+from r1.chat_template import continued_message, continues_reasoning, render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
 from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
@@ -34,6 +34,7 @@ from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
 from r1.engine.structured import Grammars, constraint_of
 from r1.engine.types import Completion, Delta, Request, RequestError
+from r1.reasoning import THINK_CLOSE, THINK_OPEN
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from r1.chat_template import THINK_CLOSE, THINK_OPEN, render_chat
+from r1.chat_template import render_chat
 from r1.config import MAX_CHOICES, MAX_GUIDE_CHARS, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingConfig, ServeConfig
+from r1.reasoning import THINK_CLOSE, THINK_OPEN
 from r1.serving import tools
 from r1.serving.errors import APIError
 
