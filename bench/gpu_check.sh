@@ -22,7 +22,8 @@
 #                       (PASS within 0.1), tokens/s of each (after engine.warmup() and one untimed
 #                       batch; the first batch after the warm-up is printed too), a stop string and an abort
 #                       mid-stream freeing the request; fp32 structured output (an enum schema, 16/16 valid)
-#                       and logprobs (within 1e-3 of a plain forward pass)
+#                       and logprobs (within 1e-3 of a plain forward pass); guided choice/regex,
+#                       allowed_token_ids, bad_words and thinking_token_budget on the GPU's logits
 #   engine_lora_cuda    r1's engine on the GPU with two LoRA adapters beside the model (engine.lora_adapters):
 #                       16 prompts each for the base model and both adapters streamed at once (mixed
 #                       batches), greedy tokens vs each merged model's engine, fp32 (PASS >= 44/48 equal)
@@ -374,6 +375,30 @@ def check_structured_and_logprobs(engine, prompts):
     print(f"RESULT engine fp32: logprobs vs a plain forward pass: largest difference {worst:.2e}")
     return parsed == 16 and worst < 1e-3
 
+def check_masks_and_budget(engine, prompts):
+    """The sampler's masks on the GPU's logits, fp32: guided choice and regex (xgrammar bitmasks),
+    allowed_token_ids, bad_words, and thinking_token_budget forcing </think>."""
+    import re
+    tokenizer = engine.tokenizer
+    greedy = SamplingConfig(temperature=0, max_new_tokens=64)
+    choices = ["正确", "错误"]
+    chosen = engine.generate_batch(prompts[:8], greedy.model_copy(update={"choice": choices}))
+    regexed = engine.generate_batch(prompts[:8], greedy.model_copy(update={"regex": r"[0-9]{1,3}"}))
+    valid = sum(c.text.rpartition("</think>")[2] in choices for c in chosen)
+    valid += sum(bool(re.fullmatch(r"[0-9]{1,3}", c.text.rpartition("</think>")[2])) for c in regexed)
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    allowed = engine.generate_batch(prompts[:8], greedy.model_copy(update={"allowed_token_ids": digits, "ignore_eos": True,
+                                                                           "max_new_tokens": 8}))
+    only_digits = sum(set(c.token_ids) <= set(digits) for c in allowed)
+    banned = engine.generate_batch(prompts[:8], greedy.model_copy(update={"bad_words": ["answer"]}))
+    no_word = sum("answer" not in c.text for c in banned)
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    cut = engine.generate_batch(prompts[:8], greedy.model_copy(update={"thinking_token_budget": 5}))
+    at_budget = sum(close in c.token_ids and c.token_ids.index(close) <= 5 for c in cut)
+    print(f"RESULT engine fp32: guided choice/regex {valid}/16 valid, allowed_token_ids {only_digits}/8, "
+          f"bad_words {no_word}/8, thinking_token_budget 5: </think> by token 6 in {at_budget}/8")
+    return valid == 16 and only_digits == 8 and no_word == 8 and at_budget == 8
+
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     problems = generate_problems(64, level=1, seed=0, split="test")
@@ -394,6 +419,7 @@ def main():
               f"(the first batch after the {warm:.1f} s warm-up: {first_rate:.0f} tokens/s)")
         if label == "fp32":
             ok = check_structured_and_logprobs(engine, prompts) and ok
+            ok = check_masks_and_budget(engine, prompts) and ok
             eos = set(engine.stop_token_ids)
             same = sum(
                 list(c.token_ids) == reference(engine.model, engine.make_request(p, greedy).prompt_token_ids, 96, eos)
