@@ -418,6 +418,17 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
     chat_stop = client.chat.completions.create(**chat, max_tokens=96, stop=["="], stream=True)
     last = [c.choices[0].model_dump() for c in chat_stop if c.choices][-1]
     assert (last["finish_reason"], last["stop_reason"]) == ("stop", "=")
+    # continuous_usage_stats: every chunk carries its choice's usage so far, ending at the final usage.
+    for create in (client.completions.create, client.chat.completions.create):
+        body = {"prompt": "12 + 7 ="} if create == client.completions.create else {"messages": chat["messages"]}
+        chunks = list(create(model=MODEL, **body, max_tokens=12, temperature=0, stream=True, n=2, extra_body={
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+        final = chunks[-1].usage
+        for index in (0, 1):
+            counts = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].index == index and c.usage]
+            prompts = {c.usage.prompt_tokens for c in chunks if c.choices and c.choices[0].index == index and c.usage}
+            assert counts == sorted(counts) and counts[-1] == 12 and prompts == {final.prompt_tokens}, create
+        assert final.completion_tokens == 24 and not chunks[-1].choices
     # allowed_token_ids: digits only; bad_words: the plain reply's word is not written.
     digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
     only = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=8, temperature=0,

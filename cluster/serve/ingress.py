@@ -165,6 +165,14 @@ class _Choice:
         self.logprobs: list[Entry] = []  # released so far
         self.text_offset = 0  # a completion's: characters of the released entries' tokens so far
         self.tokens_as_ids = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
+        # vLLM's continuous_usage_stats: its prompt's tokens, and every chunk carries the choice's usage.
+        self.own_prompt_tokens: int | None = None
+
+    def usage_so_far(self) -> dict[str, int] | None:
+        """The choice's usage up to now (continuous_usage_stats), else None."""
+        if self.own_prompt_tokens is None:
+            return None
+        return usage_dict(self.own_prompt_tokens, self.completion_tokens)
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
@@ -598,9 +606,12 @@ class OpenAIIngress:
             self._screening_context(chat, echo, prompts[index // parsed.n], prefill)), sampling.logprobs is not None,
             plan, continuing=prefill is not None) for index in range(len(streams))]
         choices[0].timer = timer
+        options = parsed.stream_options
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
             choice.tokens_as_ids = bool(parsed.return_tokens_as_token_ids)
+            if options is not None and options.include_usage and options.continuous_usage_stats:
+                choice.own_prompt_tokens = start["prompt_tokens"]
         headers = {SESSION_HEADER: turn.session_id} if turn and not responses else {}
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -941,12 +952,12 @@ class OpenAIIngress:
                         yield events.function_calls(calls)
                 elif reasoning or content or entries or calls:
                     yield self._chunk(chat, response_id, model, created, index, reasoning, content, None,
-                                      self._logprobs(chat, choice, entries), calls)
+                                      self._logprobs(chat, choice, entries), calls, usage=choice.usage_so_far())
                 if item is None:
                     open_streams -= 1
                     if events is None:
                         yield self._chunk(chat, response_id, model, created, index, "", "", choice.finish_reason or "abort",
-                                          stop_reason=choice.stop_reason)
+                                          stop_reason=choice.stop_reason, usage=choice.usage_so_far())
             closing = None
             if events is not None:  # the response's last events, and its object (stored with the exchange)
                 usage = _usage(choices)
@@ -1010,7 +1021,8 @@ class OpenAIIngress:
     @staticmethod
     def _chunk(chat: bool, response_id: str, model: str, created: int, index: int, reasoning: str, content: str,
                finish_reason: str | None, logprobs: dict[str, Any] | None = None,
-               tool_calls: list[dict[str, Any]] | None = None, stop_reason: str | int | None = None) -> bytes:
+               tool_calls: list[dict[str, Any]] | None = None, stop_reason: str | int | None = None,
+               usage: dict[str, int] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {}
             if reasoning:
@@ -1020,7 +1032,7 @@ class OpenAIIngress:
                 delta["content"] = content
             if tool_calls:  # each whole, in one delta (OpenAI's clients join argument pieces; one is a valid piece)
                 delta["tool_calls"] = [{"index": number, **call} for number, call in enumerate(tool_calls)]
-            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, logprobs=logprobs,
-                                  stop_reason=stop_reason))
-        return sse(completion_chunk(response_id, model, created, index, content, finish_reason, logprobs=logprobs,
-                                    stop_reason=stop_reason))
+            return sse(chat_chunk(response_id, model, created, index, delta, finish_reason, usage, logprobs,
+                                  stop_reason))
+        return sse(completion_chunk(response_id, model, created, index, content, finish_reason, usage, logprobs,
+                                    stop_reason))

@@ -99,6 +99,8 @@ class ChatMessage(LenientModel):
 
 class StreamOptions(LenientModel):
     include_usage: StrictBool = False
+    # vLLM's: with include_usage, every chunk also carries its choice's usage so far.
+    continuous_usage_stats: StrictBool = False
 
 
 class _SamplingFields(LenientModel):
