@@ -139,6 +139,9 @@ class SamplingConfig(StrictModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # Stop at the tokenizer's end-of-sequence token(s).
     ignore_eos: bool = False
+    # vLLM's priority (engine.scheduling_policy: priority): lower values get a free slot first. Not a
+    # sampling setting, but it travels with the request's other per-request settings.
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
     # vLLM's thinking_token_budget: the reasoning (between <think> and </think>, or from the reply's
     # start when the chat template opens it) takes at most this many tokens; then </think> is forced
     # and the answer follows. 0: no reasoning. None: no limit. Needs one-token <think> and </think>.
@@ -211,6 +214,10 @@ class EngineConfig(StrictModel):
     max_num_seqs: int = Field(default=32, ge=1, le=1024)
     # Most requests waiting for a slot; beyond this `submit` refuses (the server answers 429/503).
     max_queued_requests: int = Field(default=256, ge=0)
+    # Which waiting request gets the next free slot: fcfs (the oldest), or priority (the lowest
+    # sampling.priority, the oldest among equals; vLLM's --scheduling-policy). Running requests
+    # are never preempted.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # Most prompt tokens prefilled in one step (long prompts are prefilled alone).
     max_prefill_tokens: int = Field(default=8192, ge=1)
     # CUDA only: call torch.cuda.empty_cache() every N decode steps while idle slots exist
@@ -272,6 +279,12 @@ class EngineConfig(StrictModel):
         if self.engine == "transformers" and self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs engine=vllm or trtllm; the "
                              "transformers engine splits a model across actors with pipeline_stages")
+        return self
+
+    @model_validator(mode="after")
+    def _priority_needs_a_queue_that_orders(self) -> EngineConfig:
+        if self.scheduling_policy == "priority" and self.engine == "trtllm":
+            raise ValueError("scheduling_policy=priority is served by engine=transformers or vllm, not trtllm")
         return self
 
     @model_validator(mode="after")

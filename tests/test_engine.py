@@ -683,6 +683,40 @@ def test_thinking_token_budget_closes_the_reasoning_and_lets_the_answer_follow(e
     assert completion[0].token_ids == completion[1].token_ids
 
 
+def test_priority_scheduling_gives_free_slots_to_the_lowest_priority_first(tiny):
+    # engine.scheduling_policy: priority (vLLM's): with one slot, queued requests are admitted by
+    # priority (lower first), in arrival order among equals; fcfs refuses a priority naming it.
+    import threading
+
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=1, scheduling_policy="priority"))
+    try:
+        finished, done = [], threading.Event()
+        arrivals = [("b", 5), ("c", 0), ("d", -1), ("e", 0), ("f", 5)]
+
+        def emit(delta):
+            if delta.finish_reason is not None:
+                finished.append(delta.request_id)
+                if len(finished) == len(arrivals):
+                    done.set()
+
+        for name, priority in arrivals:  # all queued before the decode thread takes the first
+            sampling = SamplingConfig(temperature=0, max_new_tokens=2, priority=priority)
+            engine.submit(engine.make_request(PROMPTS[0], sampling, name), emit)
+        engine.start()
+        assert done.wait(60)
+        assert finished == ["d", "c", "e", "b", "f"]
+    finally:
+        engine.shutdown()
+    fcfs = TransformersEngine(model, tokenizer, EngineConfig(max_num_seqs=1))
+    try:
+        with pytest.raises(ValueError, match="^priority needs priority scheduling") as refused:
+            fcfs.make_request(PROMPTS[0], SamplingConfig(priority=1))
+        assert refused.value.field == "priority"
+    finally:
+        fcfs.shutdown()
+
+
 def test_allowed_token_ids_restrict_the_reply_to_them(engine):
     # vLLM's allowed_token_ids: every token of the reply is one of them, greedy and sampled; a row
     # beside them is untouched; ids outside the vocabulary are refused naming the field.

@@ -286,6 +286,17 @@ def test_token_masks_go_to_vllm_only_when_asked_and_trtllm_refuses_them():
         assert error.value.field == field
 
 
+def test_priority_scheduling_goes_to_vllm_and_trtllm_refuses_it():
+    # engine.scheduling_policy: priority is vLLM's --scheduling-policy (absent for fcfs, which older
+    # releases know as their only policy); TensorRT-LLM has no priority queue here.
+    facts, config = SimpleNamespace(source="/models/m", context_tokens=1024), ModelConfig(model="r1-tiny")
+    assert vllm_engine_kwargs(facts, config, EngineConfig(engine="vllm", scheduling_policy="priority"),
+                              True)["scheduling_policy"] == "priority"
+    assert "scheduling_policy" not in vllm_engine_kwargs(facts, config, EngineConfig(engine="vllm"), True)
+    with pytest.raises(ValueError, match="scheduling_policy=priority is served by engine=transformers or vllm"):
+        EngineConfig(engine="trtllm", scheduling_policy="priority")
+
+
 def test_max_new_tokens_is_the_resolved_request_limit():
     request = _request(SamplingConfig(temperature=0), max_new_tokens=37)
     assert vllm_sampling_kwargs(request)["max_tokens"] == 37

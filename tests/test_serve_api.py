@@ -442,6 +442,7 @@ def test_vllm_sampling_extensions_over_http(server, client, tiny, tokenizer):
                                                              "include_stop_str_in_output"),
                          ({"allowed_token_ids": [len(tokenizer) + 3]}, "allowed_token_ids"),
                          ({"allowed_token_ids": []}, "allowed_token_ids"), ({"bad_words": [""]}, "bad_words.0"),
+                         ({"priority": 1}, "priority"),  # this app serves in arrival order (scheduling_policy fcfs)
                          ({"allowed_token_ids": digits, "guided_regex": "[0-9]+"}, "allowed_token_ids"), ({"stop_token_ids": [len(tokenizer) + 3]}, "stop_token_ids")):
         response = _post(server, "/v1/completions", {"model": MODEL, "prompt": "1 +", "max_tokens": 8, **extra})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

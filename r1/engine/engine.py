@@ -236,13 +236,16 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, vocab_size: int) -> list[int]:
 
 def new_request(
     tokenizer: Any, prompt: Prompt, sampling: SamplingConfig, request_id: str | None, *,
-    vocab_size: int, context_tokens: int, stop_ids: frozenset[int],
+    vocab_size: int, context_tokens: int, stop_ids: frozenset[int], scheduling_policy: str = "fcfs",
 ) -> Request:
     """A validated request: encoded prompt, resolved token budget, stop ids. Every engine makes its
     requests here, so prompts and limits follow the same rules whichever engine runs them."""
     prompt_ids = encode_prompt(tokenizer, prompt, vocab_size)
     if not prompt_ids:
         raise RequestError("the prompt is empty")
+    if sampling.priority and scheduling_policy != "priority":
+        raise RequestError("priority needs priority scheduling (engine.scheduling_policy: priority); this engine "
+                           "serves requests in arrival order", "priority")
     for field, ids in (("logit_bias", sampling.logit_bias), ("stop_token_ids", sampling.stop_token_ids),
                        ("allowed_token_ids", sampling.allowed_token_ids or ())):
         beyond = [token for token in ids if token >= vocab_size]
@@ -407,7 +410,8 @@ class TransformersEngine:
         """`adapter`: the name of a LoRA adapter of `engine.lora_adapters` (None: the base model)."""
         index = adapter_index(self.adapters, adapter)
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.runner.vocab_size,
-                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids,
+                              scheduling_policy=self.config.scheduling_policy)
         request.adapter = index
         constraint = constraint_of(sampling)
         if constraint is not None:

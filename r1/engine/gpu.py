@@ -329,7 +329,8 @@ class AsyncPackageEngine:
                                f"supported with engine.name: {self.name}; use the transformers engine",
                                "response_format" if kind == "json_schema" else kind, "unsupported")
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
-                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids)
+                              context_tokens=self.context_tokens, stop_ids=self.stop_token_ids,
+                              scheduling_policy=self.config.scheduling_policy)
         request.adapter = index
         return request
 

@@ -93,7 +93,18 @@ class Scheduler:
                 raise EngineOverloaded(
                     f"the engine queue is full ({len(self._waiting)} waiting, {len(self.running)} running); retry later"
                 )
-            self._waiting.append(seq)
+            self._queue(seq)
+
+    def _queue(self, seq: _Sequence) -> None:
+        """Put a sequence in the waiting queue: at its end, or (scheduling_policy: priority) after
+        every waiting sequence of the same or a lower priority value. Called with the lock held."""
+        priority = seq.request.sampling.priority
+        waiting = self._waiting
+        if self.config.scheduling_policy == "fcfs" or not waiting or waiting[-1].request.sampling.priority <= priority:
+            waiting.append(seq)
+            return
+        at = next(i for i, other in enumerate(waiting) if other.request.sampling.priority > priority)
+        waiting.insert(at, seq)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

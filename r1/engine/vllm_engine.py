@@ -108,6 +108,8 @@ def vllm_engine_kwargs(
         "max_model_len": facts.context_tokens,
         "disable_log_stats": True,
         **vllm_lora_kwargs(engine_config),
+        # vLLM's own priority queue (requests' priority goes with each generate call).
+        **({"scheduling_policy": "priority"} if engine_config.scheduling_policy == "priority" else {}),
     }
 
 
@@ -145,7 +147,7 @@ class VLLMEngine(AsyncPackageEngine):
 
         params = SamplingParams(**vllm_sampling_kwargs(request))
         lora = vllm_lora_request_args(request, self.config)
-        extra = {}
+        extra: dict[str, Any] = {"priority": request.sampling.priority} if request.sampling.priority else {}
         if lora is not None:
             from vllm.lora.request import LoRARequest
 

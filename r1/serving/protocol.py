@@ -11,7 +11,7 @@ neutral values (`function_call: "none"`, `best_of: 1`, ...) pass. Tool calling (
 `tool_choice`, tool messages) is `r1.serving.tools`'s. r1 extensions: `top_k`, `repetition_penalty`,
 `session_id`, `code_validation`; vLLM's `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
 `include_stop_str_in_output`, `allowed_token_ids`, `bad_words`, `return_tokens_as_token_ids`,
-`thinking_token_budget` (and SGLang's `thinking_budget`, OpenAI's `reasoning_effort`), guided
+`thinking_token_budget` (and SGLang's `thinking_budget`, OpenAI's `reasoning_effort`), `priority`, guided
 decoding (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, `structured_outputs`),
 `continue_final_message` (and DeepSeek's `prefix` messages) and `response_format` on completions.
 """
@@ -138,6 +138,8 @@ class _SamplingFields(LenientModel):
     thinking_token_budget: int | None = Field(default=None, ge=0)
     thinking_budget: int | None = Field(default=None, ge=0)
     reasoning_effort: str | None = None
+    # vLLM's priority (engine.scheduling_policy: priority): lower values are served first.
+    priority: int | None = None
     # vLLM's guided decoding (`requested_constraint`): at most one of these, structured_outputs and a
     # non-text response_format. guided_json: a JSON schema (an object, or its JSON text).
     guided_json: dict[str, Any] | str | None = None
@@ -365,7 +367,7 @@ def sampling_for(request: _SamplingFields, config: ServeConfig) -> SamplingConfi
     updates: dict[str, Any] = {}
     for field in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty",
                   "logit_bias", "min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
-                  "allowed_token_ids", "bad_words"):
+                  "allowed_token_ids", "bad_words", "priority"):
         value = getattr(request, field)
         if value is not None:
             updates[field] = value
