@@ -165,6 +165,9 @@ def test_chat_completion_usage_and_reasoning_split(server, client, tokenizer):
     assert (message["reasoning_content"] or "") == reasoning
     assert message["reasoning"] == message["reasoning_content"]
     assert (choice.message.content or "") == content
+    # The reasoning's tokens, as OpenAI's and DeepSeek's APIs report them for reasoning models.
+    counted = reply.usage.completion_tokens_details.reasoning_tokens
+    assert counted == len(tokenizer.encode(reasoning, add_special_tokens=False)) and 0 < counted <= 24
 
 
 def test_streaming_chat_equals_non_streaming(client):
@@ -188,6 +191,7 @@ def test_streaming_chat_equals_non_streaming(client):
     assert finish == full.choices[0].finish_reason
     assert usage.completion_tokens == full.usage.completion_tokens
     assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == full.usage.completion_tokens_details.reasoning_tokens > 0
 
 
 def test_completions_stream_and_not(client):

@@ -101,6 +101,8 @@ CLIENT_CLOSED_REQUEST = 499
 # ever uses (four times its left-context window, under 66,000 characters even with the longest
 # match custom regex rules allow); every token is at least one character.
 CONTINUED_CHARS = 131072
+# Text shorter than this is tokenized on the event loop (under 0.2 ms, about a thread hop's cost).
+SHORT_TEXT_CHARS = 512
 app = FastAPI(title="r1-cluster", description="OpenAI-compatible API for DeepSeek-R1-style reasoning models")
 
 
@@ -634,7 +636,7 @@ class OpenAIIngress:
         self._record_generation(route, root, choices, parsed.model)
         if answered is not None:
             return JSONResponse(answered)
-        usage = _usage(choices)
+        usage = await self._chat_usage(choices) if chat else _usage(choices)
         if chat:
             body_choices = [chat_choice(i, "".join(c.reasoning), c.answer(), c.finish_reason,
                                         self._logprobs(chat, c, c.logprobs), c.tool_calls, c.stop_reason)
@@ -722,11 +724,18 @@ class OpenAIIngress:
         safety filter blocked it."""
         return "content_filter" if choice.screen.blocked else choice.finish_reason
 
+    async def _chat_usage(self, choices: list[_Choice]) -> dict[str, Any]:
+        """A chat request's usage, with its choices' reasoning tokens (`completion_tokens_details`,
+        as OpenAI's and DeepSeek's APIs give them for reasoning models), counted again from the
+        reasoning's (screened) text as the Responses API's usage counts them."""
+        reasoning = sum([await self._count_tokens("".join(c.reasoning)) for c in choices])
+        return {**_usage(choices), "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
     async def _count_tokens(self, text: str) -> int:
-        """Tokens of generated text, counted again (a Responses usage's reasoning_tokens), off the
-        event loop (a long reasoning takes milliseconds to tokenize)."""
-        if not text:
-            return 0
+        """Tokens of generated text, counted again (reasoning_tokens in usage): a short text on the
+        event loop (cheaper than a thread hop), a long one off it (milliseconds to tokenize)."""
+        if len(text) < SHORT_TEXT_CHARS:
+            return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
         return len(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False))
 
     def _screening_context(self, chat: bool, echo: bool, prompt: Any, prefill: dict[str, Any] | None) -> str:
@@ -979,7 +988,7 @@ class OpenAIIngress:
                 yield closing
                 return
             if include_usage:
-                usage = _usage(choices)
+                usage = await self._chat_usage(choices) if chat else _usage(choices)
                 chunk = chat_chunk(response_id, model, created, -1, {}, usage=usage) if chat else \
                     completion_chunk(response_id, model, created, -1, "", usage=usage)
                 yield sse({**chunk, **extra})
