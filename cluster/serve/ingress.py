@@ -48,7 +48,6 @@ from r1.serving.responses import (
     page_of_items,
     read_stored_response,
     responses_error,
-    stored_response_data,
 )
 from r1.serving.tools import ToolCallStream, ToolPlan, call_text, tools_prompt, with_tools_prompt
 from r1.serving.protocol import (
@@ -259,11 +258,10 @@ def _response_not_stored(response_id: str) -> APIError:
     return APIError(404, f"response '{response_id[:64]}' is not stored", param="response_id", code="response_not_found")
 
 
-def _stored_response(events: ResponseEvents | None, response: dict[str, Any] | None) -> str | None:
-    """What a stored response keeps beside its exchange (the session's `data`)."""
-    if events is None or response is None:
-        return None
-    return stored_response_data(response, events.input_items, MAX_DATA_CHARS)
+def _stored_data(events: ResponseEvents | None) -> str | None:
+    """What a turn keeps beside its exchange (the session's `data`): a Responses request's finished
+    response, none for a chat turn."""
+    return None if events is None else events.stored_data(MAX_DATA_CHARS)
 
 
 def _usage(choices: list[_Choice]) -> dict[str, int]:
@@ -627,7 +625,7 @@ class OpenAIIngress:
             await self._drain(streams, starts, choices)
             answered = await self._response_object(events, choices) if events is not None else None
             if turn is not None:  # a stored response keeps its object, for GET /v1/responses/{id}
-                await self.sessions.finish_turn(turn, choices[0].stored_reply(), _stored_response(events, answered))
+                await self.sessions.finish_turn(turn, choices[0].stored_reply(), _stored_data(events))
         except APIError as error:
             return failed(error)
         except asyncio.CancelledError:
@@ -976,9 +974,7 @@ class OpenAIIngress:
                 # Store the exchange before [DONE] (or response.completed): a client that saw it can rely on the history.
                 try:
                     with use_span(root):
-                        await self.sessions.finish_turn(turn, choices[0].stored_reply(),
-                                                        _stored_response(events, events.last_response)
-                                                        if events is not None else None)
+                        await self.sessions.finish_turn(turn, choices[0].stored_reply(), _stored_data(events))
                 except APIError as error:
                     status = error.status
                     yield events.error(error) if events is not None else sse(error.body())

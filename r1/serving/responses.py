@@ -323,7 +323,7 @@ class ResponseEvents:
         self._open: str | None = None  # the item being streamed: "reasoning" or "message"
         self._items: list[str] = []  # the output items opened so far, in order ("call:N" for calls[N])
         self.calls: list[dict[str, Any]] = []  # function_call items (chat tool calls in the Responses shape)
-        self.last_response: dict[str, Any] | None = None  # the finished response object, once `closing` made it
+        self.last_response: dict[str, Any] | None = None  # the finished response object (`finished`, `closing`)
         self.input_items: list[dict[str, Any]] = []  # the request's input, screened (`input_items`)
 
     # -- the response object -------------------------------------------------------------------
@@ -378,7 +378,14 @@ class ResponseEvents:
         self.reasoning, self.content = reasoning, content
         self._items = (["reasoning"] if reasoning else []) + (["message"] if content or not calls else [])
         self._items += self._add_calls(calls or [])
-        return self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
+        self.last_response = self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
+        return self.last_response
+
+    def stored_data(self, max_chars: int) -> str | None:
+        """What the store keeps of the finished response (`stored_response_data`); None before it finished."""
+        if self.last_response is None:
+            return None
+        return stored_response_data(self.last_response, self.input_items, max_chars)
 
     # -- streamed events -------------------------------------------------------------------------
     def _event(self, kind: str, **fields: Any) -> bytes:
