@@ -28,7 +28,7 @@ import torch
 
 from r1.config import EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.detok import IncrementalDetokenizer
-from r1.engine.structured import constraint_of
+from r1.engine.structured import constraint_field, constraint_of
 from r1.engine.lora import adapter_index, adapter_indices
 from r1.engine.engine import (
     BatchResults,
@@ -324,10 +324,9 @@ class AsyncPackageEngine:
                                "logprobs", "unsupported")
         constraint = constraint_of(sampling)
         if constraint is not None:
-            kind = constraint[0]
-            raise RequestError(f"structured output ({'response_format' if kind == 'json_schema' else kind}) is not "
-                               f"supported with engine.name: {self.name}; use the transformers engine",
-                               "response_format" if kind == "json_schema" else kind, "unsupported")
+            field = constraint_field(constraint[0])
+            raise RequestError(f"structured output ({field}) is not supported with engine.name: {self.name}; use the "
+                               "transformers engine", field, "unsupported")
         request = new_request(self.tokenizer, prompt, sampling, request_id, vocab_size=self.vocab_size,
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids,
                               scheduling_policy=self.config.scheduling_policy)

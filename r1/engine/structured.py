@@ -53,6 +53,12 @@ def constraint_of(sampling: Any) -> tuple[str, Any] | None:
     return None
 
 
+def constraint_field(kind: str) -> str:
+    """The field a constraint's errors name: response_format for a JSON schema (OpenAI's request
+    field), else the sampling field (regex, choice, grammar)."""
+    return "response_format" if kind == "json_schema" else kind
+
+
 def _ebnf_of_choice(choices: list[str]) -> str:
     # JSON string escapes (\", \\, \n, \uXXXX) are EBNF's.
     return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)
@@ -117,7 +123,7 @@ class Grammars:
         """The compiled grammar of a constraint (`constraint_of`); a RequestError naming
         response_format (a JSON schema) or the sampling field if xgrammar cannot compile it."""
         key = (kind, _source(kind, value))
-        field = "response_format" if kind == "json_schema" else kind
+        field = constraint_field(kind)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
