@@ -11,6 +11,7 @@ as GRPO's rollouts rely on).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class RowState:
     blocked: torch.Tensor | None = None
     # bad_words: their token sequences, and the row's last tokens (as many as the longest's prefix).
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
-    recent_ids: list[int] | None = None
+    recent_ids: deque[int] | None = None
     # thinking_token_budget: the reasoning tokens still allowed (None: no budget, or the reasoning
     # is over), the <think> and </think> ids, and whether the reply is inside the reasoning now.
     think_budget: int | None = None
@@ -74,14 +75,15 @@ class RowState:
             allowed = torch.tensor(sorted(set(sampling.allowed_token_ids)), dtype=torch.long, device=device)
         return cls(sampling=sampling, generator=generator, seen_token_ids=seen, output_counts=counts, bias=bias,
                    ending_ids=hold, hold_steps=sampling.min_tokens if hold is not None else 0, constraint=constraint,
-                   allowed_ids=allowed, bad_words_ids=bad_words_ids, recent_ids=[] if bad_words_ids else None,
+                   allowed_ids=allowed, bad_words_ids=bad_words_ids,
+                   recent_ids=deque(maxlen=max(map(len, bad_words_ids))) if bad_words_ids else None,
                    think_budget=sampling.thinking_token_budget if think_ids else None, think_ids=think_ids,
                    in_reasoning=reasoning_first)
 
     def banned_now(self) -> list[int]:
         """The last tokens of the bad words whose other tokens the reply has just written (vLLM's
         rule: a one-token word always; the prompt does not count)."""
-        recent = self.recent_ids or []
+        recent = list(self.recent_ids or ())
         banned = []
         for ids in self.bad_words_ids:
             before = len(ids) - 1
@@ -117,7 +119,6 @@ class RowState:
             self._count_reasoning(token_id)
         if self.recent_ids is not None:
             self.recent_ids.append(token_id)
-            del self.recent_ids[: -max(len(ids) for ids in self.bad_words_ids)]
         if self.hold_steps:
             self.hold_steps -= 1
         if self.output_counts is not None:
