@@ -119,9 +119,13 @@ def record_tool_calls(route: str, mode: str, calls: int) -> None:
 
 @_never_raises
 def record_engine_load(stats: Mapping[str, int]) -> None:
-    """The engine's `stats()`: {"running": n, "waiting": n}."""
+    """The engine's `stats()`: {"running": n, "waiting": n}, and the prefix cache's figures when it has one."""
     _set("r1_running_requests", stats.get("running"))
     _set("r1_queue_depth", stats.get("waiting"))
+    if "prefix_cache_bytes" in stats:
+        _set("r1_prefix_cache_bytes", stats["prefix_cache_bytes"])
+        queried = stats["prefix_cache_queried_tokens"]
+        _set("r1_prefix_cache_hit_ratio", stats["prefix_cache_hit_tokens"] / queried if queried else 0.0)
 
 
 @_never_raises

@@ -34,7 +34,7 @@ PLOTS_DIR = BENCH_DIR / "plots"
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 # Section order; names not listed follow in alphabetical order.
-ORDER = ["engine", "serving", "lora", "safety", "sandbox", "sessions", "cpu_speed", "training", "tiny_training"]
+ORDER = ["engine", "serving", "prefix_cache", "lora", "safety", "sandbox", "sessions", "cpu_speed", "training", "tiny_training"]
 INTRO = "intro"
 PARTS = ["command", "baseline", "run", "tables", "notes", "plots"]
 MARKER = re.compile(r"^[ \t]*<!--\s*bench:(\w+)\s*-->[ \t]*$", re.MULTILINE)

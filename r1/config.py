@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Hard cap on new tokens per request (the guide's fix for truncated answers is a 4096 window).
+# MiB of prefix cache for `engine.prefix_cache_mb: auto` where it applies (EngineConfig).
+DEFAULT_PREFIX_CACHE_MB = 256
 DEFAULT_MAX_NEW_TOKENS_CAP = 4096
 
 
@@ -252,6 +254,15 @@ class EngineConfig(StrictModel):
     # (r1/engine/lora.py; with engine=vllm, vLLM's own multi-LoRA). Not with compile,
     # pipeline_stages > 1 or engine=trtllm.
     lora_adapters: dict[str, str] = Field(default_factory=dict)
+    # transformers engine: MiB of memory for the prefix cache, 0 for none. The keys and values of
+    # finished sequences are kept in blocks of 16 tokens, and a prompt that starts with kept blocks
+    # (a chat's history, a shared system text) is prefilled from them: only the rest goes through
+    # the model (r1/engine/prefix_cache.py). Least recently used blocks go first. "auto":
+    # DEFAULT_PREFIX_CACHE_MB for an engine that loads its own model (r1 serve, r1 chat, r1 generate),
+    # none for one built around a model object it is given (TransformersEngine(model, ...), as
+    # training's rollouts do: their weights change under it). Not with pipeline_stages > 1; vLLM and
+    # TensorRT-LLM keep prefix caches of their own (this setting is not theirs).
+    prefix_cache_mb: int | Literal["auto"] = "auto"
 
     @field_validator("lora_adapters")
     @classmethod
@@ -263,6 +274,18 @@ class EngineConfig(StrictModel):
             if not path.strip():
                 raise ValueError(f"adapter {name!r} needs the path of its directory")
         return value
+
+    @field_validator("prefix_cache_mb", mode="before")
+    @classmethod
+    def _prefix_cache_size(cls, value: Any) -> Any:
+        # One clear error, not one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 20:
+            return value
+        raise ValueError("expected auto or a size in MiB from 0 (none) to 1048576")
 
     @field_validator("prepack", mode="before")
     @classmethod

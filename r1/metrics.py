@@ -78,6 +78,9 @@ METRICS: tuple[MetricSpec, ...] = (
                ("direction", "model")),
     MetricSpec("r1_queue_depth", "gauge", "Requests waiting for an engine slot, per LLMServer replica."),
     MetricSpec("r1_running_requests", "gauge", "Requests being decoded, per LLMServer replica."),
+    MetricSpec("r1_prefix_cache_bytes", "gauge", "Memory the engine's prefix cache holds, per LLMServer replica."),
+    MetricSpec("r1_prefix_cache_hit_ratio", "gauge",
+               "Share of prompt tokens prefilled from the prefix cache since the replica started."),
     MetricSpec("r1_tool_calls_total", "counter",
                "Tool calls in answers, by route and tool_choice mode (auto, required, named).", ("route", "mode")),
     # -- safety, code validation, sessions --

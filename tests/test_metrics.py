@@ -54,7 +54,7 @@ def test_catalog_is_consistent():
         assert all(re.fullmatch(r"[a-z_][a-z0-9_]*", label) and not label.startswith("__") for label in spec.labels)
         # Ray appends _total to a counter without it; naming them so keeps exported == registered + ray_.
         assert (spec.kind == "counter") == spec.name.endswith("_total"), spec.name
-        assert spec.name.endswith(("_total", "_seconds", "_ratio", "_depth", "_requests", "_per_second")), spec.name
+        assert spec.name.endswith(("_total", "_seconds", "_ratio", "_depth", "_requests", "_per_second", "_bytes")), spec.name
         if spec.kind == "histogram":
             assert spec.buckets and list(spec.buckets) == sorted(set(spec.buckets)) and spec.buckets[0] > 0
         else:
@@ -206,7 +206,8 @@ def recorder_class() -> type:
             timer.tokens_arrived(1)
             timer.tokens_arrived(1)
             metrics.record_generation("chat", timer, prompt_tokens=12, completion_tokens=3, model="r1-tiny")
-            metrics.record_engine_load({"running": 2, "waiting": 5})
+            metrics.record_engine_load({"running": 2, "waiting": 5, "prefix_cache_bytes": 4096,
+                                        "prefix_cache_queried_tokens": 200, "prefix_cache_hit_tokens": 50})
             metrics.record_tool_calls("chat", "required", 2)
             metrics.record_safety_findings(["card_number", "card_number", "password"], "output")
             metrics.record_sandbox_run("passed")
@@ -278,6 +279,8 @@ def test_ray_exports_every_r1_series_with_sane_values(exported):
     assert value(exported, "ray_r1_tokens_total", direction="in", model="r1-tiny") == 12
     assert value(exported, "ray_r1_tokens_total", direction="out", model="r1-tiny") == 3
     assert (value(exported, "ray_r1_running_requests"), value(exported, "ray_r1_queue_depth")) == (2, 5)
+    assert value(exported, "ray_r1_prefix_cache_bytes") == 4096
+    assert value(exported, "ray_r1_prefix_cache_hit_ratio") == pytest.approx(0.25)
     assert value(exported, "ray_r1_tool_calls_total", route="chat", mode="required") == 2
     assert value(exported, "ray_r1_safety_findings_total", rule_id="card_number", direction="output") == 2
     assert value(exported, "ray_r1_sandbox_runs_total", status="passed") == 1

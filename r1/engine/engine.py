@@ -30,6 +30,7 @@ from r1.chat_template import continued_message, continues_reasoning, render_chat
 from r1.config import DEFAULT_MAX_NEW_TOKENS_CAP, EngineConfig, ModelConfig, SamplingConfig
 from r1.engine.openmp import release_thread_pool
 from r1.engine.lora import AdapterRows, adapter_index, attach_adapters
+from r1.engine.prefix_cache import new_prefix_cache
 from r1.engine.runner import LocalModelRunner, ModelRunner
 from r1.engine.scheduler import EngineOverloaded, Scheduler
 from r1.engine.structured import Grammars, constraint_of
@@ -359,10 +360,14 @@ class TransformersEngine:
         context_tokens: int | None = None,
         stop_ids: frozenset[int] | None = None,
         adapters: tuple[dict[str, int], AdapterRows] | None = None,
+        owns_weights: bool = False,
     ):
         """`model` may be None when a `runner` (e.g. the sharded one) runs the model elsewhere; then
         `context_tokens` must be given. `adapters`: what `r1.engine.lora.attach_adapters` returned
-        for `model` (each adapter's index, and the rows its layers read)."""
+        for `model` (each adapter's index, and the rows its layers read). `owns_weights`: nothing
+        but this engine uses `model` (`from_config` loaded it), so `engine.prefix_cache_mb: auto`
+        may keep a prefix cache of it; a caller that changes the weights of a model it gave keeps
+        the default (False), or calls `reset_prefix_cache()` after each change."""
         from r1.model import context_length
 
         if model is None and (runner is None or context_tokens is None):
@@ -373,7 +378,8 @@ class TransformersEngine:
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.adapters, adapter_rows = adapters if adapters is not None else ({}, None)
-        self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0, adapter_rows=adapter_rows)
+        self.runner = runner or LocalModelRunner(model, pad_token_id=pad_id or 0, adapter_rows=adapter_rows,
+                                                 prefix_cache=new_prefix_cache(self.config, owns_weights))
         self.context_tokens = context_tokens or context_length(model, tokenizer)
         self.stop_token_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
         self.grammars = Grammars(tokenizer, self.runner.vocab_size, self.stop_token_ids)  # compiled on first use
@@ -399,7 +405,8 @@ class TransformersEngine:
         # Before the engine options: they may replace the Linear layers the adapters wrap (prepack
         # and int8 then replace the wrapped layer inside its wrapper).
         adapters = attach_adapters(model, engine_config.lora_adapters) if engine_config.lora_adapters else None
-        return cls(apply_engine_options(model, engine_config), tokenizer, engine_config, adapters=adapters)
+        return cls(apply_engine_options(model, engine_config), tokenizer, engine_config, adapters=adapters,
+                   owns_weights=True)
 
     # -- inputs ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -570,8 +577,16 @@ class TransformersEngine:
         return self._thread is None or self._thread.is_alive() or self._stopping
 
     def stats(self) -> dict[str, int]:
+        prefix_cache = getattr(self.runner, "prefix_cache", None)
         return {"running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting(),
-                "aborted": self.scheduler.num_aborted}
+                "aborted": self.scheduler.num_aborted, **(prefix_cache.stats() if prefix_cache is not None else {})}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: call after changing the model's weights in place (the cached
+        keys and values were computed with the old ones). A no-op without a prefix cache."""
+        prefix_cache = getattr(self.runner, "prefix_cache", None)
+        if prefix_cache is not None:
+            prefix_cache.clear()
 
     def check_health(self) -> None:
         """Raise unless the engine can serve: its decode loop runs and its runner answers (a

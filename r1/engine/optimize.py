@@ -77,6 +77,9 @@ def check_engine_options(engine_config: EngineConfig, device: torch.device) -> N
 def check_sharded_options(engine_config: EngineConfig) -> None:
     """The sharded runner (pipeline_stages > 1) loads plain models in its shards: reject what it cannot apply
     (`prepack: auto` is fine: it leaves the shards' models alone)."""
+    if engine_config.prefix_cache_mb not in ("auto", 0):  # auto: none there
+        raise ValueError("engine.prefix_cache_mb is not supported with pipeline_stages > 1 (each ModelShard keeps "
+                         "only its own layers' keys and values); use pipeline_stages=1, or prefix_cache_mb=0")
     if engine_config.quantization != "none" or engine_config.compile or engine_config.prepack is True:
         raise ValueError(
             f"engine.quantization={engine_config.quantization} / engine.compile={engine_config.compile} / "

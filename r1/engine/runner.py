@@ -24,6 +24,7 @@ protocol in `actors/`, using `BatchedKVCache` and `forward_with_cache` from this
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from r1.engine.lora import BASE, AdapterRows
+from r1.engine.prefix_cache import LayerKV, PrefixCache
 
 
 class ModelRunner(Protocol):
@@ -270,8 +272,12 @@ class LocalModelRunner:
     """Runs a whole Hugging Face causal LM in this process."""
 
     def __init__(self, model: Any, pad_token_id: int = 0, growing_cache: bool | None = None,
-                 adapter_rows: AdapterRows | None = None):
+                 adapter_rows: AdapterRows | None = None, prefix_cache: PrefixCache | None = None):
         self.model = model
+        # Finished sequences' keys and values for later prompts that start the same way (None: off),
+        # and for that each running sequence's tokens so far (prompt and fed outputs).
+        self.prefix_cache = prefix_cache
+        self.tokens: dict[str, list[int]] = {}
         # The model's LoRA layers read each row's adapter from here (None: the model has none).
         self.adapter_rows = adapter_rows
         self.adapter_of: dict[str, int] = {}  # sequence id -> its adapter, for sequences not of the base
@@ -306,11 +312,71 @@ class LocalModelRunner:
     def add(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool = False,
             adapters: list[int] | None = None) -> torch.Tensor:
         """Prefill; identical prompts (a GRPO group, a request with n > 1) are computed once and
-        their cache rows repeated (identical prompts of the same adapter)."""
+        their cache rows repeated (identical prompts of the same adapter). With a prefix cache, the
+        prompts that start with a cached prefix are prefilled from it, as a batch of their own
+        (`_prefill_from_cache`)."""
         if adapters is None:
             adapters = [BASE] * len(prompts)
         elif self.adapter_rows is None and any(adapters):
             raise ValueError("this model runner has no LoRA adapters")
+        if self.prefix_cache is None:
+            return self._prefill(seq_ids, prompts, all_logits, adapters)
+        self.tokens.update((seq_id, list(prompt)) for seq_id, prompt in zip(seq_ids, prompts))
+        # A prompt given more than once (n > 1) is prefilled once by `_prefill`, cached prefix or not.
+        counts = collections.Counter((adapter, tuple(prompt)) for adapter, prompt in zip(adapters, prompts))
+        matches = [None if all_logits or counts[adapter, tuple(prompt)] > 1 else self.prefix_cache.match(list(prompt), adapter)
+                   for prompt, adapter in zip(prompts, adapters)]
+        hits = [i for i, match in enumerate(matches) if match is not None]
+        if not hits:
+            return self._prefill(seq_ids, prompts, all_logits, adapters)
+        rest = [i for i, match in enumerate(matches) if match is None]
+        parts = [self._prefill([seq_ids[i] for i in rest], [prompts[i] for i in rest], False,
+                               [adapters[i] for i in rest])] if rest else []
+        parts.append(self._prefill_from_cache([seq_ids[i] for i in hits], [prompts[i] for i in hits],
+                                              [adapters[i] for i in hits], [matches[i] for i in hits]))
+        computed = torch.cat(parts)
+        logits = torch.empty_like(computed)
+        logits[torch.tensor(rest + hits, device=computed.device)] = computed
+        return logits
+
+    def _prefill_from_cache(self, seq_ids: list[str], prompts: list[list[int]], adapters: list[int],
+                            matches: list[tuple[int, LayerKV]]) -> torch.Tensor:
+        """Prefill prompts whose first tokens' keys and values the prefix cache holds (`matches`:
+        (cached length, per-layer keys and values)) in one forward of their other tokens.
+
+        Each row is [padding][cached prefix | padding][its own tokens]: the prefixes left-padded to
+        the longest in the cache the forward starts from, the rest left-padded to the longest rest
+        as the forward's input, so a row may have padding between the two, which the attention mask
+        hides (every query still sees its prefix). Position ids continue each row's prefix. Next-token
+        logits [rows, vocab]."""
+        cached = [length for length, _ in matches]
+        rests = [prompt[length:] for prompt, length in zip(prompts, cached)]
+        width, span = max(cached), max(len(rest) for rest in rests)
+        rows = len(prompts)
+        mask = torch.zeros((rows, width + span), dtype=torch.long)
+        input_ids = torch.full((rows, span), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((rows, span), dtype=torch.long)
+        for row, (length, rest) in enumerate(zip(cached, rests)):
+            mask[row, width - length : width] = 1
+            mask[row, width + span - len(rest) :] = 1
+            input_ids[row, span - len(rest) :] = torch.tensor(rest)
+            position_ids[row] = torch.arange(length + len(rest) - span, length + len(rest)).clamp(min=length)
+        cache = new_cache(self.growing_cache)
+        for layer in range(len(matches[0][1])):
+            keys = [match[1][layer][0] for match in matches]
+            values = [match[1][layer][1] for match in matches]
+            cache.update(torch.stack([self.kv._pad_left(k, width, -2) for k in keys]),
+                         torch.stack([self.kv._pad_left(v, width, -2) for v in values]), layer)
+        mask = mask.to(self.device)
+        logits = self._forward(input_ids=input_ids.to(self.device), attention_mask=mask,
+                               position_ids=position_ids.to(self.device), cache=cache,
+                               adapters=adapters if any(adapters) else None)
+        self.adapter_of.update((seq_id, adapter) for seq_id, adapter in zip(seq_ids, adapters) if adapter != BASE)
+        self.kv.merge(seq_ids, cache, mask)
+        return logits
+
+    def _prefill(self, seq_ids: list[str], prompts: list[list[int]], all_logits: bool, adapters: list[int]) -> torch.Tensor:
+        """Prefill whole prompts as one left-padded batch (`add`'s arguments, adapters given)."""
         distinct: dict[tuple[int, tuple[int, ...]], int] = {}
         rows = [distinct.setdefault((adapter, tuple(prompt)), len(distinct)) for adapter, prompt in zip(adapters, prompts)]
         input_ids, mask = left_pad([list(prompt) for _, prompt in distinct], self.pad_token_id, self.device)
@@ -340,9 +406,39 @@ class LocalModelRunner:
             position_ids=position_ids, cache=self.kv.cache,
             adapters=[adapter_of.get(seq_id, BASE) for seq_id in self.kv.order] if adapter_of else None,
         )
+        if self.prefix_cache is not None:  # after the forward: a failed step's sequences are not cached
+            for seq_id, token_id in zip(seq_ids, token_ids):
+                self.tokens[seq_id].append(token_id)
         return logits[rows]
 
     def remove(self, seq_ids: list[str]) -> None:
+        if self.prefix_cache is not None:
+            self._cache_prefixes(seq_ids)
         self.kv.remove(seq_ids)
         for seq_id in seq_ids:
             self.adapter_of.pop(seq_id, None)
+
+    def _cache_prefixes(self, seq_ids: list[str]) -> None:
+        """Put the leaving sequences' keys and values into the prefix cache: their rows' unpadded
+        positions (padding is on a row's left, and between its cached prefix and the rest for a row
+        prefilled from the cache). Skipped when a failed step left the cache out of step with the
+        tokens fed (its layers' lengths or the row's position differ from what the tokens say)."""
+        kv = self.kv
+        tokens = [self.tokens.pop(seq_id, None) for seq_id in seq_ids]
+        if kv.cache is None or kv.mask is None:
+            return
+        length = kv.mask.shape[1]
+        if any(layer.keys.shape[-2] != length for layer in kv.cache.layers):
+            return
+        where = {seq_id: i for i, seq_id in enumerate(kv.order)}
+        for seq_id, seq_tokens in zip(seq_ids, tokens):
+            row = where.get(seq_id)
+            if seq_tokens is None or row is None or int(kv.positions[row]) != len(seq_tokens):
+                continue
+            real = kv.mask[row].bool()
+            if bool(real[length - len(seq_tokens) :].all()):  # no padding inside: views of its last positions
+                start = length - len(seq_tokens)
+                layers = [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in kv.cache.layers]
+            else:
+                layers = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in kv.cache.layers]
+            self.prefix_cache.put(seq_tokens, layers, self.adapter_of.get(seq_id, BASE))

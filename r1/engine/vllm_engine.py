@@ -11,8 +11,9 @@ Options used: `max_num_seqs`, `max_queued_requests` (r1's admission limit), `qua
 `gpu_memory_utilization` (share of the GPU vLLM may take, weights and KV cache together),
 `tensor_parallel_size` and `lora_adapters` (vLLM's own multi-LoRA: `enable_lora`, every adapter
 resident, `max_lora_rank` the smallest of vLLM's sizes that holds the largest rank; each request
-names its adapter with a `LoRARequest`). `max_prefill_tokens`, `cpu_threads` and the `cuda_*`
-cache settings are the transformers engine's and do not apply.
+names its adapter with a `LoRARequest`). `max_prefill_tokens`, `cpu_threads`, `prefix_cache_mb`
+and the `cuda_*` cache settings are the transformers engine's and do not apply (vLLM's own automatic
+prefix caching is on by default).
 """
 
 from __future__ import annotations
