@@ -120,7 +120,7 @@ class LLMServer:
                     item = {"type": "delta", "text": delta.text, "num_tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
                     if delta is first:
                         item.update(type="start", prompt_tokens=len(request.prompt_token_ids),
-                                    think_prefilled=self.think_prefilled)
+                                    cached_tokens=request.cached_tokens, think_prefilled=self.think_prefilled)
                         if delta.prompt_logprobs is not None:
                             item["prompt_logprobs"] = [tuple(entry) for entry in delta.prompt_logprobs]
                     if delta.logprobs is not None:  # plain data: (token id, logprob, ((id, logprob), ...), chars) per token

@@ -615,6 +615,12 @@ class ServeConfig(StrictModel):
         default_factory=lambda: DeploymentConfig(**INGRESS_DEPLOYMENT))
     llm: Annotated[DeploymentConfig, _over_defaults(LLM_DEPLOYMENT)] = Field(
         default_factory=lambda: DeploymentConfig(**LLM_DEPLOYMENT))
+    # How the ingress picks an LLM-server replica. prefix_affinity: the replica a request's prompt
+    # start belongs to (a chat's turns, requests of one long system text), where its prefix cache
+    # holds it, within `llm_routing_imbalance` queued requests of the key's second replica
+    # (cluster/serve/routing.py); power_of_two: Serve's default (the less loaded of two random ones).
+    llm_routing: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
+    llm_routing_imbalance: int = Field(default=4, ge=0)
     # Dialog sessions (SessionStore actors); classes defined further down in this module.
     sessions: SessionConfig = Field(default_factory=lambda: SessionConfig())
     # The SafetyFilter deployment screening input and output (fail-closed); null disables screening.

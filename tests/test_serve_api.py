@@ -194,6 +194,45 @@ def test_streaming_chat_equals_non_streaming(client):
     assert usage.completion_tokens_details.reasoning_tokens == full.usage.completion_tokens_details.reasoning_tokens > 0
 
 
+def test_a_chats_later_turns_are_served_where_its_history_is_cached(client):
+    # The main app runs two LLM-server replicas, each with its own prefix cache; the ingress routes a
+    # chat to the replica its opening belongs to (llm_routing: prefix_affinity), so every later turn
+    # finds the earlier ones' tokens cached there: usage.prompt_tokens_details.cached_tokens, as
+    # OpenAI and vLLM report them. Routed by load alone, each later turn would find them on the
+    # other replica about half the time.
+    later = []
+    for chat in range(6):
+        messages = [{"role": "system", "content": f"Chat {chat}: answer arithmetic questions; think first."},
+                    {"role": "user", "content": f"Mia has {20 + chat} apples and buys 45 more. How many apples?"}]
+        for turn in range(3):
+            reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert 0 <= cached < reply.usage.prompt_tokens and cached % 16 == 0  # whole 16-token blocks
+            if turn == 0:
+                assert cached == 0  # nothing of this chat was computed before
+            else:
+                later.append(cached)
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content or "ok"},
+                         {"role": "user", "content": f"And {turn + 2} more?"}]
+    # One turn may miss: the LLM server autoscales, and a replica added meanwhile takes some chats.
+    assert sum(cached > 0 for cached in later) >= len(later) - 1, later
+    # The streamed usage says the same.
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_continued_responses_conversation_reports_its_cached_input(client):
+    # (No `instructions`: a continued response does not repeat them, so its prompt would start otherwise.)
+    first = client.responses.create(model=MODEL, input="Tom has 5 pens and buys 3 more pens at the shop on the "
+                                    "corner. How many pens does he have now?", max_output_tokens=12, temperature=0)
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input="And 2 more?",
+                                     max_output_tokens=12, temperature=0)
+    assert 0 < second.usage.input_tokens_details.cached_tokens < second.usage.input_tokens
+
+
 def test_completions_stream_and_not(client):
     full = client.completions.create(model=MODEL, prompt="12 + 7 =", max_tokens=10, temperature=0)
     text = "".join(c.choices[0].text for c in client.completions.create(
@@ -785,6 +824,10 @@ def test_sharded_greedy_equals_unsharded(server):
     whole = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
     sharded = httpx.post(f"{server}/sharded/v1/chat/completions", json=body, headers=headers, timeout=120).json()
     assert sharded["choices"][0]["message"] == whole["choices"][0]["message"]
+    # The same counts; of the prompt, the unsharded engine may have had some cached (its prefix
+    # cache), the sharded one none (its shards keep no prefix cache).
+    assert sharded["usage"].pop("prompt_tokens_details") == {"cached_tokens": 0}
+    whole["usage"].pop("prompt_tokens_details")
     assert sharded["usage"] == whole["usage"]
 
 

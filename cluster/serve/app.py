@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from actors.code_validator import build_code_validator
 from actors.llm_server import LLMServer
 from actors.safety import build_safety_filter
 from cluster.serve.ingress import OpenAIIngress
+from cluster.serve.routing import ROUTER_CLASS
 from r1.config import ServeConfig, parse_config
 
 
@@ -45,6 +47,9 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         # One placement group per replica: bundle i holds stage i (bundle 0 the replica too).
         llm_options["placement_group_bundles"] = placement_bundles(config, shard_gpus(config))
         llm_options["placement_group_strategy"] = "PACK"
+    if config.llm_routing == "prefix_affinity":
+        llm_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_router_kwargs={"imbalance_threshold": config.llm_routing_imbalance})
     llm = LLMServer.options(**llm_options).bind(config_dict)
     validator = build_code_validator(config.code_validator) if config.code_validator is not None else None
     safety = build_safety_filter(config.safety) if config.safety is not None else None

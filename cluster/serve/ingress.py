@@ -159,6 +159,8 @@ class _Choice:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.prompt_tokens = 0  # its prompt's tokens on the first choice of each prompt, else 0
+        # Of those, the ones the engine's prefix cache held (None: an engine that does not say).
+        self.cached_tokens: int | None = 0
         self.completion_tokens = 0
         self.timer: GenerationTimer | None = None  # choice 0 only: the request's TTFT / TPOT
         # Token log-probabilities (when asked for): held until the screening has passed their text.
@@ -173,7 +175,7 @@ class _Choice:
         """The choice's usage up to now (continuous_usage_stats), else None."""
         if self.own_prompt_tokens is None:
             return None
-        return usage_dict(self.own_prompt_tokens, self.completion_tokens)
+        return usage_dict(self.own_prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     def _split(self, text: str) -> tuple[str, str]:
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
@@ -267,7 +269,9 @@ def _stored_data(events: ResponseEvents | None) -> str | None:
 def _usage(choices: list[_Choice]) -> dict[str, int]:
     """The request's usage: each prompt's tokens once, however many choices it has, and every
     choice's completion tokens."""
-    return usage_dict(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices))
+    cached = [c.cached_tokens for c in choices]
+    return usage_dict(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices),
+                      None if None in cached else sum(cached))
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -609,6 +613,7 @@ class OpenAIIngress:
         options = parsed.stream_options
         for index, (choice, start) in enumerate(zip(choices, starts)):
             choice.prompt_tokens = start["prompt_tokens"] if index % parsed.n == 0 else 0
+            choice.cached_tokens = start.get("cached_tokens") if index % parsed.n == 0 else 0
             choice.tokens_as_ids = bool(parsed.return_tokens_as_token_ids)
             if options is not None and options.include_usage and options.continuous_usage_stats:
                 choice.own_prompt_tokens = start["prompt_tokens"]
@@ -714,7 +719,8 @@ class OpenAIIngress:
         usage = _usage(choices)
         reasoning = "".join(choices[0].reasoning)
         return events.finished(reasoning, choices[0].answer(), self._finish_reason(choices[0]), usage["prompt_tokens"],
-                               usage["completion_tokens"], await self._count_tokens(reasoning), choices[0].tool_calls)
+                               usage["completion_tokens"], await self._count_tokens(reasoning), choices[0].tool_calls,
+                               choices[0].cached_tokens)
 
     @staticmethod
     def _finish_reason(choice: _Choice) -> str | None:
@@ -969,7 +975,8 @@ class OpenAIIngress:
             if events is not None:  # the response's last events, and its object (stored with the exchange)
                 usage = _usage(choices)
                 closing = events.closing(self._finish_reason(choices[0]), usage["prompt_tokens"],
-                                         usage["completion_tokens"], await self._count_tokens(events.reasoning))
+                                         usage["completion_tokens"], await self._count_tokens(events.reasoning),
+                                         choices[0].cached_tokens)
             if turn is not None:
                 # Store the exchange before [DONE] (or response.completed): a client that saw it can rely on the history.
                 try:

@@ -331,6 +331,7 @@ class AsyncPackageEngine:
                               context_tokens=self.context_tokens, stop_ids=self.stop_token_ids,
                               scheduling_policy=self.config.scheduling_policy)
         request.adapter = index
+        request.cached_tokens = None  # unless the package says (vLLM's num_cached_tokens)
         return request
 
     @property

@@ -278,6 +278,8 @@ class LocalModelRunner:
         # and for that each running sequence's tokens so far (prompt and fed outputs).
         self.prefix_cache = prefix_cache
         self.tokens: dict[str, list[int]] = {}
+        # Of the last `add`'s sequences, those prefilled from the cache: sequence id -> cached tokens.
+        self.cached_tokens: dict[str, int] = {}
         # The model's LoRA layers read each row's adapter from here (None: the model has none).
         self.adapter_rows = adapter_rows
         self.adapter_of: dict[str, int] = {}  # sequence id -> its adapter, for sequences not of the base
@@ -327,6 +329,7 @@ class LocalModelRunner:
         matches = [None if all_logits or counts[adapter, tuple(prompt)] > 1 else self.prefix_cache.match(list(prompt), adapter)
                    for prompt, adapter in zip(prompts, adapters)]
         hits = [i for i, match in enumerate(matches) if match is not None]
+        self.cached_tokens = {seq_ids[i]: matches[i][0] for i in hits}
         if not hits:
             return self._prefill(seq_ids, prompts, all_logits, adapters)
         rest = [i for i, match in enumerate(matches) if match is None]

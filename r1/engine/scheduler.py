@@ -193,7 +193,12 @@ class Scheduler:
         extra = {"adapters": adapters} if any(adapters) else {}
         k = admitted[0].request.sampling.prompt_logprobs
         if k is None:
-            return self.runner.add(ids, prompts, **extra)
+            logits = self.runner.add(ids, prompts, **extra)
+            cached = getattr(self.runner, "cached_tokens", None)  # a runner with a prefix cache
+            if cached:
+                for seq in admitted:
+                    seq.request.cached_tokens = cached.get(seq.seq_id, 0)
+            return logits
         logits = self.runner.add(ids, prompts, all_logits=True, **extra)
         detok = IncrementalDetokenizer(self.tokenizer)  # each token's share of the prompt's decoded text
         entries = [e._replace(chars=len(detok.add(e.token_id))) for e in prompt_token_logprobs(logits[0], prompts[0], k)]

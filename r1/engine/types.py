@@ -120,6 +120,9 @@ class Request:
     # starts inside the reasoning (a chat template that opens it, or a continued reasoning).
     think_ids: tuple[int, int] | None = None
     reasoning_first: bool = False
+    # Prompt tokens prefilled from the engine's prefix cache (set when the request is prefilled;
+    # the usage's prompt_tokens_details.cached_tokens). None: an engine that does not say.
+    cached_tokens: int | None = 0
 
     def stop_reason(self, token: int, detok: Any) -> str | int | None:
         """What ended a reply that finished with "stop" at `token`: the stop string its detokenizer

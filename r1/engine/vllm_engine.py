@@ -157,6 +157,8 @@ class VLLMEngine(AsyncPackageEngine):
                                          **extra)
         try:
             async for request_output in outputs:
+                if request.cached_tokens is None:  # its prompt tokens vLLM's prefix cache held, before the first delta
+                    request.cached_tokens = getattr(request_output, "num_cached_tokens", None)
                 yield first_output(request_output)
         finally:
             # Closing vLLM's generator before it finished aborts the request inside vLLM.

@@ -301,8 +301,11 @@ def page_of_items(items: list[dict[str, Any]], limit: int, order: str, after: st
             "last_id": page[-1]["id"] if page else None, "has_more": end - start > limit}
 
 
-def _usage(input_tokens: int, output_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output_tokens,
+def _usage(input_tokens: int, output_tokens: int, reasoning_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
+    # cached_tokens: the input tokens the engine's prefix cache held (a field the object always has:
+    # 0 from an engine that does not say).
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens or 0},
+            "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens}, "total_tokens": input_tokens + output_tokens}
 
 
@@ -373,12 +376,14 @@ class ResponseEvents:
         }
 
     def finished(self, reasoning: str, content: str, finish_reason: str | None, input_tokens: int, output_tokens: int,
-                 reasoning_tokens: int, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 reasoning_tokens: int, calls: list[dict[str, Any]] | None = None,
+                 cached_tokens: int | None = None) -> dict[str, Any]:
         """The whole (not streamed) response: a message item unless the answer is calls alone."""
         self.reasoning, self.content = reasoning, content
         self._items = (["reasoning"] if reasoning else []) + (["message"] if content or not calls else [])
         self._items += self._add_calls(calls or [])
-        self.last_response = self.response("completed", finish_reason, _usage(input_tokens, output_tokens, reasoning_tokens))
+        self.last_response = self.response("completed", finish_reason,
+                                           _usage(input_tokens, output_tokens, reasoning_tokens, cached_tokens))
         return self.last_response
 
     def stored_data(self, max_chars: int) -> str | None:
@@ -458,14 +463,15 @@ class ResponseEvents:
             out += self._event("response.output_item.done", output_index=index, item=item)
         return out
 
-    def closing(self, finish_reason: str | None, input_tokens: int, output_tokens: int, reasoning_tokens: int) -> bytes:
+    def closing(self, finish_reason: str | None, input_tokens: int, output_tokens: int, reasoning_tokens: int,
+                cached_tokens: int | None = None) -> bytes:
         """The end of the stream: the open item's done events, an empty answer if neither an answer
         nor calls came, and `response.completed` (or `response.incomplete` at max_output_tokens)
         with the usage."""
         out = b"" if "message" in self._items or self.calls else self._switch("message")
         out += self._close()
         response = self.last_response = self.response("completed", finish_reason,
-                                                      _usage(input_tokens, output_tokens, reasoning_tokens))
+                                                      _usage(input_tokens, output_tokens, reasoning_tokens, cached_tokens))
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return out + self._event(kind, response=response)
 
