@@ -399,6 +399,25 @@ def check_masks_and_budget(engine, prompts):
           f"bad_words {no_word}/8, thinking_token_budget 5: </think> by token 6 in {at_budget}/8")
     return valid == 16 and only_digits == 8 and no_word == 8 and at_budget == 8
 
+def check_prefix_cache(device, prompts):
+    """The prefix cache on the GPU, fp32: chats' second turns prefilled from their first turns'
+    cached blocks (a batch with padding between a row's prefix and its rest) answer with the tokens
+    of an engine without the cache."""
+    greedy = SamplingConfig(temperature=0, max_new_tokens=48)
+    model = ModelConfig(model="r1-tiny", device=device, dtype="fp32")
+    cached = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=64))
+    plain = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=0))
+    first = cached.generate_batch(prompts[:16], greedy)
+    second = [p + [{"role": "assistant", "content": c.text.rpartition("</think>")[2]},
+                   {"role": "user", "content": "Check it once more, step by step."}] for p, c in zip(prompts[:16], first)]
+    got, expected = cached.generate_batch(second, greedy), plain.generate_batch(second, greedy)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(got, expected))
+    stats = cached.stats()
+    print(f"RESULT engine fp32 prefix cache: second turns equal to no cache {same}/16; "
+          f"{stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens from the cache")
+    cached.shutdown(), plain.shutdown()
+    return same >= 15 and stats["prefix_cache_hit_tokens"] > 0
+
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     problems = generate_problems(64, level=1, seed=0, split="test")
@@ -407,8 +426,9 @@ def main():
     accuracy = lambda outs: sum(is_correct(c.text, p.answer) for c, p in zip(outs, problems)) / len(problems)
     ok, results = True, {}
     for label, dtype, compile_ in (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)):
+        # No prefix cache: the second timed batch repeats the first's prompts (check_prefix_cache covers it).
         engine = create_engine(ModelConfig(model="r1-tiny", device=device, dtype=dtype),
-                               EngineConfig(max_num_seqs=64, compile=compile_))
+                               EngineConfig(max_num_seqs=64, compile=compile_, prefix_cache_mb=0))
         start = time.perf_counter()
         engine.warmup()  # every decode batch size once (and compilation)
         warm = time.perf_counter() - start
@@ -420,6 +440,7 @@ def main():
         if label == "fp32":
             ok = check_structured_and_logprobs(engine, prompts) and ok
             ok = check_masks_and_budget(engine, prompts) and ok
+            ok = check_prefix_cache(device, prompts) and ok
             eos = set(engine.stop_token_ids)
             same = sum(
                 list(c.token_ids) == reference(engine.model, engine.make_request(p, greedy).prompt_token_ids, 96, eos)
@@ -512,6 +533,25 @@ def ask_stream(client, prompt):
             reasoning.append(choice.delta.model_extra.get("reasoning_content") or "")
             content.append(choice.delta.content or "")
     return ("".join(reasoning), "".join(content)), usage
+
+def check_prefix_cache(device, prompts):
+    """The prefix cache on the GPU, fp32: chats' second turns prefilled from their first turns'
+    cached blocks (a batch with padding between a row's prefix and its rest) answer with the tokens
+    of an engine without the cache."""
+    greedy = SamplingConfig(temperature=0, max_new_tokens=48)
+    model = ModelConfig(model="r1-tiny", device=device, dtype="fp32")
+    cached = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=64))
+    plain = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=0))
+    first = cached.generate_batch(prompts[:16], greedy)
+    second = [p + [{"role": "assistant", "content": c.text.rpartition("</think>")[2]},
+                   {"role": "user", "content": "Check it once more, step by step."}] for p, c in zip(prompts[:16], first)]
+    got, expected = cached.generate_batch(second, greedy), plain.generate_batch(second, greedy)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(got, expected))
+    stats = cached.stats()
+    print(f"RESULT engine fp32 prefix cache: second turns equal to no cache {same}/16; "
+          f"{stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens from the cache")
+    cached.shutdown(), plain.shutdown()
+    return same >= 15 and stats["prefix_cache_hit_tokens"] > 0
 
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"

@@ -198,6 +198,15 @@ def new_cache(growing: bool = True) -> DynamicCache:
     return cache
 
 
+def pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`tensor` zero-padded on the left of dimension `dim` to `length`."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1 if dim >= 0 else -dim - 1) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
 class BatchedKVCache:
     """A DynamicCache over many sequences plus the padding mask and per-row positions.
 
@@ -213,14 +222,6 @@ class BatchedKVCache:
     def __len__(self) -> int:
         return len(self.order)
 
-    @staticmethod
-    def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-        missing = length - tensor.shape[dim]
-        if missing == 0:
-            return tensor
-        pad = [0, 0] * (tensor.dim() - dim - 1 if dim >= 0 else -dim - 1) + [missing, 0]
-        return F.pad(tensor, pad)
-
     def merge(self, seq_ids: list[str], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows (their own cache and mask) to the batch."""
         positions = mask.sum(-1)
@@ -229,9 +230,9 @@ class BatchedKVCache:
             return
         length = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([self._pad_left(mine.keys, length, -2), self._pad_left(theirs.keys, length, -2)])
-            mine.values = torch.cat([self._pad_left(mine.values, length, -2), self._pad_left(theirs.values, length, -2)])
-        self.mask = torch.cat([self._pad_left(self.mask, length, -1), self._pad_left(mask, length, -1)])
+            mine.keys = torch.cat([pad_left(mine.keys, length, -2), pad_left(theirs.keys, length, -2)])
+            mine.values = torch.cat([pad_left(mine.values, length, -2), pad_left(theirs.values, length, -2)])
+        self.mask = torch.cat([pad_left(self.mask, length, -1), pad_left(mask, length, -1)])
         self.positions = torch.cat([self.positions, positions])
         self.order.extend(seq_ids)
 
@@ -368,8 +369,8 @@ class LocalModelRunner:
         for layer in range(len(matches[0][1])):
             keys = [match[1][layer][0] for match in matches]
             values = [match[1][layer][1] for match in matches]
-            cache.update(torch.stack([self.kv._pad_left(k, width, -2) for k in keys]),
-                         torch.stack([self.kv._pad_left(v, width, -2) for v in values]), layer)
+            cache.update(torch.stack([pad_left(k, width, -2) for k in keys]),
+                         torch.stack([pad_left(v, width, -2) for v in values]), layer)
         mask = mask.to(self.device)
         logits = self._forward(input_ids=input_ids.to(self.device), attention_mask=mask,
                                position_ids=position_ids.to(self.device), cache=cache,
