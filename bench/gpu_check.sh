@@ -534,25 +534,6 @@ def ask_stream(client, prompt):
             content.append(choice.delta.content or "")
     return ("".join(reasoning), "".join(content)), usage
 
-def check_prefix_cache(device, prompts):
-    """The prefix cache on the GPU, fp32: chats' second turns prefilled from their first turns'
-    cached blocks (a batch with padding between a row's prefix and its rest) answer with the tokens
-    of an engine without the cache."""
-    greedy = SamplingConfig(temperature=0, max_new_tokens=48)
-    model = ModelConfig(model="r1-tiny", device=device, dtype="fp32")
-    cached = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=64))
-    plain = create_engine(model, EngineConfig(max_num_seqs=64, prefix_cache_mb=0))
-    first = cached.generate_batch(prompts[:16], greedy)
-    second = [p + [{"role": "assistant", "content": c.text.rpartition("</think>")[2]},
-                   {"role": "user", "content": "Check it once more, step by step."}] for p, c in zip(prompts[:16], first)]
-    got, expected = cached.generate_batch(second, greedy), plain.generate_batch(second, greedy)
-    same = sum(a.token_ids == b.token_ids for a, b in zip(got, expected))
-    stats = cached.stats()
-    print(f"RESULT engine fp32 prefix cache: second turns equal to no cache {same}/16; "
-          f"{stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens from the cache")
-    cached.shutdown(), plain.shutdown()
-    return same >= 15 and stats["prefix_cache_hit_tokens"] > 0
-
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     gpus = 0.25 if device == "cuda" else 0
