@@ -1350,6 +1350,9 @@ def test_code_validation_runs_the_repair_loop_in_the_sandbox(server):
     assert report["errors"][1]["temperature"] <= report["errors"][0]["temperature"]
     usage = response.json()["usage"]
     assert usage["completion_tokens"] >= 2  # both generations counted
+    # Both prompts' tokens, and of them those the prefix cache held (whole 16-token blocks).
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] % 16 == 0
 
 
 @pytest.mark.parametrize(

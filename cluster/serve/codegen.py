@@ -28,6 +28,7 @@ class Generation:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = 0  # of the prompt's tokens, those the prefix cache held (None: not said)
 
 
 @dataclass
@@ -54,19 +55,19 @@ class HandleGenerator:
         except TimeoutError:
             raise APIError(503, f"the model did not finish within {self.timeout_s:.0f}s; retry later",
                            code="timeout") from None
-        text, prompt_tokens, completion_tokens, finish, think_prefilled = [], 0, 0, None, True
+        text, prompt_tokens, completion_tokens, finish, think_prefilled, cached = [], 0, 0, None, True, 0
         for item in items:
             if item["type"] == "error":
                 raise APIError(item["status"], item["message"], param=item.get("param"), code=item.get("code"))
             if item["type"] == "start":  # it also carries the first delta
-                prompt_tokens, think_prefilled = item["prompt_tokens"], item["think_prefilled"]
+                prompt_tokens, think_prefilled, cached = item["prompt_tokens"], item["think_prefilled"], item.get("cached_tokens")
             if item.get("error"):
                 raise APIError(503, "the model server failed while generating; retry the request", code="unavailable")
             text.append(item["text"])
             completion_tokens += item["num_tokens"]
             finish = item["finish_reason"] or finish
         reasoning, content = split_reasoning("".join(text), think_prefilled=think_prefilled)
-        self.generations.append(Generation(reasoning, content, finish, prompt_tokens, completion_tokens))
+        self.generations.append(Generation(reasoning, content, finish, prompt_tokens, completion_tokens, cached))
         # The loop extracts code from the answer; a model that never closed its reasoning gets all of it.
         return content or reasoning
 
