@@ -75,6 +75,7 @@ from r1.serving.protocol import (
     sampling_for,
     tokenize,
     tool_sampling,
+    total_cached,
     unsupported,
     usage_dict,
 )
@@ -269,9 +270,8 @@ def _stored_data(events: ResponseEvents | None) -> str | None:
 def _usage(choices: list[_Choice]) -> dict[str, Any]:
     """The request's usage: each prompt's tokens once, however many choices it has, and every
     choice's completion tokens."""
-    cached = [c.cached_tokens for c in choices]
     return usage_dict(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices),
-                      None if None in cached else sum(cached))
+                      total_cached([c.cached_tokens for c in choices]))
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -702,9 +702,9 @@ class OpenAIIngress:
             attempt["errors"] = [await self.screen.output_text(e) for e in attempt["errors"]]
         if turn is not None:
             await self.sessions.finish_turn(turn, content)
-        cached = [g.cached_tokens for g in generations.generations]
         usage = usage_dict(sum(g.prompt_tokens for g in generations.generations),
-                           sum(g.completion_tokens for g in generations.generations), None if None in cached else sum(cached))
+                           sum(g.completion_tokens for g in generations.generations),
+                           total_cached([g.cached_tokens for g in generations.generations]))
         metrics.record_generation("chat", None, usage["prompt_tokens"], usage["completion_tokens"], parsed.model)
         choices = [chat_choice(0, reasoning, content, last.finish_reason)]
         extra: dict[str, Any] = {"code_validation": report}

@@ -327,7 +327,7 @@ class LocalModelRunner:
         self.tokens.update((seq_id, list(prompt)) for seq_id, prompt in zip(seq_ids, prompts))
         # A prompt given more than once (n > 1) is prefilled once by `_prefill`, cached prefix or not.
         counts = collections.Counter((adapter, tuple(prompt)) for adapter, prompt in zip(adapters, prompts))
-        matches = [None if all_logits or counts[adapter, tuple(prompt)] > 1 else self.prefix_cache.match(list(prompt), adapter)
+        matches = [None if all_logits or counts[adapter, tuple(prompt)] > 1 else self.prefix_cache.match(prompt, adapter)
                    for prompt, adapter in zip(prompts, adapters)]
         hits = [i for i, match in enumerate(matches) if match is not None]
         self.cached_tokens = {seq_ids[i]: matches[i][0] for i in hits}

@@ -670,6 +670,12 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
     return usage
 
 
+def total_cached(counts: list[int | None]) -> int | None:
+    """The cached prompt tokens of a request's generations together (`usage_dict`'s `cached_tokens`):
+    None when any came from an engine that does not say."""
+    return None if None in counts else sum(counts)
+
+
 def chat_response(response_id: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int], **extra: Any) -> dict[str, Any]:
     return {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage, **extra}
